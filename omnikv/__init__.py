@@ -1,0 +1,1 @@
+"""OmniKV: drop-free dynamic context selection for long-context decoding."""

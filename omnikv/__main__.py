@@ -1,0 +1,5 @@
+import sys
+
+from omnikv.cli import main
+
+sys.exit(main())

@@ -1,0 +1,66 @@
+"""`omnikv` command line. Each subcommand lives in its own module exposing `register(subparsers)`.
+
+A module's `register` adds one `argparse` subparser and sets `func=handler` on it, where
+`handler(args) -> int` returns the exit code. User errors are raised as `omnikv.errors.OmniKVError`
+and printed here as one line, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Subcommand modules, in the order `omnikv --help` lists them. A missing module is skipped so that
+# a partial install (e.g. without the server extra) still gives a working CLI for the rest.
+_COMMAND_MODULES = (
+    "generate",
+    "chat",
+    "compare",
+    "models",
+    "eval",
+    "bench",
+    "analyze",
+    "calibrate",
+    "plan",
+    "serve",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="omnikv",
+        description="OmniKV long-context decoding: generate, compare, evaluate, benchmark, serve.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"omnikv.cli.cmd_{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"omnikv.cli.cmd_{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from omnikv.errors import OmniKVError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except OmniKVError as exc:
+        print(f"omnikv {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
