@@ -1,0 +1,153 @@
+"""Tiny random checkpoints for tests: no downloads, built in milliseconds.
+
+`make_tiny_checkpoint(path, family)` writes a Hugging Face directory (config, safetensors weights,
+generation config, tokenizer) that `omnikv.models.load_model(path)` and
+`transformers.AutoTokenizer.from_pretrained(path)` load like any real checkpoint. The tokenizer is
+byte-level with no merges: every UTF-8 byte is one token, so any text encodes and decodes exactly,
+and token counts are predictable (`len(text.encode()) == len(ids)` for text without special tokens).
+
+Families mirror the architectures OmniKV is run on: llama, mistral, qwen2, qwen3 (all full
+attention) and gemma3_text (sliding-window layers interleaved with full-attention layers, like
+Gemma 3, where only the full-attention layers are OmniKV's filter/sparse layers).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerFast
+
+from omnikv.errors import ConfigError
+
+FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+
+# Special tokens follow SmolLM2's ChatML convention so chat paths behave like the real model's.
+BOS_TOKEN = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS: tuple[str, ...] = (BOS_TOKEN, IM_START, IM_END)
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Gemma-3-like layout on a small scale: full attention on every second layer (1, 3, 5), so a
+# filter layer (1) and two sparse layers (3, 5) exist; the 8-token window is tiny so short test
+# prompts already exceed it.
+_GEMMA_LAYER_TYPES = ["sliding_attention", "full_attention"] * 3
+_GEMMA_SLIDING_WINDOW = 8
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with no merges: 256 byte tokens, then the special tokens.
+
+    Ids 0..255 are the 256 byte symbols (GPT-2 byte-to-unicode alphabet); 256, 257, 258 are
+    `<|endoftext|>` (bos/pad), `<|im_start|>`, `<|im_end|>` (eos). No BOS is prepended on encode.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {symbol: i for i, symbol in enumerate(alphabet)}
+    for token in SPECIAL_TOKENS:
+        vocab[token] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    # use_regex=False: the text is not pre-split into words, which does not matter without merges
+    # and keeps encoding independent of the regex engine.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS_TOKEN,
+        eos_token=IM_END,
+        pad_token=BOS_TOKEN,
+        additional_special_tokens=[IM_START],
+        model_max_length=4096,
+        clean_up_tokenization_spaces=False,
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+TOKENIZER_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
+_BOS_ID, _IM_START_ID, _EOS_ID = 256, 257, 258
+
+
+def tiny_config(family: str = "llama", **overrides: Any) -> PretrainedConfig:
+    """The transformers config of a tiny model of `family` (see FAMILIES).
+
+    Defaults: 4 layers (6 for gemma3_text), hidden 64, 4 query heads, 2 KV heads (GQA), head_dim 16,
+    intermediate 128, max_position_embeddings 4096, vocab = the tiny tokenizer's (259).
+    Any config field can be overridden, e.g. `num_hidden_layers=8`.
+    """
+    from transformers import AutoConfig
+
+    if family not in FAMILIES:
+        raise ConfigError(f"unknown tiny model family {family!r}; choose one of {', '.join(FAMILIES)}")
+    fields: dict[str, Any] = dict(
+        vocab_size=TOKENIZER_VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=4096,
+        bos_token_id=_BOS_ID,
+        eos_token_id=_EOS_ID,
+        pad_token_id=_BOS_ID,
+        tie_word_embeddings=False,
+    )
+    if family == "mistral":
+        fields["sliding_window"] = None  # plain full attention, like recent Mistral releases
+    if family == "gemma3_text":
+        n_layers = overrides.get("num_hidden_layers", len(_GEMMA_LAYER_TYPES))
+        pattern = ["sliding_attention", "full_attention"]
+        fields.update(
+            num_hidden_layers=n_layers,
+            layer_types=[pattern[i % 2] for i in range(n_layers)],
+            sliding_window=_GEMMA_SLIDING_WINDOW,
+            # Gemma scales queries by query_pre_attn_scalar**-0.5; match head_dim like the real model.
+            query_pre_attn_scalar=overrides.get("head_dim", 16),
+        )
+    fields.update(overrides)
+    return AutoConfig.for_model(family, **fields)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """A randomly initialised tiny causal LM in eval mode, float32 on CPU, SDPA attention.
+
+    `seed` fixes the weights without touching the global RNG state.
+    """
+    config = tiny_config(family, **overrides)
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    return model.eval()
+
+
+def make_tiny_checkpoint(
+    path: str | os.PathLike[str], family: str = "llama", seed: int = 0, **config_overrides: Any
+) -> Path:
+    """Save a tiny random model + byte-level tokenizer as an HF directory at `path`; return it.
+
+    The directory holds config.json, generation_config.json, model.safetensors and the tokenizer
+    files (with a ChatML chat template). `path` is created if missing; existing files are overwritten.
+    """
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    model = tiny_model(family, seed=seed, **config_overrides)
+    if model.config.vocab_size < TOKENIZER_VOCAB_SIZE:
+        raise ConfigError(
+            f"vocab_size={model.config.vocab_size} is smaller than the tiny tokenizer's "
+            f"{TOKENIZER_VOCAB_SIZE} tokens; leave vocab_size at its default"
+        )
+    model.save_pretrained(out)
+    build_tokenizer().save_pretrained(out)
+    return out
