@@ -1,0 +1,197 @@
+"""OmniKV configuration: a frozen, validated dataclass.
+
+Every field is checked in `__post_init__` so that a bad value fails at construction with a message
+naming the field and the fix. Checks that need the model (layer indices in range, filter layers on
+full-attention layers) happen in `validate_for_model`, called when a cache is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omnikv.errors import ConfigError
+
+SELECTORS = ("last", "softmax_last", "uniform", "exp")
+HEAD_REDUCTIONS = ("max", "sum", "per_kv_head")
+
+
+@dataclass(frozen=True)
+class OmniKVConfig:
+    """How OmniKV splits the layers and picks tokens.
+
+    Attributes:
+        filter_layers: indices of the filter layers (sorted, distinct). They run full attention and
+            pick the tokens the following sparse layers attend to. On hybrid models they must be
+            full-attention layers.
+        num_wait_layers: dense layers right after each filter layer (paper: 1); they give the
+            host->device copy of the selected rows time to land.
+        budget: prompt tokens each sparse layer attends to (int), or a fraction of the prompt
+            (float in (0, 1]). Sink and recent tokens count inside the budget.
+        selector: how a filter layer scores prompt tokens: `last` (raw scaled logits of the current
+            query, the paper's main setting), `softmax_last`, `uniform` / `exp` (per-head softmax
+            over an observation window of the last `window_size` queries, summed with uniform or
+            2^-age weights).
+        head_reduce: `max` over query heads (paper), `sum` over heads, or `per_kv_head` (one index
+            set per KV head: max over the query heads of its group).
+        window_size: observation window for `uniform` / `exp`.
+        sink_tokens: first prompt tokens always attended (attention sinks).
+        recent_tokens: last prompt tokens always attended.
+        offload: keep the sparse layers' KV in host memory (the Context Bank). None = on when the
+            model runs on an accelerator, off on CPU.
+        refresh_every: re-select every N decode steps (1 = every step, as the paper).
+        prefill_chunk_size: default chunk size for chunked prefill in `omnikv.generation` (None =
+            one pass). Results are identical; it bounds activation memory.
+    """
+
+    filter_layers: tuple[int, ...] = (2, 8, 18)
+    num_wait_layers: int = 1
+    budget: int | float = 0.067
+    selector: str = "last"
+    head_reduce: str = "max"
+    window_size: int = 16
+    sink_tokens: int = 4
+    recent_tokens: int = 64
+    offload: bool | None = None
+    refresh_every: int = 1
+    prefill_chunk_size: int | None = None
+    # Free-form provenance (e.g. which preset / calibration produced this config). Not used by the
+    # algorithm; kept so that results can say where their settings came from.
+    source: str = field(default="user", compare=False)
+
+    def __post_init__(self) -> None:
+        layers = self.filter_layers
+        if isinstance(layers, int) or not isinstance(layers, (tuple, list)):
+            raise ConfigError(
+                f"filter_layers must be a tuple of layer indices, e.g. (2, 8, 18); got {layers!r}"
+            )
+        layers = tuple(layers)
+        object.__setattr__(self, "filter_layers", layers)
+        if not layers:
+            raise ConfigError("filter_layers is empty: give at least one filter layer, e.g. (2,)")
+        for idx in layers:
+            if not isinstance(idx, int) or isinstance(idx, bool) or idx < 0:
+                raise ConfigError(f"filter_layers must hold non-negative ints; got {idx!r}")
+        if list(layers) != sorted(set(layers)):
+            raise ConfigError(
+                f"filter_layers must be sorted and distinct; got {layers}, "
+                f"use {tuple(sorted(set(layers)))}"
+            )
+        _check_int("num_wait_layers", self.num_wait_layers, minimum=0)
+        _check_budget(self.budget)
+        if self.selector not in SELECTORS:
+            raise ConfigError(f"selector {self.selector!r} is unknown; choose one of {SELECTORS}")
+        if self.head_reduce not in HEAD_REDUCTIONS:
+            raise ConfigError(
+                f"head_reduce {self.head_reduce!r} is unknown; choose one of {HEAD_REDUCTIONS}"
+            )
+        _check_int("window_size", self.window_size, minimum=1)
+        _check_int("sink_tokens", self.sink_tokens, minimum=0)
+        _check_int("recent_tokens", self.recent_tokens, minimum=0)
+        _check_int("refresh_every", self.refresh_every, minimum=1)
+        if self.offload is not None and not isinstance(self.offload, bool):
+            raise ConfigError(f"offload must be true, false or null (auto); got {self.offload!r}")
+        if self.prefill_chunk_size is not None:
+            _check_int("prefill_chunk_size", self.prefill_chunk_size, minimum=1)
+        if isinstance(self.budget, int) and self.budget < self.sink_tokens + self.recent_tokens:
+            raise ConfigError(
+                f"budget={self.budget} tokens is smaller than sink_tokens + recent_tokens = "
+                f"{self.sink_tokens + self.recent_tokens}; raise the budget or lower sink/recent"
+            )
+
+    # ------------------------------------------------------------------ budget
+    def resolve_budget(self, prompt_len: int) -> int:
+        """Number of prompt rows a sparse layer attends to for a prompt of `prompt_len` tokens.
+
+        A float budget is a fraction of the prompt (rounded up). The result never goes below the
+        always-kept sink + recent tokens (so they are never crowded out) nor above the prompt.
+        """
+        if prompt_len <= 0:
+            return 0
+        if isinstance(self.budget, float):
+            k = math.ceil(self.budget * prompt_len)
+        else:
+            k = self.budget
+        k = max(k, self.sink_tokens + self.recent_tokens, 1)
+        return min(k, prompt_len)
+
+    # ------------------------------------------------------------------ model checks
+    def validate_for_model(self, num_layers: int, full_attention_layers: list[int]) -> None:
+        """Check the layer indices against a model with `num_layers` layers."""
+        for idx in self.filter_layers:
+            if idx >= num_layers:
+                raise ConfigError(
+                    f"filter_layers contains {idx}, but the model has {num_layers} layers "
+                    f"(valid indices 0..{num_layers - 1})"
+                )
+            if idx not in full_attention_layers:
+                raise ConfigError(
+                    f"filter layer {idx} is a sliding-window layer; OmniKV filter layers must be "
+                    f"full-attention layers, which on this model are {full_attention_layers}"
+                )
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["filter_layers"] = list(self.filter_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str | None = None) -> OmniKVConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known - _PRESET_METADATA_KEYS)
+        if unknown:
+            raise ConfigError(
+                f"unknown OmniKV config keys {unknown}; valid keys are {sorted(known)}"
+            )
+        kwargs = {k: v for k, v in data.items() if k in known}
+        if "filter_layers" in kwargs and isinstance(kwargs["filter_layers"], list):
+            kwargs["filter_layers"] = tuple(kwargs["filter_layers"])
+        if source is not None:
+            kwargs["source"] = source
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> OmniKVConfig:
+        """Load a preset file (as written by `omnikv calibrate --output`)."""
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"preset file {p} does not exist")
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"preset file {p} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"preset file {p} must hold a JSON object")
+        return cls.from_dict(data, source=str(p))
+
+    def replace(self, **changes: Any) -> OmniKVConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# Keys a preset file may carry besides the config fields: what model it was made for.
+_PRESET_METADATA_KEYS = frozenset({"model_type", "num_layers", "name", "notes", "coverage"})
+
+
+def _check_int(name: str, value: Any, *, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{name} must be an int >= {minimum}; got {value!r}")
+
+
+def _check_budget(budget: Any) -> None:
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ConfigError(
+            f"budget must be an int (tokens) or a float in (0, 1] (fraction of the prompt); "
+            f"got {budget!r}"
+        )
+    if isinstance(budget, float):
+        if not (0.0 < budget <= 1.0) or math.isnan(budget):
+            raise ConfigError(
+                f"budget={budget} as a fraction must be in (0, 1]; for a token count pass an int"
+            )
+    elif budget <= 0:
+        raise ConfigError(f"budget={budget} must be > 0 tokens")

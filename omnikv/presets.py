@@ -1,0 +1,107 @@
+"""Recommended OmniKV settings per model, and the fallback for models we have not measured.
+
+Matched by (model_type, number of layers, hidden size). Every preset says where it comes from.
+`omnikv calibrate` writes a preset file for any other model; pass it with `--preset FILE`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+from omnikv._compat import layer_types
+from omnikv.config import OmniKVConfig
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    model_type: str
+    num_layers: int
+    hidden_size: int | None  # None = any
+    config: OmniKVConfig
+    notes: str
+
+
+PRESETS: tuple[Preset, ...] = (
+    Preset(
+        "llama-3-8b-paper",
+        "llama",
+        32,
+        4096,
+        OmniKVConfig(
+            filter_layers=(2, 8, 18), num_wait_layers=1, budget=0.067, sink_tokens=0,
+            recent_tokens=0, selector="last", head_reduce="max", source="preset:llama-3-8b-paper",
+        ),
+        "The paper's Llama-3-8B setting (README: filter 2,8,18; 6.7% of the prompt; no sink/recent). "
+        "Dense layers 0-3, 8-9, 18-19: device KV 25% of full with offload.",
+    ),
+    Preset(
+        "smollm2-135m",
+        "llama",
+        30,
+        576,
+        OmniKVConfig(
+            filter_layers=(3, 14, 21), num_wait_layers=0, budget=0.1, sink_tokens=4,
+            recent_tokens=64, selector="last", head_reduce="max", source="preset:smollm2-135m",
+        ),
+        "Measured on SmolLM2-135M (shared/docs/method.md s.6): layers 0-2 are poorly covered by any "
+        "other layer (dense), {3,14,21} is the best 3-filter set (coverage 0.923 with 4 sink + 64 "
+        "recent tokens; the paper's {2,8,18} gives 0.905). No wait layers: on CPU nothing is copied.",
+    ),
+    Preset(
+        "gemma3-270m",
+        "gemma3_text",
+        18,
+        640,
+        OmniKVConfig(
+            filter_layers=(5,), num_wait_layers=0, budget=0.1, sink_tokens=4, recent_tokens=64,
+            selector="last", head_reduce="max", source="preset:gemma3-270m",
+        ),
+        "Gemma 3 270M has 3 full-attention layers (5, 11, 17) among 15 sliding-window ones: layer 5 "
+        "filters, 11 and 17 are sparse; sliding layers keep their exact 512-token window.",
+    ),
+)
+
+
+def find_preset(model_or_config) -> Preset | None:
+    cfg = getattr(model_or_config, "config", model_or_config)
+    cfg = cfg.get_text_config(decoder=True)
+    for p in PRESETS:
+        if (
+            cfg.model_type == p.model_type
+            and cfg.num_hidden_layers == p.num_layers
+            and (p.hidden_size is None or cfg.hidden_size == p.hidden_size)
+        ):
+            return p
+    return None
+
+
+def fallback_config(model_or_config) -> OmniKVConfig:
+    """Filter layers spread over the full-attention layers (about 10%, 35% and 60% deep)."""
+    cfg = getattr(model_or_config, "config", model_or_config)
+    full = [i for i, t in enumerate(layer_types(cfg)) if t == "full_attention"]
+    if not full:
+        raise ValueError("model has no full-attention layer")
+    n = len(full)
+    picks = sorted({full[min(n - 1, max(1 if n > 2 else 0, round(f * n)))] for f in (0.1, 0.35, 0.6)})
+    wait = 1 if n >= 12 else 0
+    return OmniKVConfig(
+        filter_layers=tuple(picks), num_wait_layers=wait, budget=0.1, sink_tokens=4,
+        recent_tokens=64, source="fallback",
+    )
+
+
+def preset_for_model(model_or_config, *, warn: bool = True) -> OmniKVConfig:
+    """The preset for this model, or the documented fallback (with a hint to calibrate)."""
+    preset = find_preset(model_or_config)
+    if preset is not None:
+        return preset.config
+    if warn:
+        warnings.warn(
+            "no OmniKV preset for this model; using filter layers spread at ~10/35/60% depth. "
+            "Run `omnikv calibrate --model ... --output preset.json` and pass --preset for better "
+            "settings.",
+            stacklevel=2,
+        )
+    return fallback_config(model_or_config)

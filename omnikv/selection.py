@@ -1,0 +1,169 @@
+"""The Context Selector as pure tensor functions (no transformers import).
+
+Shapes: B batch, Hq query heads, Hk KV heads, g = Hq // Hk, W observation window, T prompt length,
+D head dim, k selected tokens, G index groups (1 when heads share one index set, Hk for
+`per_kv_head`). `tests/reference.py` holds a slow loop-based twin of every function here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NEG_INF = float("-inf")
+POS_INF = float("inf")
+
+
+def window_weights(selector: str, window: int, device: torch.device) -> torch.Tensor:
+    """Weights over an observation window of `window` queries, oldest first. Shape (window,)."""
+    if selector == "exp":
+        age = torch.arange(window - 1, -1, -1, device=device, dtype=torch.float32)
+        return torch.pow(2.0, -age)
+    return torch.ones(window, device=device, dtype=torch.float32)
+
+
+def filter_scores(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    scaling: float,
+    selector: str,
+    head_reduce: str,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Score every prompt token for selection.
+
+    Args:
+        queries: (B, Hq, W, D) post-RoPE queries, newest last. `last`/`softmax_last` use only the
+            newest; `uniform`/`exp` use the whole window.
+        keys: (B, Hk, T, D) post-RoPE prompt keys of the filter layer.
+        scaling: the attention scale (1/sqrt(D) for most models).
+        valid: (B, T) bool, False for padding; None = all valid.
+
+    Returns:
+        (B, G, T) float32 scores, G = Hk for `per_kv_head` else 1. Padding scores -inf.
+    """
+    b, hq, _, d = queries.shape
+    hk = keys.shape[1]
+    g = hq // hk
+    if selector in ("last", "softmax_last"):
+        queries = queries[:, :, -1:, :]
+    w = queries.shape[2]
+    # (B, Hk, g*W, D) @ (B, Hk, D, T) -> (B, Hk, g, W, T); matmul per KV head avoids repeat_kv.
+    q = queries.reshape(b, hk, g * w, d).float()
+    logits = torch.matmul(q, keys.float().transpose(-1, -2)).mul_(scaling).view(b, hk, g, w, -1)
+    if valid is not None:
+        logits = logits.masked_fill(~valid[:, None, None, None, :], NEG_INF)
+    if selector == "last":
+        per_head = logits
+    else:
+        per_head = torch.softmax(logits, dim=-1)
+        if valid is not None:
+            # Softmax left zeros on padding; keep padding strictly below every real token.
+            per_head = per_head.masked_fill(~valid[:, None, None, None, :], NEG_INF)
+    reduced = _reduce_heads(per_head, head_reduce)  # (B, G, W, T)
+    if selector in ("uniform", "exp"):
+        weights = window_weights(selector, w, queries.device)
+        return (reduced * weights[None, None, :, None]).sum(dim=2)
+    return reduced[:, :, -1, :]
+
+
+def _reduce_heads(x: torch.Tensor, head_reduce: str) -> torch.Tensor:
+    """(B, Hk, g, W, T) -> (B, G, W, T)."""
+    if head_reduce == "max":
+        return x.amax(dim=(1, 2)).unsqueeze(1)
+    if head_reduce == "sum":
+        return x.sum(dim=(1, 2)).unsqueeze(1)
+    if head_reduce == "per_kv_head":
+        return x.amax(dim=2)
+    raise ValueError(f"unknown head_reduce {head_reduce!r}")
+
+
+def forced_mask(
+    valid: torch.Tensor | None, batch: int, length: int, sink: int, recent: int, device
+) -> torch.Tensor | None:
+    """(B, T) bool: tokens always selected: the first `sink` real tokens and the last `recent`.
+
+    With left padding a sequence's first real token is at its padding length, so sinks are
+    counted from there.
+    """
+    if sink == 0 and recent == 0:
+        return None
+    forced = torch.zeros(batch, length, dtype=torch.bool, device=device)
+    if recent:
+        forced[:, max(length - recent, 0) :] = True
+    if sink:
+        if valid is None:
+            forced[:, :sink] = True
+        else:
+            start = (~valid).sum(dim=1, keepdim=True)  # (B, 1) padding length
+            pos = torch.arange(length, device=device)[None, :]
+            forced |= (pos >= start) & (pos < start + sink)
+    if valid is not None:
+        forced &= valid
+    return forced
+
+
+def select_topk(
+    scores: torch.Tensor,
+    k: int,
+    *,
+    valid: torch.Tensor | None = None,
+    sink: int = 0,
+    recent: int = 0,
+) -> torch.Tensor:
+    """Pick `k` prompt positions per index group, sorted ascending.
+
+    Args:
+        scores: (B, G, T) from `filter_scores`.
+        valid: (B, T) bool, False for padding (never chosen unless fewer than k real tokens).
+    Returns:
+        (B, G, k) int64 positions in [0, T).
+    """
+    b, _, t = scores.shape
+    k = min(k, t)
+    forced = forced_mask(valid, b, t, sink, recent, scores.device)
+    if forced is not None:
+        scores = scores.masked_fill(forced[:, None, :], POS_INF)
+    idx = torch.topk(scores, k, dim=-1, sorted=False).indices
+    return torch.sort(idx, dim=-1).values
+
+
+def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Gather rows along the token axis, the same positions for every leading slice.
+
+    Args:
+        x: (..., B, H, T, D), e.g. a packed bank (L, 2, B, H, T, D).
+        idx: (B, G, k) with G = 1 (shared by all heads) or G = H.
+    Returns:
+        (..., B, H, k, D)
+    """
+    b, g, k = idx.shape
+    if b == 1 and g == 1:
+        # index_select on one axis is several times faster than gather / advanced indexing.
+        return x.index_select(x.dim() - 2, idx[0, 0])
+    h = x.shape[-3]
+    bi = torch.arange(b, device=idx.device).view(b, 1, 1)
+    hi = torch.arange(h, device=idx.device).view(1, h, 1)
+    ti = idx.expand(b, h, k) if g == 1 else idx
+    return x[..., bi, hi, ti, :]
+
+
+def positions_mask(
+    attention_mask: torch.Tensor | None, positions: torch.Tensor, num_q_heads: int
+) -> torch.Tensor | None:
+    """Adapt a (B, 1, q, N) bool mask over logical positions to a subset of KV rows.
+
+    Args:
+        attention_mask: (B, 1, q, N) bool (True = attend) or None (nothing masked).
+        positions: (B, G, n) logical position of each returned KV row (G = 1 or Hk).
+    Returns:
+        (B, 1 or Hq, q, n) bool mask, or None when `attention_mask` is None.
+    """
+    if attention_mask is None:
+        return None
+    b, g, n = positions.shape
+    q = attention_mask.shape[2]
+    mask = attention_mask[:, :1].expand(b, g, q, attention_mask.shape[-1])
+    out = mask.gather(-1, positions[:, :, None, :].expand(b, g, q, n))
+    if g > 1:
+        out = out.repeat_interleave(num_q_heads // g, dim=1)
+    return out

@@ -1,0 +1,144 @@
+"""Preallocated, geometrically growing KV storage.
+
+The stock DynamicCache concatenates the whole layer on every decode step (O(N) copy per layer per
+step: ~92 ms per step at 32K tokens for SmolLM2 on 2 CPU cores). These buffers write the new rows in
+place and hand out views, so a decode step copies only the new token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+GROWTH = 1.5
+
+
+def _grown_capacity(needed: int, current: int, headroom: int) -> int:
+    return max(needed + headroom, math.ceil(current * GROWTH), needed)
+
+
+class KVBuffer:
+    """Keys and values of one layer: (B, H, capacity, D) each, the first `length` rows in use."""
+
+    def __init__(self, headroom: int = 256) -> None:
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.length = 0
+        self.headroom = headroom
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def reserve(self, needed: int, like: torch.Tensor) -> None:
+        """Make room for `needed` rows in total (copies the used rows once when it grows)."""
+        if self.keys is not None and needed <= self.capacity:
+            return
+        cap = _grown_capacity(needed, self.capacity, self.headroom)
+        b, h, _, d = like.shape
+        keys = like.new_empty((b, h, cap, d))
+        values = like.new_empty((b, h, cap, d))
+        if self.keys is not None and self.length:
+            keys[:, :, : self.length].copy_(self.keys[:, :, : self.length])
+            values[:, :, : self.length].copy_(self.values[:, :, : self.length])
+        self.keys, self.values = keys, values
+
+    def append(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append (B, H, n, D) rows; return views of all rows in use, (B, H, length, D)."""
+        n = key.shape[-2]
+        if self.keys is not None and (key.shape[0] != self.keys.shape[0] or key.shape[1] != self.keys.shape[1]):
+            raise ValueError(
+                f"KV of shape {tuple(key.shape)} does not fit a cache holding "
+                f"{tuple(self.keys.shape)}: a cache serves one model and one batch; build a new one"
+            )
+        self.reserve(self.length + n, key)
+        self.keys[:, :, self.length : self.length + n].copy_(key)
+        self.values[:, :, self.length : self.length + n].copy_(value)
+        self.length += n
+        return self.view()
+
+    def view(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
+    def used_bytes(self) -> int:
+        if self.keys is None:
+            return 0
+        row = self.keys[:, :, :1].numel() * self.keys.element_size()
+        return 2 * row * self.length
+
+    def allocated_bytes(self) -> int:
+        if self.keys is None:
+            return 0
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+    def select_batch(self, indices: torch.Tensor) -> None:
+        if self.keys is not None:
+            self.keys = self.keys[indices]
+            self.values = self.values[indices]
+
+
+class PackedBank:
+    """The Context Bank of one segment: the KV rows of several layers in one tensor.
+
+    Storage is (L, 2, B, H, capacity, D): layer slot, key/value, batch, KV head, token, head dim.
+    Packing the layers lets one `index_select` gather the selected rows of every sparse layer of a
+    segment at once, and one contiguous staging buffer feed the host->device copies. On a CUDA
+    machine with offload the storage is pinned host memory, so copies can run asynchronously.
+    """
+
+    def __init__(self, num_layers: int, device: torch.device, pin: bool, headroom: int = 256) -> None:
+        self.num_layers = num_layers
+        self.device = device
+        self.pin = pin
+        self.headroom = headroom
+        self.data: torch.Tensor | None = None
+        self.length = [0] * num_layers
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.data is None else self.data.shape[-2]
+
+    def _alloc(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device=self.device, pin_memory=self.pin)
+
+    def write(self, slot: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Append (B, H, n, D) rows to layer `slot` (copied to the bank's device)."""
+        n = key.shape[-2]
+        end = self.length[slot] + n
+        if self.data is None or end > self.capacity:
+            b, h, _, d = key.shape
+            cap = _grown_capacity(end, self.capacity, self.headroom)
+            data = self._alloc((self.num_layers, 2, b, h, cap, d), key.dtype)
+            if self.data is not None:
+                used = max(self.length)
+                data[..., :used, :].copy_(self.data[..., :used, :])
+            self.data = data
+        start = self.length[slot]
+        non_blocking = self.pin
+        self.data[slot, 0, :, :, start:end].copy_(key, non_blocking=non_blocking)
+        self.data[slot, 1, :, :, start:end].copy_(value, non_blocking=non_blocking)
+        self.length[slot] = end
+
+    def read(self, slot: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of layer `slot`'s first `end` rows, (B, H, end, D) each, on the bank's device."""
+        return self.data[slot, 0, :, :, :end], self.data[slot, 1, :, :, :end]
+
+    def gather(self, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows `idx` (B, G, k) of every layer: (L, 2, B, H, k, D), one packed operation."""
+        from omnikv.selection import gather_rows
+
+        rows = gather_rows(self.data, idx.to(self.device))
+        if out is None:
+            return rows
+        out.copy_(rows)
+        return out
+
+    def used_bytes(self) -> int:
+        if self.data is None:
+            return 0
+        row = self.data[0, 0, :, :, :1].numel() * self.data.element_size()
+        return 2 * row * sum(self.length)
+
+    def allocated_bytes(self) -> int:
+        return 0 if self.data is None else self.data.numel() * self.data.element_size()
