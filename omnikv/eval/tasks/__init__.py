@@ -1,0 +1,54 @@
+"""Download-free task generators and the `TASKS` registry.
+
+Every generator has the signature `gen(tokenizer, length_tokens, n_samples, seed=0, **opts) ->
+list[Sample]`: prompts are fitted to exactly `length_tokens` tokens of `tokenizer` (counted with
+special tokens, as `encode_prompt` encodes them), needle depths are spread evenly over the samples,
+and the same seed gives the same samples.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from omnikv.errors import ConfigError
+from omnikv.eval.tasks.base import LENGTH_TOLERANCE, Sample, count_tokens, encode_prompt, fit_length, spread_depths
+from omnikv.eval.tasks.infinitebench_synth import INFINITEBENCH_SYNTH_TASKS
+from omnikv.eval.tasks.ruler import RULER_TASKS
+from omnikv.eval.tasks.two_stage import two_stage_retrieval
+
+Generator = Callable[..., list[Sample]]
+
+TASKS: dict[str, Generator] = {**RULER_TASKS, **INFINITEBENCH_SYNTH_TASKS, "two_stage_retrieval": two_stage_retrieval}
+# Short aliases accepted on the command line.
+ALIASES: dict[str, str] = {"2stage": "two_stage_retrieval", "2stageretr": "two_stage_retrieval",
+                           "niah": "niah_single_2", "variable_tracking": "vt", "common_words": "cwe",
+                           "frequent_words": "fwe"}
+
+
+def get_task(name: str) -> Generator:
+    """The generator registered as `name` (or an alias); ConfigError listing the choices otherwise."""
+    key = ALIASES.get(name.lower(), name.lower())
+    if key not in TASKS:
+        raise ConfigError(f"unknown task {name!r}; available: {', '.join(sorted(TASKS))}")
+    return TASKS[key]
+
+
+def canonical_task_name(name: str) -> str:
+    get_task(name)
+    return ALIASES.get(name.lower(), name.lower())
+
+
+def generate_samples(name: str, tokenizer: Any, length_tokens: int, n_samples: int, seed: int = 0,
+                     **opts: Any) -> list[Sample]:
+    """Generate samples of task `name`; unknown options raise ConfigError naming the task."""
+    gen = get_task(name)
+    try:
+        return gen(tokenizer, length_tokens, n_samples, seed, **opts)
+    except TypeError as exc:
+        if "unexpected keyword" in str(exc):
+            raise ConfigError(f"task {name!r} does not take option(s) {sorted(opts)}: {exc}") from None
+        raise
+
+
+__all__ = ["ALIASES", "LENGTH_TOLERANCE", "TASKS", "Sample", "canonical_task_name", "count_tokens",
+           "encode_prompt", "fit_length", "generate_samples", "get_task", "spread_depths"]
