@@ -1,0 +1,49 @@
+"""The Method interface: one configured KV-cache policy, able to make a cache per request."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+
+from omnikv.config import _check_budget
+
+
+class Method(ABC):
+    """A named, configured KV-cache method.
+
+    `budget` means the same for every method: the number of *prompt* tokens a budgeted layer
+    attends to at a decode step (int), or that number as a fraction of the prompt (float in
+    (0, 1]). Which layers are budgeted, and what stays on the device, each method states in
+    `describe()` (see docs/methods.md).
+    """
+
+    name: ClassVar[str]
+    lossy: ClassVar[bool] = False  # True when tokens are evicted for good
+    supports_batch: ClassVar[bool] = True
+
+    def __init__(self, budget: int | float | None = None) -> None:
+        if budget is not None:
+            _check_budget(budget)
+        self.budget = budget
+
+    @abstractmethod
+    def make_cache(self, model: torch.nn.Module):
+        """A fresh `transformers.Cache` for one request (or one batch)."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, "budget": self.budget, "lossy": self.lossy}
+
+    def resolve_budget(self, prompt_len: int) -> int:
+        """Prompt tokens a budgeted layer attends to for a prompt of `prompt_len` tokens."""
+        if self.budget is None:
+            return prompt_len
+        if isinstance(self.budget, float):
+            import math
+
+            return min(prompt_len, max(1, math.ceil(self.budget * prompt_len)))
+        return min(prompt_len, self.budget)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.describe()})"
