@@ -117,27 +117,30 @@ _pydoc_cache: list[str] | None = None
 
 
 def _pydoc_sentences() -> list[str]:
-    """Sentences of stdlib docstrings (digits removed, whitespace collapsed), in a fixed order."""
+    """Sentences of stdlib docstrings (whitespace collapsed; sentences with digits dropped so
+    numeric needles are the only numbers), in a fixed order."""
     global _pydoc_cache
     if _pydoc_cache is None:
         import importlib
         import inspect
+        import warnings
 
         sentences: list[str] = []
-        for mod_name in _PYDOC_MODULES:
-            mod = importlib.import_module(mod_name)
-            docs = [inspect.getdoc(mod) or ""]
-            for attr in sorted(vars(mod)):
-                obj = getattr(mod, attr)
-                if not attr.startswith("_") and (inspect.isclass(obj) or inspect.isfunction(obj)):
-                    docs.append(inspect.getdoc(obj) or "")
-            for doc in docs:
-                text = re.sub(r"\s+", " ", doc).strip()
-                for s in re.split(r"(?<=[.!?])\s+", text):
-                    # Sentences with digits are dropped so numeric needles are the only numbers.
-                    ok = len(s) > 20 and s[0].isupper() and s[-1] in ".!?"
-                    if ok and not re.search(r"[0-9]", s):
-                        sentences.append(s)
+        with warnings.catch_warnings():  # e.g. typing.io's deprecation warning on attribute access
+            warnings.simplefilter("ignore")
+            for mod_name in _PYDOC_MODULES:
+                mod = importlib.import_module(mod_name)
+                docs = [inspect.getdoc(mod) or ""]
+                for attr in sorted(vars(mod)):
+                    obj = getattr(mod, attr)
+                    if not attr.startswith("_") and (inspect.isclass(obj) or inspect.isfunction(obj)):
+                        docs.append(inspect.getdoc(obj) or "")
+                for doc in docs:
+                    text = re.sub(r"\s+", " ", doc).strip()
+                    for sent in re.split(r"(?<=[.!?])\s+", text):
+                        ok = len(sent) > 20 and sent[0].isupper() and sent[-1] in ".!?"
+                        if ok and not re.search(r"[0-9]", sent):
+                            sentences.append(sent)
         _pydoc_cache = list(dict.fromkeys(sentences))  # drop repeats, keep order
     return _pydoc_cache
 
