@@ -179,10 +179,16 @@ def create_app(
             return Response(status_code=499)
         if first[0] == "error":
             raise first[1]
-        gen_req: GenRequest = first[1]
         if req.stream:
+            # Wait for the first piece before sending headers, so a failure before any output is
+            # still a plain HTTP error (status + JSON) rather than an error inside a 200 stream.
+            second = await _next_event(job, request, scheduler)
+            if second is None:
+                return Response(status_code=499)
+            if second[0] == "error":
+                raise second[1]
             return StreamingResponse(
-                _sse(job, request, scheduler, fmt, gen_req, req.include_usage()),
+                _sse(job, request, scheduler, fmt, second, req.include_usage()),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -250,23 +256,34 @@ def _prepare(limits: _Limits, encode: Callable[[EngineLike], list[int]], req: An
 
 
 async def _next_event(job: Job, request: Request, scheduler: Scheduler) -> tuple[str, Any] | None:
-    """Next event of `job`; None (and the job cancelled) once the client has disconnected."""
+    """Next event of `job`; None (and the job cancelled) once the client has disconnected.
+
+    The disconnect check runs at least every `_DISCONNECT_POLL_S` even while events keep coming, as
+    some ASGI servers never fail a send to a closed connection.
+    """
     while True:
-        try:
-            return await asyncio.wait_for(job.events.get(), _DISCONNECT_POLL_S)
-        except asyncio.TimeoutError:
+        now = time.monotonic()
+        if now - job.last_disconnect_check >= _DISCONNECT_POLL_S:
+            job.last_disconnect_check = now
             if await request.is_disconnected():
                 scheduler.cancel(job)
                 return None
+        try:
+            return await asyncio.wait_for(job.events.get(), _DISCONNECT_POLL_S)
+        except asyncio.TimeoutError:
+            continue
 
 
-async def _sse(job: Job, request: Request, scheduler: Scheduler, fmt: ResponseFormat, gen_req: GenRequest, include_usage: bool) -> AsyncIterator[bytes]:
+async def _sse(
+    job: Job, request: Request, scheduler: Scheduler, fmt: ResponseFormat, first: tuple[str, Any], include_usage: bool
+) -> AsyncIterator[bytes]:
     finished = False
+    pending: tuple[str, Any] | None = first
     try:
         for chunk in fmt.stream_start():
             yield _sse_line(chunk, include_usage)
         while True:
-            ev = await _next_event(job, request, scheduler)
+            ev, pending = (pending, None) if pending is not None else (await _next_event(job, request, scheduler), None)
             if ev is None:
                 return
             kind, value = ev

@@ -43,6 +43,7 @@ class Job:
         self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self.cancelled = threading.Event()
         self.enqueued_at = time.monotonic()
+        self.last_disconnect_check = self.enqueued_at  # owned by the HTTP side
         self._loop = loop
 
     def emit(self, kind: str, value: Any) -> None:

@@ -1,0 +1,108 @@
+"""`omnikv serve`: an OpenAI-compatible HTTP server for one model and one KV method."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from omnikv.errors import ConfigError
+
+API_KEY_ENV = "OMNIKV_API_KEY"
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics. "
+        "Binds to 127.0.0.1 unless --host says otherwise.",
+    )
+    p.add_argument("--model", required=True, help="embedded model name (smollm2, gemma3), HF directory or .gguf file")
+    p.add_argument("--method", default="omnikv", help="KV method (see `omnikv models`/docs; default: omnikv)")
+    p.add_argument("--budget", type=_budget, default=None, help="tokens (int) or prompt fraction (float in (0, 1]) attended per sparse layer")
+    p.add_argument("--preset", default=None, help="OmniKV preset name or preset JSON file (omnikv method only)")
+    p.add_argument("--served-model-name", default=None, help="model id clients use (default: the model's name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV} if set)")
+    p.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get 429 (default 16)")
+    p.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="largest request body (default 8 MiB)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest accepted prompt (default: model context)")
+    p.add_argument("--max-tokens-limit", type=int, default=None, help="largest accepted max_tokens (default: model context)")
+    p.add_argument("--default-max-tokens", type=int, default=256, help="completion length when a request omits max_tokens")
+    p.add_argument("--prefill-chunk-size", type=int, default=None, help="prefill in chunks of this many tokens")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=run)
+
+
+def _budget(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"budget must be an int (tokens) or a float fraction, got {text!r}") from None
+
+
+def check_args(args: argparse.Namespace) -> str | None:
+    """Validate limits before loading anything; return the API key to use (flag wins over env)."""
+    for name in ("max_queue", "max_body_bytes", "default_max_tokens"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("max_prompt_tokens", "max_tokens_limit", "prefill_chunk_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be in 0..65535, got {args.port}")
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    if api_key is not None and not api_key.strip():
+        raise ConfigError(f"the API key is empty; pass a non-empty --api-key or unset {API_KEY_ENV}")
+    return api_key
+
+
+def build_method(name: str, *, budget: int | float | None, preset: str | None, model: Any) -> Any:
+    from omnikv.methods import get_method
+
+    options: dict[str, Any] = {"model": model}
+    if preset is not None:
+        if name != "omnikv":
+            raise ConfigError(f"--preset applies to the omnikv method only, not {name!r}")
+        options["preset"] = preset
+    return get_method(name, budget=budget, **options)
+
+
+def run(args: argparse.Namespace) -> int:
+    api_key = check_args(args)
+    from omnikv.models import load_model
+    from omnikv.server.app import create_app
+    from omnikv.server.engine import Engine
+    from omnikv.server.runner import is_loopback, serve_forever
+
+    if not is_loopback(args.host) and api_key is None:
+        print(
+            f"omnikv serve: warning: binding {args.host} (reachable from other machines) without an API key; "
+            f"set --api-key or ${API_KEY_ENV}",
+            file=sys.stderr,
+        )
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    method = build_method(args.method, budget=args.budget, preset=args.preset, model=loaded.model)
+    engine = Engine.from_loaded(loaded, method, name=args.served_model_name, prefill_chunk_size=args.prefill_chunk_size)
+    app = create_app(
+        engine,
+        api_key=api_key,
+        max_queue=args.max_queue,
+        max_body_bytes=args.max_body_bytes,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens_limit=args.max_tokens_limit,
+        default_max_tokens=args.default_max_tokens,
+    )
+    print(f"omnikv serve: {engine.name} with method {args.method} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    serve_forever(app, args.host, args.port, log_level=args.log_level)
+    return 0

@@ -1,0 +1,91 @@
+"""The real engine: a loaded model + tokenizer + KV method behind `EngineLike`.
+
+Generation goes through `omnikv.generation.generate`, the same code path as the CLI and the eval,
+so served outputs equal `omnikv generate` outputs for the same prompt and sampling settings.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from omnikv.server.protocol import ChatMessage, EngineResult, GenRequest
+
+
+class Engine:
+    """Owns model, tokenizer and method; called from the server's single worker thread only."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        method: Any,
+        *,
+        name: str,
+        max_context: int | None = None,
+        has_chat_template: bool | None = None,
+        prefill_chunk_size: int | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.method = method
+        self.name = name
+        self.max_context = max_context or None  # 0 (unknown) -> None
+        if has_chat_template is None:
+            has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        self.has_chat_template = has_chat_template
+        self.prefill_chunk_size = prefill_chunk_size
+
+    @classmethod
+    def from_loaded(cls, loaded: Any, method: Any, *, name: str | None = None, prefill_chunk_size: int | None = None) -> "Engine":
+        """From an `omnikv.models.LoadedModel` and a method (instance or registry name)."""
+        return cls(
+            loaded.model,
+            loaded.tokenizer,
+            method,
+            name=name or loaded.name,
+            max_context=loaded.max_context,
+            has_chat_template=loaded.has_chat_template,
+            prefill_chunk_size=prefill_chunk_size,
+        )
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+    def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
+        if self.has_chat_template:
+            turns = [{"role": m.role, "content": m.content} for m in messages]
+            # Render to text, then tokenize without extra specials: the template already places BOS
+            # and turn markers where the model was trained to see them.
+            text = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        # No template (base models): a plain transcript that ends where the assistant speaks.
+        text = "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:"
+        return self.encode_prompt(text)
+
+    def generate(self, request: GenRequest, on_token: Callable[[str], None]) -> EngineResult:
+        from omnikv.generation import SamplingParams, generate
+
+        params = SamplingParams(
+            max_new_tokens=request.max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            seed=request.seed,
+            stop=request.stop,
+        )
+        res = generate(
+            self.model,
+            self.tokenizer,
+            list(request.prompt_ids),
+            self.method,
+            params,
+            on_token=on_token,
+            prefill_chunk_size=self.prefill_chunk_size,
+        )
+        finish = "stop" if res.finish_reason == "stop" else "length"
+        return EngineResult(
+            text=res.text,
+            prompt_tokens=int(res.prompt_tokens),
+            completion_tokens=int(res.generated_tokens),
+            finish_reason=finish,
+            stats=dict(res.stats or {}),
+        )
