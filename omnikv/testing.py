@@ -116,6 +116,11 @@ def tiny_config(family: str = "llama", **overrides: Any) -> PretrainedConfig:
             query_pre_attn_scalar=overrides.get("head_dim", 16),
         )
     fields.update(overrides)
+    if fields["vocab_size"] < TOKENIZER_VOCAB_SIZE:
+        raise ConfigError(
+            f"vocab_size={fields['vocab_size']} is smaller than the tiny tokenizer's "
+            f"{TOKENIZER_VOCAB_SIZE} tokens; leave vocab_size at its default"
+        )
     return AutoConfig.for_model(family, **fields)
 
 
@@ -143,11 +148,9 @@ def make_tiny_checkpoint(
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     model = tiny_model(family, seed=seed, **config_overrides)
-    if model.config.vocab_size < TOKENIZER_VOCAB_SIZE:
-        raise ConfigError(
-            f"vocab_size={model.config.vocab_size} is smaller than the tiny tokenizer's "
-            f"{TOKENIZER_VOCAB_SIZE} tokens; leave vocab_size at its default"
-        )
-    model.save_pretrained(out)
+    from omnikv.models import _quiet_transformers  # no per-save progress bars in test logs
+
+    with _quiet_transformers():
+        model.save_pretrained(out)
     build_tokenizer().save_pretrained(out)
     return out
