@@ -1,0 +1,157 @@
+"""Slow, obviously correct references for OmniKV (test-only).
+
+Nothing here shares code with the fast path except the layer-role plan (`omnikv.roles`), which
+has its own tests. Scores are computed per head with explicit dot products, top-k by sorting a
+Python list, the sparse set by list indexing, and attention as softmax(q.k) . v per head.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import AttentionInterface, DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from omnikv._compat import cache_kwargs, layer_types
+from omnikv.config import OmniKVConfig
+from omnikv.roles import Role, plan_layers
+
+REF_NAME = "omnikv_reference"
+
+
+# --------------------------------------------------------------------------- selection
+def ref_scores(
+    queries: torch.Tensor, keys: torch.Tensor, scaling: float, selector: str, head_reduce: str, valid: list[bool] | None
+) -> list[list[float]]:
+    """One sequence. queries (Hq, W, D), keys (Hk, T, D) -> scores per index group: [G][T]."""
+    hq, w_all, _ = queries.shape
+    hk, t, _ = keys.shape
+    g = hq // hk
+    rows = [w_all - 1] if selector in ("last", "softmax_last") else list(range(w_all))
+    valid = valid if valid is not None else [True] * t
+    # per_head[h][w][t]
+    per_head = []
+    for h in range(hq):
+        per_w = []
+        for w in rows:
+            logits = [float(torch.dot(queries[h, w].double(), keys[h // g, j].double())) * scaling for j in range(t)]
+            logits = [x if valid[j] else -math.inf for j, x in enumerate(logits)]
+            if selector != "last":
+                m = max(logits)
+                exps = [math.exp(x - m) if valid[j] else 0.0 for j, x in enumerate(logits)]
+                s = sum(exps)
+                logits = [e / s if valid[j] else -math.inf for j, e in enumerate(exps)]
+            per_w.append(logits)
+        per_head.append(per_w)
+    groups = [list(range(hq))] if head_reduce in ("max", "sum") else [list(range(kv * g, kv * g + g)) for kv in range(hk)]
+    n_rows = len(rows)
+    if selector == "exp":
+        weights = [2.0 ** -(n_rows - 1 - i) for i in range(n_rows)]
+    else:
+        weights = [1.0] * n_rows
+    out = []
+    for heads in groups:
+        scores = []
+        for j in range(t):
+            total = 0.0
+            for i in range(n_rows):
+                vals = [per_head[h][i][j] for h in heads]
+                red = sum(vals) if head_reduce == "sum" else max(vals)
+                total += weights[i] * red if red != -math.inf else -math.inf
+            scores.append(total)
+        out.append(scores)
+    return out
+
+
+def ref_select(scores: list[float], k: int, valid: list[bool] | None, sink: int, recent: int) -> list[int]:
+    """Top-k positions (ascending) with the first `sink` real and last `recent` tokens forced."""
+    t = len(scores)
+    valid = valid if valid is not None else [True] * t
+    real = [j for j in range(t) if valid[j]]
+    forced = set(real[:sink]) | {j for j in range(max(t - recent, 0), t) if valid[j]}
+    order = sorted(range(t), key=lambda j: (j not in forced, -scores[j] if scores[j] != -math.inf else math.inf))
+    return sorted(order[: min(k, t)])
+
+
+def ref_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> torch.Tensor:
+    """One query per head, explicit. q (Hq, D), k/v (Hk, n, D) -> (Hq, D)."""
+    hq, hk = q.shape[0], k.shape[0]
+    g = hq // hk
+    out = []
+    for h in range(hq):
+        w = torch.softmax((k[h // g] @ q[h]) * scaling, dim=-1)
+        out.append(w @ v[h // g])
+    return torch.stack(out)
+
+
+# --------------------------------------------------------------------------- decode
+class ReferenceOmniKV:
+    """OmniKV decoding over transformers' stock DynamicCache (batch 1).
+
+    The stock cache holds every token of every layer; at a decode step filter layers select with
+    the reference functions above and sparse layers attend, explicitly, to the selected prompt
+    rows plus every generated token.
+    """
+
+    def __init__(self, model: torch.nn.Module, config: OmniKVConfig) -> None:
+        self.model = model
+        self.config = config
+        self.plan = plan_layers(config, layer_types(model.config))
+        self.prompt_len = 0
+        self.windows: dict[int, torch.Tensor] = {}
+        self.selection: dict[int, list[list[int]]] = {}
+        self.steps = 0
+        self.last_select: dict[int, int] = {}
+        AttentionInterface.register(REF_NAME, self._attention)
+        AttentionMaskInterface.register(REF_NAME, sdpa_mask)
+
+    def _attention(self, module, query, key, value, attention_mask, **kwargs):
+        i = module.layer_idx
+        role = self.plan.roles[i]
+        cfg = self.config
+        scaling = kwargs.get("scaling") or module.scaling
+        if role is Role.FILTER:
+            w = query if i not in self.windows else torch.cat([self.windows[i], query], dim=2)
+            self.windows[i] = w[:, :, -cfg.window_size :]
+        if query.shape[2] > 1:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        if role is Role.FILTER and (i not in self.last_select or self.steps - self.last_select[i] >= cfg.refresh_every):
+            n = self.prompt_len
+            q = self.windows[i][0] if cfg.selector in ("uniform", "exp") else query[0]
+            groups = ref_scores(q, key[0, :, :n], scaling, cfg.selector, cfg.head_reduce, None)
+            k = cfg.resolve_budget(n)
+            self.selection[i] = [ref_select(s, k, None, cfg.sink_tokens, cfg.recent_tokens) for s in groups]
+            self.last_select[i] = self.steps
+        if role is not Role.SPARSE:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        sel = self.selection[self.plan.source_filter[i]]
+        n_total = key.shape[2]
+        hk = key.shape[1]
+        ks, vs = [], []
+        for h in range(hk):
+            rows = sel[0 if len(sel) == 1 else h] + list(range(self.prompt_len, n_total))
+            ks.append(key[0, h, rows])
+            vs.append(value[0, h, rows])
+        out = ref_attention(query[0, :, 0], torch.stack(ks), torch.stack(vs), scaling)
+        module.last_reference_rows = len(rows)
+        return out[None, None], None  # (1, 1, Hq, D)
+
+    @torch.inference_mode()
+    def logits(self, prompt: list[int], continuation: list[int]) -> torch.Tensor:
+        """(len(continuation), V): next-token logits after prompt + continuation[:i]."""
+        prev = self.model.config._attn_implementation
+        self.model.set_attn_implementation(REF_NAME)
+        try:
+            cache = DynamicCache(config=self.model.config)
+            self.prompt_len = len(prompt)
+            out = self.model(torch.tensor([prompt]), use_cache=True, **cache_kwargs(cache))
+            rows = [out.logits[0, -1].float()]
+            for tok in continuation[:-1]:
+                self.steps += 1
+                out = self.model(torch.tensor([[tok]]), use_cache=True, **cache_kwargs(cache))
+                rows.append(out.logits[0, -1].float())
+            return torch.stack(rows)
+        finally:
+            self.model.set_attn_implementation(prev)

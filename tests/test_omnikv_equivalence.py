@@ -1,0 +1,142 @@
+"""OmniKV against full attention (budget >= prompt) and against the slow reference (real budget)."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from omnikv import OmniKVCache, OmniKVConfig
+from omnikv._compat import cache_kwargs
+from omnikv.generation import teacher_forced_logits
+from omnikv.methods import get_method
+from reference import ReferenceOmniKV
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
+# fp32 CPU: sdpa vs sdpa over the same rows in another memory layout differ by rounding only.
+ATOL = 1e-4
+
+
+def cfg_for(family: str, **kw) -> OmniKVConfig:
+    if family == "gemma3_text":  # full-attention layers are 1, 3, 5
+        base = dict(filter_layers=(1,), num_wait_layers=0)
+    else:
+        base = dict(filter_layers=(1, 3), num_wait_layers=0)
+    base.update(kw)
+    return OmniKVConfig(**base)
+
+
+def prompt(n: int, seed: int = 0, vocab: int = 256) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (1, n), generator=g)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_budget_generate_equals_full_attention(models, family):
+    model = models(family, num_hidden_layers=6)
+    ids = prompt(120)
+    with torch.inference_mode():
+        ref = model.generate(ids, max_new_tokens=12, do_sample=False, **cache_kwargs(DynamicCache(config=model.config)))
+        cache = OmniKVCache(model, cfg_for(family, budget=1.0, sink_tokens=0, recent_tokens=0))
+        out = model.generate(ids, max_new_tokens=12, do_sample=False, **cache_kwargs(cache))
+    assert torch.equal(ref, out)
+    st = cache.stats()
+    sparse = [i for i, r in enumerate(st["layer_roles"]) if r == "sparse"]
+    assert sparse, "the plan must contain sparse layers for this test to mean anything"
+    # Every sparse layer attended to the whole prompt plus the generated tokens.
+    assert all(st["attended_tokens_per_layer"][i] == st["seq_length"] for i in sparse)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_full_budget_logits_close(models, family):
+    model = models(family, num_hidden_layers=6)
+    ids = prompt(150, seed=1)[0].tolist()
+    cont = prompt(10, seed=2)[0].tolist()
+    full = teacher_forced_logits(model, ids, cont, "full")
+    omni = teacher_forced_logits(model, ids, cont, get_method("omnikv", config=cfg_for(family, budget=1.0)))
+    torch.testing.assert_close(omni, full, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("selector", ["last", "softmax_last", "uniform", "exp"])
+@pytest.mark.parametrize("head_reduce", ["max", "sum", "per_kv_head"])
+def test_matches_reference_at_real_budget(models, selector, head_reduce):
+    model = models("llama", num_hidden_layers=6)
+    cfg = cfg_for("llama", budget=0.1, selector=selector, head_reduce=head_reduce, sink_tokens=2, recent_tokens=4, window_size=8)
+    ids = prompt(200, seed=3)[0].tolist()
+    cont = prompt(8, seed=4)[0].tolist()
+    lib = teacher_forced_logits(model, ids, cont, get_method("omnikv", config=cfg))
+    ref = ReferenceOmniKV(model, cfg).logits(ids, cont)
+    torch.testing.assert_close(lib, ref, atol=ATOL, rtol=0)
+    # A 10% budget is not full attention: the comparison above is not vacuous.
+    full = teacher_forced_logits(model, ids, cont, "full")
+    assert (lib - full).abs().max() > 10 * ATOL
+
+
+def test_matches_reference_with_refresh_and_wait_layers(models):
+    model = models("llama", num_hidden_layers=8)
+    cfg = OmniKVConfig(filter_layers=(1, 4), num_wait_layers=1, budget=24, sink_tokens=2, recent_tokens=4, refresh_every=3)
+    ids = prompt(180, seed=5)[0].tolist()
+    cont = prompt(9, seed=6)[0].tolist()
+    lib = teacher_forced_logits(model, ids, cont, get_method("omnikv", config=cfg))
+    ref = ReferenceOmniKV(model, cfg).logits(ids, cont)
+    torch.testing.assert_close(lib, ref, atol=ATOL, rtol=0)
+
+
+def test_gemma_hybrid_matches_reference(models):
+    model = models("gemma3_text", num_hidden_layers=6)
+    cfg = cfg_for("gemma3_text", budget=0.15, sink_tokens=1, recent_tokens=8)
+    ids = prompt(160, seed=7)[0].tolist()
+    cont = prompt(6, seed=8)[0].tolist()
+    lib = teacher_forced_logits(model, ids, cont, get_method("omnikv", config=cfg))
+    ref = ReferenceOmniKV(model, cfg).logits(ids, cont)
+    torch.testing.assert_close(lib, ref, atol=ATOL, rtol=0)
+
+
+def test_offload_on_equals_off(models):
+    model = models("llama", num_hidden_layers=6)
+    ids = prompt(160, seed=9)[0].tolist()
+    cont = prompt(8, seed=10)[0].tolist()
+    on = teacher_forced_logits(model, ids, cont, get_method("omnikv", config=cfg_for("llama", budget=0.1, offload=True)))
+    off = teacher_forced_logits(model, ids, cont, get_method("omnikv", config=cfg_for("llama", budget=0.1, offload=False)))
+    assert torch.equal(on, off)
+
+
+def test_chunked_prefill_is_identical(models):
+    model = models("llama", num_hidden_layers=6)
+    ids = prompt(170, seed=11)[0].tolist()
+    cont = prompt(6, seed=12)[0].tolist()
+    method = get_method("omnikv", config=cfg_for("llama", budget=0.1))
+    one = teacher_forced_logits(model, ids, cont, method)
+    chunked = teacher_forced_logits(model, ids, cont, method, prefill_chunk_size=48)
+    torch.testing.assert_close(chunked, one, atol=ATOL, rtol=0)
+
+
+def test_batch_with_left_padding_equals_full_attention(models):
+    model = models("qwen2", num_hidden_layers=6)
+    a = prompt(90, seed=13)[0]
+    b = prompt(60, seed=14)[0]
+    pad = 256
+    ids = torch.full((2, 90), pad)
+    mask = torch.zeros(2, 90, dtype=torch.long)
+    ids[0], mask[0] = a, 1
+    ids[1, 30:], mask[1, 30:] = b, 1
+    with torch.inference_mode():
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=pad, **cache_kwargs(DynamicCache(config=model.config)))
+        cache = OmniKVCache(model, cfg_for("qwen2", budget=1.0, sink_tokens=2, recent_tokens=4))
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=pad, **cache_kwargs(cache))
+    assert torch.equal(ref, out)
+
+
+def test_batch_padding_is_never_selected(models):
+    model = models("llama", num_hidden_layers=6)
+    ids = torch.cat([torch.full((1, 40), 256), prompt(100, seed=15)], dim=1)
+    ids = torch.cat([ids, prompt(140, seed=16)], dim=0)
+    mask = torch.ones_like(ids)
+    mask[0, :40] = 0
+    cache = OmniKVCache(model, cfg_for("llama", budget=20, sink_tokens=2, recent_tokens=4))
+    with torch.inference_mode():
+        model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=256, **cache_kwargs(cache))
+    for idx in cache.selected_indices().values():
+        assert idx.shape[-1] == 20
+        assert (idx[0] >= 40).all(), "padding positions were selected"
+        # sinks are the first real tokens of each sequence
+        assert {40, 41} <= set(idx[0, 0].tolist())
+        assert {0, 1} <= set(idx[1, 0].tolist())
