@@ -20,7 +20,7 @@ def register(subparsers: Any) -> None:
         "Binds to 127.0.0.1 unless --host says otherwise.",
     )
     p.add_argument("--model", required=True, help="embedded model name (smollm2, gemma3), HF directory or .gguf file")
-    p.add_argument("--method", default="omnikv", help="KV method (see `omnikv models`/docs; default: omnikv)")
+    p.add_argument("--method", default="omnikv", help="KV method: omnikv (default), full, full_prealloc, full_offload, ... (see docs/methods.md)")
     p.add_argument("--budget", type=_budget, default=None, help="tokens (int) or prompt fraction (float in (0, 1]) attended per sparse layer")
     p.add_argument("--preset", default=None, help="OmniKV preset name or preset JSON file (omnikv method only)")
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: the model's name)")
@@ -67,15 +67,22 @@ def check_args(args: argparse.Namespace) -> str | None:
     return api_key
 
 
-def build_method(name: str, *, budget: int | float | None, preset: str | None, model: Any) -> Any:
+def build_method(name: str, *, budget: int | float | None, preset: str | None) -> Any:
+    """The KV method; `preset` is a built-in preset name (omnikv.presets) or a preset JSON file."""
     from omnikv.methods import get_method
 
-    options: dict[str, Any] = {"model": model}
-    if preset is not None:
-        if name != "omnikv":
-            raise ConfigError(f"--preset applies to the omnikv method only, not {name!r}")
-        options["preset"] = preset
-    return get_method(name, budget=budget, **options)
+    if preset is None:
+        return get_method(name, budget=budget)
+    if name != "omnikv":
+        raise ConfigError(f"--preset applies to the omnikv method only, not {name!r}")
+    from omnikv.presets import PRESETS
+
+    named = {p.name: p for p in PRESETS}
+    if preset in named:
+        return get_method(name, budget=budget, config=named[preset].config)
+    if not os.path.isfile(preset):
+        raise ConfigError(f"--preset {preset!r} is neither a preset file nor a built-in preset ({', '.join(named)})")
+    return get_method(name, budget=budget, preset=preset)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,8 +98,8 @@ def run(args: argparse.Namespace) -> int:
             f"set --api-key or ${API_KEY_ENV}",
             file=sys.stderr,
         )
+    method = build_method(args.method, budget=args.budget, preset=args.preset)  # fail fast, before loading
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
-    method = build_method(args.method, budget=args.budget, preset=args.preset, model=loaded.model)
     engine = Engine.from_loaded(loaded, method, name=args.served_model_name, prefill_chunk_size=args.prefill_chunk_size)
     app = create_app(
         engine,
