@@ -1,0 +1,116 @@
+"""Inter-layer attention coverage and the statistics derived from it.
+
+coverage[i, j] = share of layer j's softmax attention mass (mean over its query heads) that falls on
+the key set a sparse layer would attend if layer i were its filter layer: layer i's top-k prompt
+tokens (sink / recent prompt tokens, when counted, are forced into those k, as the library does) +
+every generated token. The diagonal is the
+"oracle": a layer's own top-k. Averaged over decode steps.
+
+Inputs (see `capture.AttentionRecord`):
+  scores: (S, L, H, P) selection scores over prompt keys (raw scaled logits for selector "last")
+  probs:  (S, L, H, T) softmax attention probabilities over all keys, T >= P
+A 3-dim input (L, H, .) is taken as one decode step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from omnikv.analysis.selection_sets import expand_to_query_heads, kept_mask, resolve_k, topk_indices
+from omnikv.errors import InputError
+
+
+def _check(scores: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if scores.dim() == 3:
+        scores = scores.unsqueeze(0)
+    if probs.dim() == 3:
+        probs = probs.unsqueeze(0)
+    if scores.dim() != 4 or probs.dim() != 4:
+        raise InputError("scores must be (S, L, H, P) and probs (S, L, H, T)")
+    if scores.shape[:3] != probs.shape[:3]:
+        raise InputError(f"scores {tuple(scores.shape)} and probs {tuple(probs.shape)} disagree on S, L, H")
+    if probs.shape[-1] < scores.shape[-1]:
+        raise InputError("probs must cover at least the prompt positions scores cover (T >= P)")
+    return scores, probs
+
+
+def selection_masks(
+    scores: torch.Tensor,
+    total_len: int,
+    k: int | float,
+    head_reduce: str = "max",
+    num_kv_heads: int | None = None,
+    sink: int = 0,
+    recent: int = 0,
+) -> torch.Tensor:
+    """Per-query-head kept-key masks each layer's selection implies. (S, L, H, P) -> (S, L, H, T) bool."""
+    num_heads, prompt_len = scores.shape[-2], scores.shape[-1]
+    kv = num_heads if num_kv_heads is None else num_kv_heads
+    idx = topk_indices(scores, resolve_k(k, prompt_len, sink, recent), head_reduce, kv, sink, recent)
+    return expand_to_query_heads(kept_mask(idx, total_len, prompt_len), num_heads)
+
+
+def coverage_matrix(
+    scores: torch.Tensor,
+    probs: torch.Tensor,
+    k: int | float,
+    head_reduce: str = "max",
+    num_kv_heads: int | None = None,
+    sink: int = 0,
+    recent: int = 0,
+) -> torch.Tensor:
+    """coverage[i, j]: mass of layer j on layer i's kept set, mean over heads and steps. -> (L, L) float64."""
+    scores, probs = _check(scores, probs)
+    steps, layers, heads, total = probs.shape
+    total_cov = torch.zeros(layers, layers, dtype=torch.float64)
+    for s in range(steps):  # one step at a time keeps memory at (L, H, T)
+        mask = selection_masks(scores[s], total, k, head_reduce, num_kv_heads, sink, recent)
+        # sum_h sum_t mask[i, h, t] * probs[j, h, t] as one matmul over the flattened (h, t) axis
+        m = mask.reshape(layers, heads * total).to(torch.float64)
+        p = probs[s].reshape(layers, heads * total).to(torch.float64)
+        total_cov += m @ p.T
+    return total_cov / (steps * heads)
+
+
+def coverage_decay(coverage: torch.Tensor) -> list[float]:
+    """Mean coverage of layer i + d by layer i, for d = 0 .. L-1 (d = 0 is the own-top-k oracle)."""
+    layers = coverage.shape[0]
+    return [float(torch.diagonal(coverage, offset=d).mean()) for d in range(layers)]
+
+
+def topk_jaccard(
+    scores: torch.Tensor, k: int | float, head_reduce: str = "max", num_kv_heads: int | None = None
+) -> torch.Tensor:
+    """Stability of each layer's top-k across consecutive decode steps.
+
+    scores: (S, L, H, P), S >= 2 -> (L,) mean Jaccard |A_t & A_t+1| / |A_t | A_t+1| (per_kv_head:
+    also averaged over KV heads).
+    """
+    if scores.dim() != 4 or scores.shape[0] < 2:
+        raise InputError("Jaccard stability needs scores (S, L, H, P) with at least 2 decode steps")
+    heads, prompt_len = scores.shape[-2], scores.shape[-1]
+    kv = heads if num_kv_heads is None else num_kv_heads
+    idx = topk_indices(scores, resolve_k(k, prompt_len), head_reduce, kv)  # (S, L, R, k)
+    sets = torch.zeros(*idx.shape[:-1], prompt_len, dtype=torch.bool).scatter_(-1, idx, True)
+    inter = (sets[1:] & sets[:-1]).sum(-1).double()
+    union = (sets[1:] | sets[:-1]).sum(-1).double()
+    return (inter / union).mean(dim=(0, 2))
+
+
+def mass_distribution(probs: torch.Tensor, prompt_len: int, sink: int, recent: int) -> dict[str, torch.Tensor]:
+    """Where each layer puts its attention: sink / middle / recent prompt tokens and generated tokens.
+
+    probs: (S, L, H, T) -> dict of (L,) tensors (mean over steps and heads); they sum to 1 per layer.
+    Sink and recent are clipped so that they do not overlap.
+    """
+    if probs.dim() == 3:
+        probs = probs.unsqueeze(0)
+    sink_end = min(sink, prompt_len)
+    recent_start = max(sink_end, prompt_len - recent)
+    per_layer = lambda a, b: probs[..., a:b].sum(-1).double().mean(dim=(0, 2))  # noqa: E731
+    return {
+        "sink": per_layer(0, sink_end),
+        "middle": per_layer(sink_end, recent_start),
+        "recent": per_layer(recent_start, prompt_len),
+        "generated": per_layer(prompt_len, probs.shape[-1]),
+    }

@@ -1,0 +1,90 @@
+"""Shared steps of `omnikv analyze` and `omnikv calibrate`: load, pick prompts, record attention."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from omnikv.analysis.capture import AttentionRecord, record_decode_attention
+from omnikv.analysis.inputs import prompts_from_files, prompts_from_task
+from omnikv.errors import ConfigError
+
+# Settings a preset may carry that analysis / calibration reuse.
+PRESET_SETTINGS = ("filter_layers", "num_wait_layers", "budget", "sink_tokens", "recent_tokens", "selector", "head_reduce")
+
+
+def add_input_arguments(p, model_required: bool = True) -> None:
+    """Model, prompt and decode options common to both commands."""
+    p.add_argument("--model", required=model_required,
+                   help="embedded name (smollm2, gemma3), HF directory or .gguf file")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--input", action="append", metavar="FILE", help="text file used as a prompt (repeatable)")
+    src.add_argument("--task", help="local evaluation task generating the prompts (e.g. niah_single_1)")
+    p.add_argument("--length", type=int, default=2048, help="prompt length in tokens (default 2048)")
+    p.add_argument("--samples", type=int, default=1, help="prompts generated with --task (default 1)")
+    p.add_argument("--steps", type=int, default=16, help="greedy decode steps recorded per prompt (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the task generator")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu; analysis runs in float32)")
+    p.add_argument("--preset", metavar="FILE", help="preset file: its budget, sink/recent, selector, head "
+                   "reduction (and for calibrate: filter layers as the baseline) become the defaults")
+
+
+def load_preset_settings(path: str | None) -> dict[str, Any]:
+    """The OmniKV settings of a preset file (validated by the core config when it is installed)."""
+    if not path:
+        return {}
+    try:
+        from omnikv.config import OmniKVConfig
+    except ImportError:
+        OmniKVConfig = None  # noqa: N806
+    if OmniKVConfig is not None and hasattr(OmniKVConfig, "from_json"):
+        cfg = OmniKVConfig.from_json(path)
+        return {k: (list(v) if k == "filter_layers" else v) for k, v in cfg.to_dict().items() if k in PRESET_SETTINGS}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"preset file {p} does not exist")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"preset file {p} is not valid JSON: {exc}") from None
+    return {k: v for k, v in data.items() if k in PRESET_SETTINGS}
+
+
+def load(model: str, device: str):
+    from omnikv.models import load_model
+
+    return load_model(model, dtype="float32", device=device)
+
+
+def record_inputs(lm, args) -> tuple[list[AttentionRecord], list[str]]:
+    """Build the prompts the arguments ask for and record each one's decode attention."""
+    if args.length < 2 or args.steps < 1 or args.samples < 1:
+        raise ConfigError("--length must be >= 2, --steps >= 1 and --samples >= 1")
+    if args.input:
+        prompts = prompts_from_files(lm.tokenizer, args.input, args.length)
+    elif args.task:
+        prompts = prompts_from_task(lm.tokenizer, args.task, args.length, args.samples, args.seed)
+    else:
+        raise ConfigError("give the prompts: --input FILE (repeatable) or --task NAME --length L")
+    max_ctx = getattr(lm, "max_context", None)
+    records, sources = [], []
+    for source, ids in prompts:
+        if max_ctx and len(ids) + args.steps > max_ctx:
+            raise ConfigError(f"{source}: {len(ids)} + {args.steps} tokens exceed the model's context {max_ctx}")
+        t0 = time.perf_counter()
+        records.append(record_decode_attention(lm.model, ids, args.steps))
+        print(f"recorded {source}: {len(ids)} prompt tokens, {args.steps} steps "
+              f"({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
+        sources.append(source)
+    return records, sources
+
+
+def parse_budget(text: str) -> int | float:
+    """'256' -> 256 tokens; '0.067' -> a fraction of the prompt."""
+    try:
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise ConfigError(f"budget {text!r} must be an int (tokens) or a fraction like 0.067") from None

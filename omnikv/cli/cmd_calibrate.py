@@ -1,0 +1,163 @@
+"""`omnikv calibrate`: choose filter layers for a model from its own attention, write a preset."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from omnikv.errors import ConfigError
+
+# Above this many candidate sets the exhaustive cross-check of the DP result is skipped.
+_EXHAUSTIVE_CHECK_MAX = 200_000
+
+
+def register(subparsers) -> None:
+    from omnikv.analysis.session import add_input_arguments
+
+    p = subparsers.add_parser(
+        "calibrate",
+        help="choose dense and filter layers that maximise the sparse layers' attention coverage",
+        description="Record the model's attention on real prompts, choose the filter layers (and so the "
+        "leading dense layers) whose selections cover the sparse layers' attention best under a cap "
+        "on dense layers, compare with the paper-style choice, and write a preset file (--output) "
+        "that commands accept with --preset.",
+    )
+    add_input_arguments(p, model_required=False)
+    p.add_argument("--from-report", metavar="FILE",
+                   help="reuse the coverage recorded by `omnikv analyze` (its report.json) instead of running "
+                   "the model; the report must hold the variant for --budget / --head-reduce with sink+recent")
+    p.add_argument("--num-filters", type=int, default=3, help="filter layers to choose (default 3)")
+    p.add_argument("--num-wait", type=int, default=None, help="dense wait layers after each filter (default 1)")
+    p.add_argument("--budget", default=None, help="prompt tokens a sparse layer attends: int or fraction (default 0.067)")
+    p.add_argument("--head-reduce", choices=("max", "sum", "per_kv_head"), default=None, help="default max")
+    p.add_argument("--selector", choices=("last", "softmax_last"), default=None, help="default last")
+    p.add_argument("--sink", type=int, default=None, help="sink tokens always kept (default 4)")
+    p.add_argument("--recent", type=int, default=None, help="recent prompt tokens always kept (default 64)")
+    p.add_argument("--method", choices=("dp", "greedy", "exhaustive"), default="dp", help="search (default dp, exact)")
+    p.add_argument("--max-dense", type=int, default=None,
+                   help="most dense layers allowed (default: as many as the baseline choice)")
+    p.add_argument("--baseline", default=None,
+                   help="comma-separated filter layers to compare with (default: --preset's, else paper-style 2,8,18)")
+    p.add_argument("--output", metavar="FILE", help="write the calibrated preset here (JSON)")
+    p.add_argument("--report", metavar="FILE", help="write the coverage matrix and the comparison here (JSON)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from omnikv.analysis.layout import paper_style_filters, score_layout
+    from omnikv.analysis.preset import make_preset, write_preset
+    from omnikv.analysis.report import pooled_coverage
+    from omnikv.analysis.search import choose_filter_layers
+    from omnikv.analysis.session import load, load_preset_settings, parse_budget, record_inputs
+
+    preset = load_preset_settings(args.preset)
+    budget = parse_budget(args.budget) if args.budget is not None else preset.get("budget", 0.067)
+    num_wait = args.num_wait if args.num_wait is not None else preset.get("num_wait_layers", 1)
+    head_reduce = args.head_reduce or preset.get("head_reduce", "max")
+    selector = args.selector or preset.get("selector", "last")
+    sink = args.sink if args.sink is not None else preset.get("sink_tokens", 4)
+    recent = args.recent if args.recent is not None else preset.get("recent_tokens", 64)
+    if args.output and Path(args.output).parent and not Path(args.output).parent.exists():
+        raise ConfigError(f"--output directory {Path(args.output).parent} does not exist")
+    # Validate the settings before the (slow) recording.
+    make_preset([0], num_wait, budget, sink, recent, selector, head_reduce, "check", 1)
+
+    if args.from_report:
+        cov, layer_ids, model_name, model_type, num_layers, sources = _from_report(
+            args.from_report, budget, head_reduce, sink, recent, selector)
+    else:
+        if not args.model:
+            raise ConfigError("give --model (and the prompts), or --from-report REPORT.json")
+        lm = load(args.model, args.device)
+        records, sources = record_inputs(lm, args)
+        layer_ids = records[0].layer_ids
+        model_name, model_type, num_layers = lm.name, lm.model.config.model_type, lm.model.config.num_hidden_layers
+        cov = pooled_coverage(records, budget, head_reduce, sink, recent, selector)
+    n = len(layer_ids)
+    if not 1 <= args.num_filters <= n:
+        raise ConfigError(f"--num-filters must be in 1..{n} for this model")
+
+    if args.baseline:
+        base_model = [int(x) for x in args.baseline.split(",") if x.strip()]
+        base_name = "baseline (--baseline)"
+    elif preset.get("filter_layers"):
+        base_model, base_name = list(preset["filter_layers"]), f"baseline ({args.preset})"
+    else:
+        base_model, base_name = None, "paper-style"
+    if base_model is None:
+        base = paper_style_filters(n, args.num_filters)
+    else:
+        missing = [x for x in base_model if x not in layer_ids]
+        if missing:
+            raise ConfigError(f"baseline filter layers {missing} are not full-attention layers of this model")
+        base = [layer_ids.index(x) for x in base_model]
+    base_score = score_layout(cov, base, num_wait)
+    max_dense = args.max_dense if args.max_dense is not None else base_score.num_dense
+
+    chosen = choose_filter_layers(cov, args.num_filters, num_wait, args.method, max_dense)
+    rows = [(f"calibrated ({args.method})", chosen), (base_name, base_score)]
+    check = None
+    if args.method != "exhaustive" and math.comb(n, args.num_filters) <= _EXHAUSTIVE_CHECK_MAX:
+        exhaustive = choose_filter_layers(cov, args.num_filters, num_wait, "exhaustive", max_dense)
+        check = abs(exhaustive.missed_mass - chosen.missed_mass) < 1e-9
+        if not check:
+            rows.append(("exhaustive", exhaustive))
+    if args.method != "greedy":
+        try:
+            rows.append(("greedy", choose_filter_layers(cov, args.num_filters, num_wait, "greedy", max_dense)))
+        except ConfigError:
+            pass  # greedy can paint itself into a corner under the dense cap; DP cannot
+
+    to_model = lambda layers: [layer_ids[i] for i in layers]  # noqa: E731
+    print(f"{model_name}: {n} layers, budget {budget}, head_reduce {head_reduce}, selector {selector}, "
+          f"sink {sink}, recent {recent}, wait {num_wait}, at most {max_dense} dense layers")
+    print(f"{'choice':<28} {'filter layers':<18} {'dense':>5} {'sparse':>6} {'sparse cov':>10} {'all-layer cov':>13}")
+    for name, s in rows:
+        print(f"{name:<28} {','.join(map(str, to_model(s.filter_layers))):<18} {s.num_dense:>5} {s.num_sparse:>6} "
+              f"{s.mean_sparse_coverage:>10.4f} {s.mean_all_coverage:>13.4f}")
+    if check is not None:
+        print(f"exhaustive check: {'DP result is optimal' if check else 'MISMATCH (see rows above)'}")
+
+    preset_out = make_preset(to_model(chosen.filter_layers), num_wait, budget, sink, recent, selector,
+                             head_reduce, model_type, num_layers)
+    if args.output:
+        print(f"wrote {write_preset(args.output, preset_out)}")
+    if args.report:
+        report = {
+            "model": model_name, "sources": sources, "layer_ids": layer_ids, "preset": preset_out,
+            "max_dense": max_dense, "exhaustive_check": check,
+            "choices": [{"name": name, **s.as_dict(), "filter_layers": to_model(s.filter_layers)} for name, s in rows],
+            "coverage": [[round(float(x), 5) for x in row] for row in cov],
+        }
+        Path(args.report).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        print(f"wrote {args.report}")
+    return 0
+
+
+def _from_report(path: str, budget, head_reduce: str, sink: int, recent: int, selector: str):
+    """Coverage matrix and model facts from an `omnikv analyze` report.json."""
+    import torch
+
+    from omnikv.analysis.report import variant_key
+
+    try:
+        report = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"report {path} does not exist") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"report {path} is not valid JSON: {exc}") from None
+    settings = report.get("settings", {})
+    if (settings.get("sink"), settings.get("recent"), settings.get("selector")) != (sink, recent, selector):
+        raise ConfigError(
+            f"report {path} was made with sink={settings.get('sink')}, recent={settings.get('recent')}, "
+            f"selector={settings.get('selector')}; pass the same --sink/--recent/--selector or re-run analyze"
+        )
+    key = variant_key(budget, head_reduce, True)
+    if key not in report.get("coverage", {}):
+        have = sorted(k for k in report.get("coverage", {}) if k.endswith("sink+recent"))
+        raise ConfigError(f"report {path} has no variant {key}; it has {have}: choose --budget/--head-reduce from them")
+    cov = torch.tensor(report["coverage"][key]["matrix"], dtype=torch.float64)
+    return (cov, report["layer_ids"], report.get("model", "?"), report.get("model_type", "?"),
+            report.get("num_layers", len(report["layer_ids"])), report.get("sources", []))
