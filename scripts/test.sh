@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Set up the .venv (quietly, a no-op when up to date), then run the whole test suite, including the
+# slow tests on the embedded models (converted once per machine into ~/.cache/omnikv).
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not slow"`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/setup.sh --quiet
+
+set +e
+.venv/bin/python -m pytest -q -x --durations=15 tests "$@"
+rc=$?
+set -e
+if (( rc == 5 )); then
+    echo "test.sh: pytest collected no tests; that is a failure" >&2
+    exit 1
+fi
+exit "$rc"
