@@ -1,0 +1,115 @@
+"""OmniKVConfig validation, layer-role plans and presets."""
+
+import json
+
+import pytest
+
+from omnikv import ConfigError, OmniKVCache, OmniKVConfig, UnsupportedModelError
+from omnikv.presets import PRESETS, fallback_config, find_preset, preset_for_model
+from omnikv.roles import Role, plan_layers
+from omnikv.testing import tiny_config
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(filter_layers=()), "filter_layers"),
+        (dict(filter_layers=(8, 2)), "sorted"),
+        (dict(filter_layers=(2, 2)), "distinct"),
+        (dict(filter_layers=(-1,)), "filter_layers"),
+        (dict(filter_layers=3), "filter_layers"),
+        (dict(budget=0), "budget"),
+        (dict(budget=-5), "budget"),
+        (dict(budget=0.0), "budget"),
+        (dict(budget=1.5), "budget"),
+        (dict(budget="10"), "budget"),
+        (dict(budget=True), "budget"),
+        (dict(selector="topk"), "selector"),
+        (dict(head_reduce="mean"), "head_reduce"),
+        (dict(num_wait_layers=-1), "num_wait_layers"),
+        (dict(refresh_every=0), "refresh_every"),
+        (dict(window_size=0), "window_size"),
+        (dict(budget=10, sink_tokens=4, recent_tokens=64), r"sink_tokens \+ recent_tokens"),
+        (dict(offload="yes"), "offload"),
+    ],
+)
+def test_bad_values_name_the_field(kwargs, field):
+    with pytest.raises(ConfigError, match=field):
+        OmniKVConfig(**kwargs)
+
+
+def test_out_of_range_and_sliding_filter_layers(models):
+    with pytest.raises(ConfigError, match="has 4 layers"):
+        OmniKVCache(models("llama"), OmniKVConfig(filter_layers=(1, 9)))
+    gemma = models("gemma3_text", num_hidden_layers=6)  # full layers 1, 3, 5
+    with pytest.raises(ConfigError, match="sliding-window layer"):
+        OmniKVCache(gemma, OmniKVConfig(filter_layers=(2,)))
+
+
+def test_unsupported_layer_types_are_refused(models):
+    model = models("llama")
+    model.config.layer_types = ["linear_attention"] * 4
+    try:
+        with pytest.raises(UnsupportedModelError, match="--method full"):
+            OmniKVCache(model, OmniKVConfig(filter_layers=(1,)))
+    finally:
+        del model.config.layer_types
+
+
+def test_budget_resolution():
+    cfg = OmniKVConfig(budget=0.1, sink_tokens=4, recent_tokens=16)
+    assert cfg.resolve_budget(1000) == 100
+    assert cfg.resolve_budget(100) == 20  # never below sink + recent
+    assert cfg.resolve_budget(10) == 10  # never above the prompt
+    assert OmniKVConfig(budget=300, sink_tokens=0, recent_tokens=0).resolve_budget(200) == 200
+
+
+def test_paper_plan_for_llama3_8b():
+    """method.md s.2: L={2,8,18}, w=1 on 32 layers -> dense 0,1,2,3,8,9,18,19; 24 sparse."""
+    plan = plan_layers(OmniKVConfig(filter_layers=(2, 8, 18), num_wait_layers=1), ["full_attention"] * 32)
+    dense = sorted(plan.layers_with(Role.DENSE) + plan.layers_with(Role.FILTER))
+    assert dense == [0, 1, 2, 3, 8, 9, 18, 19]
+    assert len(plan.layers_with(Role.SPARSE)) == 24
+    assert plan.segment(2) == [4, 5, 6, 7]
+    assert plan.segment(18) == list(range(20, 32))
+
+
+def test_hybrid_plan_uses_full_attention_layers_only():
+    types = (["sliding_attention"] * 5 + ["full_attention"]) * 3  # Gemma 3 270M
+    plan = plan_layers(OmniKVConfig(filter_layers=(5,), num_wait_layers=0), types)
+    assert plan.layers_with(Role.FILTER) == [5]
+    assert plan.layers_with(Role.SPARSE) == [11, 17]
+    assert len(plan.layers_with(Role.SLIDING)) == 15
+
+
+def test_presets_match_their_models():
+    smol = tiny_config("llama", num_hidden_layers=30, hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64)
+    assert find_preset(smol).name == "smollm2-135m"
+    for p in PRESETS:
+        types = ["full_attention"] * p.num_layers
+        if p.model_type == "gemma3_text":
+            types = (["sliding_attention"] * 5 + ["full_attention"]) * 3
+        plan_layers(p.config, types)  # every preset is valid for its model
+
+
+def test_fallback_for_unknown_models_warns_and_is_valid():
+    cfg = tiny_config("llama", num_hidden_layers=20)
+    with pytest.warns(UserWarning, match="omnikv calibrate"):
+        c = preset_for_model(cfg)
+    assert c == fallback_config(cfg)
+    plan_layers(c, ["full_attention"] * 20)
+
+
+def test_preset_file_roundtrip_and_unknown_keys(tmp_path):
+    cfg = OmniKVConfig(filter_layers=(3, 14, 21), num_wait_layers=0, budget=0.1)
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({**cfg.to_dict(), "model_type": "llama", "num_layers": 30}))
+    assert OmniKVConfig.from_json(path) == cfg
+    path.write_text(json.dumps({**cfg.to_dict(), "filter_layer": [1]}))
+    with pytest.raises(ConfigError, match="unknown OmniKV config keys"):
+        OmniKVConfig.from_json(path)
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        OmniKVConfig.from_json(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        OmniKVConfig.from_json(tmp_path / "missing.json")

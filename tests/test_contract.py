@@ -1,0 +1,49 @@
+"""Fails loudly, naming the transformers version, when a seam we rely on moves."""
+
+import torch
+
+from omnikv import _compat
+from omnikv._compat import cache_kwargs, check_seams, version_note
+from omnikv.generation import Session
+
+
+def test_seams_exist():
+    problems = check_seams()
+    assert not problems, f"{version_note()}: {problems}; update omnikv/_compat.py"
+
+
+def test_version_in_tested_range():
+    lo, hi = _compat.TESTED_RANGE
+    assert lo <= _compat.TRANSFORMERS_VERSION < hi, version_note()
+
+
+def test_model_calls_cache_update_and_our_attention(models):
+    """The whole integration rests on: forward calls cache.update(k, v, layer_idx) for every layer,
+    then the registered attention function with the layer's module; and get_seq_length drives
+    positions."""
+    from omnikv.methods import get_method
+
+    model = models("llama")
+    session = Session(model, None, get_method("full_prealloc"))
+    calls = []
+    orig = session.cache.attend
+
+    def spy(layer_idx, *a, **k):
+        calls.append(layer_idx)
+        return orig(layer_idx, *a, **k)
+
+    session.cache.attend = spy
+    session.append(list(range(20)))
+    session.feed()
+    assert calls == list(range(4)), f"{version_note()}: attention no longer goes through the cache hand-off"
+    assert session.cache.get_seq_length() == 20
+
+
+def test_generate_accepts_cache_keyword(models):
+    from omnikv import OmniKVCache, OmniKVConfig
+
+    model = models("llama")
+    cache = OmniKVCache(model, OmniKVConfig(filter_layers=(1,), num_wait_layers=0, budget=1.0))
+    out = model.generate(torch.arange(30)[None], max_new_tokens=3, do_sample=False, **cache_kwargs(cache))
+    assert out.shape == (1, 33), f"{version_note()}: generate() did not use the `{_compat.CACHE_KWARG}` cache"
+    assert cache.get_seq_length() == 32

@@ -1,0 +1,107 @@
+"""The vectorised selector against the loop reference, plus property tests of its invariants."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from omnikv.selection import filter_scores, gather_rows, positions_mask, select_topk
+from reference import ref_scores, ref_select
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("selector", ["last", "softmax_last", "uniform", "exp"])
+@pytest.mark.parametrize("head_reduce", ["max", "sum", "per_kv_head"])
+def test_scores_match_reference(selector, head_reduce):
+    q, k = rand(2, 6, 5, 8, seed=1), rand(2, 3, 40, 8, seed=2)
+    valid = torch.ones(2, 40, dtype=torch.bool)
+    valid[1, :7] = False
+    fast = filter_scores(q, k, 0.35, selector, head_reduce, valid)
+    for b in range(2):
+        ref = ref_scores(q[b], k[b], 0.35, selector, head_reduce, valid[b].tolist())
+        for gi, row in enumerate(ref):
+            for j, x in enumerate(row):
+                if x == -math.inf:
+                    assert fast[b, gi, j] == -math.inf
+                else:
+                    assert abs(fast[b, gi, j].item() - x) < 1e-4
+
+
+@pytest.mark.parametrize("g", [1, 3])
+def test_topk_matches_reference(g):
+    scores = rand(2, g, 50, seed=3)
+    valid = torch.ones(2, 50, dtype=torch.bool)
+    valid[0, :10] = False
+    fast = select_topk(scores.masked_fill(~valid[:, None], -math.inf), 12, valid=valid, sink=3, recent=5)
+    for b in range(2):
+        for gi in range(g):
+            s = scores[b, gi].masked_fill(~valid[b], -math.inf).tolist()
+            assert fast[b, gi].tolist() == ref_select(s, 12, valid[b].tolist(), 3, 5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    b=st.integers(1, 3),
+    hk=st.integers(1, 3),
+    g=st.integers(1, 3),
+    t=st.integers(1, 70),
+    budget=st.integers(1, 80),
+    sink=st.integers(0, 5),
+    recent=st.integers(0, 9),
+    pad=st.integers(0, 20),
+    head_reduce=st.sampled_from(["max", "sum", "per_kv_head"]),
+    selector=st.sampled_from(["last", "softmax_last", "uniform", "exp"]),
+    seed=st.integers(0, 10_000),
+)
+def test_selection_invariants(b, hk, g, t, budget, sink, recent, pad, head_reduce, selector, seed):
+    """For any shape, padding and budget: k distinct sorted in-range positions per group,
+    padding never chosen while real tokens remain, sink and recent always chosen."""
+    q, keys = rand(b, hk * g, 4, 8, seed=seed), rand(b, hk, t, 8, seed=seed + 1)
+    valid = torch.ones(b, t, dtype=torch.bool)
+    pads = [min(pad * i, t - 1) for i in range(b)]  # sequence i has pads[i] left pads
+    for i, p in enumerate(pads):
+        valid[i, :p] = False
+    k = min(budget, t)
+    scores = filter_scores(q, keys, 0.3, selector, head_reduce, valid)
+    idx = select_topk(scores, k, valid=valid, sink=sink, recent=recent)
+    groups = hk if head_reduce == "per_kv_head" else 1
+    assert idx.shape == (b, groups, k)
+    for i in range(b):
+        real = [j for j in range(t) if valid[i, j]]
+        must = set(real[:sink]) | {j for j in range(t - recent, t) if j >= 0 and valid[i, j]}
+        for gi in range(groups):
+            row = idx[i, gi].tolist()
+            assert row == sorted(set(row)), "indices must be distinct and ascending"
+            assert all(0 <= j < t for j in row)
+            chosen_pad = [j for j in row if not valid[i, j]]
+            assert len(chosen_pad) == max(0, k - len(real)), "padding chosen while real tokens were left"
+            if len(must) <= k:
+                assert must <= set(row), "sink/recent tokens must always be selected"
+
+
+def test_gather_rows_matches_indexing():
+    x = rand(3, 2, 2, 4, 30, 5, seed=5)  # (L, 2, B, H, T, D)
+    shared = torch.tensor([[[1, 4, 9]], [[0, 2, 29]]])  # (B, 1, k)
+    per_head = torch.randint(0, 30, (2, 4, 3), generator=torch.Generator().manual_seed(6))
+    for idx in (shared, per_head, shared[:1]):
+        xb = x[:, :, : idx.shape[0]]
+        out = gather_rows(xb, idx)
+        for bi in range(idx.shape[0]):
+            for h in range(4):
+                rows = idx[bi, 0 if idx.shape[1] == 1 else h]
+                assert torch.equal(out[:, :, bi, h], xb[:, :, bi, h][:, :, rows])
+
+
+def test_positions_mask_gathers_columns():
+    mask = torch.tensor([[False, True, True, True, True]]).view(1, 1, 1, 5)
+    pos = torch.tensor([[[0, 2], [1, 4]]])  # (B=1, G=2, n=2)
+    out = positions_mask(mask, pos, num_q_heads=4)
+    assert out.shape == (1, 4, 1, 2)
+    assert out[0, :2, 0].tolist() == [[False, True], [False, True]]
+    assert out[0, 2:, 0].tolist() == [[True, True], [True, True]]
+    assert positions_mask(None, pos, 4) is None
