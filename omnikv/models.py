@@ -259,7 +259,8 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
                 str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
         except Exception as exc:
             raise ModelLoadError(
-                f"could not read the GGUF file {gguf}: {type(exc).__name__}: {exc}. The file may be "
+                f"could not read the GGUF file {gguf}: {type(exc).__name__}: {str(exc).rstrip('.')}. "
+                "The file may be "
                 "corrupted or truncated, or its architecture unsupported by transformers' GGUF loader"
             ) from exc
         _drop_gguf_quantization(model)
