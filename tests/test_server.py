@@ -260,6 +260,7 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", json.dumps({**CHAT_OK, "top_p": 1.5}).encode(), 400, "top_p", ""),
     ("/v1/chat/completions", json.dumps({**CHAT_OK, "stream": "yes"}).encode(), 400, "stream", "boolean"),
     ("/v1/chat/completions", json.dumps({**CHAT_OK, "seed": 1.5}).encode(), 400, "seed", "integer"),
+    ("/v1/chat/completions", json.dumps({**CHAT_OK, "seed": 2**64}).encode(), 400, "seed", "less than or equal"),
     ("/v1/chat/completions", json.dumps({**CHAT_OK, "stop": ["a", "b", "c", "d", "e"]}).encode(), 400, "stop", "at most 4"),
     ("/v1/chat/completions", json.dumps({**CHAT_OK, "stop": [""]}).encode(), 400, "stop", "non-empty"),
     ("/v1/chat/completions", json.dumps({**CHAT_OK, "n": 2}).encode(), 400, "n", "n=1"),

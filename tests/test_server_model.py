@@ -62,6 +62,12 @@ def test_completion_equals_direct_generate(served: tuple[ServerThread, Engine]) 
     assert body["choices"][0]["finish_reason"] == expected.finish_reason
     assert body["usage"]["prompt_tokens"] == len(ids) == len(engine.tokenizer(prompt)["input_ids"])
     assert body["usage"]["completion_tokens"] == expected.generated_tokens
+    vocab = engine.model.get_input_embeddings().num_embeddings
+    with httpx.Client(base_url=srv.url, timeout=TIMEOUT) as c:
+        by_ids = c.post("/v1/completions", json={"prompt": ids, "max_tokens": 12, "temperature": 0}).json()
+        assert by_ids["choices"][0]["text"] == expected.text
+        bad = c.post("/v1/completions", json={"prompt": [1, vocab], "max_tokens": 2})
+        assert bad.status_code == 400 and f"{vocab}" in bad.json()["error"]["message"]
 
 
 def test_openai_client_chat_uses_template_stream_and_not(served: tuple[ServerThread, Engine]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from omnikv.errors import InputError
 from omnikv.server.protocol import ChatMessage, EngineResult, GenRequest
 
 
@@ -64,6 +65,13 @@ class Engine:
 
     def generate(self, request: GenRequest, on_token: Callable[[str], None]) -> EngineResult:
         from omnikv.generation import SamplingParams, generate
+
+        # Token-id prompts come straight from clients: an id outside the vocabulary would fail deep
+        # inside the embedding lookup, so refuse it here with a message that says what is wrong.
+        vocab = self.model.get_input_embeddings().num_embeddings
+        bad = next((t for t in request.prompt_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InputError(f"prompt token id {bad} is outside this model's vocabulary (0..{vocab - 1})")
 
         params = SamplingParams(
             max_new_tokens=request.max_tokens,

@@ -46,7 +46,7 @@ class _Sampling(_Strict):
     max_tokens: int | None = None
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, ge=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # what torch generators accept
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
