@@ -1,0 +1,386 @@
+"""Decode-speed and memory benchmark: one timing code path for `omnikv bench` and benchmarks/.
+
+For each context length, every method's cache is filled (synthetic KV or a real prefill), warmed
+up, and then the methods are timed *interleaved*: round r runs one decode step of every method (in
+an order rotated each round), so slow drifts of a shared machine hit all methods alike and the
+ratio to `full` is measured pair by pair. After the clean rounds, a few instrumented rounds give a
+breakdown of a step into selection, gather/transfer, attention, KV update and the rest.
+
+Example:
+    spec = BenchSpec(methods=parse_methods("full,full_prealloc,omnikv"), contexts=[8192, 32768])
+    records = run_bench(model, spec)
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from omnikv.bench_fill import (
+    decode_step,
+    first_token,
+    kv_shapes,
+    model_device_dtype,
+    needs_real_prefill,
+    prefill_fill,
+    synthetic_fill,
+)
+from omnikv.bench_probe import CATEGORIES, MemoryWindow, StepBreakdown, current_rss
+from omnikv.errors import ConfigError
+from omnikv.methods import get_method
+
+REFERENCE = "full"  # ratio_to_full compares every method with this registry method
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One benchmarked configuration: `name[:key=value[:key=value]]`, e.g. `omnikv:offload=false`."""
+
+    label: str
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BenchSpec:
+    methods: list[MethodSpec]
+    contexts: list[int]
+    synthetic_kv: bool = True
+    steps: int = 64
+    warmup: int = 8
+    breakdown_steps: int = 16
+    batch: int = 1
+    budget: int | float | None = None  # passed to every method except the full-attention ones
+    prefill_chunk: int | None = 2048
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            raise ConfigError("give at least one method, e.g. --methods full,omnikv")
+        if not self.contexts:
+            raise ConfigError("give at least one context length, e.g. --contexts 8k,16k")
+        labels = [m.label for m in self.methods]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"a method is listed twice: {labels}")
+        for name, value, low in (("steps", self.steps, 1), ("warmup", self.warmup, 0),
+                                 ("breakdown_steps", self.breakdown_steps, 0), ("batch", self.batch, 1)):
+            if not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name} must be an int >= {low}; got {value!r}")
+
+
+# -- parsing ------------------------------------------------------------------------------------
+def parse_context(text: str) -> int:
+    """'8k' -> 8192, '1m' -> 1048576, '3000' -> 3000."""
+    t = text.strip().lower()
+    scale = {"k": 1024, "m": 1024 * 1024}.get(t[-1:], 1)
+    num = t[:-1] if scale > 1 else t
+    try:
+        value = float(num) * scale
+    except ValueError:
+        raise ConfigError(f"bad context length {text!r}; use e.g. 4096, 8k or 1m") from None
+    if value < 1 or value != int(value):
+        raise ConfigError(f"context length {text!r} must be a positive whole number of tokens")
+    return int(value)
+
+
+def parse_contexts(text: str) -> list[int]:
+    return [parse_context(x) for x in text.split(",") if x.strip()]
+
+
+def _parse_value(raw: str) -> Any:
+    low = raw.lower()
+    if low in ("true", "on", "yes"):
+        return True
+    if low in ("false", "off", "no"):
+        return False
+    if low in ("none", "null", "auto"):
+        return None
+    if "/" in raw:  # a tuple of ints, e.g. filter_layers=2/8/18
+        return tuple(int(x) for x in raw.split("/") if x)
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+def parse_method(text: str) -> MethodSpec:
+    parts = [p for p in text.strip().split(":")]
+    name, options = parts[0], {}
+    if not name:
+        raise ConfigError(f"bad method spec {text!r}; use name or name:key=value, e.g. omnikv:offload=false")
+    for part in parts[1:]:
+        if "=" not in part:
+            raise ConfigError(f"bad option {part!r} in {text!r}; options are key=value")
+        key, raw = part.split("=", 1)
+        try:
+            value = _parse_value(raw)
+        except ValueError:
+            raise ConfigError(f"bad value {raw!r} for {key} in {text!r}") from None
+        if key.endswith("_layers") and key != "num_wait_layers" and isinstance(value, int):
+            value = (value,)  # filter_layers=3 means the one layer 3
+        options[key] = value
+    return MethodSpec(label=text.strip(), name=name, options=options)
+
+
+def parse_methods(text: str) -> list[MethodSpec]:
+    return [parse_method(x) for x in text.split(",") if x.strip()]
+
+
+# -- one method at one context --------------------------------------------------------------------
+@dataclass
+class _Run:
+    spec: MethodSpec
+    method: Any
+    cache: Any = None
+    tok: torch.Tensor | None = None
+    fill_seconds: float | None = None
+    prefill_seconds: float | None = None
+    peak_rss: int | None = None
+    peak_device: int | None = None
+    times: list[float] = field(default_factory=list)
+    h2d: list[int] = field(default_factory=list)
+    breakdown: list[tuple[float, dict[str, float]]] = field(default_factory=list)
+    note: str | None = None
+
+
+def build_method(ms: MethodSpec, budget: int | float | None):
+    options = dict(ms.options)
+    if budget is not None and ms.name not in ("full", "full_prealloc", "full_offload"):
+        options.setdefault("budget", budget)
+    opt_budget = options.pop("budget", None)
+    return get_method(ms.name, budget=opt_budget, **options)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(exc, oom)) or "out of memory" in str(exc).lower()
+
+
+def _fill(model, run: _Run, spec: BenchSpec, context: int, baseline: tuple[int, int], device) -> None:
+    run.cache = run.method.make_cache(model)
+    if hasattr(run.cache, "reserve"):
+        run.cache.reserve(spec.warmup + spec.steps + spec.breakdown_steps + 8)
+    with MemoryWindow(baseline[0], baseline[1], device) as mem:
+        if spec.synthetic_kv:
+            run.fill_seconds = synthetic_fill(model, run.cache, context, spec.batch, spec.seed)
+            run.tok = first_token(model, spec.batch, spec.seed)
+        else:
+            run.prefill_seconds, run.tok = prefill_fill(
+                model, run.cache, context, spec.batch, spec.prefill_chunk, spec.seed
+            )
+            run.fill_seconds = run.prefill_seconds
+        for _ in range(spec.warmup):
+            run.tok = decode_step(model, run.cache, run.tok)
+    run.peak_rss, run.peak_device = mem.peak_rss, mem.peak_device
+
+
+def _timed_rounds(model, runs: list[_Run], steps: int, device) -> None:
+    for r in range(steps):
+        k = r % len(runs)
+        for run in runs[k:] + runs[:k]:  # rotate so no method always follows the same one
+            _sync(device)
+            t0 = time.perf_counter()
+            run.tok = decode_step(model, run.cache, run.tok)
+            _sync(device)
+            run.times.append(time.perf_counter() - t0)
+            stats = run.cache.stats() if hasattr(run.cache, "stats") else {}
+            run.h2d.append(int(stats.get("h2d_bytes_per_step", 0) or 0))
+
+
+def _breakdown_rounds(model, runs: list[_Run], steps: int, device) -> None:
+    if steps <= 0:
+        return
+    probe = StepBreakdown(sync=device.type == "cuda")
+    probe.install([run.cache for run in runs])
+    try:
+        for _ in range(steps):
+            for run in runs:
+                _sync(device)
+                probe.take()
+                t0 = time.perf_counter()
+                run.tok = decode_step(model, run.cache, run.tok)
+                _sync(device)
+                run.breakdown.append((time.perf_counter() - t0, probe.take()))
+    finally:
+        probe.uninstall()
+
+
+# -- records --------------------------------------------------------------------------------------
+def _kv_token_bytes(model, batch: int) -> int:
+    """Bytes of one token's K and V in one layer."""
+    _, kv_heads, head_dim = kv_shapes(model)
+    _, dtype = model_device_dtype(model)
+    return 2 * batch * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _breakdown_ms(samples: list[tuple[float, dict[str, float]]]) -> dict[str, float] | None:
+    """Mean ms per category over the instrumented steps (means, so the parts add up to total)."""
+    if not samples:
+        return None
+    n = len(samples)
+    out = {c: 1e3 * sum(parts[c] for _, parts in samples) / n for c in CATEGORIES}
+    out["total"] = 1e3 * sum(total for total, _ in samples) / n
+    out["rest"] = out["total"] - sum(out[c] for c in CATEGORIES)
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+def _record(model, run: _Run, context: int, spec: BenchSpec, weights: int) -> dict[str, Any]:
+    rec: dict[str, Any] = {
+        "method": run.spec.label,
+        "method_name": run.spec.name,
+        "options": {k: list(v) if isinstance(v, tuple) else v for k, v in run.spec.options.items()},
+        "context": context,
+        "batch": spec.batch,
+        "fill": "synthetic" if spec.synthetic_kv else "prefill",
+        "ms_per_token": None,
+        "ratio_to_full": None,
+        "device_kv_bytes": None,
+        "host_kv_bytes": None,
+        "h2d_bytes_per_step": None,
+        "note": run.note,
+    }
+    if not run.times:
+        return rec
+    ms = [1e3 * t for t in run.times]
+    stats = run.cache.stats() if hasattr(run.cache, "stats") else {}
+    attended = stats.get("attended_tokens_per_layer") or []
+    kv_read = sum(attended) * _kv_token_bytes(model, 1) * spec.batch if attended else None
+    med = statistics.median(ms)
+    rec.update(
+        ms_per_token=round(med, 4),
+        ms_per_token_mean=round(statistics.fmean(ms), 4),
+        ms_p10=round(_quantile(ms, 0.1), 4),
+        ms_p90=round(_quantile(ms, 0.9), 4),
+        steps=len(ms),
+        tokens_per_s=round(1e3 * spec.batch / med, 3),
+        prefill_seconds=None if run.prefill_seconds is None else round(run.prefill_seconds, 4),
+        fill_seconds=None if run.fill_seconds is None else round(run.fill_seconds, 4),
+        device_kv_bytes=int(stats.get("device_kv_bytes", 0)),
+        host_kv_bytes=int(stats.get("host_kv_bytes", 0)),
+        h2d_bytes_per_step=int(statistics.median(run.h2d)) if run.h2d else 0,
+        full_kv_bytes=context * _kv_token_bytes(model, spec.batch) * kv_shapes(model)[0],
+        attended_tokens_per_layer=attended,
+        kv_read_bytes_per_step=kv_read,
+        weight_bytes=weights,
+        peak_rss_bytes=run.peak_rss,
+        peak_device_bytes=run.peak_device,
+        breakdown_ms=_breakdown_ms(run.breakdown),
+        config=_jsonable(run.method.describe()),
+        _times=ms,
+    )
+    return rec
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    pos = q * (len(s) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)
+
+
+def add_ratios(records: list[dict[str, Any]]) -> None:
+    """ratio_to_full = full's ms/token / this method's (same context); >1 = faster than full.
+
+    Also `ratio_to_full_paired`: the median over rounds of full's step time / this method's step
+    time in the same round (robust to load changes during the run).
+    """
+    by_ctx: dict[int, dict[str, Any]] = {}
+    for rec in records:
+        if rec["method_name"] == REFERENCE and rec["ms_per_token"] and rec["context"] not in by_ctx:
+            by_ctx[rec["context"]] = rec
+    for rec in records:
+        ref = by_ctx.get(rec["context"])
+        if ref is None or not rec["ms_per_token"]:
+            continue
+        rec["ratio_to_full"] = round(ref["ms_per_token"] / rec["ms_per_token"], 4)
+        a, b = ref.get("_times") or [], rec.get("_times") or []
+        pairs = [x / y for x, y in zip(a, b) if y > 0]
+        rec["ratio_to_full_paired"] = round(statistics.median(pairs), 4) if pairs else None
+
+
+# -- the run --------------------------------------------------------------------------------------
+def run_bench(model, spec: BenchSpec, log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Time every method of `spec` at every context; one record per (method, context)."""
+    log = log or (lambda _msg: None)
+    device, _ = model_device_dtype(model)
+    model.eval()
+    weights = weight_bytes(model)
+    records: list[dict[str, Any]] = []
+    methods = [build_method(ms, spec.budget) for ms in spec.methods]  # bad options fail before any work
+    for context in spec.contexts:
+        gc.collect()
+        baseline = (current_rss(), torch.cuda.memory_allocated(device) if device.type == "cuda" else 0)
+        runs: list[_Run] = []
+        ctx_records: list[dict[str, Any]] = []
+        for ms, method in zip(spec.methods, methods):
+            run = _Run(ms, method)
+            if spec.synthetic_kv and needs_real_prefill(run.method):
+                run.note = f"skipped: {ms.name} decides what to keep from prefill attention; run without --synthetic-kv"
+                log(f"[{context}] {ms.label}: {run.note}")
+                ctx_records.append(_record(model, run, context, spec, weights))
+                continue
+            log(f"[{context}] {ms.label}: filling ({'synthetic KV' if spec.synthetic_kv else 'prefill'})")
+            try:
+                _fill(model, run, spec, context, baseline, device)
+            except Exception as exc:  # one method out of memory must not lose the others
+                if not _is_oom(exc):
+                    raise
+                run.cache, run.note = None, f"out of memory at fill: {str(exc).splitlines()[0][:200]}"
+                log(f"[{context}] {ms.label}: {run.note}")
+                ctx_records.append(_record(model, run, context, spec, weights))
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            runs.append(run)
+        if runs:
+            log(f"[{context}] timing {spec.steps} interleaved steps of {', '.join(r.spec.label for r in runs)}")
+            _timed_rounds(model, runs, spec.steps, device)
+            _breakdown_rounds(model, runs, spec.breakdown_steps, device)
+        ctx_records.extend(_record(model, run, context, spec, weights) for run in runs)
+        order = {ms.label: i for i, ms in enumerate(spec.methods)}
+        ctx_records.sort(key=lambda r: order[r["method"]])
+        records.extend(ctx_records)
+        for run in runs:
+            run.cache = None
+        del runs
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    add_ratios(records)
+    return records
+
+
+def public_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records without the private per-step times (what goes to JSON)."""
+    return [{k: v for k, v in r.items() if not k.startswith("_")} for r in records]

@@ -1,0 +1,112 @@
+"""Filling a cache to a given context length for timing, and one timed-able decode step.
+
+Two ways to fill:
+
+* `synthetic_fill`: random keys/values of the model's shapes pushed through `cache.update(k, v,
+  layer)` for every layer in order - exactly the calls a prefill makes, minus the model. Decode
+  timings do not depend on the values, so 32K-1M contexts can be timed in seconds. OmniKV's cache
+  sets its prompt bookkeeping from these calls; sliding-window layers keep their last window.
+  Methods that must *see* prefill attention to decide what to keep (H2O, SnapKV) cannot be filled
+  this way: `needs_real_prefill` says which.
+* `prefill_fill`: a real (chunked) prefill of random token ids through the model, timed.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from omnikv._compat import cache_kwargs
+from omnikv.errors import ConfigError
+
+# Methods whose prefill must observe attention scores (their eviction decision is made from them).
+NEEDS_PREFILL_ATTENTION = frozenset({"h2o", "snapkv"})
+
+
+def needs_real_prefill(method) -> bool:
+    """True when `method` cannot be timed from a synthetic fill (see module docstring)."""
+    flag = getattr(method, "synthetic_kv", None)  # a method may declare it explicitly
+    if flag is not None:
+        return not flag
+    return method.name in NEEDS_PREFILL_ATTENTION
+
+
+def kv_shapes(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(num_layers, num_key_value_heads, head_dim) of the model's text decoder."""
+    cfg = model.config.get_text_config(decoder=True)
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return cfg.num_hidden_layers, kv_heads, head_dim
+
+
+def model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    p = next(model.parameters())
+    return p.device, p.dtype
+
+
+@torch.inference_mode()
+def synthetic_fill(model: torch.nn.Module, cache, context: int, batch: int = 1, seed: int = 0) -> float:
+    """Push random (B, H_kv, context, D) KV through `cache.update` for every layer; seconds taken."""
+    if context < 1:
+        raise ConfigError(f"context must be >= 1 token; got {context}")
+    layers, kv_heads, head_dim = kv_shapes(model)
+    device, dtype = model_device_dtype(model)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shape = (batch, kv_heads, context, head_dim)
+    t0 = time.perf_counter()
+    for layer in range(layers):
+        # Fresh tensors per layer: a cache may keep a reference to what it was given.
+        k = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+        v = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+        cache.update(k, v, layer)
+        del k, v
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def prefill_fill(
+    model: torch.nn.Module, cache, context: int, batch: int = 1, chunk: int | None = 2048, seed: int = 0
+) -> tuple[float, torch.Tensor]:
+    """Real prefill of `context` random token ids (in chunks); (seconds, next token (B, 1))."""
+    if context < 1:
+        raise ConfigError(f"context must be >= 1 token; got {context}")
+    device, _ = model_device_dtype(model)
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, context), generator=gen).to(device)
+    step = chunk or context
+    _sync(device)
+    t0 = time.perf_counter()
+    logits = None
+    for s in range(0, context, step):
+        out = model(input_ids=ids[:, s : s + step], use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
+        logits = out.logits[:, -1]
+    tok = logits.argmax(-1, keepdim=True)
+    _sync(device)
+    return time.perf_counter() - t0, tok
+
+
+def first_token(model: torch.nn.Module, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    """(B, 1) a fixed token id to start decoding from after a synthetic fill."""
+    device, _ = model_device_dtype(model)
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    gen = torch.Generator(device="cpu").manual_seed(seed + 1)
+    return torch.randint(0, vocab, (batch, 1), generator=gen).to(device)
+
+
+@torch.inference_mode()
+def decode_step(model: torch.nn.Module, cache, tok: torch.Tensor) -> torch.Tensor:
+    """One real decode step of (B, 1) tokens; returns the greedy next tokens (B, 1).
+
+    EOS is never checked: the bench decodes exactly as many steps as asked.
+    """
+    out = model(input_ids=tok, use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
+    return out.logits[:, -1].argmax(-1, keepdim=True)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
