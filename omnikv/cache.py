@@ -22,10 +22,10 @@ import torch
 
 from omnikv._compat import is_cuda
 from omnikv.config import OmniKVConfig
-from omnikv.errors import ConfigError
+from omnikv.errors import ConfigError, UnsupportedModelError
 from omnikv.managed import DenseLayer, ManagedCache, ManagedLayer, check_supported, make_sliding_layer, text_config
 from omnikv.roles import LayerPlan, Role, plan_layers
-from omnikv.selection import filter_scores, select_topk
+from omnikv.selection import filter_scores, gather_rows, scores_from_logits, select_topk
 from omnikv.storage import GROWTH, PackedBank
 
 
@@ -56,11 +56,28 @@ class FilterLayer(DenseLayer):
             window = query if self.query_window is None else torch.cat([self.query_window, query], dim=2)
             self.query_window = window[:, :, -cfg.window_size :].detach()
         decoding = query.shape[2] == 1 and self.state.prompt_len > 0 and self.seq_length > self.state.prompt_len
-        if decoding and self.segment.layers and self._due():
-            queries = self.query_window if cfg.selector in ("uniform", "exp") else query
-            scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
-            self.select(queries, scaling)
-        return super().attend(module, query, key, value, attention_mask, **kwargs)
+        if not (decoding and self.segment.layers and self._due()):
+            return super().attend(module, query, key, value, attention_mask, **kwargs)
+        scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
+        if cfg.selector in ("uniform", "exp") or getattr(module, "attn_logit_softcapping", None):
+            self.select(self.query_window, scaling)
+            return super().attend(module, query, key, value, attention_mask, **kwargs)
+        return self._attend_and_select(query, key, value, attention_mask, scaling)
+
+    def _attend_and_select(self, query, key, value, attention_mask, scaling):
+        """One decode query: the attention logits are also the selector's scores, so compute
+        them once. query (B, Hq, 1, D), key/value (B, Hk, N, D) -> (B, 1, Hq, D)."""
+        b, hq, _, d = query.shape
+        hk, n = key.shape[1], key.shape[2]
+        g = hq // hk
+        logits = torch.matmul(query.view(b, hk, g, d), key.transpose(-1, -2)) * scaling  # (B,Hk,g,N)
+        self.select_from_logits(logits[..., : self.state.prompt_len])
+        if attention_mask is not None:
+            logits = logits.masked_fill(~attention_mask[:, :, 0, :].view(b, 1, 1, n), float("-inf"))
+        probs = torch.softmax(logits.float(), dim=-1).to(value.dtype)
+        out = torch.matmul(probs, value)  # (B, Hk, g, D)
+        self.last_attended = n
+        return out.view(b, hq, 1, d).transpose(1, 2), None
 
     def _due(self) -> bool:
         every = self.state.config.refresh_every
@@ -72,10 +89,20 @@ class FilterLayer(DenseLayer):
         """Score the prompt keys with `queries` (B, Hq, W, D), pick top-k, load the segment."""
         st, cfg = self.state, self.state.config
         n = st.prompt_len
-        keys = self.buffer.keys[:, :, :n]
         valid = None if st.valid is None else st.valid[:, :n]
-        scores = filter_scores(queries, keys, scaling, cfg.selector, cfg.head_reduce, valid)
-        k = cfg.resolve_budget(n)
+        scores = filter_scores(queries, self.buffer.keys[:, :, :n], scaling, cfg.selector, cfg.head_reduce, valid)
+        return self._pick(scores, valid)
+
+    def select_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Same as `select` for `last` / `softmax_last` from precomputed (B, Hk, g, T) logits."""
+        st, cfg = self.state, self.state.config
+        valid = None if st.valid is None else st.valid[:, : st.prompt_len]
+        scores = scores_from_logits(logits.unsqueeze(3), cfg.selector, cfg.head_reduce, valid)
+        return self._pick(scores, valid)
+
+    def _pick(self, scores: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        st, cfg = self.state, self.state.config
+        k = cfg.resolve_budget(st.prompt_len)
         idx = select_topk(scores, k, valid=valid, sink=cfg.sink_tokens, recent=cfg.recent_tokens)
         self.selected = idx
         self.segment.load(idx, st.decode_steps)
@@ -83,7 +110,14 @@ class FilterLayer(DenseLayer):
 
 
 class Segment:
-    """The sparse layers that follow one filter layer, with their packed Context Bank."""
+    """The sparse layers that follow one filter layer, with their packed Context Bank.
+
+    Bank: (L, 2, B, H, capacity, D) on the host when offloading (pinned on CUDA), else on the
+    device. Working buffer: (L, 2, B, H, k + gen_capacity, D) on the compute device; the first k
+    rows of every layer are the current selection, then that layer's generated tokens. One
+    `index_select` over the flattened bank fills the selection of all L layers at once; on CUDA the
+    host->device copy of the packed rows runs on a side stream and the layers wait on its event.
+    """
 
     def __init__(self, filter_layer: int, layers: list[int], offload: bool) -> None:
         self.filter_layer = filter_layer
@@ -91,151 +125,169 @@ class Segment:
         self.slot = {layer: i for i, layer in enumerate(layers)}
         self.offload = offload
         self.bank: PackedBank | None = None
+        self.device: torch.device | None = None
         self.indices: torch.Tensor | None = None  # (B, G, k) current selection
         self.loaded_step: int | None = None
         self.h2d_bytes = 0
-        self.sparse: dict[int, SparseLayer] = {}
+        self.work: torch.Tensor | None = None
+        self.k = 0
+        self.generated = 0
+        self.staging: torch.Tensor | None = None  # pinned (L, 2, B, H, k, D), CUDA offload only
         self.copy_stream = None
+        self.ready = None  # CUDA event: the packed copy has landed
+        self.timings: dict[str, float] | None = None
 
-    def make_bank(self, like: torch.Tensor) -> PackedBank:
-        if self.bank is None:
+    def attach(self, like: torch.Tensor) -> None:
+        """Called by each sparse layer's first update: allocate the bank, check devices."""
+        if self.device is None:
+            self.device = like.device
             host = self.offload and is_cuda(like.device)
-            device = torch.device("cpu") if self.offload else like.device
-            self.bank = PackedBank(len(self.layers), device, pin=host)
-        return self.bank
+            bank_device = torch.device("cpu") if self.offload else like.device
+            self.bank = PackedBank(len(self.layers), bank_device, pin=host)
+            if host:
+                self.copy_stream = torch.cuda.Stream(like.device)
+        elif like.device != self.device:
+            raise UnsupportedModelError(
+                f"sparse layers {self.layers} of one OmniKV segment sit on several devices "
+                f"({self.device}, {like.device}); place each segment on one device (device_map) "
+                f"or choose filter layers at the device boundaries"
+            )
+
+    def reset_decode(self) -> None:
+        self.indices = None
+        self.loaded_step = None
+        self.work = None
+        self.k = 0
+        self.generated = 0
+
+    def _ensure_work(self, k: int, generated: int) -> None:
+        data = self.bank.data
+        need = k + generated
+        if self.work is not None and self.k == k and self.work.shape[-2] >= need:
+            return
+        lsz, two, b, h, _, d = data.shape
+        cap = need + 64 if self.work is None else max(need + 64, int(need * GROWTH))
+        work = torch.empty((lsz, two, b, h, cap, d), dtype=data.dtype, device=self.device)
+        if self.work is not None and self.generated:
+            work[..., k : k + self.generated, :].copy_(self.work[..., self.k : self.k + self.generated, :])
+        self.work = work
 
     def load(self, idx: torch.Tensor, step: int) -> None:
-        """Gather rows `idx` (B, G, k) of every sparse layer of the segment, in one packed op,
-        and place them in each layer's working buffer (asynchronously on CUDA)."""
+        """Gather rows `idx` (B, G, k) of every sparse layer of the segment into the working
+        buffer, in one packed operation."""
+        k = idx.shape[-1]
+        self._ensure_work(k, self.generated)
+        self.k = k
         self.indices = idx
         self.loaded_step = step
-        rows = self.bank.gather(idx)  # (L, 2, B, H, k, D) on the bank's device
-        self.h2d_bytes = 0
-        for layer_idx in self.layers:
-            layer = self.sparse[layer_idx]
-            src = rows[self.slot[layer_idx]]
-            if src.device != layer.device:
-                self.h2d_bytes += src.numel() * src.element_size()
-            layer.place_selection(src, idx, self.copy_stream)
+        bank = self.bank
+        dst = self.work[..., :k, :]
+        if self.copy_stream is None:  # bank and work on the same device: gather in place
+            _gather_into(bank, idx, dst)
+            self.h2d_bytes = 0
+            return
+        # CUDA + offload: gather on the host into pinned staging, then one async packed copy.
+        if self.ready is not None:
+            self.ready.synchronize()  # the previous copy must be done before staging is reused
+        shape = dst.shape
+        if self.staging is None or self.staging.shape != shape:
+            self.staging = torch.empty(shape, dtype=dst.dtype, pin_memory=True)
+        _gather_into(bank, idx.cpu(), self.staging)
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.copy_stream):
+            dst.copy_(self.staging, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record(self.copy_stream)
+        self.h2d_bytes = self.staging.numel() * self.staging.element_size()
+
+    def wait_ready(self) -> None:
+        if self.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.ready)
 
     def host_bytes(self) -> int:
         if self.bank is None or not self.offload:
             return 0
         return self.bank.used_bytes()
 
-    def bank_device_bytes(self) -> int:
-        if self.bank is None or self.offload:
-            return 0
-        return self.bank.used_bytes()
+    def device_bytes(self) -> int:
+        used = 0
+        if self.work is not None:
+            row = self.work[0, 0, :, :, :1].numel() * self.work.element_size()
+            used += 2 * row * len(self.layers) * (self.k + self.generated)
+        if self.bank is not None and not self.offload:
+            used += self.bank.used_bytes()
+        return used
+
+
+def _gather_into(bank: PackedBank, idx: torch.Tensor, out: torch.Tensor) -> None:
+    """out (L, 2, B, H, k, D) <- bank rows idx (B, G, k)."""
+    data = bank.data
+    b, g, k = idx.shape
+    if b == 1 and g == 1:
+        # One index_select over all (layer, k/v, head) rows at once, written in place.
+        lsz, two, _, h, cap, d = data.shape
+        src = data.view(lsz * two * h, cap, d)
+        dst = out.squeeze(2).view(lsz * two * h, k, d)  # a view (raises rather than copy)
+        torch.index_select(src, 1, idx[0, 0].to(data.device), out=dst)
+        return
+    out.copy_(gather_rows(data, idx.to(data.device)))
 
 
 class SparseLayer(ManagedLayer):
-    """Attends to the selected prompt rows + every generated token.
-
-    Working buffer (2, B, H, k + capacity, D) on the compute device: the first k rows hold the
-    current selection (overwritten by each load), the rest the generated tokens of this decode run.
-    The bank keeps every row too, so nothing is ever dropped.
-    """
+    """Attends to the selected prompt rows + every generated token (rows live in its segment)."""
 
     def __init__(self, layer_idx: int, state: SharedState, segment: Segment) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.state = state
         self.segment = segment
-        self.work: torch.Tensor | None = None
-        self.k = 0  # selected rows currently in `work`
-        self.generated = 0  # generated rows in `work`
-        self.ready: Any = None  # CUDA event of the pending copy
-        self._positions: torch.Tensor | None = None
+        self.slot = segment.slot[layer_idx]
 
-    # -- storage -------------------------------------------------------------------------------
-    def _ensure_work(self, like: torch.Tensor, k: int, generated: int) -> None:
-        b, h, _, d = like.shape[-4:]
-        need = k + generated
-        if self.work is not None and self.work.shape[-2] >= need and self.k == k:
-            return
-        cap = max(need + 64, int(need * GROWTH)) if self.work is not None else need + 64
-        work = like.new_empty((2, b, h, cap, d), device=self.device)
-        if self.work is not None and self.generated:
-            work[..., k : k + self.generated, :].copy_(self.work[..., self.k : self.k + self.generated, :])
-        self.work = work
-
-    def place_selection(self, rows: torch.Tensor, idx: torch.Tensor, stream) -> None:
-        """rows: (2, B, H, k, D) gathered from the bank; idx: (B, G, k) their positions."""
-        k = rows.shape[-2]
-        self._ensure_work(rows, k, self.generated)
-        self.k = k
-        dst = self.work[..., :k, :]
-        if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                dst.copy_(rows, non_blocking=True)
-                self.ready = torch.cuda.Event()
-                self.ready.record(stream)
-        else:
-            dst.copy_(rows)
-        self._positions = None
-        self.selected = idx.to(self.device)
-
-    # -- transformers' interface -------------------------------------------------------------------
     def update(self, key_states, value_states, *args, **kwargs):
+        seg = self.segment
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-            self.segment.sparse[self.layer_idx] = self
-        st = self.state
+            seg.attach(key_states)
         q = key_states.shape[-2]
-        bank = self.segment.make_bank(key_states)
-        slot = self.segment.slot[self.layer_idx]
-        decoding = q == 1 and st.prompt_len > 0 and self.seq_length >= st.prompt_len and self.segment.indices is not None
-        if not decoding:
+        if not (q == 1 and seg.indices is not None and self.seq_length >= self.state.prompt_len > 0):
             # Prefill / prompt extension: full attention over everything seen so far.
             prefix = self.seq_length
-            bank.write(slot, key_states, value_states)
+            seg.bank.write(self.slot, key_states, value_states)
             self.seq_length += q
-            self.generated = 0
             if prefix == 0:
                 return key_states, value_states
-            k_all, v_all = bank.read(slot, self.seq_length)
+            k_all, v_all = seg.bank.read(self.slot, self.seq_length)
             return k_all.to(key_states.device), v_all.to(key_states.device)
         # Decode: the new token joins the generated rows (device) and the bank (drop-free).
-        bank.write(slot, key_states, value_states)
+        seg.bank.write(self.slot, key_states, value_states)
         self.seq_length += 1
-        self._ensure_work(key_states, self.k, self.generated + 1)
-        pos = self.k + self.generated
-        self.work[0, :, :, pos : pos + 1].copy_(key_states)
-        self.work[1, :, :, pos : pos + 1].copy_(value_states)
-        self.generated += 1
-        if self.ready is not None:
-            torch.cuda.current_stream(self.device).wait_event(self.ready)
-            self.ready = None
-        n = self.k + self.generated
-        return self.work[0, :, :, :n], self.work[1, :, :, :n]
+        if self.slot == 0:
+            seg._ensure_work(seg.k, seg.generated + 1)
+            seg.generated += 1
+        pos = seg.k + seg.generated - 1
+        seg.work[self.slot, 0, :, :, pos : pos + 1].copy_(key_states)
+        seg.work[self.slot, 1, :, :, pos : pos + 1].copy_(value_states)
+        seg.wait_ready()
+        n = seg.k + seg.generated
+        return seg.work[self.slot, 0, :, :, :n], seg.work[self.slot, 1, :, :, :n]
 
     def positions(self) -> torch.Tensor:
         """(B, G, k + generated) logical positions of the rows `update` returned."""
-        gen = torch.arange(self.state.prompt_len, self.seq_length, device=self.selected.device)
-        b, g, _ = self.selected.shape
-        return torch.cat([self.selected, gen.view(1, 1, -1).expand(b, g, -1)], dim=-1)
+        sel = self.segment.indices.to(self.device)
+        gen = torch.arange(self.state.prompt_len, self.seq_length, device=self.device)
+        b, g, _ = sel.shape
+        return torch.cat([sel, gen.view(1, 1, -1).expand(b, g, -1)], dim=-1)
 
     def attend(self, module, query, key, value, attention_mask, **kwargs):
-        decoding = key.shape[-2] == self.k + self.generated and self.generated > 0 and query.shape[2] == 1
-        if not decoding:
+        seg = self.segment
+        decoding = query.shape[2] == 1 and seg.generated > 0 and key.shape[-2] == seg.k + seg.generated
+        if not decoding or attention_mask is None:  # no padding: every returned row is attended
             return super().attend(module, query, key, value, attention_mask, **kwargs)
-        if attention_mask is None:  # no padding: every returned row is attended
-            return super().attend(module, query, key, value, None, **kwargs)
         return super().attend(module, query, key, value, attention_mask, positions=self.positions(), **kwargs)
-
-    # -- accounting -----------------------------------------------------------------------------
-    def device_bytes(self) -> int:
-        if self.work is None:
-            return 0
-        row = self.work[0, :, :, :1].numel() * self.work.element_size()
-        return 2 * row * (self.k + self.generated)
 
     def full_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every row this layer holds, (B, H, seq_length, D): the drop-free view."""
-        slot = self.segment.slot[self.layer_idx]
-        return self.segment.bank.read(slot, self.seq_length)
+        return self.segment.bank.read(self.slot, self.seq_length)
 
 
 class OmniKVCache(ManagedCache):
@@ -276,9 +328,6 @@ class OmniKVCache(ManagedCache):
             else:
                 layers.append(DenseLayer())
         super().__init__(model, layers)
-        if offload and torch.cuda.is_available():
-            for seg in self.segments.values():
-                seg.copy_stream = torch.cuda.Stream()
         self._first_full = self.plan.layers_with(Role.DENSE) + self.plan.layers_with(Role.FILTER)
         self._first_full = min(self._first_full) if self._first_full else None
         self._last_layer = len(self.layers) - 1
@@ -298,11 +347,7 @@ class OmniKVCache(ManagedCache):
             st.decode_steps = 0
             self._extending = True
             for seg in self.segments.values():
-                seg.indices = None
-                seg.loaded_step = None
-            for layer in self.layers:
-                if isinstance(layer, SparseLayer):
-                    layer.k, layer.generated, layer.work = 0, 0, None
+                seg.reset_decode()
         else:
             st.decode_steps += 1
             self._extending = False
@@ -326,8 +371,7 @@ class OmniKVCache(ManagedCache):
     # -- accounting -----------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         s = super().stats()
-        bank_dev = sum(seg.bank_device_bytes() for seg in self.segments.values())
-        s["device_kv_bytes"] += int(bank_dev)
+        s["device_kv_bytes"] += int(sum(seg.device_bytes() for seg in self.segments.values()))
         s["host_kv_bytes"] = int(sum(seg.host_bytes() for seg in self.segments.values()))
         s["prompt_tokens"] = self.state.prompt_len
         s["selected_tokens"] = self.config.resolve_budget(self.state.prompt_len)

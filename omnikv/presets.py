@@ -42,12 +42,14 @@ PRESETS: tuple[Preset, ...] = (
         30,
         576,
         OmniKVConfig(
-            filter_layers=(3, 14, 21), num_wait_layers=0, budget=0.1, sink_tokens=4,
+            filter_layers=(3, 14, 21), num_wait_layers=0, budget=1024, sink_tokens=4,
             recent_tokens=64, selector="last", head_reduce="max", source="preset:smollm2-135m",
         ),
         "Measured on SmolLM2-135M (shared/docs/method.md s.6): layers 0-2 are poorly covered by any "
         "other layer (dense), {3,14,21} is the best 3-filter set (coverage 0.923 with 4 sink + 64 "
-        "recent tokens; the paper's {2,8,18} gives 0.905). No wait layers: on CPU nothing is copied.",
+        "recent tokens; the paper's {2,8,18} gives 0.905). No wait layers: on CPU nothing is copied. "
+        "1024 selected tokens per sparse layer (a fixed count, like the paper's latency setting: the "
+        "share shrinks as the context grows; pass --budget 0.1 for a fixed fraction).",
     ),
     Preset(
         "gemma3-270m",
@@ -55,11 +57,12 @@ PRESETS: tuple[Preset, ...] = (
         18,
         640,
         OmniKVConfig(
-            filter_layers=(5,), num_wait_layers=0, budget=0.1, sink_tokens=4, recent_tokens=64,
+            filter_layers=(5,), num_wait_layers=0, budget=1024, sink_tokens=4, recent_tokens=64,
             selector="last", head_reduce="max", source="preset:gemma3-270m",
         ),
         "Gemma 3 270M has 3 full-attention layers (5, 11, 17) among 15 sliding-window ones: layer 5 "
-        "filters, 11 and 17 are sparse; sliding layers keep their exact 512-token window.",
+        "filters, 11 and 17 are sparse; sliding layers keep their exact 512-token window. 1024 selected "
+        "tokens per sparse layer.",
     ),
 )
 

@@ -50,6 +50,15 @@ def filter_scores(
     # (B, Hk, g*W, D) @ (B, Hk, D, T) -> (B, Hk, g, W, T); matmul per KV head avoids repeat_kv.
     q = queries.reshape(b, hk, g * w, d).float()
     logits = torch.matmul(q, keys.float().transpose(-1, -2)).mul_(scaling).view(b, hk, g, w, -1)
+    return scores_from_logits(logits, selector, head_reduce, valid)
+
+
+def scores_from_logits(
+    logits: torch.Tensor, selector: str, head_reduce: str, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(B, Hk, g, W, T) scaled attention logits -> (B, G, T) selection scores (see filter_scores)."""
+    logits = logits.float()
+    w = logits.shape[3]
     if valid is not None:
         logits = logits.masked_fill(~valid[:, None, None, None, :], NEG_INF)
     if selector == "last":
@@ -61,7 +70,7 @@ def filter_scores(
             per_head = per_head.masked_fill(~valid[:, None, None, None, :], NEG_INF)
     reduced = _reduce_heads(per_head, head_reduce)  # (B, G, W, T)
     if selector in ("uniform", "exp"):
-        weights = window_weights(selector, w, queries.device)
+        weights = window_weights(selector, w, logits.device)
         return (reduced * weights[None, None, :, None]).sum(dim=2)
     return reduced[:, :, -1, :]
 
