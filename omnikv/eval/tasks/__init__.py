@@ -38,6 +38,19 @@ def canonical_task_name(name: str) -> str:
     return ALIASES.get(name.lower(), name.lower())
 
 
+def takes_prose_haystack(name: str) -> bool:
+    """Whether task `name` has a noise/narrative/pydoc haystack that `haystack=` may change (the
+    needle-haystack variants niah_multikey_2/3 and the list/dict tasks do not)."""
+    import inspect
+
+    from omnikv.eval.tasks.ruler import NIAH_VARIANTS
+
+    key = canonical_task_name(name)
+    if key in NIAH_VARIANTS:
+        return NIAH_VARIANTS[key].get("haystack") != "needles"
+    return "haystack" in inspect.signature(TASKS[key]).parameters
+
+
 def generate_samples(name: str, tokenizer: Any, length_tokens: int, n_samples: int, seed: int = 0,
                      **opts: Any) -> list[Sample]:
     """Generate samples of task `name`; unknown options raise ConfigError naming the task."""
@@ -51,4 +64,4 @@ def generate_samples(name: str, tokenizer: Any, length_tokens: int, n_samples: i
 
 
 __all__ = ["ALIASES", "LENGTH_TOLERANCE", "TASKS", "Sample", "canonical_task_name", "count_tokens",
-           "encode_prompt", "fit_length", "generate_samples", "get_task", "spread_depths"]
+           "encode_prompt", "fit_length", "generate_samples", "get_task", "spread_depths", "takes_prose_haystack"]

@@ -1,0 +1,142 @@
+"""`omnikv eval`: accuracy and fidelity of methods on long-context tasks (see docs/evaluation.md).
+
+    omnikv eval --model smollm2 --methods full,omnikv --tasks passkey,niah_single_2 --lengths 1k,2k \\
+        --samples 5 --budget 0.1 --output runs/eval1 [--shard 0/2] [--resume] [--fidelity] [--perplexity]
+    omnikv eval merge runs/shard0 runs/shard1 --output runs/merged
+    omnikv eval --list-tasks
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from omnikv.errors import ConfigError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate methods on synthetic (RULER, InfiniteBench, 2StageRetr) or local benchmark tasks",
+        description="Run each method on each (task, length, sample), score the greedy output, and write "
+        "predictions.jsonl, metrics.json, run.json, summary.md and scores.png to --output. "
+        "`omnikv eval merge DIR... --output OUT` merges shard outputs and recomputes the metrics.",
+    )
+    p.add_argument("action", nargs="*", metavar="merge DIR",
+                   help="`merge DIR [DIR ...]`: merge shard output directories into --output")
+    p.add_argument("--model", help="embedded name (smollm2, gemma3), HF checkpoint directory or .gguf file")
+    p.add_argument("--methods", default="full,omnikv", help="comma-separated methods (default full,omnikv)")
+    p.add_argument("--tasks", default="passkey", help="comma-separated tasks; see --list-tasks (default passkey)")
+    p.add_argument("--lengths", default="1k", help="comma-separated prompt lengths in tokens: 2048, 2k, 1.5k "
+                   "(k = 1024); for dataset tasks the truncation limit (default 1k)")
+    p.add_argument("--samples", type=int, default=5, help="samples per (task, length) (default 5)")
+    p.add_argument("--budget", default=None, help="tokens each sparse layer attends: int, or fraction of the prompt")
+    p.add_argument("--output", help="output directory")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated samples (default 0)")
+    p.add_argument("--shard", default="0/1", help="i/n: run every n-th work unit starting at i (default 0/1)")
+    p.add_argument("--resume", action="store_true", help="continue a run in --output, skipping finished items")
+    p.add_argument("--fidelity", action="store_true",
+                   help="also measure agreement / KL against full attention (adds full to the methods)")
+    p.add_argument("--perplexity", action="store_true", help="also record each method's perplexity of the reference answer")
+    p.add_argument("--haystack", choices=("noise", "narrative", "pydoc"), default=None,
+                   help="haystack of every task that has a prose one (niah_single_*, multikey_1, multivalue, "
+                   "multiquery, vt, passkey, number_string); default: each task's own")
+    p.add_argument("--task-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="generator option for every generated task, e.g. n_keys=4 (value parsed as JSON)")
+    p.add_argument("--method-opt", action="append", default=[], metavar="[METHOD.]KEY=VALUE",
+                   help="method option, e.g. omnikv.preset=p.json or sink_tokens=4 (all non-full methods)")
+    p.add_argument("--preset", default=None, help="OmniKV preset file (same as --method-opt omnikv.preset=FILE)")
+    p.add_argument("--data-dir", default=None, help="directory with official LongBench / InfiniteBench files")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="cap every sample's generation length")
+    p.add_argument("--prefill-chunk-size", type=int, default=None, help="chunked prefill (tokens per chunk)")
+    p.add_argument("--dtype", default=None, help="model dtype (default float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--merge", nargs="+", metavar="DIR", default=None, help="same as `merge DIR...`")
+    p.add_argument("--list-tasks", action="store_true", help="list the built-in tasks and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _parse_options(items: list[str], flag: str) -> list[tuple[str, Any]]:
+    out = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{flag} {item!r}: use KEY=VALUE")
+        out.append((key.strip(), _parse_value(value)))
+    return out
+
+
+def _parse_budget(text: str | None) -> int | float | None:
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"--budget {text!r}: give a token count (e.g. 2048) or a fraction (e.g. 0.1)") from None
+    if value <= 0:
+        raise ConfigError(f"--budget must be positive, got {text}")
+    return int(value) if value >= 1 and value == int(value) and "." not in text else value
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def run(args: argparse.Namespace) -> int:
+    from omnikv.eval.runner import EvalConfig, merge_outputs, parse_length, parse_shard, run_eval
+
+    if args.list_tasks:
+        from omnikv.eval.loaders import SUITES
+        from omnikv.eval.tasks import TASKS
+
+        for name, gen in sorted(TASKS.items()):
+            print(f"{name:22s} {(gen.__doc__ or '').strip().splitlines()[0]}")
+        print("dataset tasks (need --data-dir): " + ", ".join(f"{s}:<name>" for s in SUITES))
+        return 0
+    merge_dirs = args.merge
+    if args.action:
+        if args.action[0] != "merge":
+            raise ConfigError(f"unknown eval action {args.action[0]!r}; the only one is `merge DIR...`")
+        merge_dirs = args.action[1:]
+    if not args.output:
+        raise ConfigError("--output DIR is required")
+    if merge_dirs is not None:
+        metrics = merge_outputs([Path(d) for d in merge_dirs], Path(args.output))
+        print(f"merged {len(merge_dirs)} directories into {args.output} "
+              f"({sum(r['n'] for r in metrics['rows'])} records)")
+        return 0
+    if not args.model:
+        raise ConfigError("--model is required (embedded name, checkpoint directory or .gguf file)")
+
+    task_options = dict(_parse_options(args.task_opt, "--task-opt"))
+    method_options: dict[str, dict[str, Any]] = {}
+    for key, value in _parse_options(args.method_opt, "--method-opt"):
+        method, dot, opt = key.rpartition(".")
+        method_options.setdefault(method if dot else "*", {})[opt] = value
+    if args.preset:
+        method_options.setdefault("omnikv", {})["preset"] = args.preset
+    tasks = _split(args.tasks)
+    config = EvalConfig(
+        model=args.model, methods=_split(args.methods), tasks=tasks,
+        lengths=[parse_length(x) for x in _split(args.lengths)], output=Path(args.output),
+        samples=args.samples, budget=_parse_budget(args.budget), seed=args.seed, shard=parse_shard(args.shard),
+        resume=args.resume, fidelity=args.fidelity, perplexity=args.perplexity, task_options=task_options,
+        haystack=args.haystack, method_options=method_options, data_dir=args.data_dir, dtype=args.dtype, device=args.device,
+        prefill_chunk_size=args.prefill_chunk_size, max_new_tokens=args.max_new_tokens,
+        progress=not args.no_progress,
+    )
+    metrics = run_eval(config)
+    print((Path(args.output) / "summary.md").read_text(), end="")
+    n = sum(r["n"] for r in metrics["rows"])
+    print(f"{n} records in {args.output}/predictions.jsonl")
+    return 0

@@ -1,0 +1,132 @@
+"""Aggregate per-sample records into metrics, a markdown summary and a plot.
+
+Input is the list of prediction records the runner writes (one dict per (method, task, length,
+sample)); everything here is recomputed from those records, so merged shards give the same
+reports as one unsharded run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable
+
+_FIDELITY_KEYS = ("greedy_agreement", "top1_agreement", "mean_kl")
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _ordered(values: Iterable[Any]) -> list[Any]:
+    return list(dict.fromkeys(values))
+
+
+def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean score (x100) and fidelity / perplexity / speed / budget per (method, task, length).
+
+    Returns {"rows": [...], "methods": [...], "tasks": [...], "lengths": [...],
+    "average": {method: {length: mean of task scores}}}."""
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[(r["method"], r["task"], int(r["length"]))].append(r)
+    rows = []
+    for (method, task, length), recs in groups.items():
+        fid = [r.get("fidelity") or {} for r in recs]
+        rows.append({
+            "method": method, "task": task, "length": length, "n": len(recs),
+            "metric": recs[0].get("metric"),
+            "score": 100.0 * _mean(r["score"] for r in recs),
+            **{k: _mean(f.get(k) for f in fid) for k in _FIDELITY_KEYS},
+            "perplexity": _mean(r.get("perplexity") for r in recs),
+            "decode_tokens_per_second": _mean(r.get("decode_tokens_per_second") for r in recs),
+            "attended_fraction": _mean((r.get("budget_report") or {}).get("attended_fraction") for r in recs),
+            "device_kv_share": _mean((r.get("budget_report") or {}).get("device_kv_share") for r in recs),
+        })
+    methods = _ordered(r["method"] for r in records)
+    tasks = _ordered(r["task"] for r in records)
+    lengths = sorted({int(r["length"]) for r in records})
+    rows.sort(key=lambda r: (tasks.index(r["task"]), r["length"], methods.index(r["method"])))
+    average: dict[str, dict[str, float]] = {}
+    for m in methods:
+        average[m] = {}
+        for length in lengths:
+            scores = [r["score"] for r in rows if r["method"] == m and r["length"] == length]
+            if scores:
+                average[m][str(length)] = sum(scores) / len(scores)
+    return {"rows": rows, "methods": methods, "tasks": tasks, "lengths": lengths, "average": average}
+
+
+def _fmt(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def summary_markdown(metrics: dict[str, Any], title: str = "omnikv eval") -> str:
+    """Markdown: a score table (task x length rows, method columns), the average row, and a
+    fidelity table when fidelity was measured."""
+    methods, rows = metrics["methods"], metrics["rows"]
+    index = {(r["task"], r["length"], r["method"]): r for r in rows}
+    keys = _ordered((r["task"], r["length"]) for r in rows)
+    out = [f"# {title}", "", "Scores (x100; metric per task in metrics.json).", "",
+           "| task | length | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    for task, length in keys:
+        cells = [_fmt(index[(task, length, m)]["score"]) if (task, length, m) in index else "-" for m in methods]
+        n = max(index[(task, length, m)]["n"] for m in methods if (task, length, m) in index)
+        out.append(f"| {task} (n={n}) | {length} | " + " | ".join(cells) + " |")
+    for length in metrics["lengths"]:
+        cells = [_fmt(metrics["average"].get(m, {}).get(str(length))) for m in methods]
+        out.append(f"| **average** | {length} | " + " | ".join(cells) + " |")
+    fid_rows = [r for r in rows if r.get("greedy_agreement") is not None]
+    if fid_rows:
+        out += ["", "Fidelity against full attention (teacher-forced on full attention's greedy output).", "",
+                "| task | length | method | greedy agreement | top-1 agreement | mean KL (nats) |",
+                "|---|---|---|---|---|---|"]
+        for r in fid_rows:
+            out.append(f"| {r['task']} | {r['length']} | {r['method']} | {_fmt(r['greedy_agreement'], 3)} | "
+                       f"{_fmt(r['top1_agreement'], 3)} | {_fmt(r['mean_kl'], 4)} |")
+    ppl_rows = [r for r in rows if r.get("perplexity") is not None]
+    if ppl_rows:
+        out += ["", "Perplexity of the reference answer after the prompt.", "",
+                "| task | length | method | perplexity |", "|---|---|---|---|"]
+        out += [f"| {r['task']} | {r['length']} | {r['method']} | {_fmt(r['perplexity'], 3)} |" for r in ppl_rows]
+    return "\n".join(out) + "\n"
+
+
+def plot_scores(metrics: dict[str, Any], path: Path) -> bool:
+    """Score vs length per method: one panel per task plus the average. Returns False (and writes
+    nothing) if matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    panels = list(metrics["tasks"]) + ["average"]
+    cols = min(4, len(panels))
+    nrows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows), squeeze=False)
+    for ax, panel in zip(axes.flat, panels):
+        for m in metrics["methods"]:
+            if panel == "average":
+                pts = sorted((int(k), v) for k, v in metrics["average"].get(m, {}).items())
+            else:
+                pts = sorted((r["length"], r["score"]) for r in metrics["rows"]
+                             if r["task"] == panel and r["method"] == m)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+        ax.set_title(panel, fontsize=9)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("score")
+        ax.set_ylim(-5, 105)
+        if len(metrics["lengths"]) > 1 and min(metrics["lengths"]) > 0:
+            ax.set_xscale("log", base=2)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

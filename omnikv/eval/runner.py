@@ -1,0 +1,387 @@
+"""The work loop behind `omnikv eval`: samples x methods -> predictions, metrics, reports.
+
+Output directory layout:
+
+- `predictions.jsonl`: one line per (method, task, length, sample), appended and flushed as
+  produced (prediction, references, score, speed, the method's budget report, fidelity, ...);
+- `metrics.json`: aggregated scores per (method, task, length) and the per-length average;
+- `run.json`: run metadata (arguments, git commit, package versions, hardware, method configs);
+- `summary.md`: task x length rows, method columns; fidelity / perplexity tables when measured;
+- `scores.png`: score vs length per method (one panel per task plus the average).
+
+A *work unit* is one (task, length, sample); every method runs on it in turn ("full" first, so it
+can serve as the fidelity reference). `--shard i/n` keeps units whose index is i modulo n, so
+fidelity references never cross shards. `--resume` skips records already in predictions.jsonl.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from omnikv.errors import ConfigError, InputError
+from omnikv.eval import report
+from omnikv.eval.fidelity import fidelity_report, perplexity
+from omnikv.eval.loaders import is_dataset_task, load_dataset_task
+from omnikv.eval.metrics import CHINESE_TOKENIZATION, score_sample
+from omnikv.eval.tasks import Sample, canonical_task_name, encode_prompt, generate_samples, takes_prose_haystack
+
+PREDICTIONS = "predictions.jsonl"
+METRICS = "metrics.json"
+RUN = "run.json"
+SUMMARY = "summary.md"
+PLOT = "scores.png"
+
+# Keys from a sample's metadata worth keeping in each record (the rest can be regenerated).
+_META_DROP = ("needles",)
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Everything one `omnikv eval` run needs. `lengths` are token counts (the exact prompt length
+    of generated tasks; the truncation limit of dataset tasks)."""
+
+    model: str
+    methods: list[str]
+    tasks: list[str]
+    lengths: list[int]
+    output: Path
+    samples: int = 5
+    budget: float | int | None = None
+    seed: int = 0
+    shard: tuple[int, int] = (0, 1)
+    resume: bool = False
+    fidelity: bool = False
+    perplexity: bool = False
+    task_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    haystack: str | None = None  # for every generated task with a prose haystack
+    # Constructor options per method name; "*" applies to every method except full attention.
+    method_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    data_dir: str | None = None
+    dtype: str | None = None
+    device: str | None = None
+    prefill_chunk_size: int | None = None
+    max_new_tokens: int | None = None  # caps every sample's generation length when set
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.output = Path(self.output)
+        if not self.methods:
+            raise ConfigError("no methods given; pass e.g. --methods full,omnikv")
+        if not self.tasks:
+            raise ConfigError("no tasks given; pass e.g. --tasks passkey,niah_single_2")
+        if not self.lengths or any(n <= 0 for n in self.lengths):
+            raise ConfigError(f"lengths must be positive token counts, got {self.lengths}")
+        if self.samples <= 0:
+            raise ConfigError(f"--samples must be positive, got {self.samples}")
+        i, n = self.shard
+        if not (n >= 1 and 0 <= i < n):
+            raise ConfigError(f"shard must be i/n with 0 <= i < n, got {i}/{n}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ConfigError(f"methods listed twice: {self.methods}")
+        # Canonical task names (aliases resolved); dataset tasks pass through.
+        self.tasks = [t if is_dataset_task(t) else canonical_task_name(t) for t in self.tasks]
+
+    def run_methods(self) -> list[str]:
+        """Methods in run order: "full" first; added when fidelity needs it as the reference."""
+        methods = list(self.methods)
+        if self.fidelity and "full" not in methods:
+            methods.insert(0, "full")
+        if "full" in methods:
+            methods.remove("full")
+            methods.insert(0, "full")
+        return methods
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["output"] = str(self.output)
+        d["shard"] = f"{self.shard[0]}/{self.shard[1]}"
+        return d
+
+
+def parse_length(text: str) -> int:
+    """"4k" -> 4096, "1.5k" -> 1536, "2000" -> 2000, "1m" -> 1048576 (k = 1024, as RULER's 4K = 4096)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*", text)
+    if not m:
+        raise ConfigError(f"bad length {text!r}; use a token count like 2048, 2k or 1.5k")
+    value = float(m.group(1)) * {"": 1, "k": 1024, "m": 1024 * 1024}[m.group(2).lower()]
+    if value != int(value) or value <= 0:
+        raise ConfigError(f"length {text!r} is not a positive whole number of tokens")
+    return int(value)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not m:
+        raise ConfigError(f"bad shard {text!r}; use i/n, e.g. 0/4 for the first of four shards")
+    i, n = int(m.group(1)), int(m.group(2))
+    if not (n >= 1 and 0 <= i < n):
+        raise ConfigError(f"shard {text!r}: need 0 <= i < n")
+    return i, n
+
+
+def record_key(rec: dict[str, Any]) -> tuple[str, str, int, str]:
+    return (rec["method"], rec["task"], int(rec["length"]), str(rec["sample_id"]))
+
+
+def read_predictions(path: Path) -> list[dict[str, Any]]:
+    """Records of a predictions.jsonl; a torn last line (a crash mid-write) is ignored."""
+    if not path.is_file():
+        return []
+    records = []
+    with path.open(encoding="utf-8") as fh:
+        lines = fh.read().split("\n")
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if lineno < len(lines) - 1:  # only the last (unterminated) line may be torn
+                raise InputError(f"{path}:{lineno} is not valid JSON; the file is damaged") from None
+    return records
+
+
+def _rewrite(path: Path, records: list[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- metadata
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_metadata(config: EvalConfig | None = None) -> dict[str, Any]:
+    """Git commit, package versions and hardware of this process."""
+    import torch
+    import transformers
+
+    try:
+        from importlib.metadata import version
+
+        omnikv_version = version("omnikv")
+    except Exception:  # not installed as a distribution
+        omnikv_version = None
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "args": config.to_json() if config else None,
+        "git_commit": _git_commit(),
+        "versions": {"omnikv": omnikv_version, "torch": torch.__version__,
+                     "transformers": transformers.__version__, "python": sys.version.split()[0]},
+        "hardware": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "cuda_device": cuda,
+                     "torch_threads": torch.get_num_threads()},
+        "chinese_tokenization": CHINESE_TOKENIZATION,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+# ---------------------------------------------------------------- work
+
+
+def _full_kv_bytes(model: Any, seq_len: int) -> int:
+    """KV bytes full attention needs for `seq_len` tokens (every layer, K and V, model dtype)."""
+    cfg = model.config.get_text_config()
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    elem = next(model.parameters()).element_size()
+    return 2 * cfg.num_hidden_layers * heads * head_dim * seq_len * elem
+
+
+def budget_report(stats: dict[str, Any], model: Any, seq_len: int) -> dict[str, Any]:
+    """The method's budget as measured: attended tokens per layer, their mean fraction of the
+    sequence, and device-resident KV bytes as a share of what full attention keeps."""
+    attended = list(stats.get("attended_tokens_per_layer") or [])
+    seq = int(stats.get("seq_length") or seq_len)
+    full = _full_kv_bytes(model, seq)
+    device = stats.get("device_kv_bytes")
+    return {
+        "attended_tokens_per_layer": attended,
+        "attended_fraction": (sum(attended) / len(attended) / seq) if attended and seq else None,
+        "device_kv_bytes": device,
+        "host_kv_bytes": stats.get("host_kv_bytes"),
+        "h2d_bytes_per_step": stats.get("h2d_bytes_per_step"),
+        "full_kv_bytes": full,
+        "device_kv_share": (device / full) if device is not None and full else None,
+    }
+
+
+def build_samples(config: EvalConfig, task: str, length: int, tokenizer: Any) -> list[Sample]:
+    if is_dataset_task(task):
+        return load_dataset_task(task, config.data_dir, tokenizer, length, config.samples)
+    options = dict(config.task_options)
+    if config.haystack and takes_prose_haystack(task):
+        options["haystack"] = config.haystack
+    return generate_samples(task, tokenizer, length, config.samples, config.seed, **options)
+
+
+def work_units(config: EvalConfig, tokenizer: Any) -> Iterator[tuple[int, str, int, Sample]]:
+    """(unit index, task, length, sample) in a fixed order, all shards included."""
+    k = 0
+    for task in config.tasks:
+        for length in config.lengths:
+            for sample in build_samples(config, task, length, tokenizer):
+                yield k, task, length, sample
+                k += 1
+
+
+def _check_resume(config: EvalConfig, pred_path: Path) -> list[dict[str, Any]]:
+    existing = read_predictions(pred_path)
+    if existing and not config.resume:
+        raise ConfigError(f"{config.output} already holds {len(existing)} predictions; pass --resume to "
+                          "continue that run or choose a new --output directory")
+    run_file = config.output / RUN
+    if existing and run_file.is_file():
+        old = (json.loads(run_file.read_text()).get("args") or {})
+        for field in ("model", "budget", "seed", "shard"):
+            new = config.to_json()[field]
+            if field in old and old[field] != new:
+                raise ConfigError(f"--resume: this run's {field}={new!r} differs from the previous run's "
+                                  f"{old[field]!r} in {config.output}; use a new --output directory")
+    return existing
+
+
+def run_eval(config: EvalConfig, *, loaded: Any = None) -> dict[str, Any]:
+    """Run the evaluation described by `config`; return the aggregated metrics.
+
+    `loaded` is an already loaded model (an `omnikv.models.LoadedModel` or anything with `.model`,
+    `.tokenizer`, `.max_context`); by default `config.model` is loaded."""
+    from omnikv.generation import SamplingParams, generate, teacher_forced_logits
+    from omnikv.methods import get_method
+
+    config.output.mkdir(parents=True, exist_ok=True)
+    pred_path = config.output / PREDICTIONS
+    existing = _check_resume(config, pred_path)
+    if existing:
+        _rewrite(pred_path, existing)  # drops a torn last line before appending
+    done = {record_key(r) for r in existing}
+    full_tokens = {record_key(r)[1:]: r.get("token_ids") or [] for r in existing if r["method"] == "full"}
+
+    meta = run_metadata(config)
+    if loaded is None:
+        from omnikv.models import load_model
+
+        loaded = load_model(config.model, dtype=config.dtype, device=config.device)
+    model, tok = loaded.model, loaded.tokenizer
+    meta["model"] = {"name": getattr(loaded, "name", config.model), "source": str(getattr(loaded, "source", "")),
+                     "max_context": getattr(loaded, "max_context", None)}
+
+    methods = {}
+    for name in config.run_methods():
+        is_full = name.startswith("full")
+        options = {} if is_full else dict(config.method_options.get("*", {}))
+        options.update(config.method_options.get(name, {}))
+        methods[name] = get_method(name, budget=None if is_full else config.budget, **options)
+    meta["methods"] = {name: m.describe() for name, m in methods.items()}
+
+    shard_i, shard_n = config.shard
+    units = [(task, length, s) for k, task, length, s in work_units(config, tok) if k % shard_n == shard_i]
+    max_context = getattr(loaded, "max_context", None)
+    for task, length, s in units:
+        need = len(encode_prompt(tok, s.prompt)) + s.max_new_tokens
+        if max_context and need > max_context:
+            raise ConfigError(f"{task} at length {length} needs {need} tokens (prompt + generation) but the "
+                              f"model handles {max_context}; drop that length")
+    todo = sum(1 for task, length, s in units for m in methods if (m, task, length, s.id) not in done)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=todo, desc="eval", unit="gen", disable=not config.progress)
+    with pred_path.open("a", encoding="utf-8") as out:
+        for task, length, s in units:
+            ids = encode_prompt(tok, s.prompt)
+            full_logits = None
+            unit_key = (task, length, s.id)
+            for name, method in methods.items():
+                if (name, task, length, s.id) in done:
+                    continue
+                bar.set_postfix_str(f"{name} {task} {length}")
+                mnt = min(s.max_new_tokens, config.max_new_tokens or s.max_new_tokens)
+                res = generate(model, tok, ids, method, SamplingParams(max_new_tokens=mnt, temperature=0.0),
+                               prefill_chunk_size=config.prefill_chunk_size)
+                rec: dict[str, Any] = {
+                    "method": name, "task": task, "length": length, "sample_id": s.id,
+                    "prediction": res.text, "answers": s.answers, "metric": s.metric,
+                    "score": score_sample(s.metric, res.text, s.answers, s.metadata),
+                    "prompt_tokens": res.prompt_tokens, "generated_tokens": res.generated_tokens,
+                    "token_ids": list(res.token_ids), "finish_reason": res.finish_reason,
+                    "prefill_seconds": res.prefill_seconds, "decode_seconds": res.decode_seconds,
+                    "decode_tokens_per_second": res.decode_tokens_per_second,
+                    "budget": config.budget if not name.startswith("full") else None,
+                    "budget_report": budget_report(res.stats, model, len(ids)),
+                    "stats": res.stats, "config": res.config or method.describe(),
+                    "metadata": {k: v for k, v in s.metadata.items() if k not in _META_DROP},
+                }
+                if name == "full":
+                    full_tokens[unit_key] = list(res.token_ids)
+                ref = full_tokens.get(unit_key)
+                if config.fidelity and name != "full" and ref:
+                    if full_logits is None:
+                        full_logits = teacher_forced_logits(model, ids, ref, methods["full"])
+                    method_logits = teacher_forced_logits(model, ids, ref, method)
+                    rec["fidelity"] = fidelity_report(full_logits, method_logits, ref, res.token_ids)
+                if config.perplexity:
+                    gold = list(tok(" " + ", ".join(s.answers), add_special_tokens=False)["input_ids"])
+                    if gold:
+                        rec["perplexity"] = perplexity(teacher_forced_logits(model, ids, gold, method), gold)
+                out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                out.flush()
+                bar.update(1)
+    bar.close()
+    meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    meta["new_records"] = todo
+    (config.output / RUN).write_text(json.dumps(meta, indent=2, default=str))
+    return write_reports(config.output, read_predictions(pred_path))
+
+
+def write_reports(out_dir: Path, records: list[dict[str, Any]], title: str = "omnikv eval") -> dict[str, Any]:
+    """metrics.json, summary.md and scores.png from the records; returns the metrics."""
+    metrics = report.aggregate(records)
+    (out_dir / METRICS).write_text(json.dumps(metrics, indent=2))
+    (out_dir / SUMMARY).write_text(report.summary_markdown(metrics, title))
+    if records:
+        report.plot_scores(metrics, out_dir / PLOT)
+    return metrics
+
+
+def merge_outputs(dirs: list[Path], output: Path) -> dict[str, Any]:
+    """Merge shard output directories into `output` (predictions de-duplicated by (method, task,
+    length, sample)), recompute metrics and reports, and record the shards' run metadata."""
+    if not dirs:
+        raise ConfigError("merge needs at least one shard output directory")
+    output = Path(output)
+    merged: dict[tuple, dict[str, Any]] = {}
+    runs = []
+    for d in map(Path, dirs):
+        pred = d / PREDICTIONS
+        if not pred.is_file():
+            raise InputError(f"{d} has no {PREDICTIONS}; is it an `omnikv eval` output directory?")
+        for rec in read_predictions(pred):
+            merged.setdefault(record_key(rec), rec)
+        if (d / RUN).is_file():
+            runs.append(json.loads((d / RUN).read_text()))
+    output.mkdir(parents=True, exist_ok=True)
+    records = list(merged.values())
+    _rewrite(output / PREDICTIONS, records)
+    meta = run_metadata()
+    meta.update(merged_from=[str(d) for d in dirs], shards=runs)
+    (output / RUN).write_text(json.dumps(meta, indent=2, default=str))
+    return write_reports(output, records)

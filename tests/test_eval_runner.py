@@ -1,0 +1,149 @@
+"""The eval runner and `omnikv eval` end to end on a tiny random checkpoint: outputs, resume,
+shards + merge; plus the pure helpers (length / shard parsing, aggregation, summary)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from omnikv.cli import main
+from omnikv.errors import ConfigError
+from omnikv.eval import report
+from omnikv.eval.metrics import score_sample
+from omnikv.eval.runner import EvalConfig, parse_length, parse_shard, read_predictions, record_key
+
+ARGS = ["--methods", "full,omnikv", "--tasks", "passkey", "--lengths", "300", "--samples", "2",
+        "--budget", "0.5", "--max-new-tokens", "3", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from omnikv.testing import make_tiny_checkpoint
+
+    return str(make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt")))
+
+
+@pytest.fixture(scope="module")
+def full_run(ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert main(["eval", "--model", ckpt, "--output", str(out), "--fidelity", *ARGS]) == 0
+    return out
+
+
+def _keys(path):
+    return sorted(record_key(r) for r in read_predictions(path / "predictions.jsonl"))
+
+
+def test_outputs(full_run):
+    records = read_predictions(full_run / "predictions.jsonl")
+    assert len(records) == 4  # 2 methods x 1 task x 1 length x 2 samples
+    assert {(r["method"], r["sample_id"]) for r in records} == {
+        (m, f"passkey-300-0-{i}") for m in ("full", "omnikv") for i in (0, 1)}
+    for r in records:
+        assert r["prompt_tokens"] == 300 and r["length"] == 300
+        assert r["score"] == score_sample(r["metric"], r["prediction"], r["answers"], r["metadata"])
+        assert len(r["budget_report"]["attended_tokens_per_layer"]) == 4
+        assert r["budget_report"]["device_kv_share"] > 0
+        assert r["config"]["method"] == r["method"]
+    omni = [r for r in records if r["method"] == "omnikv"]
+    assert all(r["budget"] == 0.5 and 0 <= r["fidelity"]["greedy_agreement"] <= 1 for r in omni)
+    assert all(r["fidelity"]["mean_kl"] >= 0 for r in omni)
+    # Sparse layers attend to fewer tokens than the sequence.
+    assert all(min(r["budget_report"]["attended_tokens_per_layer"]) < r["stats"]["seq_length"] for r in omni)
+
+    metrics = json.loads((full_run / "metrics.json").read_text())
+    assert {(row["method"], row["n"]) for row in metrics["rows"]} == {("full", 2), ("omnikv", 2)}
+    for row in metrics["rows"]:
+        mine = [r["score"] for r in records if r["method"] == row["method"]]
+        assert row["score"] == pytest.approx(100 * sum(mine) / len(mine))
+    summary = (full_run / "summary.md").read_text()
+    assert "| task | length | full | omnikv |" in summary and "| passkey (n=2) | 300 |" in summary
+    assert (full_run / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    run = json.loads((full_run / "run.json").read_text())
+    assert run["args"]["methods"] == ["full", "omnikv"] and run["new_records"] == 4
+    assert set(run["versions"]) >= {"torch", "transformers", "omnikv"}
+    assert run["hardware"]["cpu_count"] >= 1 and "platform" in run["hardware"]
+    assert "git_commit" in run and set(run["methods"]) == {"full", "omnikv"}
+
+
+def test_resume_does_no_new_work(full_run, ckpt):
+    before = (full_run / "predictions.jsonl").read_text()
+    assert main(["eval", "--model", ckpt, "--output", str(full_run), "--fidelity", *ARGS]) == 2  # needs --resume
+    assert main(["eval", "--model", ckpt, "--output", str(full_run), "--fidelity", "--resume", *ARGS]) == 0
+    assert (full_run / "predictions.jsonl").read_text() == before
+    assert json.loads((full_run / "run.json").read_text())["new_records"] == 0
+
+
+def test_resume_after_a_crash_redoes_only_missing(full_run, ckpt, tmp_path):
+    lines = (full_run / "predictions.jsonl").read_text().splitlines()
+    (tmp_path / "predictions.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:40])  # torn last line
+    (tmp_path / "run.json").write_text((full_run / "run.json").read_text())
+    assert main(["eval", "--model", ckpt, "--output", str(tmp_path), "--fidelity", "--resume", *ARGS]) == 0
+    assert json.loads((tmp_path / "run.json").read_text())["new_records"] == 1
+    assert _keys(tmp_path) == _keys(full_run)
+
+
+def test_shards_merge_to_the_unsharded_run(full_run, ckpt, tmp_path):
+    for i in (0, 1):
+        assert main(["eval", "--model", ckpt, "--output", str(tmp_path / f"s{i}"), "--shard", f"{i}/2",
+                     "--fidelity", *ARGS]) == 0
+    s0, s1 = _keys(tmp_path / "s0"), _keys(tmp_path / "s1")
+    assert s0 and s1 and not set(s0) & set(s1)
+    assert main(["eval", "merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--output", str(tmp_path / "m")]) == 0
+    assert _keys(tmp_path / "m") == _keys(full_run)
+    merged = {record_key(r): r["prediction"] for r in read_predictions(tmp_path / "m" / "predictions.jsonl")}
+    ref = {record_key(r): r["prediction"] for r in read_predictions(full_run / "predictions.jsonl")}
+    assert merged == ref  # greedy decoding is deterministic
+    m = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    timing_free = lambda rows: [{k: v for k, v in r.items() if k != "decode_tokens_per_second"} for r in rows]
+    assert timing_free(m["rows"]) == timing_free(json.loads((full_run / "metrics.json").read_text())["rows"])
+    # --merge spelling, merging a directory twice does not duplicate records.
+    assert main(["eval", "--merge", str(tmp_path / "m"), str(tmp_path / "s0"), "--output", str(tmp_path / "m2")]) == 0
+    assert _keys(tmp_path / "m2") == _keys(full_run)
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert main(["eval", "--output", str(tmp_path), "--tasks", "passkey"]) == 2
+    assert "--model" in capsys.readouterr().err
+    assert main(["eval", "--model", "x", "--output", str(tmp_path), "--tasks", "nope"]) == 2
+    assert "unknown task" in capsys.readouterr().err
+    assert main(["eval", "merge", str(tmp_path / "none"), "--output", str(tmp_path / "o")]) == 2
+    assert main(["eval", "--model", "x", "--output", str(tmp_path), "--shard", "2/2"]) == 2
+
+
+def test_parse_length_and_shard():
+    assert parse_length("4k") == 4096 and parse_length("1.5k") == 1536 and parse_length("2000") == 2000
+    assert parse_shard("1/4") == (1, 4)
+    for bad in ("", "2x", "0", "1.3"):
+        with pytest.raises(ConfigError):
+            parse_length(bad)
+    with pytest.raises(ConfigError):
+        parse_shard("4/4")
+
+
+def test_config_puts_full_first_for_fidelity(tmp_path):
+    cfg = EvalConfig(model="m", methods=["omnikv"], tasks=["2stage"], lengths=[100], output=tmp_path, fidelity=True)
+    assert cfg.run_methods() == ["full", "omnikv"] and cfg.tasks == ["two_stage_retrieval"]
+    cfg = EvalConfig(model="m", methods=["omnikv", "full"], tasks=["passkey"], lengths=[100], output=tmp_path)
+    assert cfg.run_methods() == ["full", "omnikv"]
+
+
+def _rec(method, task, length, sid, score, **extra):
+    return dict(method=method, task=task, length=length, sample_id=sid, score=score, metric="m", **extra)
+
+
+def test_aggregate_and_summary_by_hand():
+    records = [_rec("full", "a", 100, "0", 1.0), _rec("full", "a", 100, "1", 0.0),
+               _rec("omnikv", "a", 100, "0", 1.0, fidelity={"greedy_agreement": 0.5, "top1_agreement": 1.0,
+                                                            "mean_kl": 0.25}),
+               _rec("full", "b", 100, "0", 0.5), _rec("omnikv", "b", 100, "0", 0.0)]
+    m = report.aggregate(records)
+    rows = {(r["method"], r["task"]): r for r in m["rows"]}
+    assert rows[("full", "a")]["score"] == 50.0 and rows[("full", "a")]["n"] == 2
+    assert rows[("omnikv", "a")]["greedy_agreement"] == 0.5 and rows[("full", "a")]["greedy_agreement"] is None
+    assert m["average"] == {"full": {"100": 50.0}, "omnikv": {"100": 50.0}}
+    md = report.summary_markdown(m)
+    assert "| a (n=2) | 100 | 50.0 | 100.0 |" in md and "| b (n=1) | 100 | 50.0 | 0.0 |" in md
+    assert "| **average** | 100 | 50.0 | 50.0 |" in md
+    assert "| a | 100 | omnikv | 0.500 | 1.000 | 0.2500 |" in md
