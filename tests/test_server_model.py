@@ -20,6 +20,7 @@ import httpx
 import openai
 import pytest
 
+from omnikv.config import OmniKVConfig
 from omnikv.generation import SamplingParams, generate
 from omnikv.methods import get_method
 from omnikv.models import load_model
@@ -41,7 +42,9 @@ def tiny(tiny_dir: Path):
 
 @pytest.fixture(scope="module", params=["full", "omnikv"])
 def served(request: pytest.FixtureRequest, tiny) -> Iterator[tuple[ServerThread, Engine]]:
-    method = get_method("omnikv", budget=16, sink_tokens=2, recent_tokens=4) if request.param == "omnikv" else get_method("full")
+    # OmniKV proper on 4 layers: layer 1 filters, layers 2-3 attend to 16 of the ~90 prompt tokens.
+    sparse = OmniKVConfig(filter_layers=(1,), num_wait_layers=0, budget=16, sink_tokens=2, recent_tokens=4)
+    method = get_method("omnikv", config=sparse) if request.param == "omnikv" else get_method("full")
     engine = Engine.from_loaded(tiny, method)
     with ServerThread(create_app(engine, max_queue=4)) as srv:
         yield srv, engine
