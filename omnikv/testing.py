@@ -154,3 +154,74 @@ def make_tiny_checkpoint(
         model.save_pretrained(out)
     build_tokenizer().save_pretrained(out)
     return out
+
+
+# GGUF tensor names (llama.cpp) of the tiny llama's weights, per layer and global.
+_GGUF_LAYER_NAMES = {
+    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def make_tiny_gguf(path: str | os.PathLike[str], seed: int = 0, **config_overrides: Any) -> Path:
+    """Write the tiny llama (`tiny_model("llama", seed, **overrides)`) as an unquantized GGUF file.
+
+    F32 tensors under llama.cpp's names, with the q/k rows permuted as llama.cpp's converter does,
+    and the byte-level tokenizer (and ChatML template) as GGUF metadata: loading it through
+    transformers' GGUF support gives back the same model, so GGUF paths can be tested in seconds.
+    """
+    import gguf
+    import numpy as np
+
+    model = tiny_model("llama", seed=seed, **config_overrides)
+    cfg = model.config
+    tok = build_tokenizer()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(out), "llama")
+    writer.add_name("omnikv-tiny-llama")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    by_id = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([t for t, _ in by_id])
+    writer.add_token_types([3 if t in SPECIAL_TOKENS else 1 for t, _ in by_id])  # 3 = control
+    # No merges: an empty merges array reads back as absent, and the reader then derives merges
+    # from the scores, which for single-byte tokens are none.
+    writer.add_token_scores([0.0] * len(by_id))
+    writer.add_bos_token_id(_BOS_ID)
+    writer.add_eos_token_id(_EOS_ID)
+    writer.add_pad_token_id(_BOS_ID)
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(CHATML_TEMPLATE)
+
+    def permute(w: np.ndarray, n_head: int) -> np.ndarray:  # llama.cpp's rope row order
+        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    writer.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    writer.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    writer.add_tensor("output.weight", sd["lm_head.weight"])
+    for i in range(cfg.num_hidden_layers):
+        for hf, gg in _GGUF_LAYER_NAMES.items():
+            w = sd[f"model.layers.{i}.{hf}.weight"]
+            if gg == "attn_q":
+                w = permute(w, cfg.num_attention_heads)
+            elif gg == "attn_k":
+                w = permute(w, cfg.num_key_value_heads)
+            writer.add_tensor(f"blk.{i}.{gg}.weight", np.ascontiguousarray(w))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out

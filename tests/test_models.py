@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 import omnikv.models as models
 from omnikv.errors import ConfigError, ModelLoadError
 from omnikv.models import EMBEDDED_MODELS, EmbeddedModel, cache_dir, embedded_status, load_model
-from omnikv.testing import FAMILIES, make_tiny_checkpoint, tiny_model
+from omnikv.testing import FAMILIES, make_tiny_checkpoint, make_tiny_gguf, tiny_model
 
 
 @pytest.fixture
@@ -242,6 +242,33 @@ def test_user_gguf_is_converted_once_and_keyed_on_the_file(monkeypatch, tmp_path
     gguf.write_bytes(b"a different, longer file")  # replaced file: converted again
     load_model(gguf)
     assert conv.calls == 2
+
+
+def test_real_gguf_conversion_round_trips_a_tiny_llama(tmp_path, tmp_cache, capsys):
+    gguf = make_tiny_gguf(tmp_path / "tiny-llama.gguf")
+    lm = load_model(gguf)
+    assert "converting" in capsys.readouterr().err
+    entry = Path(lm.source)
+    assert entry.parent == tmp_cache / "models" and (entry / "omnikv-cache.json").is_file()
+    config = json.loads((entry / "config.json").read_text())
+    assert "quantization_config" not in config  # dropped, or save_pretrained would have refused
+    assert lm.name == "tiny-llama" and lm.has_chat_template and lm.max_context == 4096
+    text = "Grüße, 東京 🙂 <|im_end|>"
+    ids = lm.tokenizer(text, return_tensors="pt").input_ids
+    assert lm.tokenizer.decode(ids[0]) == text
+    assert ids[0, -1].item() == lm.tokenizer.eos_token_id  # special token kept whole
+    with torch.no_grad():  # dequantizing F32 tensors is exact, and q/k un-permute correctly
+        torch.testing.assert_close(lm.model(ids).logits, tiny_model("llama")(ids).logits, rtol=0, atol=0)
+    again = load_model(gguf)
+    assert again.source == lm.source and "converting" not in capsys.readouterr().err
+
+
+def test_truncated_gguf_fails_cleanly(tmp_path, tmp_cache):
+    gguf = make_tiny_gguf(tmp_path / "t.gguf")
+    gguf.write_bytes(gguf.read_bytes()[: gguf.stat().st_size // 2])
+    with pytest.raises(ModelLoadError, match="could not read the GGUF file .*t.gguf"):
+        load_model(gguf)
+    assert [p for p in (tmp_cache / "models").iterdir() if not p.name.endswith(".lock")] == []
 
 
 # ----------------------------------------------------------------------------------------------
