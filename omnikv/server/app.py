@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import time
 from typing import Any, AsyncIterator, Callable
 
@@ -22,15 +21,15 @@ from omnikv.server.api_errors import APIError
 from omnikv.server.metrics import CONTENT_TYPE, ServerMetrics
 from omnikv.server.middleware import AccountingMiddleware, BodyLimitMiddleware
 from omnikv.server.formats import ChatFormat, CompletionFormat, ResponseFormat
-from omnikv.server.protocol import ChatMessage, EngineLike, EngineResult, GenRequest
-from omnikv.server.scheduler import Job, QueueFull, Scheduler
+from omnikv.server.protocol import ChatMessage, EngineLike, GenRequest
+from omnikv.server.scheduler import Job, QueueFull
 from omnikv.server.schemas import ChatCompletionRequest, CompletionRequest, parse_body
+from omnikv.server.streaming import next_event, sse_stream
 
 DEFAULT_MAX_QUEUE = 16
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_TOKENS = 256
 _FALLBACK_MAX_TOKENS_LIMIT = 4096  # when the model does not declare its context length
-_DISCONNECT_POLL_S = 0.25
 
 
 def create_app(
@@ -174,7 +173,7 @@ def create_app(
             raise APIError(
                 429, f"The server is busy: {scheduler.max_queue} requests are already waiting. Retry shortly.", code="queue_full", headers={"Retry-After": "1"}
             ) from None
-        first = await _next_event(job, request, scheduler)
+        first = await next_event(job, request, scheduler)
         if first is None:  # the client left while waiting; nobody reads this
             return Response(status_code=499)
         if first[0] == "error":
@@ -182,18 +181,18 @@ def create_app(
         if req.stream:
             # Wait for the first piece before sending headers, so a failure before any output is
             # still a plain HTTP error (status + JSON) rather than an error inside a 200 stream.
-            second = await _next_event(job, request, scheduler)
+            second = await next_event(job, request, scheduler)
             if second is None:
                 return Response(status_code=499)
             if second[0] == "error":
                 raise second[1]
             return StreamingResponse(
-                _sse(job, request, scheduler, fmt, second, req.include_usage()),
+                sse_stream(job, request, scheduler, fmt, second, req.include_usage()),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         while True:
-            ev = await _next_event(job, request, scheduler)
+            ev = await next_event(job, request, scheduler)
             if ev is None:
                 return Response(status_code=499)
             if ev[0] == "error":
@@ -253,61 +252,3 @@ def _prepare(limits: _Limits, encode: Callable[[EngineLike], list[int]], req: An
         return GenRequest(ids, budget, temperature, top_p, req.seed, req.stop_tuple())
 
     return prepare
-
-
-async def _next_event(job: Job, request: Request, scheduler: Scheduler) -> tuple[str, Any] | None:
-    """Next event of `job`; None (and the job cancelled) once the client has disconnected.
-
-    The disconnect check runs at least every `_DISCONNECT_POLL_S` even while events keep coming, as
-    some ASGI servers never fail a send to a closed connection.
-    """
-    while True:
-        now = time.monotonic()
-        if now - job.last_disconnect_check >= _DISCONNECT_POLL_S:
-            job.last_disconnect_check = now
-            if await request.is_disconnected():
-                scheduler.cancel(job)
-                return None
-        try:
-            return await asyncio.wait_for(job.events.get(), _DISCONNECT_POLL_S)
-        except asyncio.TimeoutError:
-            continue
-
-
-async def _sse(
-    job: Job, request: Request, scheduler: Scheduler, fmt: ResponseFormat, first: tuple[str, Any], include_usage: bool
-) -> AsyncIterator[bytes]:
-    finished = False
-    pending: tuple[str, Any] | None = first
-    try:
-        for chunk in fmt.stream_start():
-            yield _sse_line(chunk, include_usage)
-        while True:
-            ev, pending = (pending, None) if pending is not None else (await _next_event(job, request, scheduler), None)
-            if ev is None:
-                return
-            kind, value = ev
-            if kind == "text":
-                yield _sse_line(fmt.stream_text(value), include_usage)
-            elif kind == "error":
-                yield b"data: " + json.dumps(value.body()).encode() + b"\n\n"
-                finished = True
-                break
-            elif kind == "done":
-                result: EngineResult = value
-                yield _sse_line(fmt.stream_end(result.finish_reason), include_usage)
-                if include_usage:
-                    final = fmt.stream_usage(result)
-                    yield b"data: " + json.dumps(final).encode() + b"\n\n"
-                finished = True
-                break
-        yield b"data: [DONE]\n\n"
-    finally:
-        if not finished:  # client disconnected or the response was cancelled: free the engine
-            scheduler.cancel(job)
-
-
-def _sse_line(chunk: dict[str, Any], include_usage: bool) -> bytes:
-    if include_usage:
-        chunk["usage"] = None  # per OpenAI: every chunk but the last carries "usage": null
-    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
