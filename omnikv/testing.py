@@ -6,6 +6,9 @@ generation config, tokenizer) that `omnikv.models.load_model(path)` and
 byte-level with no merges: every UTF-8 byte is one token, so any text encodes and decodes exactly,
 and token counts are predictable (`len(text.encode()) == len(ids)` for text without special tokens).
 
+`make_tiny_gguf(path)` writes the tiny llama as an unquantized GGUF file (llama.cpp tensor names,
+tokenizer as metadata) to test GGUF loading without the real models.
+
 Families mirror the architectures OmniKV is run on: llama, mistral, qwen2, qwen3 (all full
 attention) and gemma3_text (sliding-window layers interleaved with full-attention layers, like
 Gemma 3, where only the full-attention layers are OmniKV's filter/sparse layers).

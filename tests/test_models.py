@@ -263,6 +263,24 @@ def test_real_gguf_conversion_round_trips_a_tiny_llama(tmp_path, tmp_cache, caps
     assert again.source == lm.source and "converting" not in capsys.readouterr().err
 
 
+def test_conversion_refuses_a_tokenizer_that_does_not_round_trip(tmp_path, tmp_cache, monkeypatch):
+    import transformers
+    from tokenizers import normalizers
+
+    real = transformers.AutoTokenizer.from_pretrained
+
+    def reload_differently(path, *args, **kwargs):
+        tok = real(path, *args, **kwargs)
+        if "gguf_file" not in kwargs:  # the saved copy: make it tokenize differently
+            tok.backend_tokenizer.normalizer = normalizers.Lowercase()
+        return tok
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", reload_differently)
+    with pytest.raises(ModelLoadError, match="does not round-trip"):
+        load_model(make_tiny_gguf(tmp_path / "m.gguf"))
+    assert [p for p in (tmp_cache / "models").iterdir() if not p.name.endswith(".lock")] == []
+
+
 def test_truncated_gguf_fails_cleanly(tmp_path, tmp_cache):
     gguf = make_tiny_gguf(tmp_path / "t.gguf")
     gguf.write_bytes(gguf.read_bytes()[: gguf.stat().st_size // 2])
