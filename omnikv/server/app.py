@@ -22,7 +22,7 @@ from omnikv.server.metrics import CONTENT_TYPE, ServerMetrics
 from omnikv.server.middleware import AccountingMiddleware, BodyLimitMiddleware
 from omnikv.server.formats import ChatFormat, CompletionFormat, ResponseFormat
 from omnikv.server.protocol import ChatMessage, EngineLike, GenRequest
-from omnikv.server.scheduler import Job, QueueFull
+from omnikv.server.scheduler import Job, QueueFull, Scheduler
 from omnikv.server.schemas import ChatCompletionRequest, CompletionRequest, parse_body
 from omnikv.server.streaming import next_event, sse_stream
 
