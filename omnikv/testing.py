@@ -151,9 +151,9 @@ def make_tiny_checkpoint(
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     model = tiny_model(family, seed=seed, **config_overrides)
-    from omnikv.models import _quiet_transformers  # no per-save progress bars in test logs
+    from omnikv.model_cache import quiet_transformers  # no per-save progress bars in test logs
 
-    with _quiet_transformers():
+    with quiet_transformers():
         model.save_pretrained(out)
     build_tokenizer().save_pretrained(out)
     return out

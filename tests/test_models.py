@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import omnikv.models as models
+from omnikv import model_cache
 from omnikv.errors import ConfigError, ModelLoadError
 from omnikv.models import EMBEDDED_MODELS, EmbeddedModel, cache_dir, embedded_status, load_model
 from omnikv.testing import FAMILIES, make_tiny_checkpoint, make_tiny_gguf, tiny_model
@@ -185,7 +186,7 @@ class _FakeConverter:
 @pytest.fixture
 def fake_embedded(monkeypatch, tmp_cache) -> _FakeConverter:
     conv = _FakeConverter()
-    monkeypatch.setattr(models, "_convert_gguf", conv)
+    monkeypatch.setattr(model_cache, "convert_gguf", conv)
     fake = EmbeddedModel(name="fake", description="test double", distribution="omnikv", module="omnikv",
                          pip_command="pip install omnikv", locate_gguf=lambda scratch: scratch / "x.gguf")
     monkeypatch.setitem(EMBEDDED_MODELS, "fake", fake)
@@ -233,7 +234,7 @@ def test_corrupted_cache_entry_says_to_delete_it(fake_embedded, tmp_cache):
 
 def test_user_gguf_is_converted_once_and_keyed_on_the_file(monkeypatch, tmp_path, tmp_cache):
     conv = _FakeConverter()
-    monkeypatch.setattr(models, "_convert_gguf", conv)
+    monkeypatch.setattr(model_cache, "convert_gguf", conv)
     gguf = tmp_path / "my-model.gguf"
     gguf.write_bytes(b"placeholder")
     assert load_model(gguf).name == "my-model"

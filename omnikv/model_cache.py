@@ -1,0 +1,165 @@
+"""The conversion cache: turn a GGUF into a float32 safetensors checkpoint once, atomically.
+
+A cache entry is a Hugging Face checkpoint directory that contains `omnikv-cache.json` (written
+last, it records where the entry came from). Conversion happens in a temporary sibling directory
+that is renamed into place at the end, under an inter-process lock, so a crash or Ctrl-C never
+leaves a half-written entry and two processes never convert the same model twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from omnikv.errors import ModelLoadError
+
+MARKER = "omnikv-cache.json"
+# Texts whose token ids must survive a save/reload of a converted tokenizer (models.md: Gemma's
+# GGUF tokenizer only round-trips when saved by a recent transformers).
+_TOKENIZER_PROBES = (
+    "The capital of France is Paris.",
+    "  leading spaces,\ttabs and\nnew lines\n\n",
+    "Zahlen 1234567 und Ümlaute, 東京, emoji 🙂, café",
+)
+
+
+def convert_once(
+    entry: Path, convert: Callable[[Path, Path], None], label: str, origin: dict[str, Any]
+) -> Path:
+    """Materialize `entry` with `convert(out_dir, scratch_dir)`, atomically and only once."""
+    if (entry / MARKER).is_file():
+        return entry
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(entry.parent / f".{entry.name}.lock"):
+        if (entry / MARKER).is_file():  # another process converted it while we waited
+            return entry
+        if entry.exists():  # no marker: not written by us (or by an old layout); replace it
+            shutil.rmtree(entry)
+        _remove_stale_temps(entry)
+        print(f"omnikv: converting {label} to a safetensors checkpoint once (up to a minute); "
+              f"cache: {entry}", file=sys.stderr)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-{os.getpid()}-", dir=entry.parent))
+        try:
+            out, scratch = tmp / "checkpoint", tmp / "scratch"
+            out.mkdir()
+            scratch.mkdir()
+            start = time.perf_counter()
+            convert(out, scratch)
+            meta = dict(origin, converted_seconds=round(time.perf_counter() - start, 1),
+                        transformers=transformers_version())
+            (out / MARKER).write_text(json.dumps(meta, indent=2))
+            os.rename(out, entry)  # atomic on one filesystem: the entry appears complete or not at all
+        except ModelLoadError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(f"converting {label} failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return entry
+
+
+def convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize a GGUF into a float32 HF checkpoint at `out`, then check the tokenizer round-trips."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with quiet_transformers():
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"could not read the GGUF file {gguf}: {type(exc).__name__}: {str(exc).rstrip('.')}. "
+                "The file may be "
+                "corrupted or truncated, or its architecture unsupported by transformers' GGUF loader"
+            ) from exc
+        _drop_gguf_quantization(model)
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        reloaded = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    for probe in _TOKENIZER_PROBES:
+        if reloaded(probe)["input_ids"] != tokenizer(probe)["input_ids"]:
+            raise ModelLoadError(
+                f"the tokenizer converted from {gguf} does not round-trip after saving (probe {probe!r}); "
+                f"this transformers version ({transformers_version()}) cannot convert it"
+            )
+
+
+def _drop_gguf_quantization(model: Any) -> None:
+    # The weights are already dequantized; the leftover GGUF quantization_config only makes
+    # save_pretrained refuse and marks the model as quantized.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("hf_quantizer", "quantization_method"):
+        if getattr(model, attr, None) is not None:
+            setattr(model, attr, None)
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+
+
+def _remove_stale_temps(entry: Path) -> None:
+    # Temp dirs of conversions killed hard (SIGKILL, power loss) whose process is gone.
+    for tmp in entry.parent.glob(f".{entry.name}.tmp-*"):
+        try:
+            pid = int(tmp.name.split(".tmp-", 1)[1].split("-", 1)[0])
+        except ValueError:
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Exclusive inter-process lock (two processes must not convert the same model twice)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: the atomic rename alone still keeps the cache consistent
+        yield
+        return
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def transformers_version() -> str:
+    import transformers
+
+    return str(transformers.__version__)
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' per-load progress bars (restored afterwards)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
