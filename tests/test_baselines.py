@@ -22,7 +22,7 @@ from omnikv.testing import FAMILIES, build_tokenizer, tiny_model
 
 PROMPT = 40  # prompt tokens
 NEW = 6  # generated tokens (the cache sees NEW - 1 of them)
-LOSSY = ("streaming_llm",)
+LOSSY = ("streaming_llm", "h2o")
 BASELINES = LOSSY
 # tiny models: 2 KV heads x head_dim 16, float32 -> bytes of one row (key + value) of one layer
 ROW_BYTES = 2 * 2 * 16 * 4
@@ -164,3 +164,64 @@ def test_streaming_fraction_budget_resolves_on_the_prompt():
     _, cache = run(model_of("llama"), prompt(), get_method("streaming_llm", budget=0.25))
     for _, layer in lossy_layers(cache):
         assert layer.kept_budget == 10 and layer.store.live == 10  # ceil(0.25 * 40)
+
+
+# ---------------------------------------------------------------------------------------------
+# H2O
+
+
+def eager_prefill_attention(family: str, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Attention weights (B, Hq, T, T) of every layer from an eager forward (the reference)."""
+    with torch.inference_mode():
+        out = eager_model_of(family)(ids, output_attentions=True, use_cache=False)
+    return [a.float() for a in out.attentions]
+
+
+def test_h2o_prefill_scores_are_column_sums_of_the_attention():
+    family = "qwen3"
+    model = model_of(family)
+    cache = get_method("h2o", budget=8).make_cache(model)
+    with torch.inference_mode():
+        model(prompt(), cache=cache)
+    ref = eager_prefill_attention(family, prompt())
+    for i, layer in lossy_layers(cache):
+        b, hq, t, _ = ref[i].shape
+        expect = ref[i].sum(dim=2).view(b, 2, hq // 2, t).sum(dim=2)  # per KV head
+        torch.testing.assert_close(layer.acc, expect, atol=1e-4, rtol=1e-4)
+
+
+def test_h2o_first_compaction_keeps_the_heaviest_prompt_rows():
+    family, k = "llama", 8
+    ids = prompt()
+    _, cache = run(model_of(family), ids, get_method("h2o", budget=k, recent_tokens=0), new=2)
+    ref = eager_prefill_attention(family, ids)
+    for i, layer in lossy_layers(cache):
+        b, hq, t, _ = ref[i].shape
+        score = ref[i].sum(dim=2).view(b, 2, hq // 2, t).sum(dim=2)
+        top = score.topk(k, dim=-1).indices
+        kept = layer.kept_positions()
+        for h in range(2):
+            allowed = set(top[0, h].tolist()) | {PROMPT}  # the prompt's top-k or the new token
+            assert set(kept[0, h].tolist()) <= allowed
+            assert len(kept[0, h]) == k
+
+
+def test_h2o_never_evicts_sinks_or_recent_and_keeps_exactly_its_budget():
+    model, budget, recent, sink = model_of("mistral"), 12, 4, 2
+    cache = get_method("h2o", budget=budget, recent_tokens=recent, sink_tokens=sink).make_cache(model)
+    seen = PROMPT
+    with torch.inference_mode():
+        logits = model(prompt(), cache=cache).logits
+        for _ in range(8):
+            tok = logits[:, -1:].argmax(-1)
+            logits = model(tok, cache=cache).logits
+            seen += 1
+            for _, layer in lossy_layers(cache):
+                kept = layer.kept_positions()  # (1, Hk, budget)
+                assert kept.shape == (1, 2, budget)
+                for h in range(2):
+                    rows = set(kept[0, h].tolist())
+                    assert set(range(sink)) <= rows
+                    assert set(range(seen - recent, seen)) <= rows
+                assert layer.device_bytes() == budget * ROW_BYTES
+    assert all(l.evicted == seen - budget for _, l in lossy_layers(cache))
