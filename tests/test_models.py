@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import omnikv.models as models
 from omnikv import model_cache
 from omnikv.errors import ConfigError, ModelLoadError
-from omnikv.models import EMBEDDED_MODELS, EmbeddedModel, cache_dir, embedded_status, load_model
+from omnikv.models import (EMBEDDED_MODELS, EmbeddedModel, cache_dir, embedded_status, ensure_converted,
+                           load_model)
 from omnikv.testing import FAMILIES, make_tiny_checkpoint, make_tiny_gguf, tiny_model
 
 
@@ -225,7 +225,7 @@ def test_leftovers_of_a_killed_conversion_are_cleaned(fake_embedded, tmp_cache):
 
 
 def test_corrupted_cache_entry_says_to_delete_it(fake_embedded, tmp_cache):
-    entry = models.ensure_converted(EMBEDDED_MODELS["fake"])
+    entry = ensure_converted(EMBEDDED_MODELS["fake"])
     weights = entry / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(ModelLoadError, match=f"delete the cache entry {entry}"):
