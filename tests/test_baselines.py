@@ -22,7 +22,7 @@ from omnikv.testing import FAMILIES, build_tokenizer, tiny_model
 
 PROMPT = 40  # prompt tokens
 NEW = 6  # generated tokens (the cache sees NEW - 1 of them)
-LOSSY = ("streaming_llm", "h2o")
+LOSSY = ("streaming_llm", "h2o", "snapkv")
 BASELINES = LOSSY
 # tiny models: 2 KV heads x head_dim 16, float32 -> bytes of one row (key + value) of one layer
 ROW_BYTES = 2 * 2 * 16 * 4
@@ -225,3 +225,37 @@ def test_h2o_never_evicts_sinks_or_recent_and_keeps_exactly_its_budget():
                     assert set(range(seen - recent, seen)) <= rows
                 assert layer.device_bytes() == budget * ROW_BYTES
     assert all(l.evicted == seen - budget for _, l in lossy_layers(cache))
+
+
+# ---------------------------------------------------------------------------------------------
+# SnapKV
+
+
+@pytest.mark.parametrize("family, pooling, head_reduce", [("llama", "max", "mean"), ("qwen2", "avg", "max")])
+def test_snapkv_keeps_the_reference_selection_per_head(family, pooling, head_reduce):
+    """Reference: eager attention of the last W prompt queries, summed, reduced over the query
+    heads of each KV head, pooled (kernel 7), top budget - W; plus the window."""
+    budget, window = 20, 8
+    ids = prompt()
+    method = get_method("snapkv", budget=budget, window_size=window, pooling=pooling, head_reduce=head_reduce)
+    _, cache = run(model_of(family), ids, method)
+    ref = eager_prefill_attention(family, ids)
+    for i, layer in lossy_layers(cache):
+        b, hq, t, _ = ref[i].shape
+        votes = ref[i][:, :, t - window :, : t - window].sum(dim=2).view(b, 2, hq // 2, t - window)
+        votes = votes.mean(dim=2) if head_reduce == "mean" else votes.amax(dim=2)
+        pool = F.max_pool1d if pooling == "max" else functools.partial(F.avg_pool1d, count_include_pad=False)
+        votes = pool(votes.view(2, 1, -1), 7, stride=1, padding=3).view(1, 2, -1)
+        top = votes.topk(budget - window, dim=-1).indices
+        kept = layer.kept_positions()
+        generated = list(range(PROMPT, PROMPT + NEW - 1))
+        for h in range(2):
+            expect = sorted(top[0, h].tolist()) + list(range(t - window, t)) + generated
+            assert kept[0, h].tolist() == expect  # budget prompt rows per head + every generated row
+        assert layer.device_bytes() == (budget + NEW - 1) * ROW_BYTES
+
+
+def test_snapkv_budget_smaller_than_window_keeps_the_newest_prompt_rows():
+    _, cache = run(model_of("llama"), prompt(), get_method("snapkv", budget=5, window_size=32), new=2)
+    for _, layer in lossy_layers(cache):
+        assert layer.kept_positions()[0].tolist() == [list(range(35, 41))] * 2
