@@ -39,7 +39,14 @@ def convert_once(
     """Materialize `entry` with `convert(out_dir, scratch_dir)`, atomically and only once."""
     if (entry / MARKER).is_file():
         return entry
-    entry.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        probe = Path(tempfile.mkdtemp(prefix=".write-test-", dir=entry.parent))
+        probe.rmdir()
+    except OSError as exc:
+        raise ModelLoadError(
+            f"cannot write the model cache {entry.parent} ({exc.strerror or exc}); set OMNIKV_CACHE "
+            "to a writable directory") from exc
     with _file_lock(entry.parent / f".{entry.name}.lock"):
         if (entry / MARKER).is_file():  # another process converted it while we waited
             return entry

@@ -232,6 +232,14 @@ def test_corrupted_cache_entry_says_to_delete_it(fake_embedded, tmp_cache):
         load_model("fake")
 
 
+def test_unwritable_cache_is_a_clear_error(fake_embedded, tmp_cache, monkeypatch):
+    blocker = tmp_cache.parent / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("OMNIKV_CACHE", str(blocker))
+    with pytest.raises(ModelLoadError, match="cannot write the model cache .*set OMNIKV_CACHE"):
+        load_model("fake")
+
+
 def test_user_gguf_is_converted_once_and_keyed_on_the_file(monkeypatch, tmp_path, tmp_cache):
     conv = _FakeConverter()
     monkeypatch.setattr(model_cache, "convert_gguf", conv)
