@@ -131,6 +131,27 @@ class Session:
             raise InputError("empty input: give at least one token of prompt")
         self.pending.extend(ids)
 
+    def _check_memory(self) -> None:
+        """Refuse, before any work, a request that cannot fit (see omnikv.memory)."""
+        from omnikv.memory import check_fits, guard_enabled, plan_memory
+
+        if not guard_enabled() or len(self.pending) < 1024:
+            return
+        cfg = self.method.config_for(self.model) if hasattr(self.method, "config_for") else None
+        plan = plan_memory(
+            self.model.config,
+            self.total_tokens,
+            self.method.name,
+            device=str(self.device),
+            dtype_bytes=next(self.model.parameters()).element_size(),
+            max_new_tokens=0,
+            prefill_chunk_size=self.prefill_chunk_size,
+            omnikv_config=cfg,
+            budget=self.method.budget,
+            weights_bytes=0,  # already loaded: free memory excludes them
+        )
+        check_fits(plan)
+
     @torch.inference_mode()
     def _forward(self, ids: list[int]) -> torch.Tensor:
         """Feed `ids` through the model and cache; (V,) float32 logits after the last one."""
@@ -148,6 +169,7 @@ class Session:
                 f"prompt + history is {self.total_tokens} tokens but the model's context is "
                 f"{self.limit}; shorten the prompt"
             )
+        self._check_memory()
         ids, self.pending = self.pending, []
         chunk = self.prefill_chunk_size or len(ids)
         starts = range(0, len(ids), chunk)

@@ -1,0 +1,117 @@
+"""`omnikv plan`: how much device and host memory a context needs, per method (no weights loaded)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from omnikv.errors import InputError, ModelLoadError
+
+GiB = 1024**3
+
+# Shapes of well-known checkpoints, so hardware can be sized without the files.
+KNOWN_SHAPES = {
+    "llama-3-8b": dict(
+        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
+        tie_word_embeddings=False,
+    ),
+}
+
+
+def parse_tokens(text: str) -> int:
+    t = text.strip().lower()
+    try:
+        if t.endswith("k"):
+            value = int(float(t[:-1]) * 1024)
+        elif t.endswith("m"):
+            value = int(float(t[:-1]) * 1024 * 1024)
+        else:
+            value = int(t)
+    except ValueError:
+        raise InputError(f"context {text!r} is not a token count (e.g. 32768, 32k, 1m)") from None
+    if value <= 0:
+        raise InputError(f"context must be > 0 tokens; got {text!r}")
+    return value
+
+
+def load_config(spec: str):
+    from transformers import AutoConfig
+
+    if spec in KNOWN_SHAPES:
+        kw = dict(KNOWN_SHAPES[spec])
+        return AutoConfig.for_model(kw.pop("model_type"), **kw)
+    from pathlib import Path
+
+    from omnikv.models import EMBEDDED_MODELS, _ensure_gguf_converted, ensure_converted
+
+    if spec in EMBEDDED_MODELS:
+        path = ensure_converted(EMBEDDED_MODELS[spec])
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise ModelLoadError(f"model {spec!r} not found: give a short name ({', '.join(EMBEDDED_MODELS)}), "
+                                 f"one of {sorted(KNOWN_SHAPES)}, a checkpoint directory or a .gguf file")
+        if path.is_file():
+            path = _ensure_gguf_converted(path.resolve())
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read a model config from {path}: {exc}") from None
+
+
+def register(sub) -> None:
+    p = sub.add_parser("plan", help="estimate device/host memory for a context length, per method")
+    p.add_argument("--model", default="gemma3", help=f"short name, local path, or one of {sorted(KNOWN_SHAPES)}")
+    p.add_argument("--context", required=True, help="prompt tokens, e.g. 128k")
+    p.add_argument("--methods", default="full,full_offload,omnikv,quest", help="comma-separated methods")
+    p.add_argument("--budget", type=float, default=None, help="tokens (>=1) or fraction (<1)")
+    p.add_argument("--device", default="cuda", help="device the model would run on (cuda or cpu)")
+    p.add_argument("--dtype-bytes", type=int, default=2, help="bytes per element (2 = bf16/fp16, 4 = fp32)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--prefill-chunk-size", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from omnikv.memory import plan_memory
+    from omnikv.methods import available_methods
+
+    context = parse_tokens(args.context)
+    budget = None
+    if args.budget is not None:
+        budget = int(args.budget) if args.budget >= 1 else float(args.budget)
+        if budget <= 0:
+            raise InputError("--budget must be > 0")
+    try:
+        config = load_config(args.model)
+    except ModelLoadError:
+        raise
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(available_methods()))
+    if unknown:
+        raise InputError(f"unknown methods {unknown}; available: {', '.join(available_methods())}")
+    plans = [
+        plan_memory(
+            config, context, m, device=args.device, dtype_bytes=args.dtype_bytes,
+            max_new_tokens=args.max_new_tokens, prefill_chunk_size=args.prefill_chunk_size, budget=budget,
+        )
+        for m in methods
+    ]
+    if args.json:
+        print(json.dumps([p.to_dict() for p in plans], indent=2))
+        return 0
+    print(f"model {args.model}, context {context} tokens, {args.device}, {args.dtype_bytes} bytes/element")
+    print(f"{'method':14s} {'device GiB':>10s} {'host GiB':>9s} {'KV on device':>12s} {'KV in bank':>11s} "
+          f"{'dev KV/full':>11s} {'fits':>5s}")
+    for p in plans:
+        d = p.to_dict()
+        print(
+            f"{p.method:14s} {p.device_total_bytes / GiB:10.2f} {p.host_total_bytes / GiB:9.2f} "
+            f"{p.device_kv_bytes / GiB:12.2f} {p.host_kv_bytes / GiB:11.2f} "
+            f"{d['device_kv_share_of_full']:11.2f} {'yes' if p.fits else 'NO':>5s}"
+        )
+    print("GiB = 2^30 bytes; estimates (KV exact for our layouts, activations a rule of thumb); "
+          "on a CPU run everything is host memory.")
+    return 0

@@ -1,0 +1,72 @@
+"""Memory planning: KV bytes by hand, the guard refuses before any work, `omnikv plan` CLI."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from omnikv import OmniKVConfig, ResourceError
+from omnikv import memory
+from omnikv.generation import SamplingParams, generate
+from omnikv.methods import get_method
+from omnikv.testing import tiny_config
+
+
+def test_kv_bytes_by_hand():
+    cfg = tiny_config("llama", num_hidden_layers=6)  # 2 kv heads x 16 dims
+    row = 2 * 2 * 16 * 4  # K+V, fp32
+    full = memory.plan_memory(cfg, 1000, "full", dtype_bytes=4, max_new_tokens=24)
+    assert full.device_kv_bytes == 6 * 1024 * row
+    ocfg = OmniKVConfig(filter_layers=(1, 3), num_wait_layers=0, budget=100, sink_tokens=0, recent_tokens=0, offload=True)
+    om = memory.plan_memory(cfg, 1000, "omnikv", dtype_bytes=4, max_new_tokens=24, omnikv_config=ocfg)
+    # dense 0, filters 1 and 3 keep everything; sparse 2, 4, 5 keep 100 selected + 24 generated
+    assert om.device_kv_bytes == 3 * 1024 * row + 3 * (100 + 24) * row
+    assert om.host_kv_bytes == 3 * 1024 * row
+
+
+def test_hybrid_sliding_layers_count_their_window_only():
+    cfg = tiny_config("gemma3_text", num_hidden_layers=6)
+    window = cfg.sliding_window
+    row = 2 * 2 * 16 * 2
+    p = memory.plan_memory(cfg, 4000, "full", dtype_bytes=2, max_new_tokens=0)
+    assert p.device_kv_bytes == row * (3 * 4000 + 3 * window)
+
+
+def test_check_fits_names_the_numbers_and_the_fix(monkeypatch):
+    cfg = tiny_config("llama")
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: 1000)
+    plan = memory.plan_memory(cfg, 5000, "full", device="cpu")
+    assert not plan.fits
+    with pytest.raises(ResourceError, match=r"GiB of host memory.*try .*--method omnikv"):
+        memory.check_fits(plan)
+
+
+def test_session_refuses_before_prefill(monkeypatch, models):
+    model = models("llama")
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: 10)
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ResourceError):
+            generate(model, None, list(range(200)) * 8, get_method("full"), SamplingParams(max_new_tokens=2))
+    finally:
+        model._forward_pre_hooks.clear()
+    assert calls == [], "the guard must refuse before any forward pass"
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "omnikv", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_plan_cli_json_and_errors():
+    r = run_cli("plan", "--model", "llama-3-8b", "--context", "128k", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = {d["method"]: d for d in json.loads(r.stdout)}
+    assert rows["full"]["device_kv_bytes"] == 32 * 131328 * 2 * 8 * 128 * 2
+    # the paper's setting: 8 dense of 32 layers + 6.7% on 24 sparse -> ~30% of full on the device
+    assert 0.28 < rows["omnikv"]["device_kv_share_of_full"] < 0.32
+    for bad, msg in ((["--context", "abc"], "not a token count"), (["--context", "0"], "> 0"),
+                     (["--context", "1k", "--methods", "magic"], "unknown methods")):
+        r = run_cli("plan", "--model", "llama-3-8b", *bad)
+        assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr
