@@ -195,3 +195,19 @@ def test_fit_length_closes_gaps_with_pads():
     for target in range(40, 60):
         prompt, n, got = fit_length(tok, render, target)
         assert got == target == count_tokens(tok, prompt)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
+def test_exact_length_with_real_tokenizers(model):
+    from transformers import AutoTokenizer
+
+    from omnikv.models import embedded_status
+
+    status = {s["name"]: s for s in embedded_status()}.get(model)
+    if not status or not status.get("converted"):
+        pytest.skip(f"{model} is not installed and converted (scripts/setup.sh)")
+    tok = AutoTokenizer.from_pretrained(status["cache_path"])
+    for task in sorted(TASKS):
+        for s in TASKS[task](tok, 2000, 1, seed=0):
+            assert count_tokens(tok, s.prompt) == 2000, task
