@@ -37,7 +37,7 @@ class SharedState:
         self.prompt_len = 0  # tokens scored by the selector (everything before the decode run)
         self.valid: torch.Tensor | None = None  # (B, N) bool, False = padding; None = no padding
         self.decode_steps = 0  # steps since the last prompt extension
-        self.timings: dict[str, float] | None = None  # filled when profiling is on
+        self.telemetry: list[dict[str, float]] | None = None  # per (step, sparse layer) records
 
 
 class FilterLayer(DenseLayer):
@@ -281,9 +281,40 @@ class SparseLayer(ManagedLayer):
     def attend(self, module, query, key, value, attention_mask, **kwargs):
         seg = self.segment
         decoding = query.shape[2] == 1 and seg.generated > 0 and key.shape[-2] == seg.k + seg.generated
+        if decoding and self.state.telemetry is not None:
+            self._record_telemetry(query, attention_mask, kwargs.get("scaling") or module.scaling)
         if not decoding or attention_mask is None:  # no padding: every returned row is attended
             return super().attend(module, query, key, value, attention_mask, **kwargs)
         return super().attend(module, query, key, value, attention_mask, positions=self.positions(), **kwargs)
+
+    @torch.no_grad()
+    def _record_telemetry(self, query, attention_mask, scaling: float) -> None:
+        """Compute this layer's true attention over all its rows (costs full attention) and record
+        the share of its mass on the attended set, and the recall of its own top-k."""
+        k_all, _ = self.full_kv()
+        k_all = k_all.to(query.device)
+        b, hq, _, d = query.shape
+        hk, n = k_all.shape[1], k_all.shape[2]
+        g = hq // hk
+        logits = torch.matmul(query.view(b, hk, g, d).float(), k_all.float().transpose(-1, -2)) * scaling
+        if attention_mask is not None:
+            logits = logits.masked_fill(~attention_mask[:, :, 0, :n].view(b, 1, 1, n), float("-inf"))
+        probs = torch.softmax(logits, dim=-1)  # (B, Hk, g, N)
+        attended = torch.zeros(b, hk, n, dtype=torch.bool, device=query.device)
+        pos = self.positions().to(query.device).expand(b, hk, -1)
+        attended.scatter_(-1, pos, True)
+        coverage = (probs * attended[:, :, None, :]).sum(-1).mean().item()
+        cfg, p = self.state.config, self.state.prompt_len
+        sel = self.segment.indices.to(query.device)
+        kk = sel.shape[-1]
+        own_scores = scores_from_logits(logits[..., :p].unsqueeze(3), "last", cfg.head_reduce)
+        own = torch.topk(own_scores, kk, dim=-1).indices  # (B, G, k)
+        hit = torch.zeros(b, own.shape[1], p, dtype=torch.bool, device=query.device)
+        hit.scatter_(-1, sel.expand(b, own.shape[1], kk), True)
+        recall = hit.gather(-1, own).float().mean().item()
+        self.state.telemetry.append(
+            {"step": self.state.decode_steps, "layer": self.layer_idx, "coverage": coverage, "recall": recall}
+        )
 
     def full_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every row this layer holds, (B, H, seq_length, D): the drop-free view."""
@@ -300,7 +331,9 @@ class OmniKVCache(ManagedCache):
 
     method_name = "omnikv"
 
-    def __init__(self, model: torch.nn.Module, config: OmniKVConfig | None = None, **overrides: Any) -> None:
+    def __init__(
+        self, model: torch.nn.Module, config: OmniKVConfig | None = None, *, telemetry: bool = False, **overrides: Any
+    ) -> None:
         types = check_supported(model, "omnikv")
         if config is None:
             from omnikv.presets import preset_for_model
@@ -314,6 +347,7 @@ class OmniKVCache(ManagedCache):
         self.offload = offload
         self.plan: LayerPlan = plan_layers(config, types)
         self.state = SharedState(config)
+        self.state.telemetry = [] if telemetry else None
         self.segments: dict[int, Segment] = {}
         for f in self.plan.layers_with(Role.FILTER):
             self.segments[f] = Segment(f, self.plan.segment(f), offload)
@@ -377,7 +411,27 @@ class OmniKVCache(ManagedCache):
         s["selected_tokens"] = self.config.resolve_budget(self.state.prompt_len)
         s["layer_roles"] = [r.value for r in self.plan.roles]
         s["offload"] = self.offload
+        if self.state.telemetry is not None:
+            s["telemetry"] = self.telemetry_summary()
         return s
+
+    def telemetry_summary(self) -> dict[str, Any]:
+        """Per sparse layer: mean share of its true attention mass on the attended set
+        (`coverage`) and mean recall of its own top-k by the filter's selection (`recall`)."""
+        records = self.state.telemetry or []
+        per_layer: dict[int, list[dict[str, float]]] = {}
+        for r in records:
+            per_layer.setdefault(int(r["layer"]), []).append(r)
+        layers = {
+            str(layer): {
+                "coverage": sum(r["coverage"] for r in rs) / len(rs),
+                "recall": sum(r["recall"] for r in rs) / len(rs),
+                "steps": len(rs),
+            }
+            for layer, rs in sorted(per_layer.items())
+        }
+        mean = (lambda key: sum(v[key] for v in layers.values()) / len(layers)) if layers else (lambda key: None)
+        return {"layers": layers, "mean_coverage": mean("coverage"), "mean_recall": mean("recall")}
 
     def h2d_bytes_last_step(self) -> int:
         return sum(seg.h2d_bytes for seg in self.segments.values() if seg.loaded_step == self.state.decode_steps)

@@ -134,3 +134,36 @@ def test_logical_length_and_positions(models):
     assert cache.get_seq_length() == 95
     for i in range(6):
         assert cache.layers[i].get_seq_length() == 95
+
+
+def test_telemetry_coverage_by_hand(models):
+    """Telemetry's coverage equals the attention mass on the attended rows, computed by hand."""
+    model = models("llama", num_hidden_layers=6)
+    full_budget = OmniKVCache(model, CFG.replace(budget=1.0), telemetry=True)
+    run(model, full_budget, ids(120, 9), 4)
+    summary = full_budget.stats()["telemetry"]
+    assert set(summary["layers"]) == {"2", "4", "5"}
+    assert abs(summary["mean_coverage"] - 1.0) < 1e-5  # everything attended: all mass covered
+    assert summary["mean_recall"] == 1.0
+
+    cache = OmniKVCache(model, CFG, telemetry=True)
+    captured = {}
+    layer = cache.layers[4]
+    orig = layer._record_telemetry
+
+    def spy(query, mask, scaling):
+        captured["q"], captured["scaling"] = query.clone(), scaling
+        orig(query, mask, scaling)
+
+    layer._record_telemetry = spy
+    run(model, cache, ids(120, 9), 2)
+    rec = [r for r in cache.state.telemetry if r["layer"] == 4][-1]
+    q = captured["q"][0, :, 0]  # (Hq, D)
+    k_all, _ = layer.full_kv()
+    rows = set(layer.positions()[0, 0].tolist())
+    mass = 0.0
+    for h in range(q.shape[0]):
+        p = torch.softmax(k_all[0, h // 2] @ q[h] * captured["scaling"], dim=-1)
+        mass += sum(p[j].item() for j in rows)
+    assert abs(rec["coverage"] - mass / q.shape[0]) < 1e-5
+    assert 0 < rec["coverage"] < 1

@@ -18,16 +18,20 @@ _FIELDS = {f.name for f in dataclasses.fields(OmniKVConfig)}
 class OmniKV(Method):
     """Options: `config` (OmniKVConfig), `preset` (path to a preset JSON file), or any
     OmniKVConfig field (filter_layers, num_wait_layers, selector, head_reduce, sink_tokens,
-    recent_tokens, offload, refresh_every, window_size ...) overriding the model's preset."""
+    recent_tokens, offload, refresh_every, window_size ...) overriding the model's preset.
+    `telemetry=True` also computes every sparse layer's true attention at each decode step and
+    reports how much of it the selection covers (costs full attention; off by default)."""
 
     def __init__(
         self,
         budget: int | float | None = None,
         config: OmniKVConfig | None = None,
         preset: str | None = None,
+        telemetry: bool = False,
         **overrides: Any,
     ) -> None:
         super().__init__(budget)
+        self.telemetry = telemetry
         unknown = sorted(set(overrides) - _FIELDS)
         if unknown:
             raise ConfigError(f"unknown omnikv options {unknown}; valid: {sorted(_FIELDS)}")
@@ -48,7 +52,7 @@ class OmniKV(Method):
         return preset_for_model(model).replace(**self.overrides)
 
     def make_cache(self, model) -> OmniKVCache:
-        cache = OmniKVCache(model, self.config_for(model))
+        cache = OmniKVCache(model, self.config_for(model), telemetry=self.telemetry)
         self.last_config = cache.config
         return cache
 
