@@ -54,7 +54,10 @@ def run(args: argparse.Namespace) -> int:
     text = common.read_prompt(args, optional=True)
     if not 0.0 <= args.demo_depth <= 1.0:
         raise ConfigError(f"--demo-depth must be a fraction in [0, 1]; got {args.demo_depth}")
-    methods = [common.build_method(args, REFERENCE), common.build_method(args)]
+    from omnikv.methods import get_method
+
+    # The reference takes no options: --budget and the method flags configure the compared method.
+    methods = [get_method(REFERENCE), common.build_method(args)]
     max_new = args.max_new_tokens or (PROMPT_MAX_NEW_TOKENS if text is not None else DEMO_MAX_NEW_TOKENS)
     params = common.sampling_params(args, max_new_tokens=max_new)
     lm = common.load(args)

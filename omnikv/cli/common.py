@@ -347,7 +347,5 @@ def stats_line(res, device: str) -> str:
 
 
 def result_dict(res) -> dict[str, Any]:
-    """GenerationResult as JSON without the token ids (the text says it)."""
-    d = res.to_dict()
-    d.pop("token_ids", None)
-    return d
+    """GenerationResult as a JSON-able dict (text, token ids, timings, KV bytes, method, config)."""
+    return res.to_dict()
