@@ -22,7 +22,7 @@ import torch
 
 from omnikv._compat import is_cuda
 from omnikv.config import OmniKVConfig
-from omnikv.errors import ConfigError, UnsupportedModelError
+from omnikv.errors import ConfigError
 from omnikv.managed import DenseLayer, ManagedCache, ManagedLayer, check_supported, make_sliding_layer, text_config
 from omnikv.roles import LayerPlan, Role, plan_layers
 from omnikv.selection import filter_scores, gather_rows, scores_from_logits, select_topk
@@ -146,12 +146,8 @@ class Segment:
             self.bank = PackedBank(len(self.layers), bank_device, pin=host)
             if host:
                 self.copy_stream = torch.cuda.Stream(like.device)
-        elif like.device != self.device:
-            raise UnsupportedModelError(
-                f"sparse layers {self.layers} of one OmniKV segment sit on several devices "
-                f"({self.device}, {like.device}); place each segment on one device (device_map) "
-                f"or choose filter layers at the device boundaries"
-            )
+        # With accelerate's device_map a segment may span devices: the packed working buffer lives
+        # on the first sparse layer's device and the others read their rows across (one extra copy).
 
     def reset_decode(self) -> None:
         self.indices = None
@@ -269,7 +265,10 @@ class SparseLayer(ManagedLayer):
         seg.work[self.slot, 1, :, :, pos : pos + 1].copy_(value_states)
         seg.wait_ready()
         n = seg.k + seg.generated
-        return seg.work[self.slot, 0, :, :, :n], seg.work[self.slot, 1, :, :, :n]
+        k_rows, v_rows = seg.work[self.slot, 0, :, :, :n], seg.work[self.slot, 1, :, :, :n]
+        if k_rows.device != key_states.device:
+            return k_rows.to(key_states.device), v_rows.to(key_states.device)
+        return k_rows, v_rows
 
     def positions(self) -> torch.Tensor:
         """(B, G, k + generated) logical positions of the rows `update` returned."""
