@@ -1,0 +1,184 @@
+"""`omnikv bench`: parsing, synthetic fill, the interleaved run, records, CLI output, GPU script."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from omnikv.bench import BenchSpec, add_ratios, parse_context, parse_contexts, parse_method, public_records, run_bench
+from omnikv.bench_fill import decode_step, first_token, synthetic_fill
+from omnikv.bench_probe import StepBreakdown
+from omnikv.cache import SparseLayer
+from omnikv.errors import ConfigError
+from omnikv.methods import get_method
+
+ROOT = Path(__file__).resolve().parent.parent
+LAYERS, KV_HEADS, HEAD_DIM = 4, 2, 16  # tiny llama (omnikv.testing defaults)
+TOKEN_BYTES = 2 * KV_HEADS * HEAD_DIM * 4  # K and V of one token in one layer, fp32
+OMNI = "omnikv:filter_layers=1:num_wait_layers=0:budget=80"  # plan: dense 0, filter 1, sparse 2, 3
+pytestmark = pytest.mark.filterwarnings("ignore:no OmniKV preset")
+REQUIRED = ("method", "context", "ms_per_token", "ratio_to_full", "device_kv_bytes", "host_kv_bytes", "h2d_bytes_per_step")
+
+
+@pytest.fixture(scope="module")
+def tiny(models):
+    return models("llama")
+
+
+def test_parse_context_and_methods():
+    assert parse_context("8k") == 8192
+    assert parse_context("1M") == 1048576
+    assert parse_context("3000") == 3000
+    assert parse_contexts("4k, 0.5k,100") == [4096, 512, 100]
+    for bad in ("abc", "0", "1.5", "-4k"):
+        with pytest.raises(ConfigError):
+            parse_context(bad)
+    m = parse_method("omnikv:offload=false:budget=2048:filter_layers=2/8/18:selector=uniform")
+    assert (m.name, m.label) == ("omnikv", "omnikv:offload=false:budget=2048:filter_layers=2/8/18:selector=uniform")
+    assert m.options == {"offload": False, "budget": 2048, "filter_layers": (2, 8, 18), "selector": "uniform"}
+    assert parse_method("omnikv:filter_layers=3:budget=0.1").options == {"filter_layers": (3,), "budget": 0.1}
+    with pytest.raises(ConfigError):
+        parse_method("omnikv:offload")
+    with pytest.raises(ConfigError):
+        BenchSpec(methods=[parse_method("full"), parse_method("full")], contexts=[8])
+    with pytest.raises(ConfigError):
+        BenchSpec(methods=[parse_method("full")], contexts=[8], steps=0)
+
+
+def test_synthetic_fill_sets_prompt_bookkeeping(tiny):
+    """A synthetic fill must leave the cache exactly as a prefill of that length would."""
+    method = get_method("omnikv", filter_layers=(1,), num_wait_layers=0, budget=80)
+    cache = method.make_cache(tiny)
+    synthetic_fill(tiny, cache, 300)
+    assert cache.get_seq_length() == 300
+    assert cache.state.prompt_len == 300
+    tok = decode_step(tiny, cache, first_token(tiny))
+    assert tok.shape == (1, 1)
+    sparse = [i for i, layer in enumerate(cache.layers) if isinstance(layer, SparseLayer)]
+    assert sparse == [2, 3]
+    attended = cache.stats()["attended_tokens_per_layer"]
+    # dense/filter layers see prompt + the new token; sparse layers the 80 selected + the new token
+    assert attended == [301, 301, 81, 81]
+
+
+def test_run_bench_synthetic_records_and_accounting(tiny):
+    spec = BenchSpec(methods=[parse_method(x) for x in ("full", "full_prealloc", OMNI, OMNI + ":offload=true", "h2o")],
+                     contexts=[200, 400], steps=4, warmup=2, breakdown_steps=2)
+    records = public_records(run_bench(tiny, spec))
+    assert [(r["context"], r["method"]) for r in records] == [
+        (c, m.label) for c in (200, 400) for m in spec.methods]
+    for r in records:
+        assert all(k in r for k in REQUIRED)
+        json.dumps(r)  # JSON-able
+        if r["method_name"] == "h2o":  # needs prefill attention: skipped with a note
+            assert r["ms_per_token"] is None and "skipped" in r["note"]
+            continue
+        seq = r["context"] + spec.warmup + spec.steps + spec.breakdown_steps  # tokens in the cache
+        assert r["steps"] == 4 and r["ms_per_token"] > 0
+        assert r["tokens_per_s"] == pytest.approx(1000 / r["ms_per_token"], rel=1e-3)
+        if r["method"].startswith("full"):
+            assert r["device_kv_bytes"] == LAYERS * seq * TOKEN_BYTES
+            assert r["host_kv_bytes"] == 0
+            assert r["breakdown_ms"]["selection"] == 0
+        elif r["method"].endswith("offload=true"):
+            # sparse layers 2, 3 keep every row in the (host) bank: counted as host, not device
+            assert r["host_kv_bytes"] == 2 * seq * TOKEN_BYTES
+            assert r["breakdown_ms"]["selection"] > 0 and r["breakdown_ms"]["gather"] > 0
+        else:
+            assert r["host_kv_bytes"] == 0
+        assert r["h2d_bytes_per_step"] == 0  # CPU: nothing crosses a bus
+        assert r["breakdown_ms"]["attention"] > 0
+        assert r["peak_rss_bytes"] > 0 and r["peak_device_bytes"] is None
+        ref = next(x for x in records if x["context"] == r["context"] and x["method"] == "full")
+        assert r["ratio_to_full"] == pytest.approx(ref["ms_per_token"] / r["ms_per_token"], rel=1e-3)
+
+
+def test_run_bench_real_prefill_runs_lossy_methods(tiny):
+    spec = BenchSpec(methods=[parse_method("full"), parse_method("h2o:budget=64")], contexts=[150],
+                     synthetic_kv=False, steps=3, warmup=1, breakdown_steps=0, prefill_chunk=64)
+    full, h2o = public_records(run_bench(tiny, spec))
+    assert full["fill"] == "prefill" and full["prefill_seconds"] > 0
+    assert h2o["ms_per_token"] > 0 and h2o["note"] is None
+    assert h2o["device_kv_bytes"] < full["device_kv_bytes"]  # H2O really evicted
+    assert full["device_kv_bytes"] == LAYERS * (150 + 1 + 3) * TOKEN_BYTES
+    assert full["breakdown_ms"] is None
+
+
+def test_ratio_arithmetic():
+    recs = [
+        {"method": "full", "method_name": "full", "context": 8, "ms_per_token": 10.0, "_times": [10, 12, 8]},
+        {"method": "x", "method_name": "omnikv", "context": 8, "ms_per_token": 4.0, "_times": [5, 3, 4]},
+        {"method": "x", "method_name": "omnikv", "context": 16, "ms_per_token": 4.0, "_times": [4]},
+    ]
+    add_ratios(recs)
+    assert recs[0]["ratio_to_full"] == 1.0
+    assert recs[1]["ratio_to_full"] == 2.5
+    assert recs[1]["ratio_to_full_paired"] == 2.0  # median of 10/5, 12/3, 8/4
+    assert "ratio_to_full" not in recs[2]  # no full at that context
+
+
+def test_breakdown_probe_restores_everything(tiny):
+    import omnikv.cache
+    import omnikv.managed
+
+    before = (omnikv.cache.filter_scores, omnikv.managed.sdpa_attention_forward, omnikv.cache.Segment.load)
+    cache = get_method("full_prealloc").make_cache(tiny)
+    probe = StepBreakdown()
+    probe.install([cache])
+    assert omnikv.managed.sdpa_attention_forward is not before[1]
+    assert "update" in cache.__dict__
+    synthetic_fill(tiny, cache, 50)
+    decode_step(tiny, cache, first_token(tiny))
+    parts = probe.take()
+    probe.uninstall()
+    assert parts["attention"] > 0 and parts["kv_update"] > 0 and parts["selection"] == 0
+    assert (omnikv.cache.filter_scores, omnikv.managed.sdpa_attention_forward, omnikv.cache.Segment.load) == before
+    assert "update" not in cache.__dict__
+
+
+def test_cli_json_files_and_metadata(tmp_path, capsys):
+    from omnikv.cli import main
+    from omnikv.testing import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "out"
+    code = main(["bench", "--model", str(ckpt), "--methods", f"full,{OMNI}", "--contexts", "128,256",
+                 "--synthetic-kv", "--steps", "3", "--warmup", "1", "--breakdown-steps", "1",
+                 "--output-dir", str(out), "--json"])
+    assert code == 0
+    captured = capsys.readouterr()
+    records = json.loads(captured.out)  # stdout holds the JSON list only
+    assert [(r["method"], r["context"]) for r in records] == [("full", 128), (OMNI, 128), ("full", 256), (OMNI, 256)]
+    assert "ms/tok" in captured.err  # the table went to stderr
+    saved = json.loads((out / "bench.json").read_text())
+    meta = saved["metadata"]
+    assert meta["command"].startswith("omnikv bench") and "--synthetic-kv" in meta["command"]
+    assert meta["versions"]["torch"] == torch.__version__ and meta["versions"]["transformers"]
+    assert meta["host"]["cpu_count"] and meta["git"]["commit"]
+    assert meta["spec"]["contexts"] == [128, 256]
+    assert saved["records"] == records
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_bad_input_is_one_line_error(capsys):
+    from omnikv.cli import main
+
+    assert main(["bench", "--model", "/nonexistent/dir", "--contexts", "8q"]) == 2
+    assert "bad context length" in capsys.readouterr().err
+
+
+def test_gpu_script_tiny_mode_runs_on_cpu(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks/gpu/run.sh"), "--tiny"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["correctness"]["full_budget_equivalence"]["passed"] is True
+    assert summary["correctness"]["offload_on_equals_off"]["passed"] is True
+    assert {r["method"] for r in summary["timing"]} >= {"full", "quest"}
+    assert summary["metadata"]["command"]
+    assert "SUMMARY" in proc.stdout
