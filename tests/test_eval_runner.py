@@ -13,6 +13,8 @@ from omnikv.eval import report
 from omnikv.eval.metrics import score_sample
 from omnikv.eval.runner import EvalConfig, parse_length, parse_shard, read_predictions, record_key
 
+pytestmark = pytest.mark.filterwarnings("ignore:no OmniKV preset")
+
 ARGS = ["--methods", "full,omnikv", "--tasks", "passkey", "--lengths", "300", "--samples", "2",
         "--budget", "0.5", "--max-new-tokens", "3", "--no-progress"]
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 from omnikv.errors import ConfigError, InputError
 
@@ -28,10 +28,6 @@ class Sample:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-class Tokenizer(Protocol):  # the part of a Hugging Face tokenizer the generators use
-    def __call__(self, text: str, add_special_tokens: bool = True) -> Any: ...
 
 
 def encode_prompt(tokenizer: Any, text: str) -> list[int]:
