@@ -23,7 +23,7 @@ from omnikv.testing import FAMILIES, build_tokenizer, tiny_model
 PROMPT = 40  # prompt tokens
 NEW = 6  # generated tokens (the cache sees NEW - 1 of them)
 LOSSY = ("streaming_llm", "h2o", "snapkv")
-BASELINES = LOSSY
+BASELINES = LOSSY + ("quest",)
 # tiny models: 2 KV heads x head_dim 16, float32 -> bytes of one row (key + value) of one layer
 ROW_BYTES = 2 * 2 * 16 * 4
 
@@ -115,7 +115,7 @@ def test_budget_covering_everything_equals_full(family, name):
     assert all(l.evicted == 0 for _, l in lossy_layers(cache))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])  # every family runs model.generate above
 @pytest.mark.parametrize("name", BASELINES)
 def test_model_generate_and_generation_loop_agree(family, name):
     model = model_of(family)
@@ -259,3 +259,130 @@ def test_snapkv_budget_smaller_than_window_keeps_the_newest_prompt_rows():
     _, cache = run(model_of("llama"), prompt(), get_method("snapkv", budget=5, window_size=32), new=2)
     for _, layer in lossy_layers(cache):
         assert layer.kept_positions()[0].tolist() == [list(range(35, 41))] * 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Quest
+
+from omnikv.managed import DenseLayer  # noqa: E402
+from omnikv.methods.quest import QuestLayer, page_bounds, page_scores  # noqa: E402
+
+
+def test_quest_page_bounds_and_scores_match_a_loop_reference():
+    g = torch.Generator().manual_seed(3)
+    b, hk, hq, t, d, size = 2, 2, 4, 37, 8, 16
+    keys, query = torch.randn(b, hk, t, d, generator=g), torch.randn(b, hq, 1, d, generator=g)
+    valid = torch.ones(b, t, dtype=torch.bool)
+    valid[1, :5] = False  # row 1 is left-padded by 5: its pages start at position 5
+    kmin, kmax, page_ok, start = page_bounds(keys, valid, size)
+    assert start.view(-1).tolist() == [0, 5] and kmin.shape == (b, hk, 3, d)
+    assert page_ok.tolist() == [[True, True, True], [True, True, False]]
+    scores = page_scores(query, kmin, kmax, page_ok)
+    for bi in range(b):
+        s0 = int(start[bi])
+        for p in range(3):
+            rows = list(range(s0 + p * size, min(s0 + (p + 1) * size, t)))
+            if not rows:
+                assert scores[bi, :, p].eq(float("-inf")).all()
+                continue
+            for h in range(hk):
+                page = keys[bi, h, rows]
+                torch.testing.assert_close(kmin[bi, h, p], page.amin(0))
+                torch.testing.assert_close(kmax[bi, h, p], page.amax(0))
+                qs = query[bi, 2 * h : 2 * h + 2, 0]  # the query heads of KV head h
+                bound = torch.stack([torch.maximum(q * page.amin(0), q * page.amax(0)).sum() for q in qs]).max()
+                torch.testing.assert_close(scores[bi, h, p], bound)
+                assert bool(scores[bi, h, p] >= (qs @ page.T).max() - 1e-5)  # an upper bound
+
+
+def test_quest_with_every_page_equals_full_attention_logits():
+    """fp32 tolerance: gathering rows and masking the partial page may reorder sums (<= 1e-4)."""
+    model, ids = model_of("llama"), prompt()
+    out, cache = run(model, ids, get_method("quest", budget=PROMPT))
+    assert tuple(out[0].tolist()) == full_tokens("llama")
+    cont = list(full_tokens("llama"))
+    ref = teacher_forced_logits(model, ids, cont, "full")
+    got = teacher_forced_logits(model, ids, cont, get_method("quest", budget=PROMPT))
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_quest_reads_its_pages_keeps_everything_and_first_layers_dense(family):
+    model, budget = model_of(family), 20  # ceil(20 / 16) = 2 pages
+    _, cache = run(model, prompt(), get_method("quest", budget=budget))
+    stats = cache.stats()
+    seen, generated = PROMPT + NEW - 1, NEW - 2  # at the last step: the rows before it + itself
+    assert isinstance(cache.layers[0], DenseLayer) or cache.layers[0].is_sliding
+    assert not isinstance(cache.layers[1], QuestLayer)
+    quest = [i for i, l in enumerate(cache.layers) if isinstance(l, QuestLayer)]
+    assert quest and min(quest) >= 2 and stats["pages_per_step"] == 2
+    for i in quest:
+        layer = cache.layers[i]
+        assert layer.selected_pages.shape == (1, 2, 2)
+        assert generated + 1 < stats["attended_tokens_per_layer"][i] <= 2 * 16 + generated + 1
+        assert layer.buffer.length == seen  # drop-free: every row stays
+    full = get_method("full_prealloc").make_cache(model)
+    with torch.inference_mode():
+        model(prompt(seen), cache=full)
+    assert stats["device_kv_bytes"] >= full.stats()["device_kv_bytes"]
+
+
+# ---------------------------------------------------------------------------------------------
+# batches with left padding, chunked prefill, multi-turn
+
+
+def padded_batch(long: int = 40, short: int = 30):
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.randint(0, 256, (1, long), generator=g), torch.randint(0, 256, (1, short), generator=g)
+    ids = torch.full((2, long), 256)
+    ids[0], ids[1, long - short :] = a[0], b[0]
+    mask = torch.ones(2, long, dtype=torch.long)
+    mask[1, : long - short] = 0
+    return ids, mask, a, b
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("name", BASELINES)
+def test_left_padded_batch_decodes_each_row_as_alone_and_keeps_no_padding(family, name):
+    model, budget = model_of(family), 12
+    ids, mask, a, b = padded_batch()
+    out, cache = run(model, ids, get_method(name, budget=budget), attention_mask=mask)
+    alone_a, _ = run(model, a, get_method(name, budget=budget))
+    alone_b, _ = run(model, b, get_method(name, budget=budget))
+    assert out[0].tolist() == alone_a[0].tolist()
+    assert out[1].tolist() == alone_b[0].tolist()
+    pad = ids.shape[1] - b.shape[1]
+    for _, layer in lossy_layers(cache):  # 30 real tokens > budget: no padding row is kept
+        assert bool((layer.kept_positions()[1] >= pad).all())
+    if name == "quest":
+        for layer in cache.layers:
+            if isinstance(layer, QuestLayer):
+                assert layer.bounds[3].view(-1).tolist() == [0, pad]
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_chunked_prefill_equals_one_pass(name):
+    model, tok = model_of("qwen2"), build_tokenizer()
+    params = SamplingParams(max_new_tokens=NEW, ignore_eos=True)
+    one = generate(model, tok, prompt(), get_method(name, budget=16), params)
+    chunked = generate(model, tok, prompt(), get_method(name, budget=16), params, prefill_chunk_size=16)
+    assert one.token_ids == chunked.token_ids
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_multi_turn_session_keeps_the_budget(name):
+    model, budget = model_of("llama"), 16
+    sess = Session(model, build_tokenizer(), get_method(name, budget=budget))
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    sess.append(prompt(30))
+    sess.generate(params)
+    sess.append(prompt(20, seed=1))  # a new turn extends the prompt of the kept rows
+    res = sess.generate(params)
+    assert len(res.token_ids) == 4 and res.stats["seq_length"] == 30 + 4 + 20 + 3
+    for _, layer in lossy_layers(sess.cache):
+        kept = layer.kept_positions()
+        if name == "snapkv":  # budget prompt rows + the rows generated in this turn
+            assert kept.shape[-1] == budget + 3
+        else:
+            assert kept.shape[-1] == budget
+        assert int(kept.max()) == 30 + 4 + 20 + 3 - 1  # the newest row is always kept
