@@ -149,3 +149,24 @@ def test_aggregate_and_summary_by_hand():
     assert "| a (n=2) | 100 | 50.0 | 100.0 |" in md and "| b (n=1) | 100 | 50.0 | 0.0 |" in md
     assert "| **average** | 100 | 50.0 | 50.0 |" in md
     assert "| a | 100 | omnikv | 0.500 | 1.000 | 0.2500 |" in md
+
+
+def test_chinese_note_and_dataset_task(ckpt, tmp_path, capsys):
+    from omnikv.eval.metrics import CHINESE_TOKENIZATION
+
+    data = tmp_path / "lb"
+    data.mkdir()
+    (data / "multifieldqa_zh.jsonl").write_text(json.dumps(
+        {"input": "首都？", "context": "北京是首都。" * 5, "answers": ["北京"], "length": 30,
+         "dataset": "multifieldqa_zh", "language": "zh", "all_classes": None, "_id": "z1"}, ensure_ascii=False) + "\n")
+    out = tmp_path / "out"
+    assert main(["eval", "--model", ckpt, "--methods", "full", "--tasks", "longbench:multifieldqa_zh",
+                 "--data-dir", str(data), "--lengths", "60", "--samples", "1", "--max-new-tokens", "2",
+                 "--output", str(out), "--no-progress"]) == 0
+    (rec,) = read_predictions(out / "predictions.jsonl")
+    assert rec["task"] == "longbench:multifieldqa_zh" and rec["metric"] == "qa_f1_zh" and rec["sample_id"] == "z1"
+    assert rec["prompt_tokens"] <= 60 and rec["metadata"]["truncated"]
+    run = json.loads((out / "run.json").read_text())
+    assert run["chinese_tokenization"] == CHINESE_TOKENIZATION
+    if CHINESE_TOKENIZATION == "characters":
+        assert "jieba is not installed" in capsys.readouterr().err and run["notes"]

@@ -301,6 +301,11 @@ def run_eval(config: EvalConfig, *, loaded: Any = None) -> dict[str, Any]:
             raise ConfigError(f"{task} at length {length} needs {need} tokens (prompt + generation) but the "
                               f"model handles {max_context}; drop that length")
     todo = sum(1 for task, length, s in units for m in methods if (m, task, length, s.id) not in done)
+    if CHINESE_TOKENIZATION == "characters" and any(s.metric in ("qa_f1_zh", "rouge_l_zh") for _, _, s in units):
+        note = ("jieba is not installed: Chinese F1 / ROUGE-L are computed on characters, not LongBench's "
+                "jieba words (pip install jieba for comparable numbers)")
+        meta.setdefault("notes", []).append(note)
+        print(f"note: {note}", file=sys.stderr)
 
     from tqdm.auto import tqdm
 
