@@ -94,6 +94,10 @@ def summary_markdown(metrics: dict[str, Any], title: str = "omnikv eval") -> str
     return "\n".join(out) + "\n"
 
 
+def _length_label(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
 def plot_scores(metrics: dict[str, Any], path: Path) -> bool:
     """Score vs length per method: one panel per task plus the average. Returns False (and writes
     nothing) if matplotlib is not installed."""
@@ -108,21 +112,27 @@ def plot_scores(metrics: dict[str, Any], path: Path) -> bool:
     cols = min(4, len(panels))
     nrows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows), squeeze=False)
+    lengths = metrics["lengths"]
     for ax, panel in zip(axes.flat, panels):
-        for m in metrics["methods"]:
+        for j, m in enumerate(metrics["methods"]):
             if panel == "average":
                 pts = sorted((int(k), v) for k, v in metrics["average"].get(m, {}).items())
             else:
                 pts = sorted((r["length"], r["score"]) for r in metrics["rows"]
                              if r["task"] == panel and r["method"] == m)
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+                # Distinct markers and dashes keep overlapping methods (equal scores) visible.
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="os^Dvx"[j % 6],
+                        linestyle=("-", "--", ":", "-.")[j % 4], markersize=7 - j % 3, label=m)
         ax.set_title(panel, fontsize=9)
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("score")
         ax.set_ylim(-5, 105)
-        if len(metrics["lengths"]) > 1 and min(metrics["lengths"]) > 0:
+        if len(lengths) > 1:
             ax.set_xscale("log", base=2)
+            ax.minorticks_off()
+        ax.set_xticks(lengths)
+        ax.set_xticklabels([_length_label(n) for n in lengths], fontsize=8)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
