@@ -75,6 +75,29 @@ class FakeEngine:
         return EngineResult(out, len(req.prompt_ids), len(out), finish, {"device_kv_bytes": 10 * len(req.prompt_ids), "host_kv_bytes": 7})
 
 
+class BatchingFakeEngine(FakeEngine):
+    """The fake with `generate_batch`: rows run one after another, and the batches are recorded."""
+
+    max_batch_size = 3
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.batches: list[list[str]] = []
+
+    def batch_key(self, req: GenRequest):
+        return None if req.seed is not None else (req.temperature, req.top_p)
+
+    def generate_batch(self, reqs: list[GenRequest], on_tokens: list[Callable[[str], None]]) -> list[EngineResult | BaseException]:
+        self.batches.append([bytes(r.prompt_ids).decode() for r in reqs])
+        out: list[EngineResult | BaseException] = []
+        for r, cb in zip(reqs, on_tokens):
+            try:
+                out.append(self.generate(r, cb))
+            except Exception as exc:
+                out.append(exc)
+        return out
+
+
 def chat_text(messages: list[ChatMessage]) -> str:
     return "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:"
 
@@ -426,3 +449,51 @@ def test_concurrent_load_complete_or_clean_refusal() -> None:
             assert c.get("/health").json() == {"status": "ok", "model": MODEL, "queue_length": 0, "running": 0}
             served = sum(code == 200 for code, _ in all_results)
             assert _metric(c.get("/metrics").text, 'omnikv_requests_total{endpoint="/v1/completions",status="200"}') == served
+
+
+def test_batches_follow_arrival_order_and_sampling_settings() -> None:
+    engine = BatchingFakeEngine()
+    app = create_app(engine, max_queue=8)
+    engine.gate.clear()
+    greedy_req = {"max_tokens": 3, "temperature": 0}
+    plan = [("blocker", greedy_req), ("g1", greedy_req), ("g2", greedy_req), ("seeded", {"max_tokens": 3, "temperature": 1.0, "seed": 5}),
+            ("g3", greedy_req), ("g4", greedy_req), ("g5", greedy_req), ("g6", greedy_req)]
+    with ServerThread(app) as srv, httpx.Client(base_url=srv.url, timeout=TIMEOUT) as c, ThreadPoolExecutor(len(plan)) as pool:
+        sched = app.state.scheduler
+        futures = []
+        for i, (prompt, extra) in enumerate(plan):
+            futures.append(pool.submit(c.post, "/v1/completions", json={"prompt": prompt, **extra}))
+            wait_until(lambda: sched.running + sched.waiting == i + 1)
+        engine.gate.set()
+        bodies = [f.result(timeout=20).json() for f in futures]
+    # arrival order throughout; the blocker started before the others arrived, the seeded request
+    # runs alone, and greedy neighbours share batches of at most 3 (g6 is left alone)
+    assert engine.started == [p for p, _ in plan]
+    assert engine.batches == [["g1", "g2"], ["g3", "g4", "g5"]]
+    for (prompt, extra), body in zip(plan, bodies):
+        if prompt != "seeded":
+            assert body["choices"][0]["text"] == greedy(3)
+    rng = random.Random(5)
+    assert bodies[3]["choices"][0]["text"] == "".join(rng.choice(SAMPLED_ALPHABET) for _ in range(3))
+
+
+def test_disconnect_inside_a_batch_spares_the_other_rows() -> None:
+    engine = BatchingFakeEngine(max_context=None, delay=0.005)
+    app = create_app(engine, max_queue=8)
+    engine.gate.clear()
+    with ServerThread(app) as srv, httpx.Client(base_url=srv.url, timeout=TIMEOUT) as c, ThreadPoolExecutor(3) as pool:
+        sched = app.state.scheduler
+        blocker = pool.submit(c.post, "/v1/completions", json={"prompt": "blocker", "max_tokens": 1})
+        wait_until(lambda: sched.running == 1)
+        leaver = pool.submit(c.post, "/v1/completions", json={"prompt": "leaver", "max_tokens": 4000, "temperature": 0}, timeout=2.0)
+        wait_until(lambda: sched.waiting == 1)
+        stayer = pool.submit(c.post, "/v1/completions", json={"prompt": "stayer", "max_tokens": 30, "temperature": 0})
+        wait_until(lambda: sched.waiting == 2)
+        engine.gate.set()
+        with pytest.raises(httpx.ReadTimeout):
+            leaver.result(timeout=20)
+        assert blocker.result(timeout=20).status_code == 200
+        r = stayer.result(timeout=20)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == greedy(30)
+        wait_until(lambda: engine.aborted == 1 and sched.running == 0, timeout=6.0)
+    assert engine.batches == [["leaver", "stayer"]]  # the leaver gave up while its batch ran

@@ -24,7 +24,7 @@ from omnikv.config import OmniKVConfig
 from omnikv.generation import SamplingParams, generate
 from omnikv.methods import get_method
 from omnikv.models import load_model
-from omnikv.server import Engine, ServerThread, create_app
+from omnikv.server import Engine, EngineResult, GenRequest, ServerThread, create_app
 from omnikv.testing import make_tiny_checkpoint
 
 TIMEOUT = httpx.Timeout(60.0)
@@ -108,6 +108,25 @@ def test_seed_and_stop_on_real_model(served: tuple[ServerThread, Engine]) -> Non
         got = text(max_tokens=16, temperature=0, stop=["@@never@@", windows[0]])
         assert got["text"] == full[: full.find(windows[0])]
         assert got["finish_reason"] == "stop"
+
+
+def test_batched_rows_equal_single_generation(served: tuple[ServerThread, Engine]) -> None:
+    """Left-padded batch through the method's cache == each request generated alone."""
+    _, engine = served
+    prompts = ["The quick brown fox jumps over the lazy dog. " * 2, "Hello there", "Once upon a time, in a land far away"]
+    reqs = [GenRequest(engine.encode_prompt(p), n) for p, n in zip(prompts, (8, 4, 6))]
+    alone = [generate(engine.model, engine.tokenizer, r.prompt_ids, engine.method, SamplingParams(max_new_tokens=r.max_tokens)) for r in reqs]
+    pieces: list[list[str]] = [[] for _ in reqs]
+
+    def leaver(piece: str) -> None:
+        raise ConnectionError("client gone")
+
+    results = engine.generate_batch(reqs + [reqs[0]], [p.append for p in pieces] + [leaver])
+    for res, ref, got in zip(results, alone, pieces):
+        assert isinstance(res, EngineResult)
+        assert (res.text, res.completion_tokens, res.finish_reason) == (ref.text, ref.generated_tokens, ref.finish_reason)
+        assert "".join(got) == res.text
+    assert isinstance(results[3], ConnectionError)  # that row stopped; the others finished
 
 
 def test_cli_serve_subprocess(tiny_dir: Path, tmp_path: Path) -> None:

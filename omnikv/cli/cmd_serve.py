@@ -32,6 +32,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest accepted prompt (default: model context)")
     p.add_argument("--max-tokens-limit", type=int, default=None, help="largest accepted max_tokens (default: model context)")
     p.add_argument("--default-max-tokens", type=int, default=256, help="completion length when a request omits max_tokens")
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=None,
+        help="decode up to this many waiting requests together when their sampling settings match "
+        "(default: 4 on CUDA, 1 on CPU, where decoding is compute-bound and batching gains little)",
+    )
     p.add_argument("--prefill-chunk-size", type=int, default=None, help="prefill in chunks of this many tokens")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -55,7 +62,7 @@ def check_args(args: argparse.Namespace) -> str | None:
     for name in ("max_queue", "max_body_bytes", "default_max_tokens"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("max_prompt_tokens", "max_tokens_limit", "prefill_chunk_size"):
+    for name in ("max_prompt_tokens", "max_tokens_limit", "prefill_chunk_size", "max_batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -100,7 +107,12 @@ def run(args: argparse.Namespace) -> int:
         )
     method = build_method(args.method, budget=args.budget, preset=args.preset)  # fail fast, before loading
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
-    engine = Engine.from_loaded(loaded, method, name=args.served_model_name, prefill_chunk_size=args.prefill_chunk_size)
+    batch = args.max_batch_size
+    if batch is None:
+        batch = 4 if next(loaded.model.parameters()).device.type == "cuda" else 1
+    engine = Engine.from_loaded(
+        loaded, method, name=args.served_model_name, prefill_chunk_size=args.prefill_chunk_size, max_batch_size=batch
+    )
     app = create_app(
         engine,
         api_key=api_key,

@@ -6,9 +6,9 @@ so served outputs equal `omnikv generate` outputs for the same prompt and sampli
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Hashable
 
-from omnikv.errors import InputError
+from omnikv.errors import ConfigError, InputError
 from omnikv.server.protocol import ChatMessage, EngineResult, GenRequest
 
 
@@ -25,7 +25,10 @@ class Engine:
         max_context: int | None = None,
         has_chat_template: bool | None = None,
         prefill_chunk_size: int | None = None,
+        max_batch_size: int = 1,
     ) -> None:
+        if max_batch_size < 1:
+            raise ConfigError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model = model
         self.tokenizer = tokenizer
         self.method = method
@@ -35,9 +38,13 @@ class Engine:
             has_chat_template = bool(getattr(tokenizer, "chat_template", None))
         self.has_chat_template = has_chat_template
         self.prefill_chunk_size = prefill_chunk_size
+        # Batching needs a method whose cache takes several (left-padded) sequences.
+        self.max_batch_size = max_batch_size if getattr(method, "supports_batch", False) else 1
 
     @classmethod
-    def from_loaded(cls, loaded: Any, method: Any, *, name: str | None = None, prefill_chunk_size: int | None = None) -> "Engine":
+    def from_loaded(
+        cls, loaded: Any, method: Any, *, name: str | None = None, prefill_chunk_size: int | None = None, max_batch_size: int = 1
+    ) -> "Engine":
         """From an `omnikv.models.LoadedModel` and a method (instance or registry name)."""
         return cls(
             loaded.model,
@@ -47,6 +54,7 @@ class Engine:
             max_context=loaded.max_context,
             has_chat_template=loaded.has_chat_template,
             prefill_chunk_size=prefill_chunk_size,
+            max_batch_size=max_batch_size,
         )
 
     def encode_prompt(self, prompt: str) -> list[int]:
@@ -66,13 +74,7 @@ class Engine:
     def generate(self, request: GenRequest, on_token: Callable[[str], None]) -> EngineResult:
         from omnikv.generation import SamplingParams, generate
 
-        # Token-id prompts come straight from clients: an id outside the vocabulary would fail deep
-        # inside the embedding lookup, so refuse it here with a message that says what is wrong.
-        vocab = self.model.get_input_embeddings().num_embeddings
-        bad = next((t for t in request.prompt_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InputError(f"prompt token id {bad} is outside this model's vocabulary (0..{vocab - 1})")
-
+        self._check_ids(request)
         params = SamplingParams(
             max_new_tokens=request.max_tokens,
             temperature=request.temperature,
@@ -97,3 +99,38 @@ class Engine:
             finish_reason=finish,
             stats=dict(res.stats or {}),
         )
+
+    def batch_key(self, request: GenRequest) -> Hashable | None:
+        if self.max_batch_size <= 1 or (request.temperature > 0 and request.seed is not None):
+            return None  # a seeded answer must not depend on its batch neighbours
+        return ("greedy",) if request.temperature == 0 else ("sample", request.temperature, request.top_p)
+
+    def generate_batch(self, requests: list[GenRequest], on_tokens: list[Callable[[str], None]]) -> list[EngineResult | BaseException]:
+        from omnikv.generation import eos_ids
+        from omnikv.server.batching import generate_batch
+
+        results: list[EngineResult | BaseException | None] = [None] * len(requests)
+        ok: list[int] = []
+        for i, r in enumerate(requests):  # a bad row is refused alone; the others still run
+            try:
+                self._check_ids(r)
+                ok.append(i)
+            except InputError as exc:
+                results[i] = exc
+        if ok:
+            eos = eos_ids(self.model, self.tokenizer)
+            pad = getattr(self.tokenizer, "pad_token_id", None)
+            if pad is None:
+                pad = min(eos) if eos else 0
+            done = generate_batch(self.model, self.tokenizer, self.method, [requests[i] for i in ok], [on_tokens[i] for i in ok], pad_id=pad, eos=eos)
+            for i, res in zip(ok, done):
+                results[i] = res
+        return [r for r in results if r is not None]
+
+    def _check_ids(self, request: GenRequest) -> None:
+        # Token-id prompts come straight from clients: an id outside the vocabulary would fail deep
+        # inside the embedding lookup, so refuse it here with a message that says what is wrong.
+        vocab = self.model.get_input_embeddings().num_embeddings
+        bad = next((t for t in request.prompt_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InputError(f"prompt token id {bad} is outside this model's vocabulary (0..{vocab - 1})")

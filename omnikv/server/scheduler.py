@@ -2,8 +2,9 @@
 
 Requests are answered strictly in arrival order by a single thread that owns the engine (the model,
 its tokenizer and the KV method are not thread-safe, and one long-context request already uses the
-whole device). Batching is not done: `omnikv.generation.generate` decodes one sequence, so the
-worker runs one request at a time.
+whole device). When the engine offers `generate_batch` (`max_batch_size` > 1), the requests waiting right
+behind the first one that share its `batch_key` (same sampling settings) are decoded together with
+it; otherwise one request runs at a time.
 
 Events flow back to the asyncio side through `Job.events` (an `asyncio.Queue` fed with
 `call_soon_threadsafe`): ("start", GenRequest), ("text", str)*, then ("done", EngineResult) or
@@ -44,6 +45,7 @@ class Job:
         self.cancelled = threading.Event()
         self.enqueued_at = time.monotonic()
         self.last_disconnect_check = self.enqueued_at  # owned by the HTTP side
+        self.request: GenRequest | None = None  # set on the worker by `prepare`
         self._loop = loop
 
     def emit(self, kind: str, value: Any) -> None:
@@ -70,7 +72,7 @@ class Scheduler:
         self._on_result = on_result
         self._cv = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
-        self._running: Job | None = None
+        self._running: list[Job] = []
         self._closing = False
         self._thread: threading.Thread | None = None
 
@@ -81,7 +83,7 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        return 0 if self._running is None else 1
+        return len(self._running)
 
     @property
     def alive(self) -> bool:
@@ -96,13 +98,13 @@ class Scheduler:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Refuse waiting requests, abort the running one at its next token, join the worker."""
+        """Refuse waiting requests, abort running ones at their next token, join the worker."""
         with self._cv:
             self._closing = True
             dropped = list(self._waiting)
             self._waiting.clear()
-            if self._running is not None:
-                self._running.cancelled.set()
+            for job in self._running:
+                job.cancelled.set()
             self._cv.notify_all()
         for job in dropped:
             job.emit("error", APIError(503, "The server is shutting down.", code="shutting_down"))
@@ -137,53 +139,135 @@ class Scheduler:
                 if self._closing:
                     return
                 job = self._waiting.popleft()
-                self._running = job
+                self._running = [job]
             try:
-                self._run(job)
+                batch = self._collect(job)
+                if len(batch) == 1:
+                    self._run_one(batch[0])
+                elif batch:
+                    self._run_batch(batch)
             except BaseException:  # never let one request kill the worker
                 log.exception("worker failed outside a request")
             finally:
                 with self._cv:
-                    self._running = None
+                    self._running = []
 
-    def _run(self, job: Job) -> None:
+    def _prepared(self, job: Job) -> bool:
+        """Tokenize and check `job` (once); False if it was cancelled or refused (error sent)."""
         if job.cancelled.is_set():
-            return
+            return False
+        if job.request is not None:
+            return True
         if self._on_start is not None:
             self._on_start(time.monotonic() - job.enqueued_at)
         try:
-            request = job.prepare(self.engine)
-            job.emit("start", request)
-            matcher = StopMatcher(request.stop)
-            parts: list[str] = []
-            fed = False
+            job.request = job.prepare(self.engine)
+        except Exception as exc:
+            job.emit("error", self._error(exc))
+            return False
+        job.emit("start", job.request)
+        return True
 
-            def on_token(piece: str) -> None:
-                nonlocal fed
-                if job.cancelled.is_set():
-                    raise JobCancelled()
-                fed = True
-                out = matcher.feed(piece)
-                if out:
-                    parts.append(out)
-                    job.emit("text", out)
+    def _collect(self, head: Job) -> list[Job]:
+        """`head`, plus the requests right behind it that the engine can decode in the same batch.
 
-            result = self.engine.generate(request, on_token)
-            if not fed and result.text:  # an engine that does not stream: release its text at once
-                on_token(result.text)
-            tail = matcher.flush()
-            if tail:
-                parts.append(tail)
-                job.emit("text", tail)
-            # The streamed text is authoritative: it already has stop strings removed.
-            result = replace(result, text="".join(parts), finish_reason="stop" if matcher.stopped else result.finish_reason)
-            if self._on_result is not None:
-                self._on_result(result)
-            job.emit("done", result)
+        Collection stops at the first request that cannot join, which goes back to the front of
+        the queue: requests are still started in arrival order.
+        """
+        if not self._prepared(head):
+            return []
+        batch = [head]
+        limit = int(getattr(self.engine, "max_batch_size", 1) or 1)
+        batch_key = getattr(self.engine, "batch_key", None)
+        key = batch_key(head.request) if limit > 1 and batch_key is not None else None
+        if key is None:
+            return batch
+        while len(batch) < limit:
+            with self._cv:
+                if not self._waiting or self._closing:
+                    break
+                job = self._waiting.popleft()
+                self._running.append(job)
+            if not self._prepared(job):
+                with self._cv:
+                    self._running.remove(job)
+                continue
+            if batch_key(job.request) != key:
+                with self._cv:
+                    self._running.remove(job)
+                    self._waiting.appendleft(job)
+                break
+            batch.append(job)
+        return batch
+
+    def _run_one(self, job: Job) -> None:
+        out = _Output(job)
+        try:
+            assert job.request is not None
+            result = self.engine.generate(job.request, out.on_token)
         except JobCancelled:
             log.info("request cancelled by its client")
+            return
         except Exception as exc:
-            err = from_exception(exc)
-            if err.status >= 500:
-                log.exception("request failed")
-            job.emit("error", err)
+            job.emit("error", self._error(exc))
+            return
+        self._finish(out, result)
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        outs = [_Output(j) for j in jobs]
+        try:
+            results = self.engine.generate_batch([j.request for j in jobs], [o.on_token for o in outs])  # type: ignore[attr-defined]
+        except Exception as exc:
+            err = self._error(exc)
+            for j in jobs:
+                j.emit("error", err)
+            return
+        for out, result in zip(outs, results):
+            if isinstance(result, JobCancelled):
+                log.info("request cancelled by its client")
+            elif isinstance(result, BaseException):
+                out.job.emit("error", self._error(result))
+            else:
+                self._finish(out, result)
+
+    def _finish(self, out: "_Output", result: EngineResult) -> None:
+        result = out.finish(result)
+        if self._on_result is not None:
+            self._on_result(result)
+        out.job.emit("done", result)
+
+    @staticmethod
+    def _error(exc: BaseException) -> APIError:
+        err = from_exception(exc)
+        if err.status >= 500:
+            log.error("request failed", exc_info=exc)
+        return err
+
+
+class _Output:
+    """One job's text on its way out: stop strings applied, pieces forwarded as events."""
+
+    def __init__(self, job: Job) -> None:
+        assert job.request is not None
+        self.job = job
+        self.matcher = StopMatcher(job.request.stop)
+        self.parts: list[str] = []
+        self.fed = False
+
+    def on_token(self, piece: str) -> None:
+        if self.job.cancelled.is_set():
+            raise JobCancelled()
+        self.fed = True
+        self._emit(self.matcher.feed(piece))
+
+    def _emit(self, text: str) -> None:
+        if text:
+            self.parts.append(text)
+            self.job.emit("text", text)
+
+    def finish(self, result: EngineResult) -> EngineResult:
+        if not self.fed and result.text:  # an engine that does not stream: release its text at once
+            self._emit(self.matcher.feed(result.text))
+        self._emit(self.matcher.flush())
+        # The streamed text is authoritative: it already has stop strings removed.
+        return replace(result, text="".join(self.parts), finish_reason="stop" if self.matcher.stopped else result.finish_reason)
