@@ -6,10 +6,11 @@
   * a local Hugging Face checkpoint directory (config.json + safetensors + tokenizer files);
   * a path to a `.gguf` file.
 
-GGUF files are dequantized by transformers, which takes 15-40 s, so the first load converts them
+GGUF files are dequantized by transformers, which takes 20-60 s on 2 cores, so the first load converts them
 once to a float32 safetensors checkpoint in `cache_dir()` and every later load reads that copy
 (seconds). Conversion writes into a temporary directory and renames it into place, so an
-interrupted conversion never leaves a half-written cache entry. Nothing is ever downloaded.
+interrupted conversion never leaves a half-written cache entry (see omnikv/model_cache.py).
+Nothing is ever downloaded.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from omnikv.errors import ConfigError, ModelLoadError, UnsupportedModelError
 
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
 @dataclass
 class LoadedModel:
     """A ready-to-run causal LM (eval mode) with its tokenizer."""
