@@ -277,9 +277,9 @@ class LossyLayer(ManagedLayer):
                 attention_mask = subset_mask(attention_mask, pos, self.seq_length - q, q, query.shape[1])
             self.last_attended = keys.shape[-2]
             return sdpa_attention_forward(module, query, keys, values, attention_mask, **kwargs)
-        valid = None if attention_mask is None else attention_mask[:, 0, -1, :]  # (B, N) False = pad
-        if valid is not None and bool(valid.all()):
-            valid = None
+        # The new token's mask row covers every position: (B, N), False = padding. (No `.all()`
+        # shortcut: it would synchronise the device at every layer of every step.)
+        valid = None if attention_mask is None else attention_mask[:, 0, -1, :]
         if self.compact_due:
             self.compact_due = False
             self.kept_budget = budget_tokens(self.budget, self.prompt_len)

@@ -125,7 +125,8 @@ class QuestLayer(DenseLayer):
         hq = query.shape[1]
         mask = subset_mask(attention_mask, positions, self.seq_length - 1, 1, hq)  # (B, Hq, 1, n)
         mask = mask & keep.repeat_interleave(hq // hk, dim=1)[:, :, None, :]
-        self.last_attended = int(keep.sum(dim=-1).max())
+        # Rows read (a selected partial last page counts whole; no device sync to count exactly).
+        self.last_attended = min(p * self.page_size, t) + (self.seq_length - t)
         return sdpa_attention_forward(module, query, k_sel, v_sel, mask, **kwargs)
 
     def device_bytes(self) -> int:
