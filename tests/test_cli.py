@@ -2,8 +2,8 @@
 
 Most tests run the real command as a subprocess on a tiny random checkpoint (byte-level tokenizer:
 one token per UTF-8 byte, ChatML template) and check its output against the library run in-process.
-Flag-validation errors run through `omnikv.cli.main` in-process (same code path, no interpreter
-start-up); two error cases run as subprocesses to check there is no traceback.
+Flag-validation errors and `models` run through `omnikv.cli.main` in-process (same code path, no
+interpreter start-up); two error cases run as subprocesses to check that no traceback escapes.
 """
 
 from __future__ import annotations
@@ -216,9 +216,8 @@ def test_models_lists_presets_and_embedded(capsys):
     assert [p["filter_layers"] for p in out["presets"]] == [list(p.config.filter_layers) for p in PRESETS]
     assert [e["name"] for e in out["embedded_models"]] == list(EMBEDDED_MODELS)
     assert out["methods"] == available_methods()
-    proc = run_cli("models")
-    assert proc.returncode == 0
-    text = proc.stdout.decode()
+    assert main(["models"]) == 0
+    text = capsys.readouterr().out
     for p in PRESETS:
         assert p.name in text
     for name in EMBEDDED_MODELS:
@@ -226,11 +225,6 @@ def test_models_lists_presets_and_embedded(capsys):
 
 
 # ------------------------------------------------------------------------------------------ errors
-
-
-def test_missing_prompt_file_is_one_line(ckpt, tmp_path):
-    proc = run_cli("generate", "--model", ckpt, "--prompt-file", str(tmp_path / "nope.txt"))
-    assert_one_line_error(proc, "nope.txt", "does not exist")
 
 
 def test_non_utf8_prompt_file_is_one_line(ckpt, tmp_path):
@@ -270,6 +264,7 @@ def _in_process(argv, capsys) -> tuple[int, str]:
         (["generate", "   "], "empty"),
         (["compare", "--method", "full"], "reference"),
         (["compare", "--demo-depth", "2"], "--demo-depth"),
+        (["generate", "--prompt-file", "/nonexistent/nope.txt"], "nope.txt does not exist"),
         (["chat", "--context-file", "/nonexistent/doc.txt"], "does not exist"),
     ],
 )

@@ -66,6 +66,9 @@ def run(args: argparse.Namespace) -> int:
     if text is None:
         from omnikv.demo import demo_prompt
 
+        if lm.max_context and args.demo_tokens >= lm.max_context:
+            raise ConfigError(f"--demo-tokens {args.demo_tokens} does not fit {lm.name}'s context of "
+                              f"{lm.max_context} tokens; choose fewer")
         demo = demo_prompt(lm.tokenizer, args.demo_tokens, depth=args.demo_depth, seed=args.demo_seed)
         # Raw prompt with an answer prefix: what works for both base and instruct models (models.md).
         chat = bool(args.chat) and common.use_chat(args, lm)
@@ -73,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         chat = common.use_chat(args, lm)
     ids = common.encode_prompt(lm, text, chat)
-    common.check_fits(lm, len(ids) + max_new - 1)
+    common.check_fits(lm, len(ids))
 
     from omnikv.generation import generate
 
@@ -172,7 +175,7 @@ def render(model: str, device: str, n_prompt: int, results, summary: dict[str, A
     lines += [f"{a:<{w0}}{b:<{w1}}{c}".rstrip() for a, b, c in rows]
     if not inline:
         for r, a in zip(results, answers):
-            lines += ["", f"{r.method} answer:", r.text]
+            lines += ["", f"{r.method} answer:", r.text if r.text.strip() else f"{a} (nothing visible)"]
     lines.append("")
     lines.append(f"{other.method}: {_config_summary(other)}")
     if summary["identical"]:
