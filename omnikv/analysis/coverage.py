@@ -43,11 +43,43 @@ def selection_masks(
     sink: int = 0,
     recent: int = 0,
 ) -> torch.Tensor:
-    """Per-query-head kept-key masks each layer's selection implies. (S, L, H, P) -> (S, L, H, T) bool."""
+    """Per-query-head kept-key masks each layer's selection implies. (..., H, P) -> (..., H, T) bool."""
     num_heads, prompt_len = scores.shape[-2], scores.shape[-1]
     kv = num_heads if num_kv_heads is None else num_kv_heads
     idx = topk_indices(scores, resolve_k(k, prompt_len, sink, recent), head_reduce, kv, sink, recent)
     return expand_to_query_heads(kept_mask(idx, total_len, prompt_len), num_heads)
+
+
+def coverage_matrices(
+    scores: torch.Tensor,
+    probs: torch.Tensor,
+    ks: list[int | float],
+    head_reduce: str = "max",
+    num_kv_heads: int | None = None,
+    sink: int = 0,
+    recent: int = 0,
+) -> list[torch.Tensor]:
+    """`coverage_matrix` for several budgets at once (one top-k shared by all of them)."""
+    scores, probs = _check(scores, probs)
+    steps, layers, heads, total = probs.shape
+    prompt_len = scores.shape[-1]
+    kv = heads if num_kv_heads is None else num_kv_heads
+    sizes = [resolve_k(k, prompt_len, sink, recent) for k in ks]
+    # Sorted top-k: the top-k' for k' < k is a prefix (forced sink/recent come first, at +inf).
+    idx = topk_indices(scores, max(sizes), head_reduce, kv, sink, recent)  # (S, L, R, kmax)
+    sets = idx.shape[-2]
+    # Sum each index set's query heads' probabilities once, instead of expanding masks to heads.
+    grouped = probs.reshape(steps, layers, sets, heads // sets, total).sum(3)  # (S, L, R, T)
+    generated = grouped[..., prompt_len:].sum(dim=(-1, -2))  # (S, L): always kept
+    r = torch.arange(sets).view(1, sets, 1)
+    out = [torch.zeros(layers, layers, dtype=torch.float64) for _ in ks]
+    for s in range(steps):
+        # picked[j, i, r, n] = probability mass layer j's group r puts on layer i's n-th pick
+        picked = grouped[s, :, :, :prompt_len][:, r, idx[s]]  # (L_j, L_i, R, kmax)
+        cum = picked.double().cumsum(-1).sum(2)  # (L_j, L_i, kmax): mass on the first n picks
+        for m, size in zip(out, sizes):
+            m += (cum[..., size - 1] + generated[s].double()[:, None]).T
+    return [m / (steps * heads) for m in out]
 
 
 def coverage_matrix(
@@ -60,16 +92,7 @@ def coverage_matrix(
     recent: int = 0,
 ) -> torch.Tensor:
     """coverage[i, j]: mass of layer j on layer i's kept set, mean over heads and steps. -> (L, L) float64."""
-    scores, probs = _check(scores, probs)
-    steps, layers, heads, total = probs.shape
-    total_cov = torch.zeros(layers, layers, dtype=torch.float64)
-    for s in range(steps):  # one step at a time keeps memory at (L, H, T)
-        mask = selection_masks(scores[s], total, k, head_reduce, num_kv_heads, sink, recent)
-        # sum_h sum_t mask[i, h, t] * probs[j, h, t] as one matmul over the flattened (h, t) axis
-        m = mask.reshape(layers, heads * total).to(torch.float64)
-        p = probs[s].reshape(layers, heads * total).to(torch.float64)
-        total_cov += m @ p.T
-    return total_cov / (steps * heads)
+    return coverage_matrices(scores, probs, [k], head_reduce, num_kv_heads, sink, recent)[0]
 
 
 def coverage_decay(coverage: torch.Tensor) -> list[float]:

@@ -7,7 +7,7 @@ from typing import Any, Iterable
 import torch
 
 from omnikv.analysis.capture import AttentionRecord
-from omnikv.analysis.coverage import coverage_decay, coverage_matrix, mass_distribution, topk_jaccard
+from omnikv.analysis.coverage import coverage_decay, coverage_matrices, coverage_matrix, mass_distribution, topk_jaccard
 from omnikv.errors import InputError
 
 
@@ -54,14 +54,15 @@ def build_report(
     for rec in records:
         scores, probs, s = rec.scores(selector), rec.probs(), rec.logits.shape[0]
         total_steps += s
-        for k in ks:
-            for hr in head_reduces:
-                for with_sr in (True, False):
-                    cov = coverage_matrix(
-                        scores, probs, k, hr, rec.num_kv_heads, sink if with_sr else 0, recent if with_sr else 0
-                    )
+        for hr in head_reduces:
+            for with_sr in (True, False):
+                covs = coverage_matrices(
+                    scores, probs, ks, hr, rec.num_kv_heads, sink if with_sr else 0, recent if with_sr else 0
+                )
+                for k, cov in zip(ks, covs):
                     key = variant_key(k, hr, with_sr)
                     acc[key] = acc.get(key, 0) + cov * s
+            for k in ks:
                 if s >= 2:
                     jkey = f"k={k}/{hr}"
                     jac[jkey] = jac.get(jkey, 0) + topk_jaccard(scores, k, hr, rec.num_kv_heads) * s

@@ -61,7 +61,7 @@ def topk_indices(
 ) -> torch.Tensor:
     """Top-k prompt positions per index set, the first `sink` and last `recent` forced in.
 
-    scores: (..., H, P) -> (..., R, k), R = 1 or H_kv (unsorted).
+    scores: (..., H, P) -> (..., R, k), R = 1 or H_kv, best first (forced tokens first).
     """
     if sink < 0 or recent < 0:
         raise ConfigError(f"sink and recent must be >= 0, got {sink}, {recent}")
@@ -72,7 +72,7 @@ def topk_indices(
         reduced[..., : min(sink, prompt_len)] = math.inf
         if recent:
             reduced[..., max(0, prompt_len - recent) :] = math.inf
-    return reduced.topk(min(k, prompt_len), dim=-1).indices
+    return reduced.topk(min(k, prompt_len), dim=-1, sorted=True).indices
 
 
 def kept_mask(indices: torch.Tensor, total_len: int, prompt_len: int) -> torch.Tensor:

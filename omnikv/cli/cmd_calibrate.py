@@ -46,7 +46,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from omnikv.analysis.layout import paper_style_filters, score_layout
+    from omnikv.analysis.layout import layer_layout, paper_style_filters, score_layout
     from omnikv.analysis.preset import make_preset, write_preset
     from omnikv.analysis.report import pooled_coverage
     from omnikv.analysis.search import choose_filter_layers
@@ -117,6 +117,11 @@ def run(args: argparse.Namespace) -> int:
     for name, s in rows:
         print(f"{name:<28} {','.join(map(str, to_model(s.filter_layers))):<18} {s.num_dense:>5} {s.num_sparse:>6} "
               f"{s.mean_sparse_coverage:>10.4f} {s.mean_all_coverage:>13.4f}")
+    lay = layer_layout(chosen.filter_layers, num_wait, n)
+    idle = [layer_ids[f] for f in chosen.filter_layers if f not in lay.source]
+    if idle:
+        # Legal and sometimes optimal: near the end a "filter" is the cheapest way to keep a layer dense.
+        print(f"note: filter layer(s) {idle} serve no sparse layer; they only keep those layers dense")
     if check is not None:
         print(f"exhaustive check: {'DP result is optimal' if check else 'MISMATCH (see rows above)'}")
 
