@@ -125,3 +125,15 @@ def test_cli_reports_missing_inputs_as_user_errors(tmp_path, capsys):
     ckpt = testing.make_tiny_checkpoint(tmp_path / "ckpt", family="llama")
     rc = main(["calibrate", "--model", str(ckpt), "--input", str(tmp_path / "nope.txt")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_cli_checks_options_before_loading_the_model(capsys):
+    from omnikv.cli import main
+
+    # the model name does not exist: these must fail on the options first
+    assert main(["analyze", "--model", "no-such-model", "--task", "no-such-task"]) == 2
+    assert "unknown task" in capsys.readouterr().err
+    assert main(["analyze", "--model", "no-such-model", "--input", "x.txt", "--k", "1.5"]) == 2
+    assert "(0, 1]" in capsys.readouterr().err
+    assert main(["calibrate", "--budget", "256"]) == 2
+    assert "--from-report" in capsys.readouterr().err

@@ -34,18 +34,28 @@ def prompts_from_files(tokenizer: Any, paths: list[str], length: int | None = No
     return out
 
 
-def prompts_from_task(
-    tokenizer: Any, task: str, length: int, num_samples: int = 1, seed: int = 0
-) -> list[tuple[str, list[int]]]:
-    """(source, token ids) of `num_samples` prompts of a local evaluation task (omnikv.eval.tasks)."""
+def check_task(task: str) -> None:
+    """Raise ConfigError unless `task` is a local task generator."""
+    _task_generator(task)
+
+
+def _task_generator(task: str):
     try:
         from omnikv.eval.tasks import TASKS
-        from omnikv.eval.tasks.base import encode_prompt
     except ImportError as exc:
         raise ConfigError(
             f"the evaluation task generators are not available ({exc}); pass --input FILE instead"
         ) from None
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(sorted(TASKS))}")
-    samples = TASKS[task](tokenizer, length, num_samples, seed)
-    return [(f"{task}:{s.id}", encode_prompt(tokenizer, s.prompt)) for s in samples]
+    return TASKS[task]
+
+
+def prompts_from_task(
+    tokenizer: Any, task: str, length: int, num_samples: int = 1, seed: int = 0
+) -> list[tuple[str, list[int]]]:
+    """(source, token ids) of `num_samples` prompts of a local evaluation task (omnikv.eval.tasks)."""
+    generate = _task_generator(task)
+    samples = generate(tokenizer, length, num_samples, seed)
+    # the same token ids the evaluation runner feeds (special tokens added)
+    return [(f"{task}:{s.id}", list(tokenizer(s.prompt, add_special_tokens=True)["input_ids"])) for s in samples]

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from omnikv.analysis.capture import AttentionRecord, record_decode_attention
-from omnikv.analysis.inputs import prompts_from_files, prompts_from_task
+from omnikv.analysis.inputs import check_task, prompts_from_files, prompts_from_task
 from omnikv.errors import ConfigError
 
 # Settings a preset may carry that analysis / calibration reuse.
@@ -59,10 +59,22 @@ def load(model: str, device: str):
     return load_model(model, dtype="float32", device=device)
 
 
-def record_inputs(lm, args) -> tuple[list[AttentionRecord], list[str]]:
-    """Build the prompts the arguments ask for and record each one's decode attention."""
+def check_input_args(args) -> None:
+    """Fail on bad prompt options before the (slow) model load."""
     if args.length < 2 or args.steps < 1 or args.samples < 1:
         raise ConfigError("--length must be >= 2, --steps >= 1 and --samples >= 1")
+    if not args.input and not args.task:
+        raise ConfigError("give the prompts: --input FILE (repeatable) or --task NAME --length L")
+    for path in args.input or []:
+        if not Path(path).is_file():
+            raise ConfigError(f"input file {path} does not exist")
+    if args.task:
+        check_task(args.task)
+
+
+def record_inputs(lm, args) -> tuple[list[AttentionRecord], list[str]]:
+    """Build the prompts the arguments ask for and record each one's decode attention."""
+    check_input_args(args)
     if args.input:
         prompts = prompts_from_files(lm.tokenizer, args.input, args.length)
     elif args.task:
@@ -84,7 +96,11 @@ def record_inputs(lm, args) -> tuple[list[AttentionRecord], list[str]]:
 
 def parse_budget(text: str) -> int | float:
     """'256' -> 256 tokens; '0.067' -> a fraction of the prompt."""
+    from omnikv.analysis.selection_sets import resolve_k
+
     try:
-        return float(text) if any(c in text for c in ".eE") else int(text)
+        value = float(text) if any(c in text for c in ".eE") else int(text)
     except ValueError:
         raise ConfigError(f"budget {text!r} must be an int (tokens) or a fraction like 0.067") from None
+    resolve_k(value, 1 << 20)  # range check now, not after the recording
+    return value

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from omnikv.analysis.plots import plot_decay, plot_heatmap
     from omnikv.analysis.report import build_report, variant_key
     from omnikv.analysis.selection_sets import HEAD_REDUCTIONS
-    from omnikv.analysis.session import load, load_preset_settings, parse_budget, record_inputs
+    from omnikv.analysis.session import check_input_args, load, load_preset_settings, parse_budget, record_inputs
 
     preset = load_preset_settings(args.preset)
     ks = [parse_budget(x.strip()) for x in args.k.split(",") if x.strip()]
@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    check_input_args(args)
     lm = load(args.model, args.device)
     records, sources = record_inputs(lm, args)
     report = build_report(records, ks, heads, sink, recent, selector)

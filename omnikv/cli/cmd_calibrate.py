@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from omnikv.analysis.preset import make_preset, write_preset
     from omnikv.analysis.report import pooled_coverage
     from omnikv.analysis.search import choose_filter_layers
-    from omnikv.analysis.session import load, load_preset_settings, parse_budget, record_inputs
+    from omnikv.analysis.session import check_input_args, load, load_preset_settings, parse_budget, record_inputs
 
     preset = load_preset_settings(args.preset)
     budget = parse_budget(args.budget) if args.budget is not None else preset.get("budget", 0.067)
@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         if not args.model:
             raise ConfigError("give --model (and the prompts), or --from-report REPORT.json")
+        check_input_args(args)
         lm = load(args.model, args.device)
         records, sources = record_inputs(lm, args)
         layer_ids = records[0].layer_ids
