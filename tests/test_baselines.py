@@ -396,3 +396,25 @@ def test_multi_turn_session_keeps_the_budget(name):
         else:
             assert kept.shape[-1] == budget
         assert int(kept.max()) == 30 + 4 + 20 + 3 - 1  # the newest row is always kept
+
+
+# ---------------------------------------------------------------------------------------------
+# the budget means the same for every method
+
+
+@pytest.mark.parametrize("name, budget, expect", [
+    ("streaming_llm", 20, 20), ("h2o", 20, 20), ("snapkv", 20, 20), ("quest", 20, 32), ("quest", 0.5, 32),
+])
+def test_first_decode_step_reads_budget_prompt_tokens(name, budget, expect):
+    """48-token prompt: every budgeted layer attends to `expect` prompt rows + the new token
+    (Quest: whole pages of 16, ceil(20 / 16) = 2 pages; 0.5 of 48 = 24 tokens -> 2 pages)."""
+    model = model_of("qwen3")
+    cache = get_method(name, budget=budget).make_cache(model)
+    with torch.inference_mode():
+        model(prompt(48), cache=cache)
+        model(torch.tensor([[7]]), cache=cache)
+    attended = cache.stats()["attended_tokens_per_layer"]
+    budgeted = attended[2:] if name == "quest" else attended  # Quest: layers 0, 1 dense
+    assert budgeted == [expect + 1] * len(budgeted)
+    if name == "quest":
+        assert attended[:2] == [49, 49]

@@ -328,7 +328,13 @@ class LossyLayer(ManagedLayer):
 class LossyCache(ManagedCache):
     """Cache of a lossy method: `layer_factory()` for full-attention layers, stock sliding layers."""
 
-    def __init__(self, model: torch.nn.Module, method_name: str, layer_factory: Callable[[], LossyLayer], budget) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        method_name: str,
+        layer_factory: Callable[[], LossyLayer],
+        budget: int | float,
+    ) -> None:
         types = check_supported(model, method_name)
         cfg = text_config(model)
         layers = [make_sliding_layer(cfg) if t == "sliding_attention" else layer_factory() for t in types]

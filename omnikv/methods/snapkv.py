@@ -76,7 +76,9 @@ def snap_scores(
 class SnapKVLayer(LossyLayer):
     per_head = True
 
-    def __init__(self, budget, window_size: int, kernel_size: int, pooling: str, head_reduce: str) -> None:
+    def __init__(
+        self, budget: int | float, window_size: int, kernel_size: int, pooling: str, head_reduce: str
+    ) -> None:
         super().__init__(budget)
         self.window_size = window_size
         self.kernel_size = kernel_size
