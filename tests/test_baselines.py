@@ -418,3 +418,25 @@ def test_first_decode_step_reads_budget_prompt_tokens(name, budget, expect):
     assert budgeted == [expect + 1] * len(budgeted)
     if name == "quest":
         assert attended[:2] == [49, 49]
+
+
+# ---------------------------------------------------------------------------------------------
+# a real model (embedded SmolLM2)
+
+
+@pytest.mark.slow
+def test_real_model_equals_full_with_a_covering_budget_and_shrinks_memory_with_a_small_one():
+    from omnikv.models import load_model
+
+    lm = load_model("smollm2", dtype="float32", device="cpu")
+    text = "The quick brown fox jumps over the lazy dog. " * 12 + "Question: what does the fox jump over? Answer:"
+    ids = lm.tokenizer(text, return_tensors="pt").input_ids
+    n = ids.shape[1]
+    ref, full_cache = run(lm.model, ids, get_method("full_prealloc"), new=8)
+    covering = {"streaming_llm": n + 8, "h2o": n + 8, "snapkv": 1.0, "quest": 1.0}
+    for name in BASELINES:
+        out, _ = run(lm.model, ids, get_method(name, budget=covering[name]), new=8)
+        assert out.tolist() == ref.tolist(), name
+        _, small = run(lm.model, ids, get_method(name, budget=32), new=8)
+        if name in LOSSY:
+            assert small.stats()["device_kv_bytes"] < full_cache.stats()["device_kv_bytes"] / 2
