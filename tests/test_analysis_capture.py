@@ -137,3 +137,20 @@ def test_cli_checks_options_before_loading_the_model(capsys):
     assert "(0, 1]" in capsys.readouterr().err
     assert main(["calibrate", "--budget", "256"]) == 2
     assert "--from-report" in capsys.readouterr().err
+
+
+def test_file_prompts_keep_head_and_tail(tmp_path):
+    from omnikv.analysis.inputs import prompts_from_files
+    from omnikv.errors import InputError
+
+    tok = testing.build_tokenizer()
+    f = tmp_path / "t.txt"
+    f.write_text("".join(chr(ord("a") + i % 26) for i in range(300)))
+    full = list(tok(f.read_text(), add_special_tokens=True)["input_ids"])
+    (_, ids), = prompts_from_files(tok, [str(f)], length=100)
+    assert ids == full[:50] + full[-50:]
+    (_, whole), = prompts_from_files(tok, [str(f)], length=None)
+    assert whole == full
+    (tmp_path / "e.txt").write_text("  \n")
+    with pytest.raises(InputError, match="empty"):
+        prompts_from_files(tok, [str(tmp_path / "e.txt")])

@@ -7,7 +7,13 @@
 - `telemetry`: `summarize_telemetry` for per-step selection records of real runs.
 """
 
-from omnikv.analysis.coverage import coverage_decay, coverage_matrix, mass_distribution, topk_jaccard
+from omnikv.analysis.coverage import (
+    coverage_decay,
+    coverage_matrices,
+    coverage_matrix,
+    mass_distribution,
+    topk_jaccard,
+)
 from omnikv.analysis.layout import LayoutScore, layer_layout, paper_style_filters, score_layout
 from omnikv.analysis.search import choose_filter_layers
 from omnikv.analysis.telemetry import summarize_telemetry
@@ -16,6 +22,7 @@ __all__ = [
     "LayoutScore",
     "choose_filter_layers",
     "coverage_decay",
+    "coverage_matrices",
     "coverage_matrix",
     "layer_layout",
     "mass_distribution",
