@@ -186,8 +186,8 @@ def attention_probs(
     """Softmax attention weights, float32, grouped by KV head.
 
     Args:
-        query: (B, Hq, q, D); keys: (B, Hk, n, D); mask: (B, 1 or Hq, q, n) bool (True = attend)
-            or None.
+        query: (B, Hq, q, D); keys: (B, Hk, n, D); mask: (B, 1 | Hk | Hq, q, n) bool (True =
+            attend) or None.
     Returns:
         (B, Hk, g, q, n) with g = Hq // Hk; rows with nothing to attend (padding queries) are 0.
     """
@@ -197,8 +197,9 @@ def attention_probs(
     logits = torch.matmul(query.reshape(b, hk, g * q, d).float(), keys.float().transpose(-1, -2))
     logits = logits.mul_(scaling).view(b, hk, g, q, n)
     if mask is not None:
-        m = mask.view(b, hk, g, q, n) if mask.shape[1] == hq and hq > 1 else mask.view(b, 1, 1, q, n)
-        logits = logits.masked_fill(~m, float("-inf"))
+        heads = mask.shape[1]
+        m = mask.view(b, hk, g, q, n) if heads == hq else mask.view(b, heads, 1, q, n)  # heads 1 or Hk
+        logits.masked_fill_(~m, float("-inf"))
     return torch.softmax(logits, dim=-1).nan_to_num_(0.0)
 
 

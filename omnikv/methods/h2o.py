@@ -37,7 +37,7 @@ from omnikv.selection import select_topk
 
 NEG_INF = float("-inf")
 POS_INF = float("inf")
-PREFILL_SCORE_ELEMENTS = 1 << 24  # float32 elements of one chunk of prefill weights (64 MiB)
+PREFILL_SCORE_ELEMENTS = 1 << 25  # float32 elements of one chunk of prefill weights (128 MiB)
 
 
 class H2OLayer(LossyLayer):
@@ -89,7 +89,7 @@ class H2OLayer(LossyLayer):
         for s in range(0, q, step):
             e = min(q, s + step)
             m = None if attention_mask is None else attention_mask[:, :, s:e]
-            mask = subset_mask(m, pos, q_start + s, e - s, query.shape[1])
+            mask = subset_mask(m, pos, q_start + s, e - s, pos.shape[1])  # (B, Hk, c, n): no repeat
             probs = attention_probs(query[:, :, s:e], keys, mask, scaling)  # (B, Hk, g, c, n)
             acc[..., :n] += probs.sum(dim=(2, 3))
 
