@@ -126,3 +126,21 @@ def test_decay_jaccard_and_mass_distribution():
     assert {k: round(float(v[0]), 6) for k, v in mass.items()} == {
         "sink": 0.4, "middle": 0.2, "recent": 0.2, "generated": 0.2
     }
+
+
+def test_attention_from_qk_matches_a_per_head_loop():
+    from omnikv.analysis.coverage import attention_from_qk
+
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 3, 4, 8, generator=g)  # S=2, L=3, H=4, D=8
+    k = torch.randn(2, 3, 2, 11, 8, generator=g)  # H_kv=2, T=11
+    scores, probs = attention_from_qk(q, k, 0.25, prompt_len=9)
+    assert scores.shape == (2, 3, 4, 9) and probs.shape == (2, 3, 4, 11)
+    for s in range(2):
+        for layer in range(3):
+            for h in range(4):
+                logits = (k[s, layer, h // 2] @ q[s, layer, h]) * 0.25
+                assert torch.allclose(scores[s, layer, h], logits[:9], atol=1e-5)
+                assert torch.allclose(probs[s, layer, h], torch.softmax(logits, 0), atol=1e-6)
+    with pytest.raises(InputError):
+        attention_from_qk(q, k[:, :, :, :, :4], 0.25, prompt_len=9)

@@ -8,6 +8,7 @@
 """
 
 from omnikv.analysis.coverage import (
+    attention_from_qk,
     coverage_decay,
     coverage_matrices,
     coverage_matrix,
@@ -20,6 +21,7 @@ from omnikv.analysis.telemetry import summarize_telemetry
 
 __all__ = [
     "LayoutScore",
+    "attention_from_qk",
     "choose_filter_layers",
     "coverage_decay",
     "coverage_matrices",

@@ -20,6 +20,26 @@ from omnikv.analysis.selection_sets import expand_to_query_heads, kept_mask, res
 from omnikv.errors import InputError
 
 
+def attention_from_qk(
+    queries: torch.Tensor, keys: torch.Tensor, scaling: float, prompt_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selection scores and attention probabilities from post-RoPE queries and keys.
+
+    queries: (S, L, H, D) one decode query per step and layer; keys: (S, L, H_kv, T, D) the keys
+    each query attends (all of them: no mask). Returns scores (S, L, H, P) = q.k * scaling over the first
+    `prompt_len` keys, and probs (S, L, H, T) = softmax over all keys. GQA: KV head h serves query
+    heads h*g .. h*g+g-1.
+    """
+    if queries.dim() != 4 or keys.dim() != 5 or queries.shape[:2] != keys.shape[:2]:
+        raise InputError("queries must be (S, L, H, D) and keys (S, L, H_kv, T, D) with the same S, L")
+    heads, kv = queries.shape[2], keys.shape[2]
+    if heads % kv or queries.shape[-1] != keys.shape[-1] or not 0 < prompt_len <= keys.shape[3]:
+        raise InputError(f"{heads} query heads / {kv} KV heads, head dims or prompt_len={prompt_len} do not fit")
+    expanded = keys.float().repeat_interleave(heads // kv, dim=2)  # (S, L, H, T, D)
+    logits = torch.einsum("slhd,slhtd->slht", queries.float(), expanded) * scaling
+    return logits[..., :prompt_len], torch.softmax(logits, dim=-1)
+
+
 def _check(scores: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if scores.dim() == 3:
         scores = scores.unsqueeze(0)
