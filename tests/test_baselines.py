@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from omnikv.errors import ConfigError
 from omnikv.generation import SamplingParams, Session, generate, teacher_forced_logits
 from omnikv.methods import available_methods, get_method
+from omnikv.managed import DenseLayer
 from omnikv.methods._lossy import LossyLayer
+from omnikv.methods.quest import QuestLayer, page_bounds, page_scores
 from omnikv.testing import FAMILIES, build_tokenizer, tiny_model
 
 PROMPT = 40  # prompt tokens
@@ -273,10 +275,6 @@ def test_snapkv_budget_smaller_than_window_keeps_the_newest_prompt_rows():
 
 # ---------------------------------------------------------------------------------------------
 # Quest
-
-from omnikv.managed import DenseLayer  # noqa: E402
-from omnikv.methods.quest import QuestLayer, page_bounds, page_scores  # noqa: E402
-
 
 def test_quest_page_bounds_and_scores_match_a_loop_reference():
     g = torch.Generator().manual_seed(3)
