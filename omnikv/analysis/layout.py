@@ -104,7 +104,8 @@ def paper_style_filters(num_layers: int, num_filters: int = 3) -> list[int]:
         return [2, 8, 18]
     first = min(2, num_layers - num_filters)
     span = max(num_filters, round(18 / 32 * num_layers)) - first
-    layers = [first + round(i * span / max(1, num_filters - 1)) if num_filters > 1 else first for i in range(num_filters)]
+    gap = span / max(1, num_filters - 1)
+    layers = [first + round(i * gap) for i in range(num_filters)]
     # rounding can collide on short models: push duplicates forward
     out: list[int] = []
     for f in layers:

@@ -13,7 +13,9 @@ from omnikv.analysis.inputs import check_task, prompts_from_files, prompts_from_
 from omnikv.errors import ConfigError
 
 # Settings a preset may carry that analysis / calibration reuse.
-PRESET_SETTINGS = ("filter_layers", "num_wait_layers", "budget", "sink_tokens", "recent_tokens", "selector", "head_reduce")
+PRESET_SETTINGS = (
+    "filter_layers", "num_wait_layers", "budget", "sink_tokens", "recent_tokens", "selector", "head_reduce",
+)
 
 
 def add_input_arguments(p, model_required: bool = True) -> None:

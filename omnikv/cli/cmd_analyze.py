@@ -21,9 +21,11 @@ def register(subparsers) -> None:
         "coverage_heatmap.png and coverage_decay.png.",
     )
     add_input_arguments(p)
-    p.add_argument("--k", default="64,256,1024", help="comma-separated budgets: tokens or fractions (default 64,256,1024)")
+    p.add_argument("--k", default="64,256,1024",
+                   help="comma-separated budgets: tokens or fractions (default 64,256,1024)")
     p.add_argument("--head-reduce", default="max,sum,per_kv_head", help="comma-separated head reductions")
-    p.add_argument("--sink", type=int, default=None, help="sink tokens counted in the 'sink+recent' variants (default 4)")
+    p.add_argument("--sink", type=int, default=None,
+                   help="sink tokens counted in the 'sink+recent' variants (default 4)")
     p.add_argument("--recent", type=int, default=None, help="recent prompt tokens counted likewise (default 64)")
     p.add_argument("--selector", choices=("last", "softmax_last"), default=None, help="selection scores (default last)")
     p.add_argument("--output-dir", default="omnikv-analysis", help="where report.json and the PNGs go")
@@ -44,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
     heads = [h.strip() for h in args.head_reduce.split(",") if h.strip()]
     bad = [h for h in heads if h not in HEAD_REDUCTIONS]
     if bad or not heads or not ks:
-        raise ConfigError(f"--head-reduce takes {', '.join(HEAD_REDUCTIONS)} and --k at least one budget; got {bad or 'none'}")
+        raise ConfigError(
+            f"--head-reduce takes {', '.join(HEAD_REDUCTIONS)} and --k at least one budget; got {bad or 'none'}"
+        )
     sink = args.sink if args.sink is not None else preset.get("sink_tokens", 4)
     recent = args.recent if args.recent is not None else preset.get("recent_tokens", 64)
     selector = args.selector or preset.get("selector", "last")
@@ -62,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     main_key = variant_key(ks[0], heads[0], True)
     if not args.no_plots:
         written.append(plot_heatmap(report, main_key, out_dir / "coverage_heatmap.png"))
-        written.append(plot_heatmap(report, variant_key(ks[0], heads[0], False), out_dir / "coverage_heatmap_topk_only.png"))
+        topk_only = variant_key(ks[0], heads[0], False)
+        written.append(plot_heatmap(report, topk_only, out_dir / "coverage_heatmap_topk_only.png"))
         decay_keys = [variant_key(ks[0], h, sr) for h in heads for sr in (True, False)]
         written.append(plot_decay(report, decay_keys, out_dir / "coverage_decay.png"))
     _print_summary(report, main_key)

@@ -30,7 +30,8 @@ def register(subparsers) -> None:
                    "the model; the report must hold the variant for --budget / --head-reduce with sink+recent")
     p.add_argument("--num-filters", type=int, default=3, help="filter layers to choose (default 3)")
     p.add_argument("--num-wait", type=int, default=None, help="dense wait layers after each filter (default 1)")
-    p.add_argument("--budget", default=None, help="prompt tokens a sparse layer attends: int or fraction (default 0.067)")
+    p.add_argument("--budget", default=None,
+                   help="prompt tokens a sparse layer attends: int or fraction (default 0.067)")
     p.add_argument("--head-reduce", choices=("max", "sum", "per_kv_head"), default=None, help="default max")
     p.add_argument("--selector", choices=("last", "softmax_last"), default=None, help="default last")
     p.add_argument("--sink", type=int, default=None, help="sink tokens always kept (default 4)")
