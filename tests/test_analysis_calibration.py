@@ -152,3 +152,21 @@ def test_summarize_telemetry():
         summarize_telemetry([{"layer": 1, "coverage": 1.5, "recall": 0.2}])
     with pytest.raises(InputError, match="layer"):
         summarize_telemetry([{"layer": "x", "coverage": 0.5, "recall": 0.2}])
+
+
+def test_summarize_telemetry_reads_the_omnikv_cache_records(tmp_path):
+    # The records the core cache emits with telemetry on (one per sparse layer and decode step).
+    methods = pytest.importorskip("omnikv.methods")
+    testing = pytest.importorskip("omnikv.testing")
+    model = testing.tiny_model("llama", seed=0, num_hidden_layers=6)
+    preset = write_preset(tmp_path / "p.json", make_preset([1], 0, 8, 2, 2, "last", "max", "llama", 6))
+    method = methods.get_method("omnikv", preset=str(preset), telemetry=True)
+    cache = method.make_cache(model)
+    ids = torch.randint(3, 200, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.generate(ids, cache=cache, max_new_tokens=4, do_sample=False)
+    records = cache.state.telemetry
+    summary = summarize_telemetry(records)
+    assert [p["layer"] for p in summary["per_layer"]] == [2, 3, 4, 5]  # sparse layers after filter 1
+    assert summary["num_records"] == len(records) > 0
+    assert 0.0 < summary["mean_coverage"] <= 1.0 + 1e-6 and 0.0 <= summary["mean_recall"] <= 1.0
