@@ -143,14 +143,16 @@ def plan_memory(
                 dev_kv += row * rows_full[i]
         notes.append(f"{plan.summary()}; {k} selected tokens per sparse layer; offload={'on' if offload else 'off'}")
     elif method in ("streaming_llm", "h2o", "snapkv"):
-        from omnikv.methods.base import Method as _M  # noqa: F401
-
-        k = budget if isinstance(budget, int) else int((budget or 0.1) * context)
-        k = min(k, context)
-        dev_kv = row * sum(min(r, k + max_new_tokens) for r in rows_full) + row * max(rows_full)
-        notes.append("lossy: prompt KV beyond the budget is evicted (peak includes one full layer at prefill)")
+        # Prefill is full attention and these caches evict at the first decode step, so the peak
+        # is the whole prompt's KV; afterwards each layer keeps its budget.
+        k = budget if isinstance(budget, int) else int((budget or 0.067) * context)
+        kept = min(k, context) + (max_new_tokens if method == "snapkv" else 0)
+        steady = row * sum(min(r, kept) for r in rows_full)
+        notes.append(f"lossy: peak = the whole prompt until the first decode step, then {steady / GiB:.3f} GiB")
     elif method == "quest":
-        dev_kv = int(full_kv * (1 + 2 / 16))  # + per-page min/max keys
+        # Per-page min and max keys: 2 key rows per 16 tokens, on every layer but the 2 dense ones.
+        meta = sum(row // 2 * 2 * -(-r // 16) for i, r in enumerate(rows_full) if i >= 2)
+        dev_kv = full_kv + meta
         notes.append("drop-free on the device: all KV + page metadata")
     chunk = prefill_chunk_size or context
     # Hidden states, q/k/v and the MLP's intermediate activations of one chunk; attention itself
