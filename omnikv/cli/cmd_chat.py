@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     stops = () if chat else BASE_STOPS
     for turn, question in enumerate(_questions(sys.stdin), start=1):
         ids = conv.turn_ids(question)
-        common.check_fits(lm, session.total_tokens + len(ids))
+        common.check_fits(lm, session.total_tokens + len(ids), "the conversation" if turn > 1 else "the document")
         session.append(ids)
         new_tokens = len(session.pending)  # what this turn reads: the question (and, first, the document)
         stream = None

@@ -138,9 +138,12 @@ def _config_summary(res) -> str:
     cfg = res.config
     if res.method == "omnikv":
         parts = [f"filter layers {cfg.get('filter_layers')}", f"budget {cfg.get('budget')}"]
-        attended = res.stats.get("attended_tokens_per_layer")
-        if attended:
-            parts.append(f"sparse layers attend {min(attended)} of {res.prompt_tokens} prompt tokens")
+        roles = res.stats.get("layer_roles") or []
+        sparse = [i for i, r in enumerate(roles) if r == "sparse"]
+        selected = res.stats.get("selected_tokens")
+        if sparse and selected is not None:
+            parts.append(f"sparse layers {sparse} attend {selected} of {res.stats.get('prompt_tokens', res.prompt_tokens)} "
+                         "prompt tokens")
         return ", ".join(parts)
     if cfg.get("budget") is not None:
         return f"budget {cfg['budget']}"

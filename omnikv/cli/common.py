@@ -286,12 +286,12 @@ def encode_prompt(lm, text: str, chat: bool) -> list[int]:
     return encode(lm.tokenizer, text, special=True)
 
 
-def check_fits(lm, n_prompt: int) -> None:
+def check_fits(lm, n_prompt: int, what: str = "the prompt") -> None:
     """InputError when the prompt (plus one generated token) exceeds the model's context."""
     limit = lm.max_context
     if limit and n_prompt + 1 > limit:
         raise InputError(
-            f"the prompt is {n_prompt} tokens but {lm.name}'s context is {limit} tokens; shorten the prompt")
+            f"{what} is {n_prompt} tokens but {lm.name}'s context is {limit} tokens; shorten it")
 
 
 def sampling_params(args: argparse.Namespace, *, max_new_tokens: int | None = None, stop: Sequence[str] = ()):
