@@ -30,13 +30,18 @@ CATEGORIES = ("selection", "gather", "attention", "kv_update")
 # up as module globals at call time). Methods added later are covered as long as they use these.
 _FUNCTION_TARGETS = {
     "filter_scores": "selection",  # OmniKV's Context Selector
+    "scores_from_logits": "selection",
     "select_topk": "selection",
     "page_scores": "selection",  # Quest's page scoring
     "gather_rows": "gather",
     "sdpa_attention_forward": "attention",
 }
 # (module, class, method, category)
-_METHOD_TARGETS = (("omnikv.cache", "Segment", "load", "gather"),)
+_METHOD_TARGETS = (
+    ("omnikv.cache", "Segment", "load", "gather"),
+    # A filter layer computes its decode attention itself (its logits double as selector scores).
+    ("omnikv.cache", "FilterLayer", "_attend_and_select", "attention"),
+)
 
 
 class StepBreakdown:
