@@ -21,6 +21,14 @@ from omnikv.analysis.layout import LayoutScore, layer_layout, paper_style_filter
 from omnikv.errors import ConfigError
 
 METHODS = ("dp", "greedy", "exhaustive")
+
+
+def every_filter_serves(filters, wait: int, n: int) -> bool:
+    """True when each filter has at least one sparse layer after its wait layers. A filter that
+    serves none is just a dense layer in disguise (e.g. on the last layer), which the coverage
+    objective would otherwise reward for free."""
+    bounds = list(filters) + [n]
+    return all(bounds[i + 1] > bounds[i] + wait + 1 for i in range(len(filters)))
 _EXHAUSTIVE_LIMIT = 2_000_000
 
 
@@ -62,7 +70,7 @@ def _dp(cov: list[list[float]], w: list[float], n: int, k: int, wait: int, max_d
                 base = best[m - 1][a][d]
                 if base == inf:
                     continue
-                for b in range(a + 1, n):
+                for b in range(a + wait + 2, n):  # filter a must serve a sparse layer
                     d2 = d + min(wait + 1, b - a)
                     if d2 > max_dense:
                         break  # d2 only grows with b
@@ -74,7 +82,7 @@ def _dp(cov: list[list[float]], w: list[float], n: int, k: int, wait: int, max_d
     end_val = inf
     for a in range(n):
         for d in range(max_dense + 1):
-            if best[k - 1][a][d] == inf or d + min(wait + 1, n - a) > max_dense:
+            if best[k - 1][a][d] == inf or d + min(wait + 1, n - a) > max_dense or n <= a + wait + 1:
                 continue
             val = best[k - 1][a][d] + seg[a][n]
             if val < end_val - 1e-12:
@@ -100,6 +108,8 @@ def _greedy(coverage: torch.Tensor, k: int, wait: int, max_dense: int, weights) 
             if x in chosen:
                 continue
             cand = sorted(chosen + [x])
+            if not every_filter_serves(cand, wait, n):  # adding filters can never repair this
+                continue
             s = score_layout(coverage, cand, wait, weights)
             # leave room for the filters still to come (each brings itself + its wait layers)
             if s.num_dense + remaining * (wait + 1) > max_dense:
@@ -120,6 +130,8 @@ def _exhaustive(coverage: torch.Tensor, k: int, wait: int, max_dense: int, weigh
         )
     best, best_val = None, math.inf
     for cand in itertools.combinations(range(n), k):
+        if not every_filter_serves(cand, wait, n):
+            continue
         s = score_layout(coverage, cand, wait, weights)
         if s.num_dense <= max_dense and s.missed_mass < best_val - 1e-12:
             best, best_val = list(cand), s.missed_mass
