@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The quality suite behind docs/results.md: every method at one budget on the calibrated tasks,
+# plus fidelity / perplexity. Two queues run in parallel, one torch thread each (2-core machine);
+# every stage is resumable (--resume), so re-running this script continues where it stopped.
+#
+#   benchmarks/eval/run_suite.sh            # run (or finish) everything, then build the tables
+#   benchmarks/eval/run_suite.sh report     # only rebuild tables/plots from what has finished
+#
+# Raw outputs: runs/suite/<stage>/ (predictions.jsonl etc.); tables: benchmarks/eval/results/.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PY:-.venv/bin/python}
+OUT=${OUT:-runs/suite}
+METHODS=full,omnikv,streaming_llm,h2o,snapkv,quest
+BUDGET=${BUDGET:-0.1}            # tokens per budgeted layer = 10% of the prompt, every method
+G_TASKS=${G_TASKS:-passkey,niah_multikey_1}
+S_TASKS=${S_TASKS:-passkey,niah_multikey_1}
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+common=(--budget "$BUDGET" --haystack narrative --max-new-tokens 16 --prefill-chunk-size 1024
+        --method-opt omnikv.offload=true --resume --no-progress)
+mkdir -p "$OUT"
+
+ev() {  # ev STAGE ARGS...: one resumable `omnikv eval` stage, logged to $OUT/STAGE.log
+  local stage=$1; shift
+  echo "[$(date -u +%H:%M:%S)] start $stage" >> "$OUT/progress.log"
+  $PY -m omnikv eval --output "$OUT/$stage" "${common[@]}" "$@" >> "$OUT/$stage.log" 2>&1
+  echo "[$(date -u +%H:%M:%S)] end $stage rc=$?" >> "$OUT/progress.log"
+}
+
+g3() {  # g3 STAGE LENGTH [ARGS]: one length of the main Gemma 3 270M table
+  local stage=$1 L=$2; shift 2
+  ev "$stage" --model gemma3 --methods $METHODS --tasks "$G_TASKS" --lengths $L --samples 3 "$@"
+}
+
+queue_gemma3() {  # main accuracy table, shortest length first; 8K is split over both queues
+  g3 gemma3-2k 2k
+  g3 gemma3-4k 4k
+  g3 gemma3-8k-s0 8k --shard 0/2
+}
+
+queue_other() {
+  ev smollm2-1k --model smollm2 --methods $METHODS --tasks "$S_TASKS" --lengths 1k --samples 3
+  ev fid-smollm2-4k --model smollm2 --methods $METHODS --tasks niah_multikey_1 --lengths 4k --samples 2 \
+     --fidelity --perplexity
+  ev fid-gemma3-4k --model gemma3 --methods $METHODS --tasks niah_multikey_1 --lengths 4k --samples 2 \
+     --fidelity --perplexity
+  g3 gemma3-8k-s1 8k --shard 1/2
+  ev gemma3-16k --model gemma3 --methods full,omnikv --tasks passkey --lengths 16k --samples 2
+  if [[ ${WITH_FID8K:-0} == 1 ]]; then  # not in the committed results (time); WITH_FID8K=1 adds it
+    ev fid-gemma3-8k --model gemma3 --methods $METHODS --tasks niah_multikey_1 --lengths 8k --samples 2 \
+       --fidelity --perplexity
+  fi
+}
+
+if [[ ${1:-run} != report ]]; then
+  queue_gemma3 & q1=$!
+  queue_other & q2=$!
+  wait $q1 $q2
+fi
+$PY benchmarks/eval/results.py "$OUT" benchmarks/eval/results
