@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU benchmark of docs/performance.md: SmolLM2-135M, fp32, batch 1, synthetic KV, 4K-32K,
-# full (stock transformers cache) vs full_prealloc vs OmniKV (SmolLM2 preset, and budget=1024),
+# full (stock transformers cache) vs full_prealloc vs OmniKV (SmolLM2 preset: 1024 tokens),
 # methods interleaved step by step.
 #   benchmarks/cpu_smollm2.sh [OUTPUT_DIR] [extra `omnikv bench` args...]
 #   THREADS=2 (default) sets torch's CPU threads. On a shared, oversubscribed machine use THREADS=1:
@@ -9,7 +9,9 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="${1:-$root/benchmarks/results/cpu-smollm2}"
 shift || true
+# A fixed mmap threshold makes glibc return freed KV tensors to the OS, so RSS peaks stay meaningful.
+export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-1048576}"
 "$root/.venv/bin/python" -m omnikv bench --model smollm2 \
-  --methods "${METHODS:-full,full_prealloc,omnikv,omnikv:budget=1024}" \
+  --methods "${METHODS:-full,full_prealloc,omnikv}" \
   --contexts "${CONTEXTS:-4k,8k,16k,32k}" --synthetic-kv --threads "${THREADS:-2}" \
   --steps 64 --warmup 8 --breakdown-steps 16 --output-dir "$out" "$@"
