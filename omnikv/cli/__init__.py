@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+    from omnikv.cli.common import one_line_errors
+
+    one_line_errors(parser)
+    for subparser in sub.choices.values():
+        one_line_errors(subparser)
     return parser
 
 
