@@ -135,7 +135,6 @@ class Segment:
         self.staging: torch.Tensor | None = None  # pinned (L, 2, B, H, k, D), CUDA offload only
         self.copy_stream = None
         self.ready = None  # CUDA event: the packed copy has landed
-        self.timings: dict[str, float] | None = None
 
     def attach(self, like: torch.Tensor) -> None:
         """Called by each sparse layer's first update: allocate the bank, check devices."""
@@ -363,7 +362,6 @@ class OmniKVCache(ManagedCache):
         super().__init__(model, layers)
         self._first_full = self.plan.layers_with(Role.DENSE) + self.plan.layers_with(Role.FILTER)
         self._first_full = min(self._first_full) if self._first_full else None
-        self._last_layer = len(self.layers) - 1
 
     # Bookkeeping of prompt / decode phases happens at the first full-attention layer, the first
     # place that sees both the new tokens and the mask of this forward.
