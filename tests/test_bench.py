@@ -79,7 +79,7 @@ def test_run_bench_synthetic_records_and_accounting(tiny):
             continue
         seq = r["context"] + spec.warmup + spec.steps + spec.breakdown_steps  # tokens in the cache
         assert r["steps"] == 4 and r["ms_per_token"] > 0
-        assert r["tokens_per_s"] == pytest.approx(1000 / r["ms_per_token"], rel=1e-3)
+        assert abs(r["tokens_per_s"] - 1000 / r["ms_per_token"]) <= 1e-3 * max(1.0, r["tokens_per_s"])
         if r["method"].startswith("full"):
             assert r["device_kv_bytes"] == LAYERS * seq * TOKEN_BYTES
             assert r["host_kv_bytes"] == 0
@@ -179,6 +179,6 @@ def test_gpu_script_tiny_mode_runs_on_cpu(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["correctness"]["full_budget_equivalence"]["passed"] is True
     assert summary["correctness"]["offload_on_equals_off"]["passed"] is True
-    assert {r["method"] for r in summary["timing"]} >= {"full", "quest"}
+    assert {r["method_name"] for r in summary["timing"]} >= {"full", "omnikv", "quest"}
     assert summary["metadata"]["command"]
     assert "SUMMARY" in proc.stdout
