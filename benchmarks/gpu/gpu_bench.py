@@ -66,12 +66,17 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = run_metadata(["benchmarks/gpu/run.sh", *sys.argv[1:]] if argv is None else ["benchmarks/gpu/run.sh", *argv], device)
     summary: dict = {"metadata": meta, "notes": []}
+
+    def save() -> None:  # after every stage: a run cut short still leaves what it measured
+        (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n", encoding="utf-8")
+
     warnings.filterwarnings("ignore", message="no OmniKV preset")
 
     # 1. correctness --------------------------------------------------------------------------
     summary["correctness"] = stages.correctness(device, tiny)
     for name, res in summary["correctness"].items():
         log(f"correctness {name}: {'PASS' if res['passed'] else 'FAIL'} {res}")
+    save()
 
     # 2. timing ---------------------------------------------------------------------------------
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -85,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     summary["methods"] = methods
     records = stages.timing(model, methods, contexts, steps, tiny, clock, summary["notes"])
     summary["timing"] = records
+    save()
     if records:
         from omnikv.bench_report import plot
 
@@ -94,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     trace_ctx = contexts[-1] if tiny else min(contexts[-1], 65536)
     summary["trace"] = stages.trace(model, f"omnikv:offload=true:budget={budget}", trace_ctx, out, clock)
     log(f"trace: {summary['trace']}")
+    save()
 
     # 4. longest context ------------------------------------------------------------------------
     summary["max_context"] = stages.max_context(model, methods, records, tiny, clock)
@@ -102,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     finish_metadata(meta)
     summary["targets"] = stages.targets(summary, budget)
     summary["elapsed_seconds"] = round(clock.elapsed(), 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n", encoding="utf-8")
+    save()
     print(stages.render(summary), flush=True)
     ok = all(res["passed"] for res in summary["correctness"].values())
     return 0 if ok else 1
