@@ -15,7 +15,7 @@ import torch
 from omnikv import _context
 from omnikv._compat import Cache, CacheLayerMixin, DynamicSlidingWindowLayer, layer_types, sdpa_attention_forward, sliding_window
 from omnikv.attention import use_omnikv_attention
-from omnikv.errors import UnsupportedModelError
+from omnikv.errors import InputError, UnsupportedModelError
 from omnikv.selection import positions_mask
 from omnikv.storage import KVBuffer
 
@@ -137,6 +137,8 @@ class ManagedCache(Cache):
     def __init__(self, model: torch.nn.Module, layers: list[CacheLayerMixin]) -> None:
         super().__init__(layers=layers)
         self.model_fingerprint = model_fingerprint(model)
+        cfg = text_config(model)
+        self._kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         use_omnikv_attention(model)
 
     # transformers calls this once per layer per forward, right before attention.
@@ -146,8 +148,34 @@ class ManagedCache(Cache):
                 f"this cache has {len(self.layers)} layers but layer {layer_idx} asked for one: it "
                 f"was built for another model ({self.model_fingerprint}); build one per model"
             )
+        if layer_idx == 0:
+            self._check_forward(key_states, kwargs)
         _context.put(self, layer_idx)
         return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+
+    def _check_forward(self, key_states: torch.Tensor, kwargs: dict[str, Any]) -> None:
+        """Once per forward (layer 0): refuse another model's KV, and input that does not continue
+        the cached sequence (e.g. `model.generate` called twice with the same prompt on one cache),
+        which would otherwise silently decode garbage. key_states (B, Hk, q, D)."""
+        if key_states.shape[1] != self._kv_heads:
+            raise UnsupportedModelError(
+                f"this cache was built for {self.model_fingerprint} but gets KV with "
+                f"{key_states.shape[1]} heads: a cache serves the model it was built for; build one per model"
+            )
+        inner = kwargs.get("kwargs") if isinstance(kwargs.get("kwargs"), dict) else kwargs
+        pos = inner.get("position_ids")
+        q = key_states.shape[-2]
+        # Decode steps on an accelerator skip the check: reading the positions would sync every step.
+        if not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[-1] != q or (q == 1 and pos.device.type != "cpu"):
+            return
+        seen = self.layers[0].get_seq_length()
+        last = int(pos[:, -1].max())  # the unpadded row of a left-padded batch
+        if last != seen + q - 1:
+            raise InputError(
+                f"this cache already holds {seen} tokens but the new input continues at position "
+                f"{last - q + 1}: a cache continues one sequence. Pass the whole sequence so far "
+                f"(the previous output plus new tokens) to continue it, or build a new cache for a new prompt"
+            )
 
     def attend(self, layer_idx: int, module, query, key, value, attention_mask, **kwargs):
         return self.layers[layer_idx].attend(module, query, key, value, attention_mask, **kwargs)
