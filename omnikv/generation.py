@@ -129,6 +129,10 @@ class Session:
         ids = _as_ids(ids)
         if not ids:
             raise InputError("empty input: give at least one token of prompt")
+        vocab = self.model.get_input_embeddings().num_embeddings
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:  # would be an IndexError deep inside the embedding otherwise
+            raise InputError(f"token id {bad[0]} is outside the model's vocabulary (0..{vocab - 1})")
         self.pending.extend(ids)
 
     def _check_memory(self) -> None:
@@ -191,7 +195,10 @@ class Session:
     ) -> GenerationResult:
         params = params or SamplingParams()
         if hasattr(self.cache, "reserve"):
-            self.cache.reserve(params.max_new_tokens + len(self.pending))
+            extra = params.max_new_tokens + len(self.pending)
+            if self.limit is not None:  # decoding stops at the context limit: never reserve past it
+                extra = min(extra, max(self.limit - len(self.history), 0))
+            self.cache.reserve(extra)
         prompt_tokens = self.total_tokens
         t0 = time.perf_counter()
         logits = self.feed(progress=progress)
