@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from omnikv.errors import InputError
+
 GROWTH = 1.5
 
 
@@ -48,7 +50,7 @@ class KVBuffer:
         """Append (B, H, n, D) rows; return views of all rows in use, (B, H, length, D)."""
         n = key.shape[-2]
         if self.keys is not None and (key.shape[0] != self.keys.shape[0] or key.shape[1] != self.keys.shape[1]):
-            raise ValueError(
+            raise InputError(
                 f"KV of shape {tuple(key.shape)} does not fit a cache holding "
                 f"{tuple(self.keys.shape)}: a cache serves one model and one batch; build a new one"
             )
