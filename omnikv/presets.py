@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from omnikv._compat import layer_types
 from omnikv.config import OmniKVConfig
+from omnikv.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -108,3 +109,23 @@ def preset_for_model(model_or_config, *, warn: bool = True) -> OmniKVConfig:
             stacklevel=2,
         )
     return fallback_config(model_or_config)
+
+
+def check_preset_model(made_for: dict, model_or_config, where: str = "preset") -> None:
+    """Refuse a preset file made for another model (its `model_type` / `num_layers` keys, as
+    `omnikv calibrate` writes them): its filter layers would be wrong, or out of range, for this one.
+    Keys the file does not have are not checked."""
+    cfg = getattr(model_or_config, "config", model_or_config)
+    text = cfg.get_text_config(decoder=True)
+    types = {cfg.model_type, text.model_type}
+    want_type, want_layers = made_for.get("model_type"), made_for.get("num_layers")
+    if want_type is not None and want_type not in types:
+        raise ConfigError(
+            f"{where} was made for a {want_type} model but this model is {text.model_type}; run "
+            f"`omnikv calibrate` for this model, or omit --preset to use its built-in preset"
+        )
+    if want_layers is not None and want_layers != text.num_hidden_layers:
+        raise ConfigError(
+            f"{where} was made for a model with {want_layers} layers but this one has "
+            f"{text.num_hidden_layers}; run `omnikv calibrate` for this model, or omit --preset"
+        )

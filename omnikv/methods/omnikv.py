@@ -38,6 +38,9 @@ class OmniKV(Method):
         if config is not None and preset is not None:
             raise ConfigError("give either config or preset, not both")
         self.base = OmniKVConfig.from_json(preset) if preset else config
+        # Which model a preset file was made for (checked against the model in config_for).
+        self.preset_path = preset
+        self.made_for = _made_for(preset) if preset else {}
         self.overrides = {k: v for k, v in overrides.items() if v is not None}
         if budget is not None:
             self.overrides["budget"] = budget
@@ -46,6 +49,10 @@ class OmniKV(Method):
 
     def config_for(self, model) -> OmniKVConfig:
         if self.base is not None:
+            if self.made_for:
+                from omnikv.presets import check_preset_model
+
+                check_preset_model(self.made_for, model, where=f"preset file {self.preset_path}")
             return self.base
         from omnikv.presets import preset_for_model
 
@@ -64,3 +71,12 @@ class OmniKV(Method):
         else:
             d.update({"preset": "per model", **self.overrides})
         return d
+
+
+def _made_for(path: str) -> dict[str, Any]:
+    """The `model_type` / `num_layers` keys of a preset file (already validated by from_json)."""
+    import json
+    from pathlib import Path
+
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    return {k: data[k] for k in ("model_type", "num_layers") if k in data}
