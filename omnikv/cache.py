@@ -156,6 +156,8 @@ class Segment:
         self.generated = 0
 
     def _ensure_work(self, k: int, generated: int) -> None:
+        """Room for k selected + `generated` rows. Growing keeps what is already there: the
+        selected rows too when k is unchanged (a load may have just filled them this step)."""
         data = self.bank.data
         need = k + generated
         if self.work is not None and self.k == k and self.work.shape[-2] >= need:
@@ -163,8 +165,13 @@ class Segment:
         lsz, two, b, h, _, d = data.shape
         cap = need + 64 if self.work is None else max(need + 64, int(need * GROWTH))
         work = torch.empty((lsz, two, b, h, cap, d), dtype=data.dtype, device=self.device)
-        if self.work is not None and self.generated:
-            work[..., k : k + self.generated, :].copy_(self.work[..., self.k : self.k + self.generated, :])
+        if self.work is not None:
+            if self.ready is not None:  # a pending async load still writes the old buffer
+                torch.cuda.current_stream(self.device).wait_event(self.ready)
+            if self.k == k:
+                work[..., : k + self.generated, :].copy_(self.work[..., : k + self.generated, :])
+            elif self.generated:
+                work[..., k : k + self.generated, :].copy_(self.work[..., self.k : self.k + self.generated, :])
         self.work = work
 
     def load(self, idx: torch.Tensor, step: int) -> None:

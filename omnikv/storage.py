@@ -113,6 +113,9 @@ class PackedBank:
             cap = _grown_capacity(end, self.capacity, self.headroom)
             data = self._alloc((self.num_layers, 2, b, h, cap, d), key.dtype)
             if self.data is not None:
+                if self.pin and torch.cuda.is_available():
+                    # Rows may still be arriving by non-blocking device->host copies.
+                    torch.cuda.current_stream().synchronize()
                 used = max(self.length)
                 data[..., :used, :].copy_(self.data[..., :used, :])
             self.data = data

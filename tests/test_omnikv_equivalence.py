@@ -140,3 +140,14 @@ def test_batch_padding_is_never_selected(models):
         # sinks are the first real tokens of each sequence
         assert {40, 41} <= set(idx[0, 0].tolist())
         assert {0, 1} <= set(idx[1, 0].tolist())
+
+
+def test_long_decode_through_buffer_growth_equals_full_attention(models):
+    """Past the working buffer's first capacity (k + 64 rows) the selection must survive the
+    reallocation: at full budget, 150 greedy tokens equal full attention's."""
+    model = models("llama", num_hidden_layers=6)
+    ids = prompt(60, seed=21)[0].tolist()
+    cont = prompt(150, seed=22)[0].tolist()
+    full = teacher_forced_logits(model, ids, cont, "full")
+    omni = teacher_forced_logits(model, ids, cont, get_method("omnikv", config=cfg_for("llama", budget=1.0)))
+    torch.testing.assert_close(omni, full, atol=ATOL, rtol=0)
