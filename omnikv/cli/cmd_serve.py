@@ -107,6 +107,9 @@ def run(args: argparse.Namespace) -> int:
         )
     method = build_method(args.method, budget=args.budget, preset=args.preset)  # fail fast, before loading
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    # Build one cache now: a method that cannot run this model (a preset made for another model,
+    # filter layers out of range, an unsupported architecture) fails here, not on every request.
+    method.make_cache(loaded.model)
     batch = args.max_batch_size
     if batch is None:
         batch = 4 if next(loaded.model.parameters()).device.type == "cuda" else 1
