@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -35,24 +34,13 @@ def add_input_arguments(p, model_required: bool = True) -> None:
 
 
 def load_preset_settings(path: str | None) -> dict[str, Any]:
-    """The OmniKV settings of a preset file (validated by the core config when it is installed)."""
+    """The OmniKV settings of a preset file, validated by the core config."""
     if not path:
         return {}
-    try:
-        from omnikv.config import OmniKVConfig
-    except ImportError:
-        OmniKVConfig = None  # noqa: N806
-    if OmniKVConfig is not None and hasattr(OmniKVConfig, "from_json"):
-        cfg = OmniKVConfig.from_json(path)
-        return {k: (list(v) if k == "filter_layers" else v) for k, v in cfg.to_dict().items() if k in PRESET_SETTINGS}
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"preset file {p} does not exist")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"preset file {p} is not valid JSON: {exc}") from None
-    return {k: v for k, v in data.items() if k in PRESET_SETTINGS}
+    from omnikv.config import OmniKVConfig
+
+    cfg = OmniKVConfig.from_json(path)
+    return {k: (list(v) if k == "filter_layers" else v) for k, v in cfg.to_dict().items() if k in PRESET_SETTINGS}
 
 
 def load(model: str, device: str):
