@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
+from omnikv.cli.common import non_negative_int, positive_int
 from omnikv.errors import InputError, ModelLoadError
 
 GiB = 1024**3
@@ -28,7 +30,7 @@ def parse_tokens(text: str) -> int:
             value = int(float(t[:-1]) * 1024 * 1024)
         else:
             value = int(t)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: "infk"
         raise InputError(f"context {text!r} is not a token count (e.g. 32768, 32k, 1m)") from None
     if value <= 0:
         raise InputError(f"context must be > 0 tokens; got {text!r}")
@@ -67,9 +69,9 @@ def register(sub) -> None:
     p.add_argument("--methods", default="full,full_offload,omnikv,quest", help="comma-separated methods")
     p.add_argument("--budget", type=float, default=None, help="tokens (>=1) or fraction (<1)")
     p.add_argument("--device", default="cuda", help="device the model would run on (cuda or cpu)")
-    p.add_argument("--dtype-bytes", type=int, default=2, help="bytes per element (2 = bf16/fp16, 4 = fp32)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--prefill-chunk-size", type=int, default=None)
+    p.add_argument("--dtype-bytes", type=positive_int, default=2, help="bytes per element (2 = bf16/fp16, 4 = fp32)")
+    p.add_argument("--max-new-tokens", type=non_negative_int, default=256)
+    p.add_argument("--prefill-chunk-size", type=positive_int, default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
 
@@ -81,9 +83,9 @@ def run(args: argparse.Namespace) -> int:
     context = parse_tokens(args.context)
     budget = None
     if args.budget is not None:
+        if not math.isfinite(args.budget) or args.budget <= 0:  # int(inf) would be an OverflowError
+            raise InputError(f"--budget must be a finite number > 0; got {args.budget}")
         budget = int(args.budget) if args.budget >= 1 else float(args.budget)
-        if budget <= 0:
-            raise InputError("--budget must be > 0")
     try:
         config = load_config(args.model)
     except ModelLoadError:
@@ -110,8 +112,20 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"{p.method:14s} {p.device_total_bytes / GiB:10.2f} {p.host_total_bytes / GiB:9.2f} "
             f"{p.device_kv_bytes / GiB:12.2f} {p.host_kv_bytes / GiB:11.2f} "
-            f"{d['device_kv_share_of_full']:11.2f} {'yes' if p.fits else 'NO':>5s}"
+            f"{d['device_kv_share_of_full']:11.2f} {_fits_label(p):>5s}"
         )
     print("GiB = 2^30 bytes; estimates (KV exact for our layouts, activations a rule of thumb); "
           "on a CPU run everything is host memory.")
+    if any(_fits_label(p) == "?" for p in plans):
+        print(f"? = fits in host memory, but {args.device}'s free memory is unknown on this machine")
     return 0
+
+
+def _fits_label(plan) -> str:
+    """'NO' when a known limit is exceeded; '?' when the device's free memory cannot be read here
+    (planning for a GPU on a machine without it), rather than claiming it fits."""
+    if not plan.fits:
+        return "NO"
+    if plan.device.startswith("cuda") and plan.device_available_bytes is None:
+        return "?"
+    return "yes"
