@@ -460,6 +460,10 @@ def cli_cases(ckpt: str, f: dict[str, str], bad: dict[str, str]) -> list[tuple[s
         ("analyze", ["analyze", *m, "--input", f["latin1"]], ["UTF-8"]),
         ("calibrate", ["calibrate", *m, "--input", f["latin1"]], ["UTF-8"]),
         ("calibrate", ["calibrate", *m, "--from-report", f["latin1"]], ["latin1"]),
+        ("plan", ["plan", *m, "--context", "infk"], ["infk"]),
+        ("plan", ["plan", *m, "--context", "1k", "--budget", "inf"], ["budget"]),
+        ("plan", ["plan", *m, "--context", "1k", "--dtype-bytes", "0"], ["dtype-bytes"]),
+        ("plan", ["plan", *m, "--context", "1k", "--max-new-tokens", "-1"], ["max-new-tokens"]),
     ]
 
 
@@ -474,7 +478,8 @@ CLI_IDS = [
     "compare-latin1", "compare-budget-neg", "compare-at-limit", "plan-context-abc", "plan-context-0", "plan-context-neg",
     "plan-unknown-method", "plan-budget-0", "plan-bad-config", "serve-port", "serve-queue-0", "serve-budget-0",
     "serve-empty-gguf", "serve-preset-other-model", "eval-lengths-abc", "eval-budget-0", "bench-contexts-abc",
-    "bench-steps-neg", "analyze-latin1", "calibrate-latin1", "calibrate-report-not-json",
+    "bench-steps-neg", "analyze-latin1", "calibrate-latin1", "calibrate-report-not-json", "plan-context-infk",
+    "plan-budget-inf", "plan-dtype-bytes-0", "plan-max-new-neg",
 ]
 
 
@@ -513,7 +518,13 @@ def test_cli_edge_inputs_give_correct_results(capsys, ckpt, files, small, tok):
     code, out, err = run_main(["plan", "--model", ckpt, "--context", "1000000k", "--json"], capsys)
     assert code == 0, err
     plans = json.loads(out)
-    assert all(isinstance(p["fits"], bool) for p in (plans if isinstance(plans, list) else plans.get("plans", [plans])))
+    assert all(isinstance(p["fits"], bool) for p in plans)
+    # Planning for a GPU on a machine without one: the device side is unknown, not "fits".
+    if not torch.cuda.is_available():
+        code, out, err = run_main(["plan", "--model", ckpt, "--context", "1k", "--device", "cuda"], capsys)
+        assert code == 0, err
+        rows = [ln.split() for ln in out.splitlines() if ln.split() and ln.split()[0] in ("full", "omnikv")]
+        assert rows and all(r[-1] == "?" for r in rows), out
 
 
 def test_cli_subprocess_no_traceback_for_corrupt_gguf(bad_models):
