@@ -44,6 +44,10 @@ class SamplingParams:
             raise ConfigError(f"top_p must be in (0, 1]; got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ConfigError(f"top_k must be an int >= 0; got {self.top_k!r}")
+        # The range torch.Generator.manual_seed accepts (beyond it: a raw OverflowError/ValueError).
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not -(2**63) <= self.seed < 2**64):
+            raise ConfigError(f"seed must be an int in [-2**63, 2**64); got {self.seed!r}")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if any(not isinstance(s, str) or not s for s in stop):
             raise ConfigError("stop strings must be non-empty strings")
