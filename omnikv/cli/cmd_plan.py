@@ -91,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
     except ModelLoadError:
         raise
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise InputError(f"--methods is empty; give some of: {', '.join(available_methods())}")
     unknown = sorted(set(methods) - set(available_methods()))
     if unknown:
         raise InputError(f"unknown methods {unknown}; available: {', '.join(available_methods())}")
