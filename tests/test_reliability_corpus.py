@@ -98,6 +98,8 @@ API_ERRORS: list[tuple[str, Callable[..., Any], type[Exception], str]] = [
     ("top_p 0", lambda m, t, o: SamplingParams(top_p=0.0), ConfigError, "top_p"),
     ("top_k -1", lambda m, t, o: SamplingParams(top_k=-1), ConfigError, "top_k"),
     ("empty stop string", lambda m, t, o: SamplingParams(stop=("",)), ConfigError, "stop"),
+    ("seed 2**64", lambda m, t, o: SamplingParams(seed=2**64, temperature=1.0), ConfigError, "seed"),
+    ("seed as a string", lambda m, t, o: SamplingParams(seed="7"), ConfigError, "seed"),
     ("unknown method", lambda m, t, o: get_method("omnikvv"), ConfigError, "unknown method"),
     ("unknown omnikv option", lambda m, t, o: get_method("omnikv", filter_layer=(1,)), ConfigError, "unknown omnikv options"),
     ("filter layer = num layers", lambda m, t, o: OmniKVCache(m, SPARSE.replace(filter_layers=(4,))), ConfigError, "valid indices 0..3"),
@@ -464,6 +466,8 @@ def cli_cases(ckpt: str, f: dict[str, str], bad: dict[str, str]) -> list[tuple[s
         ("plan", ["plan", *m, "--context", "1k", "--budget", "inf"], ["budget"]),
         ("plan", ["plan", *m, "--context", "1k", "--dtype-bytes", "0"], ["dtype-bytes"]),
         ("plan", ["plan", *m, "--context", "1k", "--max-new-tokens", "-1"], ["max-new-tokens"]),
+        ("plan", ["plan", *m, "--context", "1k", "--methods", ","], ["--methods is empty"]),
+        ("generate", [*gen, "hi", "--seed", str(2**90)], ["seed"]),
     ]
 
 
@@ -479,7 +483,7 @@ CLI_IDS = [
     "plan-unknown-method", "plan-budget-0", "plan-bad-config", "serve-port", "serve-queue-0", "serve-budget-0",
     "serve-empty-gguf", "serve-preset-other-model", "eval-lengths-abc", "eval-budget-0", "bench-contexts-abc",
     "bench-steps-neg", "analyze-latin1", "calibrate-latin1", "calibrate-report-not-json", "plan-context-infk",
-    "plan-budget-inf", "plan-dtype-bytes-0", "plan-max-new-neg",
+    "plan-budget-inf", "plan-dtype-bytes-0", "plan-max-new-neg", "plan-no-methods", "generate-seed-2**90",
 ]
 
 
