@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from omnikv.config import OmniKVConfig
+from omnikv.errors import ConfigError
 
 
 class Role(str, Enum):
@@ -67,4 +68,10 @@ def plan_layers(config: OmniKVConfig, layer_types: list[str]) -> LayerPlan:
         else:
             roles[i] = Role.SPARSE
             source[i] = current
+    if Role.SPARSE not in roles:
+        raise ConfigError(
+            f"filter_layers={config.filter_layers} with num_wait_layers={config.num_wait_layers} leave no "
+            f"sparse layer among the full-attention layers {full}: every layer would be dense. Lower "
+            f"num_wait_layers or put a filter layer earlier"
+        )
     return LayerPlan(tuple(roles), tuple(source))

@@ -113,3 +113,10 @@ def test_preset_file_roundtrip_and_unknown_keys(tmp_path):
         OmniKVConfig.from_json(path)
     with pytest.raises(ConfigError, match="does not exist"):
         OmniKVConfig.from_json(tmp_path / "missing.json")
+
+
+def test_a_plan_without_sparse_layers_is_refused():
+    with pytest.raises(ConfigError, match="leave no sparse layer"):
+        plan_layers(OmniKVConfig(filter_layers=(1,), num_wait_layers=100), ["full_attention"] * 6)
+    with pytest.raises(ConfigError, match="leave no sparse layer"):
+        plan_layers(OmniKVConfig(filter_layers=(5,), num_wait_layers=0), ["full_attention"] * 6)
