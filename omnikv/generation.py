@@ -139,20 +139,22 @@ class Session:
             raise InputError(f"token id {bad[0]} is outside the model's vocabulary (0..{vocab - 1})")
         self.pending.extend(ids)
 
-    def _check_memory(self) -> None:
+    def _check_memory(self, max_new_tokens: int = 0) -> None:
         """Refuse, before any work, a request that cannot fit (see omnikv.memory)."""
         from omnikv.memory import check_fits, guard_enabled, plan_memory
 
         if not guard_enabled() or len(self.pending) < 1024:
             return
         cfg = self.method.config_for(self.model) if hasattr(self.method, "config_for") else None
+        if self.limit is not None:  # generation stops at the context limit anyway
+            max_new_tokens = max(0, min(max_new_tokens, self.limit - self.total_tokens))
         plan = plan_memory(
             self.model.config,
             self.total_tokens,
             self.method.name,
             device=str(self.device),
             dtype_bytes=next(self.model.parameters()).element_size(),
-            max_new_tokens=0,
+            max_new_tokens=max_new_tokens,
             prefill_chunk_size=self.prefill_chunk_size,
             omnikv_config=cfg,
             budget=self.method.budget,
@@ -168,7 +170,7 @@ class Session:
         self.history.extend(ids)
         return out.logits[0, -1].float()
 
-    def feed(self, *, progress: bool = False) -> torch.Tensor:
+    def feed(self, *, progress: bool = False, max_new_tokens: int = 0) -> torch.Tensor:
         """Feed every pending token (chunked); returns (V,) logits after the last one."""
         if not self.pending:
             raise InputError("nothing to feed: append tokens first")
@@ -177,7 +179,7 @@ class Session:
                 f"prompt + history is {self.total_tokens} tokens but the model's context is "
                 f"{self.limit}; shorten the prompt"
             )
-        self._check_memory()
+        self._check_memory(max_new_tokens)
         ids, self.pending = self.pending, []
         chunk = self.prefill_chunk_size or len(ids)
         starts = range(0, len(ids), chunk)
@@ -205,7 +207,7 @@ class Session:
             self.cache.reserve(extra)
         prompt_tokens = self.total_tokens
         t0 = time.perf_counter()
-        logits = self.feed(progress=progress)
+        logits = self.feed(progress=progress, max_new_tokens=params.max_new_tokens)
         prefill_s = time.perf_counter() - t0
         sampler = _Sampler(params, self.device)
         stops = eos_ids(self.model, self.tokenizer) if not params.ignore_eos else set()
