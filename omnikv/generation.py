@@ -80,6 +80,7 @@ class GenerationResult:
             "device_kv_bytes": self.stats.get("device_kv_bytes"),
             "host_kv_bytes": self.stats.get("host_kv_bytes"),
             "h2d_bytes_per_step": self.stats.get("h2d_bytes_per_step"),
+            "telemetry": self.stats.get("telemetry"),
             "method": self.method,
             "config": self.config,
             "token_ids": self.token_ids,

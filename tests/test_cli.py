@@ -315,3 +315,26 @@ def test_compare_gemma3_finds_the_key():
     assert out["prompt_tokens"] == 2000
     assert out["found_key"] == {"full": True, "omnikv": True}, out
     assert out["agree"] is True
+
+
+def test_generate_telemetry_reports_coverage():
+    """--telemetry adds the per-layer coverage of the selection to the JSON result."""
+    import json as _json
+    import subprocess as _sp
+    import sys as _sys
+    import tempfile
+
+    from omnikv.testing import make_tiny_checkpoint
+
+    with tempfile.TemporaryDirectory() as d:
+        ckpt = make_tiny_checkpoint(d + "/m", family="llama")
+        r = _sp.run([_sys.executable, "-m", "omnikv", "generate", "--model", str(ckpt), "--no-chat",
+                     "--filter-layers", "1", "--num-wait-layers", "0", "--budget", "16", "--sink-tokens", "2", "--recent-tokens", "4", "--max-new-tokens", "4",
+                     "--telemetry", "--json", "x" * 120], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        tel = _json.loads(r.stdout)["telemetry"]
+        assert set(tel["layers"]) == {"2", "3"}
+        assert 0 < tel["mean_coverage"] <= 1 and 0 <= tel["mean_recall"] <= 1
+        r = _sp.run([_sys.executable, "-m", "omnikv", "generate", "--model", str(ckpt), "--method", "full",
+                     "--telemetry", "hi"], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "omnikv method only" in r.stderr

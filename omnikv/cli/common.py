@@ -28,7 +28,7 @@ from omnikv.errors import ConfigError, InputError
 DEFAULT_PREFILL_CHUNK = 1024
 
 # Flags that configure OmniKV itself; other methods do not take them.
-_OMNIKV_ONLY = ("filter_layers", "num_wait_layers", "selector", "head_reduce", "offload", "preset")
+_OMNIKV_ONLY = ("filter_layers", "num_wait_layers", "selector", "head_reduce", "offload", "preset", "telemetry")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,6 +154,9 @@ def add_method_arguments(p: argparse.ArgumentParser, *, method: bool = True) -> 
                    help="first prompt tokens always attended (default: the method's)")
     g.add_argument("--recent-tokens", type=non_negative_int, default=None, metavar="N",
                    help="last prompt tokens always attended (default: the method's)")
+    g.add_argument("--telemetry", default=None, action="store_true",
+                   help="omnikv: also compute each sparse layer's true attention every step and report how much of "
+                   "it the selection covers (slower; off by default)")
     g.add_argument("--prefill-chunk-size", type=positive_int, default=DEFAULT_PREFILL_CHUNK, metavar="N",
                    help=f"prefill in chunks of N tokens (default {DEFAULT_PREFILL_CHUNK}; same result, bounded memory)")
 
@@ -186,7 +189,8 @@ def add_prompt_arguments(p: argparse.ArgumentParser, *, required: bool = True) -
 
 def method_options(args: argparse.Namespace) -> dict[str, Any]:
     """The method flags the user actually gave (None = not given), by constructor argument name."""
-    names = ("filter_layers", "num_wait_layers", "selector", "head_reduce", "offload", "sink_tokens", "recent_tokens")
+    names = ("filter_layers", "num_wait_layers", "selector", "head_reduce", "offload", "sink_tokens", "recent_tokens",
+             "telemetry")
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
@@ -337,13 +341,19 @@ def human_bytes(n: int | None) -> str:
 
 
 def stats_line(res, device: str) -> str:
-    """One line: prompt tokens, prefill time, decode speed, device/host KV bytes."""
-    return (
+    """One line: prompt tokens, prefill time, decode speed, device/host KV bytes (+ telemetry)."""
+    line = (
         f"[{res.method}] prompt {res.prompt_tokens} tokens, prefill {res.prefill_seconds:.2f} s, "
         f"decode {res.generated_tokens} tokens at {res.decode_tokens_per_second:.1f} tok/s, "
         f"KV {human_bytes(res.stats.get('device_kv_bytes'))} on {device}, "
         f"{human_bytes(res.stats.get('host_kv_bytes'))} on host"
     )
+    tel = res.stats.get("telemetry")
+    if tel and tel.get("mean_coverage") is not None:
+        per_layer = " ".join(f"{k}:{v['coverage']:.2f}" for k, v in tel["layers"].items())
+        line += (f"\n[telemetry] sparse layers see {tel['mean_coverage']:.3f} of their attention mass "
+                 f"(recall of own top-k {tel['mean_recall']:.3f}); per layer {per_layer}")
+    return line
 
 
 def result_dict(res) -> dict[str, Any]:
