@@ -109,6 +109,26 @@ def headline(metrics: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paired(records: list[dict]) -> str:
+    """Per method, sample by sample against full attention: with binary scores and 3 samples per
+    cell, this (not the cell means) is what can show whether a method loses anything."""
+    full = {(r["task"], r["length"], r["sample_id"]): r for r in records if r["method"] == "full"}
+    stats = defaultdict(lambda: [0, 0, 0, 0, 0])  # samples, identical output, same score, better, worse
+    for r in records:
+        f = full.get((r["task"], r["length"], r["sample_id"]))
+        if r["method"] == "full" or f is None:
+            continue
+        s = stats[r["method"]]
+        s[0] += 1
+        s[1] += r["prediction"] == f["prediction"]
+        s[2] += r["score"] == f["score"]
+        s[3] += r["score"] > f["score"]
+        s[4] += r["score"] < f["score"]
+    lines = ["| method | samples | identical output to full | same score | better | worse |", "|---|---|---|---|---|---|"]
+    lines += [f"| {m} | {a} | {b} | {c} | {d} | {e} |" for m, (a, b, c, d, e) in stats.items()]
+    return "\n".join(lines) + "\n"
+
+
 def main(src: Path, dst: Path) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     for group, stages in GROUPS.items():
@@ -129,6 +149,7 @@ def main(src: Path, dst: Path) -> None:
         (out / "budget.md").write_text(budget_table(group, recs))
         (out / "failures.md").write_text(failures(recs))
         (out / "headline.md").write_text(headline(metrics))
+        (out / "paired.md").write_text(paired(recs))
         pred = out / "predictions.jsonl"
         with pred.open("w", encoding="utf-8") as fh:
             for r in recs:
