@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh --quiet
 
 set +e
-.venv/bin/python -m pytest -q -x --durations=15 tests "$@"
+# Two workers (one per core); a file's tests stay on one worker (module fixtures, shared models).
+.venv/bin/python -m pytest -q -x -n 2 --dist loadfile --durations=15 tests "$@"
 rc=$?
 set -e
 if (( rc == 5 )); then

@@ -7,7 +7,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/reference.py
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist (scripts/test.sh runs 2 workers) each worker gets one thread, so the two
+# workers do not fight over the 2 cores.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 warnings.filterwarnings("ignore", message="no OmniKV preset for this model")
 
 
