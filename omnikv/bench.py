@@ -35,6 +35,7 @@ from omnikv.bench_fill import (
 from omnikv.bench_probe import CATEGORIES, MemoryWindow, StepBreakdown, current_rss
 from omnikv.errors import ConfigError
 from omnikv.methods import get_method
+from omnikv.units import parse_token_count
 
 REFERENCE = "full"  # ratio_to_full compares every method with this registry method
 
@@ -78,16 +79,7 @@ class BenchSpec:
 # -- parsing ------------------------------------------------------------------------------------
 def parse_context(text: str) -> int:
     """'8k' -> 8192, '1m' -> 1048576, '3000' -> 3000."""
-    t = text.strip().lower()
-    scale = {"k": 1024, "m": 1024 * 1024}.get(t[-1:], 1)
-    num = t[:-1] if scale > 1 else t
-    try:
-        value = float(num) * scale
-    except ValueError:
-        raise ConfigError(f"bad context length {text!r}; use e.g. 4096, 8k or 1m") from None
-    if value < 1 or value != int(value):
-        raise ConfigError(f"context length {text!r} must be a positive whole number of tokens")
-    return int(value)
+    return parse_token_count(text, "context length")
 
 
 def parse_contexts(text: str) -> list[int]:

@@ -22,19 +22,9 @@ KNOWN_SHAPES = {
 
 
 def parse_tokens(text: str) -> int:
-    t = text.strip().lower()
-    try:
-        if t.endswith("k"):
-            value = int(float(t[:-1]) * 1024)
-        elif t.endswith("m"):
-            value = int(float(t[:-1]) * 1024 * 1024)
-        else:
-            value = int(t)
-    except (ValueError, OverflowError):  # OverflowError: "infk"
-        raise InputError(f"context {text!r} is not a token count (e.g. 32768, 32k, 1m)") from None
-    if value <= 0:
-        raise InputError(f"context must be > 0 tokens; got {text!r}")
-    return value
+    from omnikv.units import parse_token_count
+
+    return parse_token_count(text, "context")
 
 
 def load_config(spec: str):

@@ -33,6 +33,7 @@ from omnikv.eval.fidelity import fidelity_report, perplexity
 from omnikv.eval.loaders import is_dataset_task, load_dataset_task
 from omnikv.eval.metrics import CHINESE_TOKENIZATION, score_sample
 from omnikv.eval.tasks import Sample, canonical_task_name, encode_prompt, generate_samples, takes_prose_haystack
+from omnikv.units import parse_token_count
 
 PREDICTIONS = "predictions.jsonl"
 METRICS = "metrics.json"
@@ -109,13 +110,7 @@ class EvalConfig:
 
 def parse_length(text: str) -> int:
     """"4k" -> 4096, "1.5k" -> 1536, "2000" -> 2000, "1m" -> 1048576 (k = 1024, as RULER's 4K = 4096)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*", text)
-    if not m:
-        raise ConfigError(f"bad length {text!r}; use a token count like 2048, 2k or 1.5k")
-    value = float(m.group(1)) * {"": 1, "k": 1024, "m": 1024 * 1024}[m.group(2).lower()]
-    if value != int(value) or value <= 0:
-        raise ConfigError(f"length {text!r} is not a positive whole number of tokens")
-    return int(value)
+    return parse_token_count(text, "length")
 
 
 def parse_shard(text: str) -> tuple[int, int]:
