@@ -88,9 +88,8 @@ def parse_budget(text: str) -> int | float:
     """'256' -> 256 tokens; '0.067' -> a fraction of the prompt."""
     from omnikv.analysis.selection_sets import resolve_k
 
-    try:
-        value = float(text) if any(c in text for c in ".eE") else int(text)
-    except ValueError:
-        raise ConfigError(f"budget {text!r} must be an int (tokens) or a fraction like 0.067") from None
+    from omnikv.units import parse_budget as parse
+
+    value = parse(text)
     resolve_k(value, 1 << 20)  # range check now, not after the recording
     return value

@@ -77,15 +77,9 @@ def _parse_options(items: list[str], flag: str) -> list[tuple[str, Any]]:
 
 
 def _parse_budget(text: str | None) -> int | float | None:
-    if text is None:
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(f"--budget {text!r}: give a token count (e.g. 2048) or a fraction (e.g. 0.1)") from None
-    if value <= 0:
-        raise ConfigError(f"--budget must be positive, got {text}")
-    return int(value) if value >= 1 and value == int(value) and "." not in text else value
+    from omnikv.units import parse_budget
+
+    return None if text is None else parse_budget(text)
 
 
 def _split(text: str) -> list[str]:

@@ -36,24 +36,13 @@ _OMNIKV_ONLY = ("filter_layers", "num_wait_layers", "selector", "head_reduce", "
 
 
 def parse_budget(text: str) -> int | float:
-    """`256` -> 256 prompt tokens; `0.1` -> 10% of the prompt. Rejects <= 0 and fractions > 1."""
-    value: int | float
+    """argparse type: `256` -> 256 prompt tokens; `0.1` -> 10% of the prompt (omnikv.units)."""
+    from omnikv.units import parse_budget as parse
+
     try:
-        value = int(text)
-    except ValueError:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"budget must be a number of tokens (e.g. 256) or a fraction of the prompt in (0, 1] "
-                f"(e.g. 0.1); got {text!r}") from None
-        if not (math.isfinite(value) and 0 < value <= 1):
-            raise argparse.ArgumentTypeError(
-                f"a fractional budget must be in (0, 1] (e.g. 0.1 = 10% of the prompt); got {text!r}")
-        return value
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"a token budget must be >= 1; got {text!r}")
-    return value
+        return parse(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_layers(text: str) -> tuple[int, ...]:
