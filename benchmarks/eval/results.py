@@ -4,7 +4,8 @@
 
 For each group of stages (gemma3, smollm2, fidelity-*), merges the predictions, writes
 metrics.json / summary.md / scores.png / run.json (the runner's own report code), plus budget.md
-(attended tokens per layer and device KV share per method and length) and failures.md (samples
+(attended tokens per layer and device KV share per method and length), paired.md (sample by
+sample against full attention), headline.md and failures.md (samples
 that full attention gets right and a method gets wrong). Only finished records are used, so it
 can run while stages are still going; missing cells show as "-".
 """
