@@ -48,7 +48,7 @@ queue_other() {
      --fidelity --perplexity
   g3 gemma3-8k-s1 8k --shard 1/2
   ev gemma3-16k --model gemma3 --methods full,omnikv --tasks passkey --lengths 16k --samples 1
-  if [[ ${WITH_FID8K:-0} == 1 ]]; then  # not in the committed results (time); WITH_FID8K=1 adds it
+  if [[ ${WITH_FID8K:-1} == 1 ]]; then  # the slowest stage; WITH_FID8K=0 skips it
     ev fid-gemma3-8k --model gemma3 --methods $METHODS --tasks niah_multikey_1 --lengths 8k --samples 1 \
        --fidelity --perplexity
   fi
