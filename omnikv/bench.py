@@ -278,6 +278,7 @@ def _record(model, run: _Run, context: int, spec: BenchSpec, weights: int) -> di
         peak_device_bytes=run.peak_device,
         breakdown_ms=_breakdown_ms(run.breakdown),
         config=_jsonable(run.method.describe()),
+        telemetry=stats.get("telemetry"),  # omnikv:telemetry=true: selection coverage per layer
         _times=ms,
     )
     return rec

@@ -182,3 +182,16 @@ def test_gpu_script_tiny_mode_runs_on_cpu(tmp_path):
     assert {r["method_name"] for r in summary["timing"]} >= {"full", "omnikv", "quest"}
     assert summary["metadata"]["command"]
     assert "SUMMARY" in proc.stdout
+
+
+def test_bench_records_selection_telemetry():
+    """`omnikv:telemetry=true` puts the per-layer coverage of the selection in the bench record."""
+    from omnikv.testing import tiny_model
+
+    spec = BenchSpec(
+        methods=[parse_method("omnikv:telemetry=true:filter_layers=1:num_wait_layers=0:budget=32:sink_tokens=2:recent_tokens=4")],
+        contexts=[256], synthetic_kv=True, steps=3, warmup=1, breakdown_steps=0,
+    )
+    (rec,) = public_records(run_bench(tiny_model("llama"), spec))
+    tel = rec["telemetry"]
+    assert set(tel["layers"]) == {"2", "3"} and 0 < tel["mean_coverage"] <= 1
