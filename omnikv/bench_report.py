@@ -33,14 +33,9 @@ def _cpu_model() -> str:
 
 
 def _mem_total() -> int | None:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    from omnikv.memory import meminfo_bytes
+
+    return meminfo_bytes("MemTotal")
 
 
 def _git(*args: str) -> str | None:

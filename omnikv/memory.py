@@ -50,15 +50,20 @@ class MemoryPlan:
         return d
 
 
-def host_available_bytes() -> int | None:
+def meminfo_bytes(field: str) -> int | None:
+    """A /proc/meminfo field (e.g. "MemAvailable", "MemTotal") in bytes; None where unreadable."""
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def host_available_bytes() -> int | None:
+    return meminfo_bytes("MemAvailable")
 
 
 def device_available_bytes(device: str) -> int | None:

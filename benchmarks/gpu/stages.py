@@ -6,7 +6,6 @@ import gc
 import gzip
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from omnikv._compat import cache_kwargs
 from omnikv.bench import BenchSpec, build_method, parse_method, parse_methods, public_records, run_bench
 from omnikv.bench_fill import decode_step, first_token, synthetic_fill
 from omnikv.bench_report import format_table
+from omnikv.memory import meminfo_bytes
 
 GIB = 2**30
 
@@ -251,25 +251,11 @@ def trace(model, label: str, ctx: int, out: Path, clock: Clock, steps: int = 4) 
 
 # -- 4. longest context ----------------------------------------------------------------------------
 def _mem_available() -> int:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return meminfo_bytes("MemAvailable") or 0
 
 
 def _mem_total() -> int:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return meminfo_bytes("MemTotal") or 0
 
 
 def try_context(model, label: str, ctx: int, steps: int = 2) -> dict[str, Any]:
