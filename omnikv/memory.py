@@ -150,8 +150,10 @@ def plan_memory(
     elif method in ("streaming_llm", "h2o", "snapkv"):
         # Prefill is full attention and these caches evict at the first decode step, so the peak
         # is the whole prompt's KV; afterwards each layer keeps its budget.
-        k = budget if isinstance(budget, int) else int((budget or 0.067) * context)
-        kept = min(k, context) + (max_new_tokens if method == "snapkv" else 0)
+        from omnikv.methods._lossy import budget_tokens
+
+        kept = min(budget_tokens(budget if budget is not None else 0.067, context), context)
+        kept += max_new_tokens if method == "snapkv" else 0
         steady = row * sum(min(r, kept) for r in rows_full)
         notes.append(f"lossy: peak = the whole prompt until the first decode step, then {steady / GiB:.3f} GiB")
     elif method == "quest":

@@ -40,7 +40,7 @@ HEADROOM = 64  # spare rows after a compaction (decode appends; growth is geomet
 def budget_tokens(budget: int | float, prompt_len: int) -> int:
     """Rows a budgeted layer keeps for a prompt of `prompt_len` tokens.
 
-    Unlike `Method.resolve_budget` an int is *not* clipped to the prompt: StreamingLLM and H2O keep
+    Unlike `OmniKVConfig.resolve_budget` an int is *not* clipped to the prompt: StreamingLLM and H2O keep
     `budget` rows of prompt *and* generated tokens, so a budget above the prompt leaves room for the
     answer.
     """

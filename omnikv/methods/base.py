@@ -35,15 +35,5 @@ class Method(ABC):
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, "budget": self.budget, "lossy": self.lossy}
 
-    def resolve_budget(self, prompt_len: int) -> int:
-        """Prompt tokens a budgeted layer attends to for a prompt of `prompt_len` tokens."""
-        if self.budget is None:
-            return prompt_len
-        if isinstance(self.budget, float):
-            import math
-
-            return min(prompt_len, max(1, math.ceil(self.budget * prompt_len)))
-        return min(prompt_len, self.budget)
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.describe()})"
