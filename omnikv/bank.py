@@ -3,10 +3,12 @@ selected rows into the device working buffer (see docs/how-it-works.md)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from omnikv._compat import is_cuda
-from omnikv.selection import gather_rows
+from omnikv.selection import gather_rows, selection_delta
 from omnikv.storage import GROWTH, PackedBank
 
 
@@ -20,20 +22,23 @@ class Segment:
     host->device copy of the packed rows runs on a side stream and the layers wait on its event.
     """
 
-    def __init__(self, filter_layer: int, layers: list[int], offload: bool) -> None:
+    def __init__(self, filter_layer: int, layers: list[int], offload: bool, partial_reload: bool = True) -> None:
         self.filter_layer = filter_layer
         self.layers = layers
         self.slot = {layer: i for i, layer in enumerate(layers)}
         self.offload = offload
+        self.partial_reload = partial_reload
         self.bank: PackedBank | None = None
         self.device: torch.device | None = None
         self.indices: torch.Tensor | None = None  # (B, G, k) current selection
         self.loaded_step: int | None = None
         self.h2d_bytes = 0
+        self.partial_loads = 0  # loads that moved only the changed rows (telemetry / tests)
         self.work: torch.Tensor | None = None
         self.k = 0
         self.generated = 0
-        self.staging: torch.Tensor | None = None  # pinned (L, 2, B, H, k, D), CUDA offload only
+        self.staging: torch.Tensor | None = None  # pinned flat buffer for (L, 2, B, H, k, D), CUDA offload only
+        self.scratch: torch.Tensor | None = None  # flat buffer a partial reload's rows pass through
         self.copy_stream = None
         self.ready = None  # CUDA event: the packed copy has landed
 
@@ -76,32 +81,71 @@ class Segment:
         self.work = work
 
     def load(self, idx: torch.Tensor, step: int) -> None:
-        """Gather rows `idx` (B, G, k) of every sparse layer of the segment into the working
-        buffer, in one packed operation."""
+        """Make the working buffer hold rows `idx` (B, G, k) of every sparse layer of the segment,
+        in one packed operation.
+
+        When the buffer already holds a selection of the same size, only the rows that changed
+        need to move (see `selection_delta`); `self.indices` then lists the positions in slot
+        order, a permutation of `idx`. A partial reload moves its rows twice (gather into scratch,
+        then scatter into the slots), so on one device it is used only when at most half of the
+        rows changed; across the host->device link, where the transfer dominates, whenever
+        anything was kept.
+        """
         k = idx.shape[-1]
+        prev = self.indices if self.indices is not None and self.indices.shape == idx.shape else None
         self._ensure_work(k, self.generated)
         self.k = k
-        self.indices = idx
         self.loaded_step = step
-        bank = self.bank
-        dst = self.work[..., :k, :]
+        dst = self.work[..., :k, :]  # (L, 2, B, H, k, D)
+        slots, tokens = None, idx
+        if prev is not None and self.partial_reload:
+            delta = selection_delta(prev, idx, self.bank.capacity)
+            m = delta[0].shape[-1]
+            if m < k and (self.copy_stream is not None or 2 * m <= k):
+                slots, tokens = delta
+                idx = prev.scatter(-1, slots, tokens)
+                self.partial_loads += 1
+        self.indices = idx
+        m = tokens.shape[-1]
         if self.copy_stream is None:  # bank and work on the same device: gather in place
-            _gather_into(bank, idx, dst)
+            if slots is None:
+                _gather_into(self.bank, tokens, dst)
+            elif m:
+                rows = self._scratch(dst, m, self.bank.data.device)
+                _gather_into(self.bank, tokens, rows)
+                _scatter_rows(dst, slots, rows)
             self.h2d_bytes = 0
             return
-        # CUDA + offload: gather on the host into pinned staging, then one async packed copy.
+        # CUDA + offload: gather on the host into pinned staging, then one async packed copy (and,
+        # for a partial reload, a scatter into the slots) on the side stream.
         if self.ready is not None:
             self.ready.synchronize()  # the previous copy must be done before staging is reused
-        shape = dst.shape
-        if self.staging is None or self.staging.shape != shape:
-            self.staging = torch.empty(shape, dtype=dst.dtype, pin_memory=True)
-        _gather_into(bank, idx.cpu(), self.staging)
+        staging = self._staging(dst, m)
+        _gather_into(self.bank, tokens.cpu(), staging)
         self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.copy_stream):
-            dst.copy_(self.staging, non_blocking=True)
+            if slots is None:
+                dst.copy_(staging, non_blocking=True)
+            elif m:
+                rows = self._scratch(dst, m, dst.device)
+                rows.copy_(staging, non_blocking=True)
+                _scatter_rows(dst, slots, rows)
             self.ready = torch.cuda.Event()
             self.ready.record(self.copy_stream)
-        self.h2d_bytes = self.staging.numel() * self.staging.element_size()
+        self.h2d_bytes = staging.numel() * staging.element_size()
+
+    def _staging(self, like: torch.Tensor, m: int) -> torch.Tensor:
+        """Pinned (L, 2, B, H, m, D), contiguous: the front of one buffer sized for a full load."""
+        if self.staging is None or self.staging.numel() < like.numel():
+            self.staging = torch.empty(like.numel(), dtype=like.dtype, pin_memory=True)
+        return _front(self.staging, like.shape, m)
+
+    def _scratch(self, like: torch.Tensor, m: int, device: torch.device) -> torch.Tensor:
+        """(L, 2, B, H, m, D) on `device` that a partial reload's rows pass through (reused: a
+        fresh tensor per step would page-fault its way in)."""
+        if self.scratch is None or self.scratch.numel() < like.numel() or self.scratch.device != device:
+            self.scratch = torch.empty(like.numel(), dtype=like.dtype, device=device)
+        return _front(self.scratch, like.shape, m)
 
     def wait_ready(self) -> None:
         if self.ready is not None:
@@ -134,3 +178,20 @@ def _gather_into(bank: PackedBank, idx: torch.Tensor, out: torch.Tensor) -> None
         torch.index_select(src, 1, idx[0, 0].to(data.device), out=dst)
         return
     out.copy_(gather_rows(data, idx.to(data.device)))
+
+
+def _scatter_rows(dst: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """dst (L, 2, B, H, k, D)[..., slots, :] <- rows (L, 2, B, H, M, D); slots (B, G, M)."""
+    b, g, m = slots.shape
+    if b == 1 and g == 1:
+        dst.index_copy_(dst.dim() - 2, slots[0, 0], rows)
+        return
+    lsz, two, _, h, _, d = rows.shape
+    index = slots.view(1, 1, b, g, m, 1).expand(lsz, two, b, h, m, d)
+    dst.scatter_(dst.dim() - 2, index, rows)
+
+
+def _front(flat: torch.Tensor, shape: torch.Size, m: int) -> torch.Tensor:
+    """The first elements of a flat buffer viewed as `shape` with its token axis (-2) set to m."""
+    shape = (*shape[:-2], m, shape[-1])
+    return flat[: math.prod(shape)].view(shape)

@@ -4,7 +4,10 @@ Two ways to fill:
 
 * `synthetic_fill`: random keys/values of the model's shapes pushed through `cache.update(k, v,
   layer)` for every layer in order - exactly the calls a prefill makes, minus the model. Decode
-  timings do not depend on the values, so 32K-1M contexts can be timed in seconds. OmniKV's cache
+  timings barely depend on the values, so 32K-1M contexts can be timed in seconds. One exception:
+  random keys have no structure, so OmniKV's selection changes ~70% of its rows from one step to
+  the next (~15-25% on real or random-token prefills), and its partial reload
+  (`OmniKVConfig.partial_reload`) saves little here: synthetic KV is its pessimistic case. OmniKV's cache
   sets its prompt bookkeeping from these calls; sliding-window layers keep their last window.
   Methods that must *see* prefill attention to decide what to keep (H2O, SnapKV) cannot be filled
   this way: `needs_real_prefill` says which.

@@ -229,7 +229,7 @@ class OmniKVCache(ManagedCache):
         self.state.telemetry = [] if telemetry else None
         self.segments: dict[int, Segment] = {}
         for f in self.plan.layers_with(Role.FILTER):
-            self.segments[f] = Segment(f, self.plan.segment(f), offload)
+            self.segments[f] = Segment(f, self.plan.segment(f), offload, config.partial_reload)
         layers = []
         for i, role in enumerate(self.plan.roles):
             if role is Role.SLIDING:
@@ -315,5 +315,5 @@ class OmniKVCache(ManagedCache):
         return sum(seg.h2d_bytes for seg in self.segments.values() if seg.loaded_step == self.state.decode_steps)
 
     def selected_indices(self) -> dict[int, torch.Tensor]:
-        """Current selection per filter layer: (B, G, k) positions."""
-        return {f: seg.indices for f, seg in self.segments.items() if seg.indices is not None}
+        """Current selection per filter layer: (B, G, k) positions, ascending."""
+        return {f: seg.indices.sort(dim=-1).values for f, seg in self.segments.items() if seg.indices is not None}

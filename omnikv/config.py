@@ -44,6 +44,9 @@ class OmniKVConfig:
         offload: keep the sparse layers' KV in host memory (the Context Bank). None = on when the
             model runs on an accelerator, off on CPU.
         refresh_every: re-select every N decode steps (1 = every step, as the paper).
+        partial_reload: when a new selection keeps most rows of the last one, move only the rows
+            that changed into the working buffer (exact: the attended set is the same). False =
+            gather all k rows at every selection, as the paper's code does.
         prefill_chunk_size: default chunk size for chunked prefill in `omnikv.generation` (None =
             one pass). Results are identical; it bounds activation memory.
     """
@@ -58,6 +61,7 @@ class OmniKVConfig:
     recent_tokens: int = 64
     offload: bool | None = None
     refresh_every: int = 1
+    partial_reload: bool = True
     prefill_chunk_size: int | None = None
     # Free-form provenance (e.g. which preset / calibration produced this config). Not used by the
     # algorithm; kept so that results can say where their settings came from.
@@ -93,6 +97,8 @@ class OmniKVConfig:
         _check_int("sink_tokens", self.sink_tokens, minimum=0)
         _check_int("recent_tokens", self.recent_tokens, minimum=0)
         _check_int("refresh_every", self.refresh_every, minimum=1)
+        if not isinstance(self.partial_reload, bool):
+            raise ConfigError(f"partial_reload must be true or false; got {self.partial_reload!r}")
         if self.offload is not None and not isinstance(self.offload, bool):
             raise ConfigError(f"offload must be true, false or null (auto); got {self.offload!r}")
         if self.prefill_chunk_size is not None:

@@ -75,6 +75,13 @@ def ref_select(scores: list[float], k: int, valid: list[bool] | None, sink: int,
     return sorted(order[: min(k, t)])
 
 
+def ref_reload(prev: list[int], new: list[int]) -> list[int]:
+    """The slot contents after a partial reload: every slot whose position stays selected keeps
+    it; the others take the newly selected positions, in the order the new selection lists them."""
+    incoming = iter([p for p in new if p not in prev])
+    return [p if p in new else next(incoming) for p in prev]
+
+
 def ref_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> torch.Tensor:
     """One query per head, explicit. q (Hq, D), k/v (Hk, n, D) -> (Hq, D)."""
     hq, hk = q.shape[0], k.shape[0]

@@ -28,6 +28,7 @@ from omnikv.testing import tiny_config
         (dict(head_reduce="mean"), "head_reduce"),
         (dict(num_wait_layers=-1), "num_wait_layers"),
         (dict(refresh_every=0), "refresh_every"),
+        (dict(partial_reload="yes"), "partial_reload"),
         (dict(window_size=0), "window_size"),
         (dict(budget=10, sink_tokens=4, recent_tokens=64), r"sink_tokens \+ recent_tokens"),
         (dict(offload="yes"), "offload"),

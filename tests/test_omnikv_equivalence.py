@@ -151,3 +151,44 @@ def test_long_decode_through_buffer_growth_equals_full_attention(models):
     full = teacher_forced_logits(model, ids, cont, "full")
     omni = teacher_forced_logits(model, ids, cont, get_method("omnikv", config=cfg_for("llama", budget=1.0)))
     torch.testing.assert_close(omni, full, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("head_reduce", ["max", "per_kv_head"])
+@pytest.mark.parametrize("offload", [False, True])
+def test_partial_reload_equals_full_gather(models, head_reduce, offload):
+    """Moving only the changed rows gives the same logits as gathering every row, and is really
+    used (a budget of half the prompt keeps most rows from step to step)."""
+    model = models("llama", num_hidden_layers=6)
+    ids = prompt(160, seed=21)[0].tolist()
+    cont = prompt(10, seed=22)[0].tolist()
+    cfg = cfg_for("llama", budget=0.5, head_reduce=head_reduce, sink_tokens=2, recent_tokens=4, offload=offload)
+    method = get_method("omnikv", config=cfg)
+    caches = []
+    make = method.make_cache
+    method.make_cache = lambda m: caches.append(make(m)) or caches[-1]
+    partial = teacher_forced_logits(model, ids, cont, method)
+    full = teacher_forced_logits(model, ids, cont, get_method("omnikv", config=cfg.replace(partial_reload=False)))
+    torch.testing.assert_close(partial, full, atol=ATOL, rtol=0)
+    assert sum(seg.partial_loads for seg in caches[0].segments.values()) > 0
+    ref = ReferenceOmniKV(model, cfg).logits(ids, cont)
+    torch.testing.assert_close(partial, ref, atol=ATOL, rtol=0)
+
+
+def test_partial_reload_with_left_padding(models):
+    model = models("qwen2", num_hidden_layers=6)
+    ids = torch.cat([torch.full((1, 40), 256), prompt(100, seed=23)], dim=1)
+    ids = torch.cat([ids, prompt(140, seed=24)], dim=0)
+    mask = torch.ones_like(ids)
+    mask[0, :40] = 0
+    outs, caches = [], []
+    for partial in (True, False):
+        cache = OmniKVCache(model, cfg_for("qwen2", budget=60, sink_tokens=2, recent_tokens=4, partial_reload=partial))
+        with torch.inference_mode():
+            outs.append(model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=256,
+                                       output_logits=True, return_dict_in_generate=True, **cache_kwargs(cache)))
+        caches.append(cache)
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    torch.testing.assert_close(torch.stack(outs[0].logits), torch.stack(outs[1].logits), atol=ATOL, rtol=0)
+    assert sum(seg.partial_loads for seg in caches[0].segments.values()) > 0
+    for idx in caches[0].selected_indices().values():
+        assert (idx[0] >= 40).all(), "padding positions were selected"

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from omnikv.selection import filter_scores, gather_rows, positions_mask, select_topk
-from reference import ref_scores, ref_select
+from omnikv.selection import filter_scores, gather_rows, positions_mask, select_topk, selection_delta
+from reference import ref_reload, ref_scores, ref_select
 
 
 def rand(*shape, seed=0):
@@ -105,3 +105,57 @@ def test_positions_mask_gathers_columns():
     assert out[0, :2, 0].tolist() == [[False, True], [False, True]]
     assert out[0, 2:, 0].tolist() == [[True, True], [True, True]]
     assert positions_mask(None, pos, 4) is None
+
+
+def _random_selections(b, g, k, t, overlap, seed):
+    """(prev, new) (B, G, k): distinct positions per row; `new` keeps about `overlap` of `prev`."""
+    gen = torch.Generator().manual_seed(seed)
+    prev = torch.stack([torch.stack([torch.randperm(t, generator=gen)[:k] for _ in range(g)]) for _ in range(b)])
+    new = prev.clone()
+    for bi in range(b):
+        for gi in range(g):
+            row = prev[bi, gi]
+            outside = torch.tensor([p for p in range(t) if p not in set(row.tolist())])
+            n_swap = int(torch.randint(0, k + 1, (1,), generator=gen)) if overlap is None else round(k * (1 - overlap))
+            swap = torch.randperm(k, generator=gen)[:n_swap]
+            new[bi, gi, swap] = outside[torch.randperm(len(outside), generator=gen)[:n_swap]]
+            new[bi, gi] = new[bi, gi].sort().values
+    return prev, new
+
+
+@pytest.mark.parametrize("b,g,overlap", [(1, 1, 0.8), (1, 1, 0.0), (1, 1, 1.0), (2, 1, None), (2, 3, None)])
+def test_selection_delta_matches_reference(b, g, overlap):
+    k, t = 12, 50
+    for seed in range(5):
+        prev, new = _random_selections(b, g, k, t, overlap, seed)
+        slots, tokens = selection_delta(prev, new, t)
+        after = prev.scatter(-1, slots, tokens)
+        changed = [len(set(new[bi, gi].tolist()) - set(prev[bi, gi].tolist())) for bi in range(b) for gi in range(g)]
+        assert slots.shape[-1] == max(changed)  # no more columns than the busiest row needs
+        for bi in range(b):
+            for gi in range(g):
+                assert after[bi, gi].tolist() == ref_reload(prev[bi, gi].tolist(), new[bi, gi].tolist())
+                assert len(set(slots[bi, gi].tolist())) == slots.shape[-1]  # no slot written twice
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 2), st.sampled_from([1, 3]), st.integers(1, 16), st.integers(0, 10_000))
+def test_reloads_keep_the_buffer_equal_to_a_full_gather(b, g, k, seed):
+    """A chain of partial reloads into a packed buffer always holds exactly the rows a full gather
+    of the current selection would, for shared and per-head selections."""
+    from omnikv.bank import _scatter_rows
+
+    t, h = 24, 3
+    k = min(k, t)
+    gen = torch.Generator().manual_seed(seed)
+    bank = torch.randn(2, 2, b, h, t, 4, generator=gen)  # (L, 2, B, H, T, D)
+    held = torch.stack([torch.stack([torch.randperm(t, generator=gen)[:k] for _ in range(g)]) for _ in range(b)])
+    buffer = gather_rows(bank, held).clone()
+    for _ in range(4):
+        scores = torch.rand(b, g, t, generator=gen)
+        new = select_topk(scores, k)
+        slots, tokens = selection_delta(held, new, t)
+        _scatter_rows(buffer, slots, gather_rows(bank, tokens))
+        held = held.scatter(-1, slots, tokens)
+        assert torch.equal(held.sort(-1).values, new)
+        assert torch.equal(buffer, gather_rows(bank, held))

@@ -30,7 +30,8 @@ def register(subparsers) -> None:
     p.add_argument("--contexts", default="4k,8k,16k,32k", help="comma-separated context lengths, e.g. 8k,16k,32k")
     p.add_argument("--synthetic-kv", action="store_true",
                    help="fill caches with random KV of the right shapes instead of a real prefill "
-                   "(decode timings do not depend on the values; H2O/SnapKV are skipped)")
+                   "(decode timings barely depend on the values; OmniKV's partial reload is the exception: "
+                   "synthetic KV is its worst case; H2O/SnapKV are skipped)")
     p.add_argument("--steps", type=int, default=64, help="timed decode steps per method and context (default 64)")
     p.add_argument("--warmup", type=int, default=8, help="untimed decode steps first (default 8)")
     p.add_argument("--breakdown-steps", type=int, default=16,
