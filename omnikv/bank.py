@@ -129,6 +129,9 @@ class Segment:
             elif m:
                 rows = self._scratch(dst, m, dst.device)
                 rows.copy_(staging, non_blocking=True)
+                # `slots` was made on the compute stream and dies with this call: keep the caching
+                # allocator from handing its memory out before the side stream has used it.
+                slots.record_stream(self.copy_stream)
                 _scatter_rows(dst, slots, rows)
             self.ready = torch.cuda.Event()
             self.ready.record(self.copy_stream)

@@ -295,21 +295,17 @@ class OmniKVCache(ManagedCache):
 
     def telemetry_summary(self) -> dict[str, Any]:
         """Per sparse layer: mean share of its true attention mass on the attended set
-        (`coverage`) and mean recall of its own top-k by the filter's selection (`recall`)."""
-        records = self.state.telemetry or []
-        per_layer: dict[int, list[dict[str, float]]] = {}
-        for r in records:
-            per_layer.setdefault(int(r["layer"]), []).append(r)
+        (`coverage`) and mean recall of its own top-k by the filter's selection (`recall`), as
+        {"layers": {"<layer>": {"coverage", "recall", "steps"}}, "mean_coverage", "mean_recall"}
+        (the means over all records; `omnikv.analysis.summarize_telemetry` does the counting)."""
+        from omnikv.analysis.telemetry import summarize_telemetry
+
+        summary = summarize_telemetry(self.state.telemetry or [])
         layers = {
-            str(layer): {
-                "coverage": sum(r["coverage"] for r in rs) / len(rs),
-                "recall": sum(r["recall"] for r in rs) / len(rs),
-                "steps": len(rs),
-            }
-            for layer, rs in sorted(per_layer.items())
+            str(row["layer"]): {"coverage": row["mean_coverage"], "recall": row["mean_recall"], "steps": row["steps"]}
+            for row in summary["per_layer"]
         }
-        mean = (lambda key: sum(v[key] for v in layers.values()) / len(layers)) if layers else (lambda key: None)
-        return {"layers": layers, "mean_coverage": mean("coverage"), "mean_recall": mean("recall")}
+        return {"layers": layers, "mean_coverage": summary["mean_coverage"], "mean_recall": summary["mean_recall"]}
 
     def h2d_bytes_last_step(self) -> int:
         return sum(seg.h2d_bytes for seg in self.segments.values() if seg.loaded_step == self.state.decode_steps)
