@@ -29,6 +29,15 @@ def prompt(n: int, seed: int = 0, vocab: int = 256) -> torch.Tensor:
     return torch.randint(0, vocab, (1, n), generator=g)
 
 
+def left_padded_batch(seed_a: int, seed_b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2, 140) ids and mask: row 0 = 40 padding tokens (id 256) + 100 real, row 1 = 140 real."""
+    ids = torch.cat([torch.full((1, 40), 256), prompt(100, seed=seed_a)], dim=1)
+    ids = torch.cat([ids, prompt(140, seed=seed_b)], dim=0)
+    mask = torch.ones_like(ids)
+    mask[0, :40] = 0
+    return ids, mask
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_full_budget_generate_equals_full_attention(models, family):
     model = models(family, num_hidden_layers=6)
@@ -127,10 +136,7 @@ def test_batch_with_left_padding_equals_full_attention(models):
 
 def test_batch_padding_is_never_selected(models):
     model = models("llama", num_hidden_layers=6)
-    ids = torch.cat([torch.full((1, 40), 256), prompt(100, seed=15)], dim=1)
-    ids = torch.cat([ids, prompt(140, seed=16)], dim=0)
-    mask = torch.ones_like(ids)
-    mask[0, :40] = 0
+    ids, mask = left_padded_batch(15, 16)
     cache = OmniKVCache(model, cfg_for("llama", budget=20, sink_tokens=2, recent_tokens=4))
     with torch.inference_mode():
         model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=256, **cache_kwargs(cache))
@@ -176,10 +182,7 @@ def test_partial_reload_equals_full_gather(models, head_reduce, offload):
 
 def test_partial_reload_with_left_padding(models):
     model = models("qwen2", num_hidden_layers=6)
-    ids = torch.cat([torch.full((1, 40), 256), prompt(100, seed=23)], dim=1)
-    ids = torch.cat([ids, prompt(140, seed=24)], dim=0)
-    mask = torch.ones_like(ids)
-    mask[0, :40] = 0
+    ids, mask = left_padded_batch(23, 24)
     outs, caches = [], []
     for partial in (True, False):
         cache = OmniKVCache(model, cfg_for("qwen2", budget=60, sink_tokens=2, recent_tokens=4, partial_reload=partial))

@@ -26,7 +26,7 @@ GROUPS = {
     "gemma3-more": ["gemma3-more-2k", "gemma3-more-4k", "gemma3-more-8k-s0", "gemma3-more-8k-s1"],
     "smollm2": ["smollm2-1k"],
     "fidelity-gemma3": ["fid-gemma3-4k", "fid-gemma3-8k"],
-    "fidelity-smollm2": ["fid-smollm2-4k"],
+    "fidelity-smollm2": ["fid-smollm2-4k", "fid-smollm2-8k"],
 }
 # Sliding-window layers and the rows transformers keeps in each (window - 1): they are the same for
 # every method, so the share of the *budgeted* (full-attention) layers is reported separately.

@@ -53,6 +53,11 @@ queue_other() {
     ev fid-gemma3-8k --model gemma3 --methods $METHODS --tasks niah_multikey_1 --lengths 8k --samples 1 \
        --fidelity --perplexity
   fi
+  fid_smollm2_8k
+}
+fid_smollm2_8k() {  # SmolLM2 at its trained limit (8K): agreement with full attention, not retrieval
+  ev fid-smollm2-8k --model smollm2 --methods $METHODS --tasks niah_multikey_1 --lengths 8k --samples 1 \
+     --fidelity --perplexity
 }
 
 # Second pass (after the calibration of the remaining tasks, benchmarks/eval/calibrate.sh
@@ -70,7 +75,7 @@ queue_more_b() { gm gemma3-more-4k 4k; gm gemma3-more-8k-s1 8k --shard 1/2; }
 case ${1:-run} in
   run) queue_gemma3 & q1=$!; queue_other & q2=$!; wait $q1 $q2
        queue_more_a & q1=$!; queue_more_b & q2=$!; wait $q1 $q2 ;;
-  more) queue_more_a & q1=$!; queue_more_b & q2=$!; wait $q1 $q2 ;;  # the second pass alone
+  more) queue_more_a & q1=$!; queue_more_b & q2=$!; fid_smollm2_8k & q3=$!; wait $q1 $q2 $q3 ;;  # second pass alone
   queue1) queue_gemma3 ;;     # one queue alone (e.g. to restart it)
   queue2) queue_other ;;
   report) ;;
