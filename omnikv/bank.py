@@ -144,10 +144,13 @@ class Segment:
         return _front(self.staging, like.shape, m)
 
     def _scratch(self, like: torch.Tensor, m: int, device: torch.device) -> torch.Tensor:
-        """(L, 2, B, H, m, D) on `device` that a partial reload's rows pass through (reused: a
-        fresh tensor per step would page-fault its way in)."""
-        if self.scratch is None or self.scratch.numel() < like.numel() or self.scratch.device != device:
-            self.scratch = torch.empty(like.numel(), dtype=like.dtype, device=device)
+        """(L, 2, B, H, m, D) on `device` that a partial reload's rows pass through. Reused (a
+        fresh tensor per step would page-fault its way in) and sized for the changes seen so far
+        (x1.5, at most a full load), not for all k rows: on CUDA it is device memory."""
+        need = like.numel() // like.shape[-2] * m
+        if self.scratch is None or self.scratch.numel() < need or self.scratch.device != device:
+            size = min(max(need + need // 2, 1), like.numel())
+            self.scratch = torch.empty(size, dtype=like.dtype, device=device)
         return _front(self.scratch, like.shape, m)
 
     def wait_ready(self) -> None:
