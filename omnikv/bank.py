@@ -87,9 +87,9 @@ class Segment:
         When the buffer already holds a selection of the same size, only the rows that changed
         need to move (see `selection_delta`); `self.indices` then lists the positions in slot
         order, a permutation of `idx`. A partial reload moves its rows twice (gather into scratch,
-        then scatter into the slots), so on one device it is used only when at most half of the
-        rows changed; across the host->device link, where the transfer dominates, whenever
-        anything was kept.
+        then scatter into the slots), so on one CPU it is used only when at most half of the rows
+        changed; across the host->device link, where the transfer dominates, whenever anything was
+        kept; never when bank and buffer share one GPU.
         """
         k = idx.shape[-1]
         prev = self.indices if self.indices is not None and self.indices.shape == idx.shape else None
@@ -98,7 +98,10 @@ class Segment:
         self.loaded_step = step
         dst = self.work[..., :k, :]  # (L, 2, B, H, k, D)
         slots, tokens = None, idx
-        if prev is not None and self.partial_reload:
+        # Not on one GPU: sizing the reload reads a count back to the host (a stream sync), which
+        # costs more there than a device gather of all k rows.
+        worth_it = self.copy_stream is not None or not is_cuda(dst.device)
+        if prev is not None and self.partial_reload and worth_it:
             delta = selection_delta(prev, idx, self.bank.capacity)
             m = delta[0].shape[-1]
             if m < k and (self.copy_stream is not None or 2 * m <= k):
