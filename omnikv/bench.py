@@ -35,18 +35,10 @@ from omnikv.bench_fill import (
 from omnikv.bench_probe import CATEGORIES, MemoryWindow, StepBreakdown, current_rss
 from omnikv.errors import ConfigError
 from omnikv.methods import get_method
+from omnikv.methods.spec import MethodSpec, parse_method, parse_methods  # noqa: F401 (re-exported)
 from omnikv.units import parse_token_count
 
 REFERENCE = "full"  # ratio_to_full compares every method with this registry method
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """One benchmarked configuration: `name[:key=value[:key=value]]`, e.g. `omnikv:offload=false`."""
-
-    label: str
-    name: str
-    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -86,47 +78,6 @@ def parse_contexts(text: str) -> list[int]:
     return [parse_context(x) for x in text.split(",") if x.strip()]
 
 
-def _parse_value(raw: str) -> Any:
-    low = raw.lower()
-    if low in ("true", "on", "yes"):
-        return True
-    if low in ("false", "off", "no"):
-        return False
-    if low in ("none", "null", "auto"):
-        return None
-    if "/" in raw:  # a tuple of ints, e.g. filter_layers=2/8/18
-        return tuple(int(x) for x in raw.split("/") if x)
-    for cast in (int, float):
-        try:
-            return cast(raw)
-        except ValueError:
-            pass
-    return raw
-
-
-def parse_method(text: str) -> MethodSpec:
-    parts = [p for p in text.strip().split(":")]
-    name, options = parts[0], {}
-    if not name:
-        raise ConfigError(f"bad method spec {text!r}; use name or name:key=value, e.g. omnikv:offload=false")
-    for part in parts[1:]:
-        if "=" not in part:
-            raise ConfigError(f"bad option {part!r} in {text!r}; options are key=value")
-        key, raw = part.split("=", 1)
-        try:
-            value = _parse_value(raw)
-        except ValueError:
-            raise ConfigError(f"bad value {raw!r} for {key} in {text!r}") from None
-        if key.endswith("_layers") and key != "num_wait_layers" and isinstance(value, int):
-            value = (value,)  # filter_layers=3 means the one layer 3
-        options[key] = value
-    return MethodSpec(label=text.strip(), name=name, options=options)
-
-
-def parse_methods(text: str) -> list[MethodSpec]:
-    return [parse_method(x) for x in text.split(",") if x.strip()]
-
-
 # -- one method at one context --------------------------------------------------------------------
 @dataclass
 class _Run:
@@ -146,7 +97,7 @@ class _Run:
 
 def build_method(ms: MethodSpec, budget: int | float | None):
     options = dict(ms.options)
-    if budget is not None and ms.name not in ("full", "full_prealloc", "full_offload"):
+    if budget is not None and not ms.is_full_attention:
         options.setdefault("budget", budget)
     opt_budget = options.pop("budget", None)
     return get_method(ms.name, budget=opt_budget, **options)

@@ -170,3 +170,20 @@ def test_chinese_note_and_dataset_task(ckpt, tmp_path, capsys):
     assert run["chinese_tokenization"] == CHINESE_TOKENIZATION
     if CHINESE_TOKENIZATION == "characters":
         assert "jieba is not installed" in capsys.readouterr().err and run["notes"]
+
+
+def test_method_variants_run_side_by_side(ckpt, tmp_path):
+    """`name:key=value` specs run as methods of their own, labelled as written, with their options
+    (the spec's budget overrides --budget) reaching the method."""
+    out = tmp_path / "variants"
+    args = ["eval", "--model", ckpt, "--output", str(out), "--methods", "omnikv,omnikv:budget=1.0:selector=uniform",
+            "--tasks", "passkey", "--lengths", "300", "--samples", "1", "--budget", "0.5",
+            "--max-new-tokens", "2", "--no-progress"]
+    assert main(args) == 0
+    recs = {r["method"]: r for r in read_predictions(out / "predictions.jsonl")}
+    assert set(recs) == {"omnikv", "omnikv:budget=1.0:selector=uniform"}
+    variant = recs["omnikv:budget=1.0:selector=uniform"]
+    assert variant["budget"] == 1.0 and variant["config"]["selector"] == "uniform"
+    assert recs["omnikv"]["budget"] == 0.5 and recs["omnikv"]["config"]["selector"] == "last"
+    with pytest.raises(ConfigError, match="key=value"):
+        EvalConfig(model="m", methods=["omnikv:uniform"], tasks=["passkey"], lengths=[100], output=tmp_path)

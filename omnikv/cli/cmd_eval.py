@@ -27,7 +27,9 @@ def register(subparsers) -> None:
     p.add_argument("action", nargs="*", metavar="merge DIR",
                    help="`merge DIR [DIR ...]`: merge shard output directories into --output")
     p.add_argument("--model", help="embedded name (smollm2, gemma3), HF checkpoint directory or .gguf file")
-    p.add_argument("--methods", default="full,omnikv", help="comma-separated methods (default full,omnikv)")
+    p.add_argument("--methods", default="full,omnikv",
+                   help="comma-separated methods, variants as name:key=value, e.g. "
+                   "'full,omnikv,omnikv:selector=uniform' (default full,omnikv)")
     p.add_argument("--tasks", default="passkey", help="comma-separated tasks; see --list-tasks (default passkey)")
     p.add_argument("--lengths", default="1k", help="comma-separated prompt lengths in tokens: 2048, 2k, 1.5k "
                    "(k = 1024); for dataset tasks the truncation limit (default 1k)")

@@ -88,6 +88,10 @@ class EvalConfig:
             raise ConfigError(f"shard must be i/n with 0 <= i < n, got {i}/{n}")
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError(f"methods listed twice: {self.methods}")
+        from omnikv.methods.spec import parse_method
+
+        for label in self.methods:  # malformed variant specs fail here, before a model loads
+            parse_method(label)
         # Canonical task names (aliases resolved); dataset tasks pass through.
         self.tasks = [t if is_dataset_task(t) else canonical_task_name(t) for t in self.tasks]
 
@@ -269,6 +273,7 @@ def run_eval(config: EvalConfig, *, loaded: Any = None) -> dict[str, Any]:
     `.tokenizer`, `.max_context`); by default `config.model` is loaded."""
     from omnikv.generation import SamplingParams, generate, teacher_forced_logits
     from omnikv.methods import get_method
+    from omnikv.methods.spec import parse_method
 
     config.output.mkdir(parents=True, exist_ok=True)
     pred_path = config.output / PREDICTIONS
@@ -288,11 +293,14 @@ def run_eval(config: EvalConfig, *, loaded: Any = None) -> dict[str, Any]:
                      "max_context": getattr(loaded, "max_context", None)}
 
     methods = {}
-    for name in config.run_methods():
-        is_full = name.startswith("full")
-        options = {} if is_full else dict(config.method_options.get("*", {}))
-        options.update(config.method_options.get(name, {}))
-        methods[name] = get_method(name, budget=None if is_full else config.budget, **options)
+    for label in config.run_methods():
+        # A label is a method spec: `omnikv` or a variant such as `omnikv:selector=uniform`.
+        spec = parse_method(label)
+        options = {} if spec.is_full_attention else dict(config.method_options.get("*", {}))
+        options.update(config.method_options.get(spec.name, {}))
+        options.update(spec.options)
+        budget = options.pop("budget", None if spec.is_full_attention else config.budget)
+        methods[label] = get_method(spec.name, budget=budget, **options)
     meta["methods"] = {name: m.describe() for name, m in methods.items()}
 
     shard_i, shard_n = config.shard
@@ -333,7 +341,7 @@ def run_eval(config: EvalConfig, *, loaded: Any = None) -> dict[str, Any]:
                     "token_ids": list(res.token_ids), "finish_reason": res.finish_reason,
                     "prefill_seconds": res.prefill_seconds, "decode_seconds": res.decode_seconds,
                     "decode_tokens_per_second": res.decode_tokens_per_second,
-                    "budget": config.budget if not name.startswith("full") else None,
+                    "budget": method.budget,
                     "budget_report": budget_report(res.stats, model, len(ids)),
                     "stats": res.stats, "config": res.config or method.describe(),
                     "metadata": {k: v for k, v in s.metadata.items() if k not in _META_DROP},

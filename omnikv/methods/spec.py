@@ -1,0 +1,70 @@
+"""Method spec strings: `name[:key=value[:key=value]]`, e.g. `omnikv:selector=uniform:budget=0.2`.
+
+One syntax for every command that compares methods (`omnikv bench --methods`, `omnikv eval
+--methods`), so that variants of one method can run side by side under their own labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omnikv.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One configuration to run: `label` is the spec as written (the name shown in tables),
+    `name` the registry method, `options` its constructor options."""
+
+    label: str
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_full_attention(self) -> bool:
+        """full / full_prealloc / full_offload: methods that take no budget."""
+        return self.name.startswith("full")
+
+
+def _parse_value(raw: str) -> Any:
+    low = raw.lower()
+    if low in ("true", "on", "yes"):
+        return True
+    if low in ("false", "off", "no"):
+        return False
+    if low in ("none", "null", "auto"):
+        return None
+    if "/" in raw:  # a tuple of ints, e.g. filter_layers=2/8/18
+        return tuple(int(x) for x in raw.split("/") if x)
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+def parse_method(text: str) -> MethodSpec:
+    """`omnikv:offload=false:filter_layers=2/8/18` -> MethodSpec; ConfigError on a malformed spec."""
+    parts = text.strip().split(":")
+    name, options = parts[0], {}
+    if not name:
+        raise ConfigError(f"bad method spec {text!r}; use name or name:key=value, e.g. omnikv:offload=false")
+    for part in parts[1:]:
+        if "=" not in part:
+            raise ConfigError(f"bad option {part!r} in {text!r}; options are key=value")
+        key, raw = part.split("=", 1)
+        try:
+            value = _parse_value(raw)
+        except ValueError:
+            raise ConfigError(f"bad value {raw!r} for {key} in {text!r}") from None
+        if key.endswith("_layers") and key != "num_wait_layers" and isinstance(value, int):
+            value = (value,)  # filter_layers=3 means the one layer 3
+        options[key] = value
+    return MethodSpec(label=text.strip(), name=name, options=options)
+
+
+def parse_methods(text: str) -> list[MethodSpec]:
+    """Comma-separated specs."""
+    return [parse_method(x) for x in text.split(",") if x.strip()]
