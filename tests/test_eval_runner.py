@@ -187,3 +187,15 @@ def test_method_variants_run_side_by_side(ckpt, tmp_path):
     assert recs["omnikv"]["budget"] == 0.5 and recs["omnikv"]["config"]["selector"] == "last"
     with pytest.raises(ConfigError, match="key=value"):
         EvalConfig(model="m", methods=["omnikv:uniform"], tasks=["passkey"], lengths=[100], output=tmp_path)
+
+
+def test_context_check_counts_the_capped_generation(ckpt, tmp_path, capsys):
+    """A prompt that fills the model's context (4096) up to the --max-new-tokens cap runs; without
+    the cap the task's own generation length does not fit and the error says what to drop."""
+    base = ["eval", "--model", ckpt, "--methods", "full", "--tasks", "passkey", "--lengths", "4094",
+            "--samples", "1", "--no-progress"]
+    assert main([*base, "--output", str(tmp_path / "uncapped")]) == 2
+    assert "drop that length" in capsys.readouterr().err
+    assert main([*base, "--output", str(tmp_path / "capped"), "--max-new-tokens", "2"]) == 0
+    (rec,) = read_predictions(tmp_path / "capped" / "predictions.jsonl")
+    assert rec["prompt_tokens"] == 4094 and rec["generated_tokens"] <= 2

@@ -55,8 +55,9 @@ queue_other() {
   fi
   fid_smollm2_8k
 }
-fid_smollm2_8k() {  # SmolLM2 at its trained limit (8K): agreement with full attention, not retrieval
-  ev fid-smollm2-8k --model smollm2 --methods $METHODS --tasks niah_multikey_1 --lengths 8k --samples 1 \
+fid_smollm2_8k() {  # SmolLM2 at its trained limit: agreement with full attention, not retrieval
+  # 8176 prompt + 16 generated tokens = its 8192-token context
+  ev fid-smollm2-8k --model smollm2 --methods $METHODS --tasks niah_multikey_1 --lengths 8176 --samples 1 \
      --fidelity --perplexity
 }
 
@@ -69,8 +70,13 @@ gm() {  # gm STAGE LENGTH [ARGS]
   local stage=$1 L=$2; shift 2
   ev "$stage" --model gemma3 --methods $METHODS --tasks "$M_TASKS" --lengths $L --samples 3 --max-new-tokens 48 "$@"
 }
-queue_more_a() { gm gemma3-more-2k 2k; gm gemma3-more-8k-s0 8k --shard 0/2; }
-queue_more_b() { gm gemma3-more-4k 4k; gm gemma3-more-8k-s1 8k --shard 1/2; }
+# OmniKV with the observation-window selector (`uniform`, 16 queries) beside the paper's `last`:
+# at the first decode step its window still holds the question's queries (see docs/results.md).
+gu() {  # gu STAGE LENGTH
+  ev "$1" --model gemma3 --methods omnikv:selector=uniform --tasks "$M_TASKS" --lengths $2 --samples 3 --max-new-tokens 48
+}
+queue_more_a() { gm gemma3-more-2k 2k; gm gemma3-more-8k-s0 8k --shard 0/2; gu gemma3-more-uniform-8k 8k; }
+queue_more_b() { gm gemma3-more-4k 4k; gm gemma3-more-8k-s1 8k --shard 1/2; gu gemma3-more-uniform-2k 2k; gu gemma3-more-uniform-4k 4k; }
 
 case ${1:-run} in
   run) queue_gemma3 & q1=$!; queue_other & q2=$!; wait $q1 $q2

@@ -266,6 +266,11 @@ def _check_resume(config: EvalConfig, pred_path: Path) -> list[dict[str, Any]]:
     return existing
 
 
+def _generation_length(sample: Any, config: EvalConfig) -> int:
+    """The sample's own generation length, capped by --max-new-tokens."""
+    return min(sample.max_new_tokens, config.max_new_tokens or sample.max_new_tokens)
+
+
 def run_eval(config: EvalConfig, *, loaded: Any = None) -> dict[str, Any]:
     """Run the evaluation described by `config`; return the aggregated metrics.
 
@@ -307,7 +312,7 @@ def run_eval(config: EvalConfig, *, loaded: Any = None) -> dict[str, Any]:
     units = [(task, length, s) for k, task, length, s in work_units(config, tok) if k % shard_n == shard_i]
     max_context = getattr(loaded, "max_context", None)
     for task, length, s in units:
-        need = len(encode_prompt(tok, s.prompt)) + s.max_new_tokens
+        need = len(encode_prompt(tok, s.prompt)) + _generation_length(s, config)
         if max_context and need > max_context:
             raise ConfigError(f"{task} at length {length} needs {need} tokens (prompt + generation) but the "
                               f"model handles {max_context}; drop that length")
@@ -330,7 +335,7 @@ def run_eval(config: EvalConfig, *, loaded: Any = None) -> dict[str, Any]:
                 if (name, task, length, s.id) in done:
                     continue
                 bar.set_postfix_str(f"{name} {task} {length}")
-                mnt = min(s.max_new_tokens, config.max_new_tokens or s.max_new_tokens)
+                mnt = _generation_length(s, config)
                 res = generate(model, tok, ids, method, SamplingParams(max_new_tokens=mnt, temperature=0.0),
                                prefill_chunk_size=config.prefill_chunk_size)
                 rec: dict[str, Any] = {
