@@ -195,3 +195,29 @@ def test_partial_reload_with_left_padding(models):
     assert sum(seg.partial_loads for seg in caches[0].segments.values()) > 0
     for idx in caches[0].selected_indices().values():
         assert (idx[0] >= 40).all(), "padding positions were selected"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_on_cpu(dtype):
+    """The half-precision path (what CUDA runs) on CPU: at full budget OmniKV's logits match full
+    attention's within half-precision rounding, at a real budget offload on == off and the partial
+    reload == the full gather exactly, and nothing is silently upcast."""
+    from omnikv.testing import tiny_model
+
+    model = tiny_model("llama", num_hidden_layers=6).to(dtype)
+    ids = prompt(120, seed=31)[0].tolist()
+    cont = prompt(8, seed=32)[0].tolist()
+    full = teacher_forced_logits(model, ids, cont, "full")
+    same = teacher_forced_logits(model, ids, cont, get_method("omnikv", config=cfg_for("llama", budget=1.0)))
+    torch.testing.assert_close(same, full, atol=0.05, rtol=0.02)
+    cfg = cfg_for("llama", budget=0.25, sink_tokens=2, recent_tokens=4)
+    runs = [teacher_forced_logits(model, ids, cont, get_method("omnikv", config=cfg.replace(**kw)))
+            for kw in ({}, {"offload": True}, {"partial_reload": False})]
+    assert torch.equal(runs[0], runs[1])
+    torch.testing.assert_close(runs[0], runs[2], atol=0.05, rtol=0.02)
+    assert (runs[0] - full).abs().max() > 0.05  # a quarter of the prompt is not full attention
+    cache = OmniKVCache(model, cfg)
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([ids]), **cache_kwargs(cache))
+        model(input_ids=torch.tensor([[cont[0]]]), **cache_kwargs(cache))
+    assert all(seg.work.dtype == dtype and seg.bank.data.dtype == dtype for seg in cache.segments.values())
