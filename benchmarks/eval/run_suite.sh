@@ -88,6 +88,6 @@ case ${1:-run} in
   *) echo "usage: $0 [run|queue1|queue2|more|report]" >&2; exit 2 ;;
 esac
 $PY benchmarks/eval/results.py "$OUT" benchmarks/eval/results
-for g in gemma3 smollm2; do  # the plots docs/results.md shows
+for g in gemma3 smollm2 gemma3-more; do  # the plots docs/results.md shows
   [[ -f benchmarks/eval/results/$g/scores.png ]] && cp benchmarks/eval/results/$g/scores.png docs/img/results_$g.png
 done
