@@ -24,7 +24,8 @@ from omnikv.eval.runner import read_predictions, write_reports
 GROUPS = {
     "gemma3": ["gemma3-2k", "gemma3-4k", "gemma3-8k-s0", "gemma3-8k-s1", "gemma3-16k"],
     "gemma3-more": ["gemma3-more-2k", "gemma3-more-4k", "gemma3-more-8k-s0", "gemma3-more-8k-s1",
-                    "gemma3-more-uniform-2k", "gemma3-more-uniform-4k", "gemma3-more-uniform-8k"],
+                    "gemma3-more-uniform-2k", "gemma3-more-uniform-4k", "gemma3-more-uniform-8k",
+                    "gemma3-more-16k-s0", "gemma3-more-16k-s1"],
     "smollm2": ["smollm2-1k"],
     "fidelity-gemma3": ["fid-gemma3-4k", "fid-gemma3-8k"],
     "fidelity-smollm2": ["fid-smollm2-4k", "fid-smollm2-8k"],

@@ -75,8 +75,13 @@ gm() {  # gm STAGE LENGTH [ARGS]
 gu() {  # gu STAGE LENGTH
   ev "$1" --model gemma3 --methods omnikv:selector=uniform --tasks "$M_TASKS" --lengths $2 --samples 3 --max-new-tokens 48
 }
-queue_more_a() { gm gemma3-more-2k 2k; gm gemma3-more-8k-s0 8k --shard 0/2; gu gemma3-more-uniform-8k 8k; }
-queue_more_b() { gm gemma3-more-4k 4k; gm gemma3-more-8k-s1 8k --shard 1/2; gu gemma3-more-uniform-2k 2k; gu gemma3-more-uniform-4k 4k; }
+# 16K: full attention and OmniKV only (CPU time)
+g16() {  # g16 STAGE SHARD
+  ev "$1" --model gemma3 --methods full,omnikv --tasks "$M_TASKS" --lengths 16k --samples 3 --max-new-tokens 48 --shard "$2"
+}
+queue_more_a() { gm gemma3-more-2k 2k; gm gemma3-more-8k-s0 8k --shard 0/2; gu gemma3-more-uniform-8k 8k; g16 gemma3-more-16k-s0 0/2; }
+queue_more_b() { gm gemma3-more-4k 4k; gm gemma3-more-8k-s1 8k --shard 1/2; gu gemma3-more-uniform-2k 2k; gu gemma3-more-uniform-4k 4k
+                 g16 gemma3-more-16k-s1 1/2; }
 
 case ${1:-run} in
   run) queue_gemma3 & q1=$!; queue_other & q2=$!; wait $q1 $q2
