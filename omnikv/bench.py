@@ -7,6 +7,7 @@ ratio to `full` is measured pair by pair. After the clean rounds, a few instrume
 breakdown of a step into selection, gather/transfer, attention, KV update and the rest.
 
 Example:
+    from omnikv.methods.spec import parse_methods
     spec = BenchSpec(methods=parse_methods("full,full_prealloc,omnikv"), contexts=[8192, 32768])
     records = run_bench(model, spec)
 """
@@ -35,7 +36,7 @@ from omnikv.bench_fill import (
 from omnikv.bench_probe import CATEGORIES, MemoryWindow, StepBreakdown, current_rss
 from omnikv.errors import ConfigError
 from omnikv.methods import get_method
-from omnikv.methods.spec import MethodSpec, parse_method, parse_methods  # noqa: F401 (re-exported)
+from omnikv.methods.spec import MethodSpec
 from omnikv.units import parse_token_count
 
 REFERENCE = "full"  # ratio_to_full compares every method with this registry method

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from omnikv.bench import BenchSpec, add_ratios, parse_context, parse_contexts, parse_method, public_records, run_bench
+from omnikv.bench import BenchSpec, add_ratios, parse_context, parse_contexts, public_records, run_bench
+from omnikv.methods.spec import parse_method
 from omnikv.bench_fill import decode_step, first_token, synthetic_fill
 from omnikv.bench_probe import StepBreakdown
 from omnikv.cache import SparseLayer

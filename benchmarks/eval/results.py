@@ -13,12 +13,10 @@ can run while stages are still going; missing cells show as "-".
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-from omnikv.eval import report
 from omnikv.eval.runner import read_predictions, write_reports
 
 GROUPS = {
