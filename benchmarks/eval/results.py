@@ -22,15 +22,17 @@ from omnikv.eval.runner import read_predictions, write_reports
 GROUPS = {
     "gemma3": ["gemma3-2k", "gemma3-4k", "gemma3-8k-s0", "gemma3-8k-s1", "gemma3-16k"],
     "gemma3-more": ["gemma3-more-2k", "gemma3-more-4k", "gemma3-more-8k-s0", "gemma3-more-8k-s1",
-                    "gemma3-more-uniform-2k", "gemma3-more-uniform-4k", "gemma3-more-uniform-8k",
-                    "gemma3-more-16k-s0", "gemma3-more-16k-s1"],
+                    "gemma3-more-uniform-2k", "gemma3-more-uniform-4k", "gemma3-more-uniform-8k"],
+    # 16K apart: full attention and OmniKV on the three tasks, the other methods on number_string only.
+    "gemma3-more-16k": ["gemma3-more-16k-s0", "gemma3-more-16k-s1", "gemma3-more-16k-lossy-s0",
+                        "gemma3-more-16k-lossy-s1"],
     "smollm2": ["smollm2-1k"],
     "fidelity-gemma3": ["fid-gemma3-4k", "fid-gemma3-8k"],
     "fidelity-smollm2": ["fid-smollm2-4k", "fid-smollm2-8k"],
 }
 # Sliding-window layers and the rows transformers keeps in each (window - 1): they are the same for
 # every method, so the share of the *budgeted* (full-attention) layers is reported separately.
-SLIDING = {"gemma3": (15, 511), "gemma3-more": (15, 511), "fidelity-gemma3": (15, 511)}
+SLIDING = {"gemma3": (15, 511), "gemma3-more": (15, 511), "gemma3-more-16k": (15, 511), "fidelity-gemma3": (15, 511)}
 MAX_COPY = 2 * 1024 * 1024  # predictions.jsonl copied next to the tables only when this small
 
 

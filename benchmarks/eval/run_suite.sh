@@ -75,9 +75,11 @@ gm() {  # gm STAGE LENGTH [ARGS]
 gu() {  # gu STAGE LENGTH
   ev "$1" --model gemma3 --methods omnikv:selector=uniform --tasks "$M_TASKS" --lengths $2 --samples 3 --max-new-tokens 48
 }
-# 16K: full attention and OmniKV only (CPU time)
+# 16K: full attention and OmniKV on the three tasks; the other methods on number_string only (CPU time)
 g16() {  # g16 STAGE SHARD
   ev "$1" --model gemma3 --methods full,omnikv --tasks "$M_TASKS" --lengths 16k --samples 3 --max-new-tokens 48 --shard "$2"
+  ev "${1/16k/16k-lossy}" --model gemma3 --methods streaming_llm,h2o,snapkv,quest --tasks number_string --lengths 16k \
+     --samples 3 --max-new-tokens 48 --shard "$2"
 }
 queue_more_a() { gm gemma3-more-2k 2k; gm gemma3-more-8k-s0 8k --shard 0/2; gu gemma3-more-uniform-8k 8k; g16 gemma3-more-16k-s0 0/2; }
 queue_more_b() { gm gemma3-more-4k 4k; gm gemma3-more-8k-s1 8k --shard 1/2; gu gemma3-more-uniform-2k 2k; gu gemma3-more-uniform-4k 4k
