@@ -199,3 +199,23 @@ def test_context_check_counts_the_capped_generation(ckpt, tmp_path, capsys):
     assert main([*base, "--output", str(tmp_path / "capped"), "--max-new-tokens", "2"]) == 0
     (rec,) = read_predictions(tmp_path / "capped" / "predictions.jsonl")
     assert rec["prompt_tokens"] == 4094 and rec["generated_tokens"] <= 2
+
+
+def test_accelerate_launch_shards_and_merges(full_run, ckpt, tmp_path, monkeypatch, capsys):
+    """Under a launcher (RANK / WORLD_SIZE / LOCAL_RANK, as accelerate launch and torchrun set
+    them) each process runs its shard into OUTPUT/shard-i-of-n and the last one to finish merges:
+    the merged records are those of the single-process run. The processes are run one after the
+    other here; the first one finds the second not done and does not merge."""
+    out = tmp_path / "launched"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        assert main(["eval", "--model", ckpt, "--output", str(out), "--fidelity", *ARGS]) == 0
+        said = capsys.readouterr().out
+        if rank == 0:
+            assert "the last shard to finish merges" in said and not (out / "predictions.jsonl").exists()
+    assert _keys(out / "shard-0-of-2") and _keys(out / "shard-1-of-2")
+    assert not set(_keys(out / "shard-0-of-2")) & set(_keys(out / "shard-1-of-2"))
+    assert _keys(out) == _keys(full_run)
+    assert json.loads((out / "run.json").read_text())["merged_from"][0].endswith("shard-0-of-2")

@@ -37,7 +37,9 @@ def register(subparsers) -> None:
     p.add_argument("--budget", default=None, help="tokens each sparse layer attends: int, or fraction of the prompt")
     p.add_argument("--output", help="output directory")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated samples (default 0)")
-    p.add_argument("--shard", default="0/1", help="i/n: run every n-th work unit starting at i (default 0/1)")
+    p.add_argument("--shard", default=None,
+                   help="i/n: run every n-th work unit starting at i (default 0/1; under `accelerate launch` "
+                   "or torchrun: this process's rank, into OUTPUT/shard-i-of-n, merged by the last to finish)")
     p.add_argument("--resume", action="store_true", help="continue a run in --output, skipping finished items")
     p.add_argument("--fidelity", action="store_true",
                    help="also measure agreement / KL against full attention (adds full to the methods)")
@@ -89,6 +91,7 @@ def _split(text: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from omnikv.eval.launch import finish_shard, launcher_rank, start_shard
     from omnikv.eval.runner import EvalConfig, merge_outputs, parse_length, parse_shard, run_eval
 
     if args.list_tasks:
@@ -122,17 +125,33 @@ def run(args: argparse.Namespace) -> int:
     if args.preset:
         method_options.setdefault("omnikv", {})["preset"] = args.preset
     tasks = _split(args.tasks)
+    output, shard, device = Path(args.output), parse_shard(args.shard or "0/1"), args.device
+    launched = launcher_rank() if args.shard is None else None
+    if launched is not None:  # accelerate launch / torchrun: one shard per process
+        rank, world, local = launched
+        shard = (rank, world)
+        output = start_shard(Path(args.output), rank, world)
+        if device is None:
+            import torch
+
+            device = f"cuda:{local % torch.cuda.device_count()}" if torch.cuda.is_available() else None
     config = EvalConfig(
         model=args.model, methods=_split(args.methods), tasks=tasks,
-        lengths=[parse_length(x) for x in _split(args.lengths)], output=Path(args.output),
-        samples=args.samples, budget=_parse_budget(args.budget), seed=args.seed, shard=parse_shard(args.shard),
+        lengths=[parse_length(x) for x in _split(args.lengths)], output=output,
+        samples=args.samples, budget=_parse_budget(args.budget), seed=args.seed, shard=shard,
         resume=args.resume, fidelity=args.fidelity, perplexity=args.perplexity, task_options=task_options,
-        haystack=args.haystack, method_options=method_options, data_dir=args.data_dir, dtype=args.dtype, device=args.device,
+        haystack=args.haystack, method_options=method_options, data_dir=args.data_dir, dtype=args.dtype, device=device,
         prefill_chunk_size=args.prefill_chunk_size, max_new_tokens=args.max_new_tokens,
         progress=not args.no_progress,
     )
     metrics = run_eval(config)
-    print((Path(args.output) / "summary.md").read_text(), end="")
+    if launched is not None:
+        if not finish_shard(Path(args.output), launched[0], launched[1]):
+            print(f"shard {launched[0]}/{launched[1]} done in {output}; the last shard to finish merges into {args.output}")
+            return 0
+        output = Path(args.output)
+        metrics = json.loads((output / "metrics.json").read_text())
+    print((output / "summary.md").read_text(), end="")
     n = sum(r["n"] for r in metrics["rows"])
-    print(f"{n} records in {args.output}/predictions.jsonl")
+    print(f"{n} records in {output}/predictions.jsonl")
     return 0
