@@ -164,6 +164,12 @@ class OmniKVConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> OmniKVConfig:
         """Load a preset file (as written by `omnikv calibrate --output`)."""
+        return cls.from_json_with_metadata(path)[0]
+
+    @classmethod
+    def from_json_with_metadata(cls, path: str | Path) -> tuple[OmniKVConfig, dict[str, Any]]:
+        """A preset file's config and, from the same read, the metadata keys it carries
+        (`model_type`, `num_layers`, ...: what model it was made for)."""
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"preset file {p} does not exist")
@@ -173,7 +179,8 @@ class OmniKVConfig:
             raise ConfigError(f"preset file {p} is not valid JSON: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"preset file {p} must hold a JSON object")
-        return cls.from_dict(data, source=str(p))
+        metadata = {k: v for k, v in data.items() if k in _PRESET_METADATA_KEYS}
+        return cls.from_dict(data, source=str(p)), metadata
 
     def replace(self, **changes: Any) -> OmniKVConfig:
         return dataclasses.replace(self, **changes)

@@ -37,10 +37,10 @@ class OmniKV(Method):
             raise ConfigError(f"unknown omnikv options {unknown}; valid: {sorted(_FIELDS)}")
         if config is not None and preset is not None:
             raise ConfigError("give either config or preset, not both")
-        self.base = OmniKVConfig.from_json(preset) if preset else config
+        self.base, metadata = OmniKVConfig.from_json_with_metadata(preset) if preset else (config, {})
         # Which model a preset file was made for (checked against the model in config_for).
         self.preset_path = preset
-        self.made_for = _made_for(preset) if preset else {}
+        self.made_for = {k: metadata[k] for k in ("model_type", "num_layers") if k in metadata}
         self.overrides = {k: v for k, v in overrides.items() if v is not None}
         if budget is not None:
             self.overrides["budget"] = budget
@@ -72,11 +72,3 @@ class OmniKV(Method):
             d.update({"preset": "per model", **self.overrides})
         return d
 
-
-def _made_for(path: str) -> dict[str, Any]:
-    """The `model_type` / `num_layers` keys of a preset file (already validated by from_json)."""
-    import json
-    from pathlib import Path
-
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    return {k: data[k] for k in ("model_type", "num_layers") if k in data}
