@@ -146,11 +146,11 @@ def run(args: argparse.Namespace) -> int:
     )
     metrics = run_eval(config)
     if launched is not None:
-        if not finish_shard(Path(args.output), launched[0], launched[1]):
+        metrics = finish_shard(Path(args.output), launched[0], launched[1])
+        if metrics is None:
             print(f"shard {launched[0]}/{launched[1]} done in {output}; the last shard to finish merges into {args.output}")
             return 0
         output = Path(args.output)
-        metrics = json.loads((output / "metrics.json").read_text())
     print((output / "summary.md").read_text(), end="")
     n = sum(r["n"] for r in metrics["rows"])
     print(f"{n} records in {output}/predictions.jsonl")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 DONE = "DONE"
 _LOCK = ".merge.lock"
@@ -43,24 +44,23 @@ def start_shard(output: Path, rank: int, world: int) -> Path:
     return d
 
 
-def finish_shard(output: Path, rank: int, world: int) -> bool:
-    """Mark this shard done; if every shard is, merge them into `output`. True when this process
-    merged. Two processes finishing together merge once (an exclusive lock file); merging again
-    later would give the same result."""
+def finish_shard(output: Path, rank: int, world: int) -> dict[str, Any] | None:
+    """Mark this shard done; if every shard is, merge them into `output` and return the merged
+    metrics; None when this process did not merge. Two processes finishing together merge once
+    (an exclusive lock file); merging again later would give the same result."""
     from omnikv.eval.runner import merge_outputs
 
     (shard_dir(output, rank, world) / DONE).touch()
     dirs = [shard_dir(output, r, world) for r in range(world)]
     if not all((d / DONE).is_file() for d in dirs):
-        return False
+        return None
     lock = Path(output) / _LOCK
     try:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
-        return False
+        return None
     try:
-        merge_outputs(dirs, Path(output))
+        return merge_outputs(dirs, Path(output))
     finally:
         os.close(fd)
         lock.unlink(missing_ok=True)
-    return True
