@@ -129,16 +129,6 @@ class PackedBank:
         """Views of layer `slot`'s first `end` rows, (B, H, end, D) each, on the bank's device."""
         return self.data[slot, 0, :, :, :end], self.data[slot, 1, :, :, :end]
 
-    def gather(self, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows `idx` (B, G, k) of every layer: (L, 2, B, H, k, D), one packed operation."""
-        from omnikv.selection import gather_rows
-
-        rows = gather_rows(self.data, idx.to(self.device))
-        if out is None:
-            return rows
-        out.copy_(rows)
-        return out
-
     def used_bytes(self) -> int:
         if self.data is None:
             return 0
