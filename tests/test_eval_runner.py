@@ -219,3 +219,26 @@ def test_accelerate_launch_shards_and_merges(full_run, ckpt, tmp_path, monkeypat
     assert not set(_keys(out / "shard-0-of-2")) & set(_keys(out / "shard-1-of-2"))
     assert _keys(out) == _keys(full_run)
     assert json.loads((out / "run.json").read_text())["merged_from"][0].endswith("shard-0-of-2")
+
+
+def test_shared_prefill_gives_the_separate_runs_results(ckpt, tmp_path):
+    """The default (one prefill per sample, every method and pass forked from it) against
+    --separate-prefill: same predictions, scores and fidelity; only the prefill bookkeeping differs."""
+    args = ["--methods", "full,omnikv,snapkv,h2o", "--tasks", "passkey", "--lengths", "300", "--samples", "2",
+            "--budget", "0.5", "--max-new-tokens", "3", "--no-progress", "--fidelity", "--perplexity"]
+    assert main(["eval", "--model", ckpt, "--output", str(tmp_path / "shared"), *args]) == 0
+    assert main(["eval", "--model", ckpt, "--output", str(tmp_path / "own"), "--separate-prefill", *args]) == 0
+    shared = {record_key(r): r for r in read_predictions(tmp_path / "shared" / "predictions.jsonl")}
+    own = {record_key(r): r for r in read_predictions(tmp_path / "own" / "predictions.jsonl")}
+    assert shared.keys() == own.keys() and len(shared) == 8
+    for key, a in shared.items():
+        b = own[key]
+        assert a["prefill_mode"] == "shared" and b["prefill_mode"] == "own"
+        assert a["shared_prefill_seconds"] > 0 and b["shared_prefill_seconds"] is None
+        assert (a["token_ids"], a["score"]) == (b["token_ids"], b["score"])
+        if "fidelity" in b:
+            assert a["fidelity"]["greedy_agreement"] == b["fidelity"]["greedy_agreement"]
+            assert a["fidelity"]["mean_kl"] == pytest.approx(b["fidelity"]["mean_kl"], abs=1e-5)
+        assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-4)
+    run = json.loads((tmp_path / "shared" / "run.json").read_text())
+    assert run["prefill"]["shared"] and run["prefill"]["record_queries"] and run["prefill"]["tail"] >= 32

@@ -72,6 +72,9 @@ class EvalConfig:
     prefill_chunk_size: int | None = None
     max_new_tokens: int | None = None  # caps every sample's generation length when set
     progress: bool = True
+    # One full-attention prefill per sample, every method (and fidelity / perplexity pass) forked
+    # from it (omnikv.fork); False = each pass prefills on its own, as before.
+    shared_prefill: bool = True
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
@@ -276,6 +279,7 @@ def run_eval(config: EvalConfig, *, loaded: Any = None) -> dict[str, Any]:
 
     `loaded` is an already loaded model (an `omnikv.models.LoadedModel` or anything with `.model`,
     `.tokenizer`, `.max_context`); by default `config.model` is loaded."""
+    from omnikv.fork import DEFAULT_TAIL, SharedPrefill, prefill_needs
     from omnikv.generation import SamplingParams, generate, teacher_forced_logits
     from omnikv.methods import get_method
     from omnikv.methods.spec import parse_method
@@ -307,6 +311,17 @@ def run_eval(config: EvalConfig, *, loaded: Any = None) -> dict[str, Any]:
         budget = options.pop("budget", None if spec.is_full_attention else config.budget)
         methods[label] = get_method(spec.name, budget=budget, **options)
     meta["methods"] = {name: m.describe() for name, m in methods.items()}
+    # Which methods fork from the shared prefill, and how long a tail each prefills itself.
+    tail, record_queries, alone = DEFAULT_TAIL, False, set()
+    if config.shared_prefill:
+        for name, m in methods.items():
+            need = prefill_needs(m, model)
+            if need is None:
+                alone.add(name)
+            else:
+                tail, record_queries = max(tail, need[0]), record_queries or need[1]
+    meta["prefill"] = {"shared": config.shared_prefill, "tail": tail if config.shared_prefill else None,
+                       "record_queries": record_queries, "own_prefill_methods": sorted(alone)}
 
     shard_i, shard_n = config.shard
     units = [(task, length, s) for k, task, length, s in work_units(config, tok) if k % shard_n == shard_i]
@@ -331,13 +346,19 @@ def run_eval(config: EvalConfig, *, loaded: Any = None) -> dict[str, Any]:
             ids = encode_prompt(tok, s.prompt)
             full_logits = None
             unit_key = (task, length, s.id)
+            shared = None
+            if config.shared_prefill and len(ids) >= 2 and any((m, task, length, s.id) not in done for m in methods):
+                shared = SharedPrefill.run(model, ids, tail=tail, record_queries=record_queries,
+                                           prefill_chunk_size=config.prefill_chunk_size)
+            full_shared = shared if "full" not in alone else None
             for name, method in methods.items():
                 if (name, task, length, s.id) in done:
                     continue
                 bar.set_postfix_str(f"{name} {task} {length}")
                 mnt = _generation_length(s, config)
+                own = shared if name not in alone else None
                 res = generate(model, tok, ids, method, SamplingParams(max_new_tokens=mnt, temperature=0.0),
-                               prefill_chunk_size=config.prefill_chunk_size)
+                               prefill_chunk_size=config.prefill_chunk_size, shared=own)
                 rec: dict[str, Any] = {
                     "method": name, "task": task, "length": length, "sample_id": s.id,
                     "prediction": res.text, "answers": s.answers, "metric": s.metric,
@@ -346,6 +367,10 @@ def run_eval(config: EvalConfig, *, loaded: Any = None) -> dict[str, Any]:
                     "token_ids": list(res.token_ids), "finish_reason": res.finish_reason,
                     "prefill_seconds": res.prefill_seconds, "decode_seconds": res.decode_seconds,
                     "decode_tokens_per_second": res.decode_tokens_per_second,
+                    # prefill_seconds is the method's own part: the whole prompt, or with a shared
+                    # prefill only its tail; shared_prefill_seconds is the unit's shared part.
+                    "prefill_mode": "shared" if own is not None else "own",
+                    "shared_prefill_seconds": shared.seconds if own is not None else None,
                     "budget": method.budget,
                     "budget_report": budget_report(res.stats, model, len(ids)),
                     "stats": res.stats, "config": res.config or method.describe(),
@@ -356,15 +381,15 @@ def run_eval(config: EvalConfig, *, loaded: Any = None) -> dict[str, Any]:
                 ref = full_tokens.get(unit_key)
                 if config.fidelity and name != "full" and ref:
                     if full_logits is None:
-                        full_logits = teacher_forced_logits(model, ids, ref, methods["full"],
+                        full_logits = teacher_forced_logits(model, ids, ref, methods["full"], shared=full_shared,
                                                             prefill_chunk_size=config.prefill_chunk_size)
-                    method_logits = teacher_forced_logits(model, ids, ref, method,
+                    method_logits = teacher_forced_logits(model, ids, ref, method, shared=own,
                                                           prefill_chunk_size=config.prefill_chunk_size)
                     rec["fidelity"] = fidelity_report(full_logits, method_logits, ref, res.token_ids)
                 if config.perplexity:
                     gold = list(tok(" " + ", ".join(s.answers), add_special_tokens=False)["input_ids"])
                     if gold:
-                        logits = teacher_forced_logits(model, ids, gold, method,
+                        logits = teacher_forced_logits(model, ids, gold, method, shared=own,
                                                        prefill_chunk_size=config.prefill_chunk_size)
                         rec["perplexity"] = perplexity(logits, gold)
                 out.write(json.dumps(rec, ensure_ascii=False) + "\n")
