@@ -26,7 +26,7 @@ from omnikv.errors import ConfigError
 from omnikv.managed import DenseLayer, ManagedCache, ManagedLayer, check_supported, make_sliding_layer, text_config
 from omnikv.roles import LayerPlan, Role, plan_layers
 from omnikv.bank import Segment
-from omnikv.selection import filter_scores, scores_from_logits, select_topk
+from omnikv.selection import WINDOW_SELECTORS, filter_scores, scores_from_logits, select_topk
 
 
 class SharedState:
@@ -52,14 +52,14 @@ class FilterLayer(DenseLayer):
 
     def attend(self, module, query, key, value, attention_mask, **kwargs):
         cfg = self.state.config
-        if cfg.selector in ("uniform", "exp"):
+        if cfg.selector in WINDOW_SELECTORS:
             window = query if self.query_window is None else torch.cat([self.query_window, query], dim=2)
             self.query_window = window[:, :, -cfg.window_size :].detach()
         decoding = query.shape[2] == 1 and self.state.prompt_len > 0 and self.seq_length > self.state.prompt_len
         if not (decoding and self.segment.layers and self._due()):
             return super().attend(module, query, key, value, attention_mask, **kwargs)
         scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
-        if cfg.selector in ("uniform", "exp") or getattr(module, "attn_logit_softcapping", None):
+        if cfg.selector in WINDOW_SELECTORS or getattr(module, "attn_logit_softcapping", None):
             self.select(self.query_window, scaling)
             return super().attend(module, query, key, value, attention_mask, **kwargs)
         return self._attend_and_select(query, key, value, attention_mask, scaling)

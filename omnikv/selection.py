@@ -11,6 +11,8 @@ import torch
 
 NEG_INF = float("-inf")
 POS_INF = float("inf")
+# Selectors that score with an observation window of recent queries (the filter layer keeps one).
+WINDOW_SELECTORS = ("uniform", "exp", "union")
 
 
 def window_weights(selector: str, window: int, device: torch.device) -> torch.Tensor:
@@ -33,7 +35,7 @@ def filter_scores(
 
     Args:
         queries: (B, Hq, W, D) post-RoPE queries, newest last. `last`/`softmax_last` use only the
-            newest; `uniform`/`exp` use the whole window.
+            newest; `uniform`/`exp` use the whole window; `union` both (see `union_scores`).
         keys: (B, Hk, T, D) post-RoPE prompt keys of the filter layer.
         scaling: the attention scale (1/sqrt(D) for most models).
         valid: (B, T) bool, False for padding; None = all valid.
@@ -59,6 +61,10 @@ def scores_from_logits(
     """(B, Hk, g, W, T) scaled attention logits -> (B, G, T) selection scores (see filter_scores)."""
     logits = logits.float()
     w = logits.shape[3]
+    if selector == "union":
+        last = scores_from_logits(logits[:, :, :, -1:], "last", head_reduce, valid)
+        window = scores_from_logits(logits, "uniform", head_reduce, valid)
+        return union_scores(last, window, valid)
     if valid is not None:
         logits = logits.masked_fill(~valid[:, None, None, None, :], NEG_INF)
     if selector == "last":
@@ -73,6 +79,34 @@ def scores_from_logits(
         weights = window_weights(selector, w, logits.device)
         return (reduced * weights[None, None, :, None]).sum(dim=2)
     return reduced[:, :, -1, :]
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """(..., T) -> (..., T) int64 rank of each entry in ascending order (ties: lower index first)."""
+    order = x.argsort(dim=-1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(x.shape[-1], device=x.device).expand_as(order))
+    return ranks
+
+
+def union_scores(first: torch.Tensor, second: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores whose top-k is the union of the two selectors' best, taken in turn.
+
+    Each token scores max(2 * rank_first + 1, 2 * rank_second): the k highest are `first`'s best,
+    `second`'s best, `first`'s second best, ... skipping tokens already in (all scores distinct, so
+    the top-k is unique). Why: `last` (first) follows the current query, the window (second)
+    remembers what the prompt's last queries and the first answer tokens looked at; a token either
+    ranks high in gets in, each with half of the budget when they disagree.
+
+    Args:
+        first, second: (B, G, T) scores; valid: (B, T) bool (False = padding) or None.
+    Returns:
+        (B, G, T) float32; padding -inf.
+    """
+    out = torch.maximum(2 * _ranks(first) + 1, 2 * _ranks(second)).float()
+    if valid is not None:
+        out = out.masked_fill(~valid[:, None, :], NEG_INF)
+    return out
 
 
 def _reduce_heads(x: torch.Tensor, head_reduce: str) -> torch.Tensor:

@@ -29,6 +29,7 @@ SPECS = [
     ("full_prealloc", {}),
     ("omnikv", {**OMNI, "budget": 24, "sink_tokens": 2, "recent_tokens": 4}),
     ("omnikv", {**OMNI, "budget": 24, "sink_tokens": 2, "recent_tokens": 4, "selector": "uniform", "window_size": 8}),
+    ("omnikv", {**OMNI, "budget": 0.2, "sink_tokens": 2, "recent_tokens": 4, "selector": "union", "window_size": 8}),
     ("snapkv", {"budget": 24, "window_size": 8}),
     ("h2o", {"budget": 24}),
     ("streaming_llm", {"budget": 24}),

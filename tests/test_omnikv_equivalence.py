@@ -64,7 +64,7 @@ def test_full_budget_logits_close(models, family):
     torch.testing.assert_close(omni, full, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("selector", ["last", "softmax_last", "uniform", "exp"])
+@pytest.mark.parametrize("selector", ["last", "softmax_last", "uniform", "exp", "union"])
 @pytest.mark.parametrize("head_reduce", ["max", "sum", "per_kv_head"])
 def test_matches_reference_at_real_budget(models, selector, head_reduce):
     model = models("llama", num_hidden_layers=6)

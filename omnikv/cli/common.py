@@ -133,7 +133,7 @@ def add_method_arguments(p: argparse.ArgumentParser, *, method: bool = True) -> 
                    help="OmniKV filter layers, e.g. 2,8,18 (default: the model's preset)")
     g.add_argument("--num-wait-layers", type=non_negative_int, default=None, metavar="N",
                    help="dense layers after each filter layer (default: the preset's)")
-    g.add_argument("--selector", default=None, choices=("last", "softmax_last", "uniform", "exp"),
+    g.add_argument("--selector", default=None, choices=("last", "softmax_last", "uniform", "exp", "union"),
                    help="how filter layers score tokens (default: the preset's)")
     g.add_argument("--head-reduce", default=None, choices=("max", "sum", "per_kv_head"),
                    help="how head scores are combined (default: the preset's)")
