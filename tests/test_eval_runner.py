@@ -61,6 +61,7 @@ def test_outputs(full_run):
         assert row["score"] == pytest.approx(100 * sum(mine) / len(mine))
     summary = (full_run / "summary.md").read_text()
     assert "| task | length | full | omnikv |" in summary and "| passkey (n=2) | 300 |" in summary
+    assert "Paired against full attention" in summary
     assert (full_run / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     run = json.loads((full_run / "run.json").read_text())
     assert run["args"]["methods"] == ["full", "omnikv"] and run["new_records"] == 4
@@ -146,7 +147,14 @@ def test_aggregate_and_summary_by_hand():
     assert rows[("omnikv", "a")]["greedy_agreement"] == 0.5 and rows[("full", "a")]["greedy_agreement"] is None
     assert m["average"] == {"full": {"100": 50.0}, "omnikv": {"100": 50.0}}
     md = report.summary_markdown(m)
-    assert "| a (n=2) | 100 | 50.0 | 100.0 |" in md and "| b (n=1) | 100 | 50.0 | 0.0 |" in md
+    # Wilson 95% of 1/2: 9.5-90.5; of 1/1: 20.7-100; bootstrap of the single 0.5: 50-50
+    assert "| a (n=2) | 100 | 50.0 (9-91) | 100.0 (21-100) |" in md and "| b (n=1) | 100 | 50.0 (50-50) | 0.0 (0-79) |" in md
+    assert rows[("full", "a")]["interval"] == "wilson" and rows[("full", "b")]["interval"] == "bootstrap"
+    paired = {(p["method"], p["task"], p["length"]): p for p in m["paired"]}
+    assert set(paired) == {("omnikv", "a", 100), ("omnikv", "b", 100), ("omnikv", "*", 0)}
+    assert (paired[("omnikv", "a", 100)]["same"], paired[("omnikv", "b", 100)]["worse"]) == (1, 1)
+    assert paired[("omnikv", "*", 0)]["n"] == 2 and paired[("omnikv", "*", 0)]["mean_diff"] == -25.0
+    assert "| omnikv | * | all | 2 | 1 | 0 | 1 | 1.000 | -25.0" in md
     assert "| **average** | 100 | 50.0 | 50.0 |" in md
     assert "| a | 100 | omnikv | 0.500 | 1.000 | 0.2500 |" in md
 
