@@ -26,7 +26,7 @@ from omnikv.errors import ConfigError
 from omnikv.managed import DenseLayer, ManagedCache, ManagedLayer, check_supported, make_sliding_layer, text_config
 from omnikv.roles import LayerPlan, Role, plan_layers
 from omnikv.bank import Segment
-from omnikv.selection import WINDOW_SELECTORS, filter_scores, scores_from_logits, select_topk
+from omnikv.selection import WINDOW_SELECTORS, filter_scores, scores_from_logits, select_topk, select_topk_rows
 
 
 class SharedState:
@@ -49,6 +49,7 @@ class FilterLayer(DenseLayer):
         self.segment = segment
         self.query_window: torch.Tensor | None = None  # (B, Hq, <=W, D) newest last
         self.selected: torch.Tensor | None = None  # (B, G, k) last selection
+        self._row_budget: tuple[torch.Tensor, torch.Tensor] | None = None  # (valid, (B,) k per row)
 
     def attend(self, module, query, key, value, attention_mask, **kwargs):
         cfg = self.state.config
@@ -102,8 +103,16 @@ class FilterLayer(DenseLayer):
 
     def _pick(self, scores: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         st, cfg = self.state, self.state.config
-        k = cfg.resolve_budget(st.prompt_len)
-        idx = select_topk(scores, k, valid=valid, sink=cfg.sink_tokens, recent=cfg.recent_tokens)
+        if valid is not None and isinstance(cfg.budget, float):
+            # A fraction of each row's own prompt, not of the padded width (see select_topk_rows);
+            # computed once per prompt (reading the lengths syncs the device).
+            if self._row_budget is None or self._row_budget[0] is not valid:
+                ks = [cfg.resolve_budget(n) for n in valid.sum(dim=-1).tolist()]
+                self._row_budget = (valid, torch.tensor(ks, device=scores.device))
+            idx = select_topk_rows(scores, self._row_budget[1], valid, sink=cfg.sink_tokens, recent=cfg.recent_tokens)
+        else:
+            k = cfg.resolve_budget(st.prompt_len)
+            idx = select_topk(scores, k, valid=valid, sink=cfg.sink_tokens, recent=cfg.recent_tokens)
         self.selected = idx
         self.segment.load(idx, st.decode_steps)
         return idx

@@ -170,6 +170,41 @@ def select_topk(
     return torch.sort(idx, dim=-1).values
 
 
+def select_topk_rows(
+    scores: torch.Tensor,
+    ks: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    sink: int = 0,
+    recent: int = 0,
+) -> torch.Tensor:
+    """`select_topk` with a budget of its own per row of a left-padded batch.
+
+    Row b gets its best `ks[b]` tokens, exactly those it would pick alone; the other
+    k_max - ks[b] entries of its index list are its own padding positions, which the attention
+    mask hides, so the shape stays (B, G, k_max) and no row's attention depends on the others.
+
+    Args:
+        scores: (B, G, T); ks: (B,) int64 tokens per row, each <= that row's real tokens and
+            k_max - ks[b] <= its padding; valid: (B, T) bool, False = padding.
+    Returns:
+        (B, G, k_max) int64 positions in [0, T), sorted ascending.
+    """
+    b, g, t = scores.shape
+    k_max = int(ks.max())
+    forced = forced_mask(valid, b, t, sink, recent, scores.device)
+    if forced is not None:
+        scores = scores.masked_fill(forced[:, None, :], POS_INF)
+    best = torch.topk(scores, k_max, dim=-1, sorted=True).indices  # (B, G, k_max), best first
+    rank = torch.arange(k_max, device=scores.device)
+    short = rank[None, :] >= ks[:, None]  # (B, k_max): slots past the row's own budget
+    if bool(short.any()):
+        pad_first = torch.argsort(valid.to(torch.uint8), dim=-1, stable=True)  # (B, T) padding first
+        filler = pad_first.gather(-1, (rank[None, :] - ks[:, None]).clamp(min=0))  # (B, k_max)
+        best = torch.where(short[:, None, :], filler[:, None, :].expand(b, g, k_max), best)
+    return torch.sort(best, dim=-1).values
+
+
 def selection_delta(prev: torch.Tensor, new: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows to reload when a working buffer holding selection `prev` must hold `new`.
 

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from omnikv.selection import filter_scores, gather_rows, positions_mask, select_topk, selection_delta, union_scores
+from omnikv.selection import filter_scores, gather_rows, positions_mask, select_topk, selection_delta, select_topk_rows, union_scores
 from reference import ref_reload, ref_scores, ref_select
 
 
@@ -173,3 +173,27 @@ def test_union_takes_each_selectors_best_in_turn():
     scores = union_scores(shared, window, valid)
     assert scores[0, 0, :2].tolist() == [float("-inf")] * 2
     assert set(select_topk(scores, 3, valid=valid)[0, 0].tolist()) <= set(range(2, 8))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_topk_rows_picks_what_each_row_picks_alone(seed):
+    """Row b of a left-padded batch with its own k: its real picks = ref_select on its unpadded
+    scores (shifted by its padding); the rest are distinct padding positions."""
+    g = torch.Generator().manual_seed(seed)
+    b, grp, t = 3, 2, 30
+    pads = [0, 7, 12]
+    valid = torch.ones(b, t, dtype=torch.bool)
+    for i, p in enumerate(pads):
+        valid[i, :p] = False
+    scores = torch.randn(b, grp, t, generator=g).masked_fill(~valid[:, None, :], float("-inf"))
+    ks = torch.tensor([9, 5, 4])
+    idx = select_topk_rows(scores, ks, valid, sink=1, recent=2)
+    assert idx.shape == (b, grp, 9)
+    for i, p in enumerate(pads):
+        for j in range(grp):
+            row = idx[i, j].tolist()
+            assert len(set(row)) == 9 and row == sorted(row)
+            real = [x for x in row if x >= p]
+            alone = ref_select(scores[i, j, p:].tolist(), int(ks[i]), None, 1, 2)
+            assert real == [x + p for x in alone]
+            assert all(x < p for x in row if x not in real)
