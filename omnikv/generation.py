@@ -207,6 +207,24 @@ class Session:
             logits = self._forward(ids[s : s + chunk])
         return logits
 
+    @torch.inference_mode()
+    def step(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Feed the pending tokens, then `ids`, one token per forward: as decode steps, not as a
+        new prompt. For text that arrives after the context was prefilled and must not be part of
+        it (a question asked about an already cached document: a method that compresses at the
+        end of prefill has compressed before it sees the question). Returns (V,) last logits."""
+        todo = self.pending + _as_ids(ids)
+        if not todo:
+            raise InputError("nothing to step: give at least one token")
+        if self.limit is not None and self.total_tokens + len(todo) - len(self.pending) > self.limit:
+            raise InputError(f"{self.total_tokens + len(todo) - len(self.pending)} tokens exceed the model's "
+                             f"context of {self.limit}")
+        self.pending = []
+        logits = None
+        for tok in todo:
+            logits = self._forward([tok])
+        return logits
+
     def generate(
         self,
         params: SamplingParams | None = None,

@@ -65,7 +65,24 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
             if scores:
                 average[m][str(length)] = sum(scores) / len(scores)
     return {"rows": rows, "methods": methods, "tasks": tasks, "lengths": lengths, "average": average,
-            "paired": paired_rows(records, methods, tasks, lengths)}
+            "paired": paired_rows(records, methods, tasks, lengths), "per_question": per_question_rows(records)}
+
+
+def per_question_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Shared-context tasks: score (x100, 95% interval) per (method, task, length, question index:
+    0 = asked first)."""
+    groups: dict[tuple[str, str, int, int], list[float]] = defaultdict(list)
+    for r in records:
+        if r.get("question_index") is not None:
+            groups[(r["method"], r["task"], int(r["length"]), int(r["question_index"]))].append(float(r["score"]))
+    out = []
+    for (method, task, length, qi), scores in groups.items():
+        ci = score_interval(scores)
+        out.append({"method": method, "task": task, "length": length, "question_index": qi, "n": len(scores),
+                    "score": 100.0 * sum(scores) / len(scores), "ci_low": ci["low"], "ci_high": ci["high"],
+                    "interval": ci["interval"]})
+    out.sort(key=lambda r: (r["task"], r["length"], r["question_index"]))
+    return out
 
 
 def paired_rows(records: list[dict[str, Any]], methods: list[str], tasks: list[str],
@@ -131,6 +148,17 @@ def summary_markdown(metrics: dict[str, Any], title: str = "omnikv eval") -> str
             out.append(f"| {p['method']} | {p['task']} | {p['length'] or 'all'} | {p['n']} | {p['same']} | "
                        f"{p['better']} | {p['worse']} | {_fmt_p(p['sign_p'])} | {p['mean_diff']:+.1f} "
                        f"({p['diff_low']:+.1f}, {p['diff_high']:+.1f}) |")
+    per_q = metrics.get("per_question") or []
+    if per_q:
+        qkeys = _ordered((r["task"], r["length"], r["question_index"]) for r in per_q)
+        qidx = {(r["task"], r["length"], r["question_index"], r["method"]): r for r in per_q}
+        out += ["", "Shared-context task per question index (0 = asked first; each about another part "
+                "of the document), score with 95% interval.", "",
+                "| task | length | question | " + " | ".join(methods) + " |",
+                "|---|---|---|" + "---|" * len(methods)]
+        for task, length, qi in qkeys:
+            cells = [_fmt_ci(qidx[(task, length, qi, m)]) if (task, length, qi, m) in qidx else "-" for m in methods]
+            out.append(f"| {task} | {length} | {qi} | " + " | ".join(cells) + " |")
     fid_rows = [r for r in rows if r.get("greedy_agreement") is not None]
     if fid_rows:
         out += ["", "Fidelity against full attention (teacher-forced on full attention's greedy output).", "",

@@ -331,7 +331,7 @@ def run_eval(config: EvalConfig, *, loaded: Any = None) -> dict[str, Any]:
         if max_context and need > max_context:
             raise ConfigError(f"{task} at length {length} needs {need} tokens (prompt + generation) but the "
                               f"model handles {max_context}; drop that length")
-    todo = sum(1 for task, length, s in units for m in methods if (m, task, length, s.id) not in done)
+    todo = sum(1 for task, length, s in units for m in methods for i in record_ids(s) if (m, task, length, i) not in done)
     if CHINESE_TOKENIZATION == "characters" and any(s.metric in ("qa_f1_zh", "rouge_l_zh") for _, _, s in units):
         note = ("jieba is not installed: Chinese F1 / ROUGE-L are computed on characters, not LongBench's "
                 "jieba words (pip install jieba for comparable numbers)")
@@ -347,16 +347,24 @@ def run_eval(config: EvalConfig, *, loaded: Any = None) -> dict[str, Any]:
             full_logits = None
             unit_key = (task, length, s.id)
             shared = None
-            if config.shared_prefill and len(ids) >= 2 and any((m, task, length, s.id) not in done for m in methods):
+            rids = record_ids(s)
+            if config.shared_prefill and len(ids) >= 2 and any((m, task, length, i) not in done
+                                                               for m in methods for i in rids):
                 shared = SharedPrefill.run(model, ids, tail=tail, record_queries=record_queries,
                                            prefill_chunk_size=config.prefill_chunk_size)
             full_shared = shared if "full" not in alone else None
             for name, method in methods.items():
-                if (name, task, length, s.id) in done:
+                if all((name, task, length, i) in done for i in rids):
                     continue
                 bar.set_postfix_str(f"{name} {task} {length}")
                 mnt = _generation_length(s, config)
                 own = shared if name not in alone else None
+                if "questions" in s.metadata:  # shared-context task: one record per question
+                    for rec in _ask_questions(model, tok, name, method, task, length, s, ids, mnt, own, config):
+                        out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                        bar.update(1)
+                    out.flush()
+                    continue
                 res = generate(model, tok, ids, method, SamplingParams(max_new_tokens=mnt, temperature=0.0),
                                prefill_chunk_size=config.prefill_chunk_size, shared=own)
                 rec: dict[str, Any] = {
@@ -400,6 +408,43 @@ def run_eval(config: EvalConfig, *, loaded: Any = None) -> dict[str, Any]:
     meta["new_records"] = todo
     (config.output / RUN).write_text(json.dumps(meta, indent=2, default=str))
     return write_reports(config.output, read_predictions(pred_path))
+
+
+def record_ids(sample: Any) -> list[str]:
+    """The sample ids of the records a sample produces: one, or one per question ("<id>/q<i>")."""
+    questions = sample.metadata.get("questions")
+    return [f"{sample.id}/q{i}" for i in range(len(questions))] if questions else [sample.id]
+
+
+def _ask_questions(model: Any, tok: Any, name: str, method: Any, task: str, length: int, s: Any,
+                   ids: list[int], mnt: int, shared: Any, config: EvalConfig) -> list[dict[str, Any]]:
+    """The shared-context task: the document once, then each question in turn (see
+    omnikv.eval.multiturn); one record per question, scored on its own answer."""
+    from omnikv.eval.multiturn import ask_in_turn, encode_question
+    from omnikv.generation import SamplingParams
+
+    questions = s.metadata["questions"]
+    params = SamplingParams(max_new_tokens=mnt, temperature=0.0, stop=("\n",))
+    results = ask_in_turn(model, tok, method, ids, [encode_question(tok, q["text"]) for q in questions], params,
+                          shared=shared, prefill_chunk_size=config.prefill_chunk_size)
+    recs = []
+    for i, (q, res) in enumerate(zip(questions, results)):
+        recs.append({
+            "method": name, "task": task, "length": length, "sample_id": f"{s.id}/q{i}", "question_index": i,
+            "prediction": res.text, "answers": q["answers"], "metric": s.metric,
+            "score": score_sample(s.metric, res.text, q["answers"], s.metadata),
+            "prompt_tokens": res.prompt_tokens, "generated_tokens": res.generated_tokens,
+            "token_ids": list(res.token_ids), "finish_reason": res.finish_reason,
+            "prefill_seconds": res.prefill_seconds, "decode_seconds": res.decode_seconds,
+            "decode_tokens_per_second": res.decode_tokens_per_second,
+            "prefill_mode": "shared" if shared is not None else "own",
+            "shared_prefill_seconds": shared.seconds if shared is not None else None,
+            "budget": method.budget, "budget_report": budget_report(res.stats, model, len(ids)),
+            "stats": res.stats, "config": res.config or method.describe(),
+            "metadata": {"depth": q["depth"], "needle": q["needle"], "document_tokens": len(ids),
+                         **{k: v for k, v in s.metadata.items() if k not in _META_DROP + ("questions",)}},
+        })
+    return recs
 
 
 def write_reports(out_dir: Path, records: list[dict[str, Any]], title: str = "omnikv eval") -> dict[str, Any]:
