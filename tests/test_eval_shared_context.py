@@ -22,6 +22,16 @@ from _eval_helpers import bpe_tokenizer
 pytestmark = pytest.mark.filterwarnings("ignore:no OmniKV preset")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models decode step by step here: one thread (OpenMP spinning on a loaded machine costs
+    far more than it gains). Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("n_questions", [3, 5])
 def test_documents_have_one_needle_per_slice_and_questions_in_seeded_order(n_questions):
     tok = bpe_tokenizer()
@@ -77,17 +87,17 @@ def test_runner_scores_every_question_and_reports_per_index(tmp_path):
 
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt")
     out = tmp_path / "run"
-    args = ["eval", "--model", str(ckpt), "--output", str(out), "--methods", "full,omnikv,snapkv",
-            "--tasks", "shared_context", "--lengths", "400", "--samples", "2", "--budget", "0.5",
-            "--max-new-tokens", "3", "--task-opt", "n_questions=3", "--no-progress"]
+    args = ["eval", "--model", str(ckpt), "--output", str(out), "--methods", "full,snapkv",
+            "--tasks", "shared_context", "--lengths", "420", "--samples", "2", "--budget", "0.5",
+            "--max-new-tokens", "2", "--task-opt", "n_questions=3", "--no-progress"]
     assert main(args) == 0
     recs = read_predictions(out / "predictions.jsonl")
-    assert len(recs) == 3 * 2 * 3  # methods x samples x questions
+    assert len(recs) == 2 * 2 * 3  # methods x samples x questions
     assert {r["question_index"] for r in recs} == {0, 1, 2}
     assert all(r["sample_id"].endswith(f"/q{r['question_index']}") for r in recs)
     metrics = json.loads((out / "metrics.json").read_text())
     assert {(p["method"], p["question_index"]) for p in metrics["per_question"]} == {
-        (m, i) for m in ("full", "omnikv", "snapkv") for i in range(3)}
+        (m, i) for m in ("full", "snapkv") for i in range(3)}
     assert all(p["n"] == 2 for p in metrics["per_question"])
     assert "per question index" in (out / "summary.md").read_text()
     assert main(args + ["--resume"]) == 0  # nothing left to do
