@@ -95,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     # ordering logic, streams and counters as on CUDA.
     sim = ":transfer=simulated" if device.type == "cpu" else ""
     on, off = f"omnikv:offload=true{sim}:budget={budget}", f"omnikv:offload=false:budget={budget}"
-    methods = ["full", "full_prealloc", off, on]
+    # The two CUDA gather strategies side by side (device gather from mapped host memory: no sync,
+    # every selected row each step; host gather: one sync per segment, only the changed rows).
+    host = f"omnikv:offload=true:transfer={'simulated_host_gather' if sim else 'cuda_host_gather'}:budget={budget}"
+    methods = ["full", "full_prealloc", off, on, host]
     summary["methods"] = methods
     records = stages.timing(model, methods, contexts, steps, tiny, clock, summary["notes"]) if "timing" in wanted else []
     summary["timing"] = records

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import gzip
 import json
-import math
 import shutil
 import sys
 import tempfile
@@ -20,7 +19,6 @@ from omnikv.bench.run import BenchSpec, build_method, public_records, run_bench
 from omnikv.methods.spec import parse_method, parse_methods
 from omnikv.bench.fill import decode_step, first_token, synthetic_fill
 from omnikv.bench.report import format_table
-from omnikv.methods.memory import meminfo_bytes
 
 GIB = 2**30
 
@@ -265,105 +263,6 @@ def trace(model, label: str, ctx: int, out: Path, clock: Clock, steps: int = 4) 
     return result
 
 
-# -- 4. longest context ----------------------------------------------------------------------------
-def _mem_available() -> int:
-    return meminfo_bytes("MemAvailable") or 0
-
-
-def _mem_total() -> int:
-    return meminfo_bytes("MemTotal") or 0
-
-
-def try_context(model, label: str, ctx: int, steps: int = 2) -> dict[str, Any]:
-    """Fill `label`'s cache to `ctx` tokens and decode `steps` steps; did it fit?"""
-    device = next(model.parameters()).device
-    cache = None
-    t0 = time.perf_counter()
-    try:
-        cache = build_method(parse_method(label), None).make_cache(model)
-        if hasattr(cache, "reserve"):
-            cache.reserve(ctx + steps + 4, decode_tokens=steps + 4)
-        synthetic_fill(model, cache, ctx)
-        tok = first_token(model)
-        times = []
-        for _ in range(steps):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            s = time.perf_counter()
-            tok = decode_step(model, cache, tok)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - s)
-        st = cache.stats()
-        return {"context": ctx, "fits": True, "ms_per_token": round(1e3 * min(times), 2),
-                "device_kv_bytes": st["device_kv_bytes"], "host_kv_bytes": st["host_kv_bytes"],
-                "seconds": round(time.perf_counter() - t0, 1)}
-    except Exception as exc:  # noqa: BLE001 - only out-of-memory is an answer here
-        if not _is_oom(exc):
-            raise
-        return {"context": ctx, "fits": False, "error": str(exc).splitlines()[0][:160],
-                "seconds": round(time.perf_counter() - t0, 1)}
-    finally:
-        del cache
-        _free(device)
-
-
-def max_context(model, methods: list[str], records: list[dict[str, Any]], tiny: bool, clock: Clock) -> dict[str, Any]:
-    """Predict each method's longest context from bytes per token at the largest timed context,
-    then check it by filling: at 0.92x the prediction it must fit; device-limited methods are also
-    tried at 1.12x, where they must not. Host-RAM-limited methods are never pushed past a safe
-    share of free host memory (an out-of-memory kill would lose the whole run)."""
-    device = next(model.parameters()).device
-    timed = [r for r in records if r.get("ms_per_token")]
-    if not timed:
-        return {"skipped": "no timing records"}
-    ctx = max(r["context"] for r in timed)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        dev_budget = total - weights - 3 * GIB  # headroom for the allocator and activations
-        host_budget = int(0.45 * _mem_available())  # pinned banks may be rounded up to 2x
-        host_ram = int(0.9 * _mem_total())
-        simulated = False
-    else:  # tiny/CPU: simulated limits exercise the same code path
-        dev_budget, host_budget, simulated = 4 * 2**20, 2 * 2**20, True
-        host_ram = 2 * host_budget
-    out: dict[str, Any] = {"device_budget_bytes": dev_budget, "host_budget_bytes": host_budget,
-                           "simulated_limits": simulated, "from_context": ctx, "methods": {}}
-    order = sorted(methods, key=lambda m: (m not in ("full",) and "offload=true" not in m, methods.index(m)))
-    for label in order:
-        rec = next((r for r in timed if r["method"] == label and r["context"] == ctx), None)
-        if rec is None:
-            continue
-        if clock.left() < (10 if tiny else 45):
-            out["methods"][label] = {"skipped": f"{clock.left():.0f} s left"}
-            continue
-        dev_bytes = rec["peak_device_bytes"] - weights if rec.get("peak_device_bytes") else rec["device_kv_bytes"]
-        per_dev = max(dev_bytes, 1) / ctx
-        per_host = 2 * rec["host_kv_bytes"] / ctx  # x2: pinned allocations round up to a power of two
-        pred_dev = dev_budget / per_dev
-        pred_host = host_budget / per_host if per_host else math.inf
-        pred = int(min(pred_dev, pred_host))
-        limit = "device memory" if pred_dev <= pred_host else "host RAM (safe share)"
-        unit = 64 if tiny else 1024
-        # What host RAM allows if the bank were allocated exactly (no power-of-two rounding):
-        # the bound the method itself has; the trials stay inside the safe share above.
-        ram_bound = int(min(pred_dev, host_ram / (per_host / 2) if per_host else math.inf))
-        entry: dict[str, Any] = {"predicted": pred, "limited_by": limit, "ram_bound": ram_bound,
-                                 "device_bytes_per_token": round(per_dev, 1), "host_bytes_per_token": round(per_host / 2, 1)}
-        trials = [try_context(model, label, max(unit, int(0.92 * pred) // unit * unit))]
-        if not trials[-1]["fits"] and clock.left() > 30:
-            trials.append(try_context(model, label, max(unit, int(0.7 * pred) // unit * unit)))
-        if limit == "device memory" and clock.left() > (5 if tiny else 40) and not simulated:
-            trials.append(try_context(model, label, int(1.12 * pred) // unit * unit))
-        entry["trials"] = trials
-        fits = [t["context"] for t in trials if t["fits"]]
-        entry["max_context_verified"] = max(fits) if fits else None
-        out["methods"][label] = entry
-        log(f"max context {label}: {entry}")
-    return out
-
-
 # -- 5. targets and the table ------------------------------------------------------------------------
 def targets(summary: dict[str, Any], on_label: str) -> dict[str, Any]:
     """The issue's targets at the largest timed context with offload: decode >= 1.7x stock full
@@ -431,12 +330,6 @@ def render(summary: dict[str, Any]) -> str:
     for b in summary.get("bounds", []):
         lines.append(f"bound {b['context']:>7} {b['method']:<32} measured {b['measured_ms']} ms, bound {b['bound_ms']} ms "
                      f"({b['limited_by']}), {b['over_bound_x']}x over")
-    for label, e in (summary.get("max_context", {}).get("methods") or {}).items():
-        if "skipped" in e:
-            lines.append(f"max context {label}: skipped ({e['skipped']})")
-        else:
-            lines.append(f"max context {label}: verified {e['max_context_verified']} (predicted {e['predicted']}, "
-                         f"limited by {e['limited_by']}; host-RAM bound {e['ram_bound']})" + (" [simulated limits]" if summary['max_context'].get('simulated_limits') else ""))
     for name, t in summary.get("targets", {}).items():
         if isinstance(t, dict):
             lines.append(f"target {name}: {t['value']} (target {t['target']}) {'MET' if t['met'] else 'NOT MET'}")
