@@ -42,7 +42,7 @@ def _seedable(cache: Any) -> bool:
     """Whether `cache` can take a prefix through `update` alone (no attention call needed)."""
     from transformers import DynamicCache
 
-    from omnikv.managed import ManagedCache
+    from omnikv.cache import ManagedCache
 
     # transformers' own DynamicCache (full / full_offload): update stores, attention is SDPA.
     return isinstance(cache, (ManagedCache, DynamicCache))
@@ -51,7 +51,8 @@ def _seedable(cache: Any) -> bool:
 def prefill_needs(method: Method, model: torch.nn.Module) -> tuple[int, bool] | None:
     """(tail tokens the method must prefill itself, whether it needs the prefix's queries), or
     None when its cache cannot be forked from a shared prefill."""
-    from omnikv.cache import FilterLayer, OmniKVCache
+    from omnikv.cache import OmniKVCache
+    from omnikv.layers import FilterLayer
     from omnikv.methods._lossy import LossyLayer
 
     cache = method.make_cache(model)
@@ -80,7 +81,7 @@ class _RecordingCache:
     @staticmethod
     def build(model: torch.nn.Module, record_queries: bool):
         from omnikv.methods.full import PreallocatedCache
-        from omnikv.managed import DenseLayer
+        from omnikv.layers import DenseLayer
 
         class RecordingCache(PreallocatedCache):
             method_name = "shared_prefill"

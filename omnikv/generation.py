@@ -155,8 +155,8 @@ class Session:
         self.pending.extend(ids)
 
     def _check_memory(self, max_new_tokens: int = 0) -> None:
-        """Refuse, before any work, a request that cannot fit (see omnikv.memory)."""
-        from omnikv.memory import check_fits, guard_enabled, plan_memory
+        """Refuse, before any work, a request that cannot fit (see omnikv.methods.memory)."""
+        from omnikv.methods.memory import check_fits, guard_enabled, plan_memory
 
         if not guard_enabled() or len(self.pending) < 1024:
             return
@@ -237,7 +237,7 @@ class Session:
             extra = params.max_new_tokens + len(self.pending)
             if self.limit is not None:  # decoding stops at the context limit: never reserve past it
                 extra = min(extra, max(self.limit - len(self.history), 0))
-            self.cache.reserve(extra)
+            self.cache.reserve(extra, decode_tokens=params.max_new_tokens)
         prompt_tokens = self.total_tokens
         t0 = time.perf_counter()
         logits = self.feed(progress=progress, max_new_tokens=params.max_new_tokens)

@@ -15,7 +15,7 @@ from omnikv.eval.tasks import count_tokens, generate_samples
 from omnikv.fork import SharedPrefill
 from omnikv.generation import SamplingParams
 from omnikv.methods import get_method
-from omnikv.testing import build_tokenizer, tiny_model
+from omnikv.models.tiny import build_tokenizer, tiny_model
 
 from _eval_helpers import bpe_tokenizer
 
@@ -83,7 +83,7 @@ def test_questions_are_decode_steps_after_the_document():
 
 
 def test_runner_scores_every_question_and_reports_per_index(tmp_path):
-    from omnikv.testing import make_tiny_checkpoint
+    from omnikv.models.tiny import make_tiny_checkpoint
 
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt")
     out = tmp_path / "run"

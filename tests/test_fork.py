@@ -18,7 +18,7 @@ from omnikv.errors import InputError
 from omnikv.fork import SharedPrefill, plan_shared_prefill, prefill_needs
 from omnikv.generation import SamplingParams, generate, teacher_forced_logits
 from omnikv.methods import get_method
-from omnikv.testing import build_tokenizer, tiny_model
+from omnikv.models.tiny import build_tokenizer, tiny_model
 
 LOGITS_ATOL = 1e-4
 PROMPT = 120
