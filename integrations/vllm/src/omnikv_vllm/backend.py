@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -74,7 +76,8 @@ class _Model:
         hf_config = get_current_vllm_config().model_config.hf_config
         self.config: OmniKVConfig = settings.resolve_config(hf_config)
         self.plan: LayerPlan = settings.layer_plan(self.config, hf_config)
-        logger.info("OmniKV vLLM backend: %s; layers %s", self.config, self.plan.summary())
+        # One line per process on stderr, where vLLM's own logs go: says the backend is on, and how.
+        print(f"OmniKV vLLM backend: {self.config}; layers {self.plan.summary()}", file=sys.stderr, flush=True)
 
     @classmethod
     def get(cls) -> _Model:

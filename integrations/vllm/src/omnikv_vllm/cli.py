@@ -142,6 +142,12 @@ def eos_ids(model_dir: Path, tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
+def without_stop(token_ids: list[int], stop_ids: list[int]) -> list[int]:
+    """vLLM returns the EOS that ended a completion; `omnikv generate` does not count it."""
+    ids = list(token_ids)
+    return ids[:-1] if ids and ids[-1] in stop_ids else ids
+
+
 # -- engine --------------------------------------------------------------------------------------
 def build_llm(model_dir: Path, *, method: str, budget: int | float | None, dtype: str = "float32",
               max_model_len: int = 8192, **engine_kwargs: Any):
@@ -174,17 +180,19 @@ def run_generate(args: argparse.Namespace) -> int:
         raise OmniKVError(f"the prompt is {len(ids)} tokens but --max-model-len is {args.max_model_len}")
     llm = build_llm(model_dir, method=args.method, budget=args.budget, dtype=args.dtype,
                     max_model_len=args.max_model_len)
+    stop_ids = eos_ids(model_dir, tokenizer)
     start = time.perf_counter()
-    out = greedy(llm, [ids], args.max_new_tokens, eos_ids(model_dir, tokenizer))[0].outputs[0]
+    out = greedy(llm, [ids], args.max_new_tokens, stop_ids)[0].outputs[0]
     seconds = time.perf_counter() - start
+    token_ids = without_stop(out.token_ids, stop_ids)
     if not args.json:
         print(out.text)
         return 0
     print(json.dumps({
         "text": out.text,
-        "token_ids": list(out.token_ids),
+        "token_ids": token_ids,
         "prompt_tokens": len(ids),
-        "generated_tokens": len(out.token_ids),
+        "generated_tokens": len(token_ids),
         "finish_reason": "stop" if out.finish_reason == "stop" else "length",
         "seconds": round(seconds, 4),
         "method": args.method,
