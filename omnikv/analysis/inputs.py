@@ -40,12 +40,8 @@ def check_task(task: str) -> None:
 
 
 def _task_generator(task: str):
-    try:
-        from omnikv.eval.tasks import TASKS
-    except ImportError as exc:
-        raise ConfigError(
-            f"the evaluation task generators are not available ({exc}); pass --input FILE instead"
-        ) from None
+    from omnikv.eval.tasks import TASKS
+
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(sorted(TASKS))}")
     return TASKS[task]

@@ -29,17 +29,18 @@ def add_input_arguments(p, model_required: bool = True) -> None:
     p.add_argument("--steps", type=int, default=16, help="greedy decode steps recorded per prompt (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the task generator")
     p.add_argument("--device", default="cpu", help="torch device (default cpu; analysis runs in float32)")
-    p.add_argument("--preset", metavar="FILE", help="preset file: its budget, sink/recent, selector, head "
-                   "reduction (and for calibrate: filter layers as the baseline) become the defaults")
+    p.add_argument("--preset", metavar="NAME|FILE", help="built-in preset name or preset file: its budget, "
+                   "sink/recent, selector, head reduction (and for calibrate: filter layers as the baseline) "
+                   "become the defaults")
 
 
-def load_preset_settings(path: str | None) -> dict[str, Any]:
-    """The OmniKV settings of a preset file, validated by the core config."""
-    if not path:
+def load_preset_settings(preset: str | None) -> dict[str, Any]:
+    """The OmniKV settings of a preset (built-in name or file: `omnikv.presets.resolve_preset`)."""
+    if not preset:
         return {}
-    from omnikv.config import OmniKVConfig
+    from omnikv.presets import resolve_preset
 
-    cfg = OmniKVConfig.from_json(path)
+    cfg, _ = resolve_preset(preset)
     return {k: (list(v) if k == "filter_layers" else v) for k, v in cfg.to_dict().items() if k in PRESET_SETTINGS}
 
 
@@ -83,13 +84,3 @@ def record_inputs(lm, args) -> tuple[list[AttentionRecord], list[str]]:
         sources.append(source)
     return records, sources
 
-
-def parse_budget(text: str) -> int | float:
-    """'256' -> 256 tokens; '0.067' -> a fraction of the prompt."""
-    from omnikv.analysis.selection_sets import resolve_k
-
-    from omnikv.budget import parse_budget as parse
-
-    value = parse(text)
-    resolve_k(value, 1 << 20)  # range check now, not after the recording
-    return value

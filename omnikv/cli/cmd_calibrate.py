@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+from omnikv.config import ANALYSIS_SELECTORS, HEAD_REDUCTIONS
 from omnikv.errors import ConfigError
 
 # Above this many candidate sets the exhaustive cross-check of the DP result is skipped.
@@ -32,8 +33,8 @@ def register(subparsers) -> None:
     p.add_argument("--num-wait", type=int, default=None, help="dense wait layers after each filter (default 1)")
     p.add_argument("--budget", default=None,
                    help="prompt tokens a sparse layer attends: int or fraction (default 0.067)")
-    p.add_argument("--head-reduce", choices=("max", "sum", "per_kv_head"), default=None, help="default max")
-    p.add_argument("--selector", choices=("last", "softmax_last"), default=None, help="default last")
+    p.add_argument("--head-reduce", choices=HEAD_REDUCTIONS, default=None, help="default max")
+    p.add_argument("--selector", choices=ANALYSIS_SELECTORS, default=None, help="default last")
     p.add_argument("--sink", type=int, default=None, help="sink tokens always kept (default 4)")
     p.add_argument("--recent", type=int, default=None, help="recent prompt tokens always kept (default 64)")
     p.add_argument("--method", choices=("dp", "greedy", "exhaustive"), default="dp", help="search (default dp, exact)")
@@ -51,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     from omnikv.analysis.preset import make_preset, write_preset
     from omnikv.analysis.report import pooled_coverage
     from omnikv.analysis.search import choose_filter_layers
-    from omnikv.analysis.session import check_input_args, load, load_preset_settings, parse_budget, record_inputs
+    from omnikv.analysis.session import check_input_args, load, load_preset_settings, record_inputs
+    from omnikv.budget import parse_budget
 
     preset = load_preset_settings(args.preset)
     budget = parse_budget(args.budget) if args.budget is not None else preset.get("budget", 0.067)

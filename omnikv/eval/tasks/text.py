@@ -100,11 +100,6 @@ def narrative_sentence(seed: int, i: int) -> str:
     )
 
 
-def noise_units(n: int) -> list[str]:
-    """`n` sentences of RULER's repeated noise."""
-    return [NOISE_SENTENCES[i % len(NOISE_SENTENCES)] for i in range(n)]
-
-
 def narrative_units(n: int, seed: int) -> list[str]:
     """`n` varied, digit-free narrative sentences; the same seed gives the same story."""
     return [narrative_sentence(seed, i) for i in range(n)]
