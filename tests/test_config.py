@@ -115,7 +115,7 @@ def test_budget_resolution():
 
 
 def test_paper_plan_for_llama3_8b():
-    """method.md s.2: L={2,8,18}, w=1 on 32 layers -> dense 0,1,2,3,8,9,18,19; 24 sparse."""
+    """The paper's Llama-3-8B split: L={2,8,18}, w=1 on 32 layers -> dense 0,1,2,3,8,9,18,19; 24 sparse."""
     plan = plan_layers(OmniKVConfig(filter_layers=(2, 8, 18), num_wait_layers=1), ["full_attention"] * 32)
     dense = sorted(plan.layers_with(Role.DENSE) + plan.layers_with(Role.FILTER))
     assert dense == [0, 1, 2, 3, 8, 9, 18, 19]

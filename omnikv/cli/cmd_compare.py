@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--demo-tokens {args.demo_tokens} does not fit {lm.name}'s context of "
                               f"{lm.max_context} tokens; choose fewer")
         demo = demo_prompt(lm.tokenizer, args.demo_tokens, depth=args.demo_depth, seed=args.demo_seed)
-        # Raw prompt with an answer prefix: what works for both base and instruct models (models.md).
+        # Raw prompt with an answer prefix: what works for both base and instruct models (docs/evaluation.md).
         chat = bool(args.chat) and common.use_chat(args, lm)
         text = demo.prompt
     else:

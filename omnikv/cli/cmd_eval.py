@@ -52,7 +52,7 @@ def register(subparsers) -> None:
                    help="generator option for every generated task, e.g. n_keys=4 (value parsed as JSON)")
     p.add_argument("--method-opt", action="append", default=[], metavar="[METHOD.]KEY=VALUE",
                    help="method option, e.g. omnikv.preset=p.json or sink_tokens=4 (all non-full methods)")
-    p.add_argument("--preset", default=None, help="OmniKV preset file (same as --method-opt omnikv.preset=FILE)")
+    p.add_argument("--preset", default=None, help="OmniKV preset: a built-in name or a preset file (same as --method-opt omnikv.preset=...)")
     p.add_argument("--data-dir", default=None, help="directory with official LongBench / InfiniteBench files")
     p.add_argument("--max-new-tokens", type=int, default=None, help="cap every sample's generation length")
     p.add_argument("--prefill-chunk-size", type=int, default=None, help="chunked prefill (tokens per chunk)")

@@ -23,8 +23,8 @@ from omnikv.config import HEAD_REDUCTIONS, SELECTORS
 from omnikv.errors import ConfigError, InputError
 
 # Chunked prefill bounds activation memory and lets the progress bar move; results are identical
-# to one pass (tested in tests/test_omnikv_equivalence.py). 1024 is the size models.md measured
-# as fastest on CPU for Gemma 3.
+# to one pass (tested in tests/test_omnikv_equivalence.py). 1024 was the fastest size
+# measured on CPU for Gemma 3.
 DEFAULT_PREFILL_CHUNK = 1024
 
 

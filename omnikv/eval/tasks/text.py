@@ -5,7 +5,7 @@ unit and insert needles between units:
 
 - "noise": RULER's repeated five-sentence noise ("The grass is green. ...").
 - "narrative": a seeded story of varied, digit-free sentences. Small models retrieve best from this
-  (docs: models.md, "What made prompts work"); it contains no digits, so numeric needles stand out
+  (docs/evaluation.md, small-model guidance); it contains no digits, so numeric needles stand out
   only by meaning, not by being the only numbers in sight.
 - "pydoc": docstrings of Python standard-library modules (present on every machine), split into
   sentences (those with digits dropped). Not comparable with RULER's Paul Graham essays, but real prose.
