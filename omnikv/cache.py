@@ -36,6 +36,7 @@ class ManagedCache(Cache):
     """Container of managed layers; hands each attention call to its layer."""
 
     method_name = "managed"
+    simulates_accelerator = False  # a simulated transfer: behave as on a GPU (no host reads per step)
 
     def __init__(self, model: torch.nn.Module, layers: list[CacheLayerMixin]) -> None:
         super().__init__(layers=layers)
@@ -69,7 +70,9 @@ class ManagedCache(Cache):
         pos = inner.get("position_ids")
         q = key_states.shape[-2]
         # Decode steps on an accelerator skip the check: reading the positions would sync every step.
-        if not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[-1] != q or (q == 1 and pos.device.type != "cpu"):
+        on_accelerator = pos.device.type != "cpu" if isinstance(pos, torch.Tensor) else False
+        on_accelerator = on_accelerator or self.simulates_accelerator
+        if not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[-1] != q or (q == 1 and on_accelerator):
             return
         seen = self.layers[0].get_seq_length()
         last = int(pos[:, -1].max())  # the unpadded row of a left-padded batch
@@ -102,10 +105,11 @@ class ManagedCache(Cache):
     def reserve(self, extra_tokens: int, decode_tokens: int | None = None) -> None:
         """Hint: about `extra_tokens` more tokens will come, `decode_tokens` of them one at a time
         (sizes the buffers once instead of growing them)."""
+        total = self.get_seq_length() + extra_tokens
         for layer in self.layers:
             buf = getattr(layer, "buffer", None)
             if isinstance(buf, KVBuffer):
-                buf.headroom = max(buf.headroom, extra_tokens)
+                buf.target = max(buf.target, total)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise UnsupportedModelError(
@@ -177,12 +181,14 @@ class OmniKVCache(ManagedCache):
         if overrides:
             config = config.replace(**overrides)
         device = next(model.parameters()).device
-        if transfer == "simulated" and config.offload is False:
+        auto_offload = config.offload if config.offload is not None else is_cuda(device)
+        self.transfer = make_transfer(transfer, auto_offload, device)
+        if self.transfer.kind == "simulated" and config.offload is False:
             raise ConfigError("transfer='simulated' simulates the offload path; drop offload=False")
-        offload = config.offload if config.offload is not None else (is_cuda(device) or transfer == "simulated")
+        offload = auto_offload or self.transfer.kind == "simulated"
         self.config = config
         self.offload = offload
-        self.transfer = make_transfer(transfer, offload, device)
+        self.simulates_accelerator = self.transfer.kind == "simulated"
         self.plan: LayerPlan = plan_layers(config, types)
         self.state = SharedState(config)
         self.state.telemetry = [] if telemetry else None

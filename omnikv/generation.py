@@ -203,7 +203,7 @@ class Session:
             extra = params.max_new_tokens + len(self.pending)
             if self.limit is not None:  # decoding stops at the context limit: never reserve past it
                 extra = min(extra, max(self.limit - len(self.history), 0))
-            self.cache.reserve(extra, decode_tokens=params.max_new_tokens)
+            self.cache.reserve(extra, decode_tokens=min(params.max_new_tokens, extra))
         prompt_tokens = self.total_tokens
         t0 = time.perf_counter()
         logits = self.feed(progress=progress, max_new_tokens=params.max_new_tokens)

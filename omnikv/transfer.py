@@ -33,7 +33,8 @@ import torch
 
 from omnikv.errors import ConfigError
 
-TRANSFER_KINDS = ("auto", "inline", "cuda", "simulated")
+TRANSFER_KINDS = ("auto", "inline", "cuda", "cuda_device_gather", "cuda_host_gather", "simulated",
+                  "simulated_host_gather")
 
 
 @dataclass
@@ -354,10 +355,11 @@ def make_transfer(kind: str | Transfer | None, offload: bool, device: torch.devi
     kind = kind or "auto"
     if kind not in TRANSFER_KINDS:
         raise ConfigError(f"transfer {kind!r} is unknown; choose one of {TRANSFER_KINDS}")
-    if kind == "simulated":
-        return SimulatedTransfer()
-    if kind == "cuda" or (kind == "auto" and offload and torch.device(device).type == "cuda"):
+    if kind.startswith("simulated"):
+        return SimulatedTransfer("host_gather" if kind.endswith("host_gather") else "device_gather")
+    if kind.startswith("cuda") or (kind == "auto" and offload and torch.device(device).type == "cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError("transfer='cuda' needs a CUDA device; use transfer='simulated' to run the offload path on CPU")
-        return CudaTransfer()
+            raise ConfigError(f"transfer={kind!r} needs a CUDA device; use transfer='simulated' to run the offload path on CPU")
+        gather = kind[len("cuda_"):] if kind.startswith("cuda_") else "auto"
+        return CudaTransfer(gather)
     return InlineTransfer()

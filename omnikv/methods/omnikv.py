@@ -24,11 +24,14 @@ class OmniKV(Method):
     num_wait_layers, selector, head_reduce, sink_tokens, recent_tokens, offload, refresh_every,
     window_size ...) overriding the model's preset (`overrides`).
     `telemetry=True` also computes every sparse layer's true attention at each decode step and
-    reports how much of it the selection covers (costs full attention; off by default)."""
+    reports how much of it the selection covers (costs full attention; off by default).
+    `transfer` picks how the Context Bank moves rows (`OmniKVCache(..., transfer=)`: auto, inline,
+    cuda, simulated)."""
 
     config: OmniKVConfig | None = None
     preset: str | None = None
     telemetry: bool = False
+    transfer: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -77,7 +80,7 @@ class OmniKV(Method):
         return preset_for_model(model, warn=warn).replace(**self.overrides)
 
     def make_cache(self, model) -> OmniKVCache:
-        cache = OmniKVCache(model, self.config_for(model), telemetry=self.telemetry)
+        cache = OmniKVCache(model, self.config_for(model), telemetry=self.telemetry, transfer=self.transfer)
         self.last_config = cache.config
         return cache
 
