@@ -1,14 +1,17 @@
 """OmniKV: drop-free dynamic context selection for long-context decoding on transformers.
 
-The top-level names are resolved lazily (PEP 562): `import omnikv.selection` or `omnikv.config`
-must not import transformers, so that the selection code can be shared with environments that pin
-another transformers version (the vLLM plugin in integrations/vllm imports it next to vLLM's own).
+The names below are what the README tells users to import (`omnikv.load_model`,
+`omnikv.generate`, `omnikv.OmniKVCache`, ...). They load lazily (PEP 562 `__getattr__`), so
+`import omnikv.selection` or `import omnikv.config` pulls in neither transformers nor the model
+code: the tensor core stays usable from environments that bring their own engine.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from omnikv.errors import ConfigError, InputError, ModelLoadError, OmniKVError, ResourceError, UnsupportedModelError
 
 __version__ = "0.1.0"
 
@@ -16,16 +19,27 @@ __version__ = "0.1.0"
 _LAZY = {
     "OmniKVCache": "omnikv.cache",
     "OmniKVConfig": "omnikv.config",
+    "Budget": "omnikv.budget",
     "preset_for_model": "omnikv.presets",
-    "OmniKVError": "omnikv.errors",
-    "ConfigError": "omnikv.errors",
-    "InputError": "omnikv.errors",
-    "ModelLoadError": "omnikv.errors",
-    "ResourceError": "omnikv.errors",
-    "UnsupportedModelError": "omnikv.errors",
+    "resolve_preset": "omnikv.presets",
+    "load_model": "omnikv.models",
+    "generate": "omnikv.generation",
+    "teacher_forced_logits": "omnikv.generation",
+    "Session": "omnikv.generation",
+    "SamplingParams": "omnikv.generation",
+    "GenerationResult": "omnikv.generation",
+    "get_method": "omnikv.methods",
+    "available_methods": "omnikv.methods",
 }
 
-__all__ = list(_LAZY)
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on first use
+    from omnikv.budget import Budget
+    from omnikv.cache import OmniKVCache
+    from omnikv.config import OmniKVConfig
+    from omnikv.generation import GenerationResult, SamplingParams, Session, generate, teacher_forced_logits
+    from omnikv.methods import available_methods, get_method
+    from omnikv.models import load_model
+    from omnikv.presets import preset_for_model, resolve_preset
 
 
 def __getattr__(name: str) -> Any:
@@ -39,3 +53,14 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = [
+    *_LAZY,
+    "OmniKVError",
+    "ConfigError",
+    "InputError",
+    "ModelLoadError",
+    "ResourceError",
+    "UnsupportedModelError",
+]

@@ -20,184 +20,132 @@ from typing import Any
 
 import torch
 
-from omnikv._compat import is_cuda
-from omnikv.config import OmniKVConfig
-from omnikv.errors import ConfigError
-from omnikv.managed import DenseLayer, ManagedCache, ManagedLayer, check_supported, make_sliding_layer, text_config
-from omnikv.roles import LayerPlan, Role, plan_layers
+from omnikv import _context
+from omnikv._compat import Cache, CacheLayerMixin, is_cuda, layer_types
+from omnikv.attention import use_omnikv_attention
 from omnikv.bank import Segment
-from omnikv.selection import filter_scores, scores_from_logits, select_topk
+from omnikv.buffers import KVBuffer
+from omnikv.config import OmniKVConfig
+from omnikv.errors import ConfigError, InputError, UnsupportedModelError
+from omnikv.layers import DenseLayer, FilterLayer, SharedState, SparseLayer, make_sliding_layer
+from omnikv.roles import LayerPlan, Role, plan_layers
+from omnikv.transfer import Transfer, make_transfer
 
 
-class SharedState:
-    """What all layers of one cache agree on."""
+class ManagedCache(Cache):
+    """Container of managed layers; hands each attention call to its layer."""
 
-    def __init__(self, config: OmniKVConfig) -> None:
-        self.config = config
-        self.prompt_len = 0  # tokens scored by the selector (everything before the decode run)
-        self.valid: torch.Tensor | None = None  # (B, N) bool, False = padding; None = no padding
-        self.decode_steps = 0  # steps since the last prompt extension
-        self.telemetry: list[dict[str, float]] | None = None  # per (step, sparse layer) records
+    method_name = "managed"
+    simulates_accelerator = False  # a simulated transfer: behave as on a GPU (no host reads per step)
 
+    def __init__(self, model: torch.nn.Module, layers: list[CacheLayerMixin]) -> None:
+        super().__init__(layers=layers)
+        self.model_fingerprint = model_fingerprint(model)
+        cfg = text_config(model)
+        self._kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        use_omnikv_attention(model)
 
-class FilterLayer(DenseLayer):
-    """Full attention + the Context Selector for one segment."""
+    # transformers calls this once per layer per forward, right before attention.
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if layer_idx >= len(self.layers):
+            raise UnsupportedModelError(
+                f"this cache has {len(self.layers)} layers but layer {layer_idx} asked for one: it "
+                f"was built for another model ({self.model_fingerprint}); build one per model"
+            )
+        if layer_idx == 0:
+            self._check_forward(key_states, kwargs)
+        _context.put(self, layer_idx)
+        return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
 
-    def __init__(self, state: SharedState, segment: Segment, headroom: int = 256) -> None:
-        super().__init__(headroom)
-        self.state = state
-        self.segment = segment
-        self.query_window: torch.Tensor | None = None  # (B, Hq, <=W, D) newest last
-        self.selected: torch.Tensor | None = None  # (B, G, k) last selection
-
-    def attend(self, module, query, key, value, attention_mask, **kwargs):
-        cfg = self.state.config
-        if cfg.selector in ("uniform", "exp"):
-            window = query if self.query_window is None else torch.cat([self.query_window, query], dim=2)
-            self.query_window = window[:, :, -cfg.window_size :].detach()
-        decoding = query.shape[2] == 1 and self.state.prompt_len > 0 and self.seq_length > self.state.prompt_len
-        if not (decoding and self.segment.layers and self._due()):
-            return super().attend(module, query, key, value, attention_mask, **kwargs)
-        scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
-        if cfg.selector in ("uniform", "exp") or getattr(module, "attn_logit_softcapping", None):
-            self.select(self.query_window, scaling)
-            return super().attend(module, query, key, value, attention_mask, **kwargs)
-        return self._attend_and_select(query, key, value, attention_mask, scaling)
-
-    def _attend_and_select(self, query, key, value, attention_mask, scaling):
-        """One decode query: the attention logits are also the selector's scores, so compute
-        them once. query (B, Hq, 1, D), key/value (B, Hk, N, D) -> (B, 1, Hq, D)."""
-        b, hq, _, d = query.shape
-        hk, n = key.shape[1], key.shape[2]
-        g = hq // hk
-        logits = torch.matmul(query.view(b, hk, g, d), key.transpose(-1, -2)) * scaling  # (B,Hk,g,N)
-        self.select_from_logits(logits[..., : self.state.prompt_len])
-        if attention_mask is not None:
-            logits = logits.masked_fill(~attention_mask[:, :, 0, :].view(b, 1, 1, n), float("-inf"))
-        probs = torch.softmax(logits.float(), dim=-1).to(value.dtype)
-        out = torch.matmul(probs, value)  # (B, Hk, g, D)
-        self.last_attended = n
-        return out.view(b, hq, 1, d).transpose(1, 2), None
-
-    def _due(self) -> bool:
-        every = self.state.config.refresh_every
-        return self.selected is None or self.segment.loaded_step is None or (
-            self.state.decode_steps - self.segment.loaded_step >= every
-        )
-
-    def select(self, queries: torch.Tensor, scaling: float) -> torch.Tensor:
-        """Score the prompt keys with `queries` (B, Hq, W, D), pick top-k, load the segment."""
-        st, cfg = self.state, self.state.config
-        n = st.prompt_len
-        valid = None if st.valid is None else st.valid[:, :n]
-        scores = filter_scores(queries, self.buffer.keys[:, :, :n], scaling, cfg.selector, cfg.head_reduce, valid)
-        return self._pick(scores, valid)
-
-    def select_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """Same as `select` for `last` / `softmax_last` from precomputed (B, Hk, g, T) logits."""
-        st, cfg = self.state, self.state.config
-        valid = None if st.valid is None else st.valid[:, : st.prompt_len]
-        scores = scores_from_logits(logits.unsqueeze(3), cfg.selector, cfg.head_reduce, valid)
-        return self._pick(scores, valid)
-
-    def _pick(self, scores: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-        st, cfg = self.state, self.state.config
-        k = cfg.resolve_budget(st.prompt_len)
-        idx = select_topk(scores, k, valid=valid, sink=cfg.sink_tokens, recent=cfg.recent_tokens)
-        self.selected = idx
-        self.segment.load(idx, st.decode_steps)
-        return idx
-
-
-class SparseLayer(ManagedLayer):
-    """Attends to the selected prompt rows + every generated token (rows live in its segment)."""
-
-    def __init__(self, layer_idx: int, state: SharedState, segment: Segment) -> None:
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.state = state
-        self.segment = segment
-        self.slot = segment.slot[layer_idx]
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        seg = self.segment
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-            seg.attach(key_states)
+    def _check_forward(self, key_states: torch.Tensor, kwargs: dict[str, Any]) -> None:
+        """Once per forward (layer 0): refuse another model's KV, and input that does not continue
+        the cached sequence (e.g. `model.generate` called twice with the same prompt on one cache),
+        which would otherwise silently decode garbage. key_states (B, Hk, q, D)."""
+        if key_states.shape[1] != self._kv_heads:
+            raise UnsupportedModelError(
+                f"this cache was built for {self.model_fingerprint} but gets KV with "
+                f"{key_states.shape[1]} heads: a cache serves the model it was built for; build one per model"
+            )
+        inner = kwargs.get("kwargs") if isinstance(kwargs.get("kwargs"), dict) else kwargs
+        pos = inner.get("position_ids")
         q = key_states.shape[-2]
-        if not (q == 1 and seg.indices is not None and self.seq_length >= self.state.prompt_len > 0):
-            # Prefill / prompt extension: full attention over everything seen so far.
-            prefix = self.seq_length
-            seg.bank.write(self.slot, key_states, value_states)
-            self.seq_length += q
-            if prefix == 0:
-                return key_states, value_states
-            k_all, v_all = seg.bank.read(self.slot, self.seq_length)
-            return k_all.to(key_states.device), v_all.to(key_states.device)
-        # Decode: the new token joins the generated rows (device) and the bank (drop-free).
-        seg.bank.write(self.slot, key_states, value_states)
-        self.seq_length += 1
-        if self.slot == 0:
-            seg._ensure_work(seg.k, seg.generated + 1)
-            seg.generated += 1
-        pos = seg.k + seg.generated - 1
-        seg.work[self.slot, 0, :, :, pos : pos + 1].copy_(key_states)
-        seg.work[self.slot, 1, :, :, pos : pos + 1].copy_(value_states)
-        seg.wait_ready()
-        n = seg.k + seg.generated
-        k_rows, v_rows = seg.work[self.slot, 0, :, :, :n], seg.work[self.slot, 1, :, :, :n]
-        if k_rows.device != key_states.device:
-            return k_rows.to(key_states.device), v_rows.to(key_states.device)
-        return k_rows, v_rows
+        # Decode steps on an accelerator skip the check: reading the positions would sync every step.
+        on_accelerator = pos.device.type != "cpu" if isinstance(pos, torch.Tensor) else False
+        on_accelerator = on_accelerator or self.simulates_accelerator
+        if not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[-1] != q or (q == 1 and on_accelerator):
+            return
+        seen = self.layers[0].get_seq_length()
+        last = int(pos[:, -1].max())  # the unpadded row of a left-padded batch
+        if last != seen + q - 1:
+            raise InputError(
+                f"this cache already holds {seen} tokens but the new input continues at position "
+                f"{last - q + 1}: a cache continues one sequence. Pass the whole sequence so far "
+                f"(the previous output plus new tokens) to continue it, or build a new cache for a new prompt"
+            )
 
-    def positions(self) -> torch.Tensor:
-        """(B, G, k + generated) logical positions of the rows `update` returned."""
-        sel = self.segment.indices.to(self.device)
-        gen = torch.arange(self.state.prompt_len, self.seq_length, device=self.device)
-        b, g, _ = sel.shape
-        return torch.cat([sel, gen.view(1, 1, -1).expand(b, g, -1)], dim=-1)
+    def attend(self, layer_idx: int, module, query, key, value, attention_mask, **kwargs):
+        return self.layers[layer_idx].attend(module, query, key, value, attention_mask, **kwargs)
 
-    def attend(self, module, query, key, value, attention_mask, **kwargs):
-        seg = self.segment
-        decoding = query.shape[2] == 1 and seg.generated > 0 and key.shape[-2] == seg.k + seg.generated
-        if decoding and self.state.telemetry is not None:
-            self._record_telemetry(query, attention_mask, kwargs.get("scaling") or module.scaling)
-        if not decoding or attention_mask is None:  # no padding: every returned row is attended
-            return super().attend(module, query, key, value, attention_mask, **kwargs)
-        return super().attend(module, query, key, value, attention_mask, positions=self.positions(), **kwargs)
+    # -- accounting ------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        device = sum(layer.device_bytes() for layer in self.layers)
+        host = sum(layer.host_bytes() for layer in self.layers)
+        return {
+            "method": self.method_name,
+            "seq_length": self.get_seq_length(),
+            "device_kv_bytes": int(device),
+            "host_kv_bytes": int(host),
+            "h2d_bytes_per_step": int(self.h2d_bytes_last_step()),
+            "attended_tokens_per_layer": [int(getattr(l, "last_attended", 0)) for l in self.layers],
+        }
 
-    @torch.no_grad()
-    def _record_telemetry(self, query, attention_mask, scaling: float) -> None:
-        """Compute this layer's true attention over all its rows (costs full attention) and record
-        the share of its mass on the attended set, and the recall of its own top-k."""
-        k_all, _ = self.full_kv()
-        k_all = k_all.to(query.device)
-        b, hq, _, d = query.shape
-        hk, n = k_all.shape[1], k_all.shape[2]
-        g = hq // hk
-        logits = torch.matmul(query.view(b, hk, g, d).float(), k_all.float().transpose(-1, -2)) * scaling
-        if attention_mask is not None:
-            logits = logits.masked_fill(~attention_mask[:, :, 0, :n].view(b, 1, 1, n), float("-inf"))
-        probs = torch.softmax(logits, dim=-1)  # (B, Hk, g, N)
-        attended = torch.zeros(b, hk, n, dtype=torch.bool, device=query.device)
-        pos = self.positions().to(query.device).expand(b, hk, -1)
-        attended.scatter_(-1, pos, True)
-        coverage = (probs * attended[:, :, None, :]).sum(-1).mean().item()
-        cfg, p = self.state.config, self.state.prompt_len
-        sel = self.segment.indices.to(query.device)
-        kk = sel.shape[-1]
-        own_scores = scores_from_logits(logits[..., :p].unsqueeze(3), "last", cfg.head_reduce)
-        own = torch.topk(own_scores, kk, dim=-1).indices  # (B, G, k)
-        hit = torch.zeros(b, own.shape[1], p, dtype=torch.bool, device=query.device)
-        hit.scatter_(-1, sel.expand(b, own.shape[1], kk), True)
-        recall = hit.gather(-1, own).float().mean().item()
-        self.state.telemetry.append(
-            {"step": self.state.decode_steps, "layer": self.layer_idx, "coverage": coverage, "recall": recall}
+    def h2d_bytes_last_step(self) -> int:
+        return 0
+
+    def reserve(self, extra_tokens: int, decode_tokens: int | None = None) -> None:
+        """Hint: about `extra_tokens` more tokens will come, `decode_tokens` of them one at a time
+        (sizes the buffers once instead of growing them)."""
+        total = self.get_seq_length() + extra_tokens
+        for layer in self.layers:
+            buf = getattr(layer, "buffer", None)
+            if isinstance(buf, KVBuffer):
+                buf.target = max(buf.target, total)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise UnsupportedModelError(
+            "beam search / num_return_sequences > 1 is not supported with this cache; "
+            "use greedy or sampling with one sequence per prompt"
         )
 
-    def full_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every row this layer holds, (B, H, seq_length, D): the drop-free view."""
-        return self.segment.bank.read(self.slot, self.seq_length)
+    def reorder_cache(self, beam_idx) -> None:
+        self.batch_repeat_interleave(0)
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    cfg = model.config.get_text_config(decoder=True)
+    return (
+        f"{cfg.model_type}/{cfg.num_hidden_layers}L/{cfg.num_key_value_heads}kv/"
+        f"{getattr(cfg, 'head_dim', None) or cfg.hidden_size // cfg.num_attention_heads}d"
+    )
+
+
+def text_config(model: torch.nn.Module):
+    return model.config.get_text_config(decoder=True)
+
+
+def check_supported(model: torch.nn.Module, method: str) -> list[str]:
+    """Layer types of `model`, or a clear error when it has no full-attention layer we can manage."""
+    types = layer_types(model.config)
+    unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise UnsupportedModelError(
+            f"{method} supports decoder models with full and sliding-window attention layers; "
+            f"{model.config.model_type} has layer types {unknown} (linear/chunked attention or "
+            f"KV sharing). Use --method full for this model."
+        )
+    if getattr(text_config(model), "kv_sharing_modes", None):
+        raise UnsupportedModelError(f"{model.config.model_type} shares KV between layers; use --method full")
+    return types
 
 
 class OmniKVCache(ManagedCache):
@@ -211,8 +159,20 @@ class OmniKVCache(ManagedCache):
     method_name = "omnikv"
 
     def __init__(
-        self, model: torch.nn.Module, config: OmniKVConfig | None = None, *, telemetry: bool = False, **overrides: Any
+        self,
+        model: torch.nn.Module,
+        config: OmniKVConfig | None = None,
+        *,
+        telemetry: bool = False,
+        transfer: str | Transfer | None = None,
+        **overrides: Any,
     ) -> None:
+        """Args:
+            transfer: how the Context Bank moves rows: "auto" (CUDA streams when offloading on a
+                GPU, else inline), "simulated" (the offload path on a CPU under CUDA's ordering
+                rules, see omnikv/transfer.py), "inline", "cuda", or a `Transfer` instance.
+                "simulated" turns offload on.
+        """
         types = check_supported(model, "omnikv")
         if config is None:
             from omnikv.presets import preset_for_model
@@ -221,28 +181,62 @@ class OmniKVCache(ManagedCache):
         if overrides:
             config = config.replace(**overrides)
         device = next(model.parameters()).device
-        offload = config.offload if config.offload is not None else is_cuda(device)
+        auto_offload = config.offload if config.offload is not None else is_cuda(device)
+        self.transfer = make_transfer(transfer, auto_offload, device)
+        if self.transfer.kind == "simulated" and config.offload is False:
+            raise ConfigError("transfer='simulated' simulates the offload path; drop offload=False")
+        offload = auto_offload or self.transfer.kind == "simulated"
         self.config = config
         self.offload = offload
+        self.simulates_accelerator = self.transfer.kind == "simulated"
         self.plan: LayerPlan = plan_layers(config, types)
         self.state = SharedState(config)
         self.state.telemetry = [] if telemetry else None
-        self.segments: dict[int, Segment] = {}
+        devices = layer_devices(model, len(types))
+        # filter layer -> its segments, one per device its sparse layers live on (one without a
+        # device_map); `segments` names the first, `all_segments()` lists every one.
+        self.segment_groups: dict[int, list[Segment]] = {}
+        sparse_segment: dict[int, Segment] = {}
         for f in self.plan.layers_with(Role.FILTER):
-            self.segments[f] = Segment(f, self.plan.segment(f), offload, config.partial_reload)
+            groups: dict[torch.device, list[int]] = {}
+            for layer in self.plan.segment(f):  # a segment spanning devices splits, one per device
+                groups.setdefault(devices[layer], []).append(layer)
+            segs = [Segment(f, layers, offload, config.partial_reload, self.transfer) for layers in groups.values()]
+            self.segment_groups[f] = segs or [Segment(f, [], offload, config.partial_reload, self.transfer)]
+            for seg in segs:
+                for layer in seg.layers:
+                    sparse_segment[layer] = seg
         layers = []
         for i, role in enumerate(self.plan.roles):
             if role is Role.SLIDING:
                 layers.append(make_sliding_layer(text_config(model)))
             elif role is Role.FILTER:
-                layers.append(FilterLayer(self.state, self.segments[i]))
+                layers.append(FilterLayer(self.state, self.segment_groups[i]))
             elif role is Role.SPARSE:
-                layers.append(SparseLayer(i, self.state, self.segments[self.plan.source_filter[i]]))
+                layers.append(SparseLayer(i, self.state, sparse_segment[i]))
             else:
                 layers.append(DenseLayer())
         super().__init__(model, layers)
         self._first_full = self.plan.layers_with(Role.DENSE) + self.plan.layers_with(Role.FILTER)
         self._first_full = min(self._first_full) if self._first_full else None
+        self._step_mark = self.transfer.counters.snapshot()
+        self._step_figures = {"host_syncs": 0, "h2d_bytes": 0, "d2h_bytes": 0}
+        self._prefill_mark = self._step_mark
+        self._prefill_figures = dict(self._step_figures)
+        self._in_prompt = False
+
+    @property
+    def segments(self) -> dict[int, Segment]:
+        return {f: segs[0] for f, segs in self.segment_groups.items()}
+
+    def all_segments(self) -> list[Segment]:
+        return [seg for segs in self.segment_groups.values() for seg in segs]
+
+    def reserve(self, extra_tokens: int, decode_tokens: int | None = None) -> None:
+        super().reserve(extra_tokens, decode_tokens)
+        total = self.get_seq_length() + extra_tokens
+        for seg in self.all_segments():
+            seg.reserve(total, extra_tokens if decode_tokens is None else decode_tokens)
 
     # Bookkeeping of prompt / decode phases happens at the first full-attention layer, the first
     # place that sees both the new tokens and the mask of this forward.
@@ -254,13 +248,25 @@ class OmniKVCache(ManagedCache):
     def _begin_forward(self, q: int) -> None:
         st = self.state
         seen = self.layers[self._first_full].get_seq_length()
+        counters = self.transfer.counters
         if q > 1 or seen == 0:
+            if not self._in_prompt:  # a new prompt (or turn) starts: count its transfers
+                self._prefill_mark = counters.snapshot()
+                self._in_prompt = True
+            else:
+                self._prefill_figures = counters.since(self._prefill_mark)
             st.prompt_len = seen + q
             st.decode_steps = 0
             self._extending = True
-            for seg in self.segments.values():
-                seg.reset_decode()
+            for seg in self.all_segments():
+                seg.begin_prompt()
         else:
+            if self._in_prompt:
+                self._prefill_figures = counters.since(self._prefill_mark)
+                self._in_prompt = False
+            else:
+                self._step_figures = counters.since(self._step_mark)
+            self._step_mark = counters.snapshot()
             st.decode_steps += 1
             self._extending = False
 
@@ -283,8 +289,16 @@ class OmniKVCache(ManagedCache):
     # -- accounting -----------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         s = super().stats()
-        s["device_kv_bytes"] += int(sum(seg.device_bytes() for seg in self.segments.values()))
-        s["host_kv_bytes"] = int(sum(seg.host_bytes() for seg in self.segments.values()))
+        s["device_kv_bytes"] += int(sum(seg.device_bytes() for seg in self.all_segments()))
+        s["host_kv_bytes"] = int(sum(seg.host_bytes() for seg in self.all_segments()))
+        figures = self.transfer_figures()
+        s["host_syncs_per_step"] = figures["step"]["host_syncs"]
+        s["h2d_bytes_per_step"] = figures["step"]["h2d_bytes"]
+        s["d2h_bytes_per_step"] = figures["step"]["d2h_bytes"]
+        s["h2d_bytes_prefill"] = figures["prefill"]["h2d_bytes"]
+        s["d2h_bytes_prefill"] = figures["prefill"]["d2h_bytes"]
+        s["pinned_host_bytes"] = self.transfer.counters.pinned_bytes
+        s["transfer"] = f"{self.transfer.kind}/{self.transfer.gather}"
         s["prompt_tokens"] = self.state.prompt_len
         s["selected_tokens"] = self.config.resolve_budget(self.state.prompt_len)
         s["layer_roles"] = [r.value for r in self.plan.roles]
@@ -298,7 +312,7 @@ class OmniKVCache(ManagedCache):
         (`coverage`) and mean recall of its own top-k by the filter's selection (`recall`), as
         {"layers": {"<layer>": {"coverage", "recall", "steps"}}, "mean_coverage", "mean_recall"}
         (the means over all records; `omnikv.analysis.summarize_telemetry` does the counting)."""
-        from omnikv.analysis.telemetry import summarize_telemetry
+        from omnikv.telemetry import summarize_telemetry
 
         summary = summarize_telemetry(self.state.telemetry or [])
         layers = {
@@ -307,9 +321,36 @@ class OmniKVCache(ManagedCache):
         }
         return {"layers": layers, "mean_coverage": summary["mean_coverage"], "mean_recall": summary["mean_recall"]}
 
+    def transfer_figures(self) -> dict[str, dict[str, int]]:
+        """What the transfer interface counted: for the last complete decode step (`step`: from
+        one decode step's start to the next's, so it includes the step's own loads) and for the
+        last prompt forward(s) (`prefill`: every chunk of it). Keys host_syncs, h2d_bytes,
+        d2h_bytes. The step in progress is counted up to now."""
+        counters = self.transfer.counters
+        step = self._step_figures
+        if not self._in_prompt and self.state.decode_steps:
+            step = counters.since(self._step_mark)
+        prefill = counters.since(self._prefill_mark) if self._in_prompt else self._prefill_figures
+        return {"step": dict(step), "prefill": dict(prefill)}
+
     def h2d_bytes_last_step(self) -> int:
-        return sum(seg.h2d_bytes for seg in self.segments.values() if seg.loaded_step == self.state.decode_steps)
+        return self.transfer_figures()["step"]["h2d_bytes"]
 
     def selected_indices(self) -> dict[int, torch.Tensor]:
         """Current selection per filter layer: (B, G, k) positions, ascending."""
-        return {f: seg.indices.sort(dim=-1).values for f, seg in self.segments.items() if seg.indices is not None}
+        return {
+            f: seg.indices.sort(dim=-1).values for f, seg in self.segments.items() if seg.indices is not None
+        }
+
+
+def layer_devices(model: torch.nn.Module, num_layers: int) -> list[torch.device]:
+    """The device of each decoder layer's attention (they differ under an accelerate device_map)."""
+    fallback = next(model.parameters()).device
+    found: list[torch.device | None] = [None] * num_layers
+    for module in model.modules():
+        i = getattr(module, "layer_idx", None)
+        if isinstance(i, int) and 0 <= i < num_layers and found[i] is None:
+            p = next(module.parameters(), None)
+            if p is not None and p.device.type != "meta":
+                found[i] = p.device
+    return [d or fallback for d in found]

@@ -11,7 +11,7 @@ from omnikv.analysis.coverage import coverage_matrix
 from omnikv.analysis.layout import layer_layout, paper_style_filters, score_layout
 from omnikv.analysis.preset import PRESET_KEYS, make_preset, write_preset
 from omnikv.analysis.search import choose_filter_layers, default_max_dense
-from omnikv.analysis.telemetry import summarize_telemetry
+from omnikv.telemetry import summarize_telemetry
 from omnikv.errors import ConfigError, InputError
 
 
@@ -128,8 +128,11 @@ def test_preset_file_round_trips_through_the_core_config(tmp_path):
     config_mod = pytest.importorskip("omnikv.config")
     cfg = config_mod.OmniKVConfig.from_json(path)
     assert cfg.filter_layers == (3, 14, 21) and cfg.budget == 256 and cfg.num_wait_layers == 1
-    with pytest.raises(ConfigError):
-        make_preset([3], 1, 8, 4, 64, "last", "max", "llama", 30)  # budget below sink + recent
+    with pytest.raises(ConfigError, match="selector"):
+        make_preset([3], 1, 256, 4, 64, "nearest", "max", "llama", 30)
+    with pytest.warns(UserWarning, match="fit inside the budget"):
+        small = make_preset([3], 1, 8, 4, 60, "last", "max", "llama", 30)  # budget below sink + recent
+    assert small["sink_tokens"] + small["recent_tokens"] == 8
     with pytest.raises(ConfigError, match="exactly"):
         write_preset(tmp_path / "q.json", {**preset, "extra": 1})
 
@@ -157,7 +160,7 @@ def test_summarize_telemetry():
 def test_summarize_telemetry_reads_the_omnikv_cache_records(tmp_path):
     # The records the core cache emits with telemetry on (one per sparse layer and decode step).
     methods = pytest.importorskip("omnikv.methods")
-    testing = pytest.importorskip("omnikv.testing")
+    testing = pytest.importorskip("omnikv.models.tiny")
     model = testing.tiny_model("llama", seed=0, num_hidden_layers=6)
     preset = write_preset(tmp_path / "p.json", make_preset([1], 0, 8, 2, 2, "last", "max", "llama", 6))
     method = methods.get_method("omnikv", preset=str(preset), telemetry=True)

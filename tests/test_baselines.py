@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from omnikv.errors import ConfigError
 from omnikv.generation import SamplingParams, Session, generate, teacher_forced_logits
 from omnikv.methods import available_methods, get_method
-from omnikv.managed import DenseLayer
+from omnikv.layers import DenseLayer
 from omnikv.methods._lossy import LossyLayer
 from omnikv.methods.quest import QuestLayer, page_bounds, page_scores
-from omnikv.testing import FAMILIES, build_tokenizer, tiny_model
+from omnikv.models.tiny import FAMILIES, build_tokenizer, tiny_model
 
 PROMPT = 40  # prompt tokens
 NEW = 6  # generated tokens (the cache sees NEW - 1 of them)
@@ -84,7 +84,7 @@ def test_registry_lists_every_baseline_and_describes_it():
     for name in BASELINES + ("full", "full_offload"):
         assert name in names
     for name in BASELINES:
-        m = get_method(name, budget=0.25, model=model_of("llama"))  # `model=` as the CLI passes it
+        m = get_method(name, budget=0.25)
         d = m.describe()
         json.dumps(d)
         assert d["method"] == name and d["budget"] == 0.25

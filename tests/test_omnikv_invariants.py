@@ -1,11 +1,11 @@
-"""Invariants of method.md: drop-free bank, what sparse layers attend, logical length, API parity."""
+"""Invariants of OmniKV (docs/how-it-works.md): drop-free bank, what sparse layers attend, logical length, API parity."""
 
 import torch
 from transformers import DynamicCache
 
 from omnikv import OmniKVCache, OmniKVConfig
 from omnikv._compat import cache_kwargs
-from omnikv.cache import SparseLayer
+from omnikv.layers import SparseLayer
 from omnikv.generation import SamplingParams, Session, generate
 from omnikv.methods import get_method
 

@@ -3,7 +3,7 @@
 Each example draws a tiny model (family, layers, KV heads), an OmniKV config (filter layers, wait
 layers, budget, selector, head reduction, refresh interval, offload) and a request (batch, prompt
 length, left padding, decode steps), runs `model.generate` through an OmniKVCache and checks the
-invariants of shared/docs/method.md:
+invariants of OmniKV (docs/how-it-works.md):
 
 * the cache's length is the logical length (prompt incl. padding + fed tokens);
 * a sparse layer attends to exactly resolve_budget(prompt) + fed tokens, every full-attention
@@ -29,10 +29,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache
 
-from omnikv.cache import OmniKVCache, SparseLayer
+from omnikv.cache import OmniKVCache
+from omnikv.layers import SparseLayer
 from omnikv.config import HEAD_REDUCTIONS, SELECTORS, OmniKVConfig
 from omnikv.roles import Role
-from omnikv.testing import tiny_model
+from omnikv.models.tiny import tiny_model
 
 _MODELS: dict[tuple, torch.nn.Module] = {}
 
@@ -94,7 +95,7 @@ def cases(draw, full_budget: bool = False) -> Case:
 
 
 def _sparse_sources(full: list[int], filters: list[int], wait: int) -> list[int | None]:
-    """Per full-attention layer: the filter a sparse layer follows, else None (method.md s.2)."""
+    """Per full-attention layer: the filter a sparse layer follows, else None (omnikv.roles)."""
     out: list[int | None] = []
     current, left = None, 0
     for i in full:
@@ -153,10 +154,10 @@ def test_cache_bookkeeping_invariants(case: Case) -> None:
         layer = cache.layers[i]
         if role is Role.SPARSE:
             assert attended[i] == k + fed, (i, attended, k)
-            # Drop-free: the bank holds every row this layer was given.
+            # Drop-free: the bank holds every prompt row, the device every generated one.
             k_all, v_all = layer.full_kv()
             assert k_all.shape[2] == v_all.shape[2] == t + fed
-            assert layer.segment.bank.length[layer.slot] == t + fed
+            assert layer.segment.bank.length == t and layer.segment.generated == fed
         elif role in (Role.DENSE, Role.FILTER):
             assert attended[i] == t + fed and layer.get_seq_length() == t + fed
         else:  # sliding-window layers keep their window

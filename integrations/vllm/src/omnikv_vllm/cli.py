@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from omnikv.errors import OmniKVError
-from omnikv.units import parse_budget
+from omnikv.budget import parse_budget
 from omnikv_vllm import models, settings
 
 METHODS = ("omnikv", "full")

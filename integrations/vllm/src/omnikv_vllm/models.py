@@ -14,7 +14,7 @@ from pathlib import Path
 from omnikv.errors import ModelLoadError
 
 EMBEDDED = ("gemma3", "smollm2")
-MARKER = "omnikv-cache.json"  # written last by omnikv.model_cache: the entry is complete
+MARKER = "omnikv-cache.json"  # written last by omnikv.models.conversion: the entry is complete
 
 
 def cache_root() -> Path:

@@ -6,8 +6,8 @@ for the OpenAI server alike.
 
     OMNIKV_VLLM=1                 turn the OmniKV backend on (anything else, or unset: stock vLLM)
     OMNIKV_VLLM_CONFIG=...        optional: a JSON object of OmniKVConfig fields overriding the
-                                  model's preset (e.g. '{"budget": 128}'), or the path of a preset
-                                  file written by `omnikv calibrate --output`
+                                  model's preset (e.g. '{"budget": 128}'), a built-in preset name
+                                  or a preset file written by `omnikv calibrate --output`
 
 The config is the library's own: `omnikv.config.OmniKVConfig`, `omnikv.presets` and
 `omnikv.roles.plan_layers`.
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 from omnikv.config import OmniKVConfig
@@ -37,36 +36,35 @@ def enabled(environ: dict[str, str] | None = None) -> bool:
     return env.get(ENABLE_ENV, "").strip() not in ("", "0", "false", "no")
 
 
-def overrides_from_env(environ: dict[str, str] | None = None) -> tuple[dict[str, Any], OmniKVConfig | None]:
-    """(field overrides, preset-file config or None) from OMNIKV_VLLM_CONFIG."""
+def overrides_from_env(environ: dict[str, str] | None = None) -> tuple[dict[str, Any], str | None]:
+    """(field overrides, preset name or file, or None) from OMNIKV_VLLM_CONFIG."""
     env = os.environ if environ is None else environ
     raw = env.get(CONFIG_ENV, "").strip()
     if not raw:
         return {}, None
-    if raw.startswith("{"):
-        try:
-            data = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{CONFIG_ENV} is not valid JSON ({exc}); e.g. '{{\"budget\": 128}}'") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{CONFIG_ENV} must be a JSON object of OmniKVConfig fields")
-        if isinstance(data.get("filter_layers"), list):
-            data["filter_layers"] = tuple(data["filter_layers"])
-        return data, None
-    path = Path(raw).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"{CONFIG_ENV}={raw!r} is neither a JSON object nor an existing preset file")
-    return {}, OmniKVConfig.from_json(path)
+    if not raw.startswith("{"):
+        return {}, raw
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{CONFIG_ENV} is not valid JSON ({exc}); e.g. '{{\"budget\": 128}}'") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{CONFIG_ENV} must be a JSON object of OmniKVConfig fields")
+    if isinstance(data.get("filter_layers"), list):
+        data["filter_layers"] = tuple(data["filter_layers"])
+    return data, None
 
 
 def resolve_config(hf_config: Any, environ: dict[str, str] | None = None) -> OmniKVConfig:
-    """The model's preset (or the file in OMNIKV_VLLM_CONFIG), with the JSON overrides applied."""
-    overrides, from_file = overrides_from_env(environ)
-    if from_file is not None:
-        config = from_file
-    else:
-        from omnikv.presets import preset_for_model  # imports transformers (any version vLLM has)
+    """The model's preset (or the preset named in OMNIKV_VLLM_CONFIG), with the JSON overrides
+    applied, through the library's one preset resolver."""
+    from omnikv.presets import check_preset_model, preset_for_model, resolve_preset  # vLLM's transformers
 
+    overrides, preset = overrides_from_env(environ)
+    if preset is not None:
+        config, made_for = resolve_preset(preset)
+        check_preset_model(made_for, hf_config, where=f"{CONFIG_ENV}={preset}")
+    else:
         config = preset_for_model(hf_config)
     if overrides:
         try:
