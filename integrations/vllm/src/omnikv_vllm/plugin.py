@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import logging
-
 from omnikv_vllm import settings
-
-logger = logging.getLogger("omnikv_vllm")
 
 BACKEND = "omnikv_vllm.backend.OmniKVCPUBackend"
 
