@@ -203,6 +203,7 @@ def test_long_prefill_moves_o_prompt_bytes():
 
 
 def test_memory_plan_matches_allocated_bytes(models):
+    from omnikv.methods import get_method
     from omnikv.methods.memory import plan_memory
 
     model = models("llama", num_hidden_layers=6)
@@ -211,8 +212,8 @@ def test_memory_plan_matches_allocated_bytes(models):
     cache = OmniKVCache(model, config, transfer="simulated")
     cache.reserve(prompt + new, decode_tokens=new)
     decode(model, cache, ids(prompt, seed=14), 3)
-    plan = plan_memory(model.config, prompt, "omnikv", device="cuda", dtype_bytes=4, max_new_tokens=new,
-                       omnikv_config=config, weights_bytes=0)
+    plan = plan_memory(model.config, prompt, get_method("omnikv", config=config), device="cuda", dtype_bytes=4,
+                       max_new_tokens=new, weights_bytes=0)
     pinned = cache.stats()["pinned_host_bytes"]
     assert abs(plan.host_kv_bytes - pinned) <= 0.05 * pinned
     work = sum(seg.allocated_device_bytes() for seg in cache.all_segments())
