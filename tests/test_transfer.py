@@ -203,6 +203,7 @@ def test_long_prefill_moves_o_prompt_bytes():
 
 
 def test_memory_plan_matches_allocated_bytes(models):
+    from omnikv.methods import get_method
     from omnikv.methods.memory import plan_memory
 
     model = models("llama", num_hidden_layers=6)
