@@ -144,7 +144,8 @@ def _completion_logprobs(r: EngineResult, echo: bool) -> dict[str, Any] | None:
             tops.append(None)
             continue
         lps.append(_lp(e.logprob))
-        top = {t: _lp(lp) for t, _, lp in e.top}
-        top.setdefault(e.token, _lp(e.logprob))
+        top: dict[str, float] = {}
+        for t, _, lp in (*e.top, (e.token, e.token_id, e.logprob)):
+            top.setdefault(t, _lp(lp))  # best first: tokens that decode alike keep the best value
         tops.append(top)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
