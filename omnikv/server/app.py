@@ -168,15 +168,14 @@ def create_app(
         req = parse_body(TokenizeRequest, await request.body())
         assert isinstance(req, TokenizeRequest)
         _check_model(engine, req.model)
-        fn = _text_tool(engine, "tokenize")
         if req.messages is not None:
             messages = _chat_messages(req.messages)
             limits.check_chars(sum(len(m.content) for m in messages), "messages")
-            ids = await asyncio.to_thread(fn, messages, add_special_tokens=req.add_generation_prompt)
+            ids = await asyncio.to_thread(_text_tool(engine, "tokenize"), messages, add_special_tokens=req.add_generation_prompt)
         else:
             assert req.prompt is not None
             limits.check_chars(len(req.prompt), "prompt")
-            ids = await asyncio.to_thread(fn, req.prompt, add_special_tokens=req.add_special_tokens)
+            ids = await asyncio.to_thread(_text_tool(engine, "tokenize"), req.prompt, add_special_tokens=req.add_special_tokens)
         return JSONResponse({"count": len(ids), "max_model_len": engine.max_context, "tokens": ids})
 
     @app.post("/detokenize")
