@@ -8,8 +8,67 @@ import math
 import torch
 
 from omnikv._compat import is_cuda
+from omnikv.buffers import GROWTH, grown_capacity
 from omnikv.selection import gather_rows, selection_delta
-from omnikv.storage import GROWTH, PackedBank
+
+
+class PackedBank:
+    """The Context Bank of one segment: the KV rows of several layers in one tensor.
+
+    Storage is (L, 2, B, H, capacity, D): layer slot, key/value, batch, KV head, token, head dim.
+    Packing the layers lets one `index_select` gather the selected rows of every sparse layer of a
+    segment at once, and one contiguous staging buffer feed the host->device copies. On a CUDA
+    machine with offload the storage is pinned host memory, so copies can run asynchronously.
+    """
+
+    def __init__(self, num_layers: int, device: torch.device, pin: bool, headroom: int = 256) -> None:
+        self.num_layers = num_layers
+        self.device = device
+        self.pin = pin
+        self.headroom = headroom
+        self.data: torch.Tensor | None = None
+        self.length = [0] * num_layers
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.data is None else self.data.shape[-2]
+
+    def _alloc(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device=self.device, pin_memory=self.pin)
+
+    def write(self, slot: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Append (B, H, n, D) rows to layer `slot` (copied to the bank's device)."""
+        n = key.shape[-2]
+        end = self.length[slot] + n
+        if self.data is None or end > self.capacity:
+            b, h, _, d = key.shape
+            cap = grown_capacity(end, self.capacity, self.headroom)
+            data = self._alloc((self.num_layers, 2, b, h, cap, d), key.dtype)
+            if self.data is not None:
+                if self.pin and torch.cuda.is_available():
+                    # Rows may still be arriving by non-blocking device->host copies.
+                    torch.cuda.current_stream().synchronize()
+                used = max(self.length)
+                data[..., :used, :].copy_(self.data[..., :used, :])
+            self.data = data
+        start = self.length[slot]
+        non_blocking = self.pin
+        self.data[slot, 0, :, :, start:end].copy_(key, non_blocking=non_blocking)
+        self.data[slot, 1, :, :, start:end].copy_(value, non_blocking=non_blocking)
+        self.length[slot] = end
+
+    def read(self, slot: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of layer `slot`'s first `end` rows, (B, H, end, D) each, on the bank's device."""
+        return self.data[slot, 0, :, :, :end], self.data[slot, 1, :, :, :end]
+
+    def used_bytes(self) -> int:
+        if self.data is None:
+            return 0
+        row = self.data[0, 0, :, :, :1].numel() * self.data.element_size()
+        return 2 * row * sum(self.length)
+
+    def allocated_bytes(self) -> int:
+        return 0 if self.data is None else self.data.numel() * self.data.element_size()
 
 
 class Segment:

@@ -20,184 +20,126 @@ from typing import Any
 
 import torch
 
-from omnikv._compat import is_cuda
-from omnikv.config import OmniKVConfig
-from omnikv.errors import ConfigError
-from omnikv.managed import DenseLayer, ManagedCache, ManagedLayer, check_supported, make_sliding_layer, text_config
-from omnikv.roles import LayerPlan, Role, plan_layers
+from omnikv import _context
+from omnikv._compat import Cache, CacheLayerMixin, is_cuda, layer_types
+from omnikv.attention import use_omnikv_attention
 from omnikv.bank import Segment
-from omnikv.selection import filter_scores, scores_from_logits, select_topk
+from omnikv.buffers import KVBuffer
+from omnikv.config import OmniKVConfig
+from omnikv.errors import ConfigError, InputError, UnsupportedModelError
+from omnikv.layers import DenseLayer, FilterLayer, SharedState, SparseLayer, make_sliding_layer
+from omnikv.roles import LayerPlan, Role, plan_layers
 
 
-class SharedState:
-    """What all layers of one cache agree on."""
+class ManagedCache(Cache):
+    """Container of managed layers; hands each attention call to its layer."""
 
-    def __init__(self, config: OmniKVConfig) -> None:
-        self.config = config
-        self.prompt_len = 0  # tokens scored by the selector (everything before the decode run)
-        self.valid: torch.Tensor | None = None  # (B, N) bool, False = padding; None = no padding
-        self.decode_steps = 0  # steps since the last prompt extension
-        self.telemetry: list[dict[str, float]] | None = None  # per (step, sparse layer) records
+    method_name = "managed"
 
+    def __init__(self, model: torch.nn.Module, layers: list[CacheLayerMixin]) -> None:
+        super().__init__(layers=layers)
+        self.model_fingerprint = model_fingerprint(model)
+        cfg = text_config(model)
+        self._kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        use_omnikv_attention(model)
 
-class FilterLayer(DenseLayer):
-    """Full attention + the Context Selector for one segment."""
+    # transformers calls this once per layer per forward, right before attention.
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if layer_idx >= len(self.layers):
+            raise UnsupportedModelError(
+                f"this cache has {len(self.layers)} layers but layer {layer_idx} asked for one: it "
+                f"was built for another model ({self.model_fingerprint}); build one per model"
+            )
+        if layer_idx == 0:
+            self._check_forward(key_states, kwargs)
+        _context.put(self, layer_idx)
+        return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
 
-    def __init__(self, state: SharedState, segment: Segment, headroom: int = 256) -> None:
-        super().__init__(headroom)
-        self.state = state
-        self.segment = segment
-        self.query_window: torch.Tensor | None = None  # (B, Hq, <=W, D) newest last
-        self.selected: torch.Tensor | None = None  # (B, G, k) last selection
-
-    def attend(self, module, query, key, value, attention_mask, **kwargs):
-        cfg = self.state.config
-        if cfg.selector in ("uniform", "exp"):
-            window = query if self.query_window is None else torch.cat([self.query_window, query], dim=2)
-            self.query_window = window[:, :, -cfg.window_size :].detach()
-        decoding = query.shape[2] == 1 and self.state.prompt_len > 0 and self.seq_length > self.state.prompt_len
-        if not (decoding and self.segment.layers and self._due()):
-            return super().attend(module, query, key, value, attention_mask, **kwargs)
-        scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
-        if cfg.selector in ("uniform", "exp") or getattr(module, "attn_logit_softcapping", None):
-            self.select(self.query_window, scaling)
-            return super().attend(module, query, key, value, attention_mask, **kwargs)
-        return self._attend_and_select(query, key, value, attention_mask, scaling)
-
-    def _attend_and_select(self, query, key, value, attention_mask, scaling):
-        """One decode query: the attention logits are also the selector's scores, so compute
-        them once. query (B, Hq, 1, D), key/value (B, Hk, N, D) -> (B, 1, Hq, D)."""
-        b, hq, _, d = query.shape
-        hk, n = key.shape[1], key.shape[2]
-        g = hq // hk
-        logits = torch.matmul(query.view(b, hk, g, d), key.transpose(-1, -2)) * scaling  # (B,Hk,g,N)
-        self.select_from_logits(logits[..., : self.state.prompt_len])
-        if attention_mask is not None:
-            logits = logits.masked_fill(~attention_mask[:, :, 0, :].view(b, 1, 1, n), float("-inf"))
-        probs = torch.softmax(logits.float(), dim=-1).to(value.dtype)
-        out = torch.matmul(probs, value)  # (B, Hk, g, D)
-        self.last_attended = n
-        return out.view(b, hq, 1, d).transpose(1, 2), None
-
-    def _due(self) -> bool:
-        every = self.state.config.refresh_every
-        return self.selected is None or self.segment.loaded_step is None or (
-            self.state.decode_steps - self.segment.loaded_step >= every
-        )
-
-    def select(self, queries: torch.Tensor, scaling: float) -> torch.Tensor:
-        """Score the prompt keys with `queries` (B, Hq, W, D), pick top-k, load the segment."""
-        st, cfg = self.state, self.state.config
-        n = st.prompt_len
-        valid = None if st.valid is None else st.valid[:, :n]
-        scores = filter_scores(queries, self.buffer.keys[:, :, :n], scaling, cfg.selector, cfg.head_reduce, valid)
-        return self._pick(scores, valid)
-
-    def select_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """Same as `select` for `last` / `softmax_last` from precomputed (B, Hk, g, T) logits."""
-        st, cfg = self.state, self.state.config
-        valid = None if st.valid is None else st.valid[:, : st.prompt_len]
-        scores = scores_from_logits(logits.unsqueeze(3), cfg.selector, cfg.head_reduce, valid)
-        return self._pick(scores, valid)
-
-    def _pick(self, scores: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-        st, cfg = self.state, self.state.config
-        k = cfg.resolve_budget(st.prompt_len)
-        idx = select_topk(scores, k, valid=valid, sink=cfg.sink_tokens, recent=cfg.recent_tokens)
-        self.selected = idx
-        self.segment.load(idx, st.decode_steps)
-        return idx
-
-
-class SparseLayer(ManagedLayer):
-    """Attends to the selected prompt rows + every generated token (rows live in its segment)."""
-
-    def __init__(self, layer_idx: int, state: SharedState, segment: Segment) -> None:
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.state = state
-        self.segment = segment
-        self.slot = segment.slot[layer_idx]
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        seg = self.segment
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-            seg.attach(key_states)
+    def _check_forward(self, key_states: torch.Tensor, kwargs: dict[str, Any]) -> None:
+        """Once per forward (layer 0): refuse another model's KV, and input that does not continue
+        the cached sequence (e.g. `model.generate` called twice with the same prompt on one cache),
+        which would otherwise silently decode garbage. key_states (B, Hk, q, D)."""
+        if key_states.shape[1] != self._kv_heads:
+            raise UnsupportedModelError(
+                f"this cache was built for {self.model_fingerprint} but gets KV with "
+                f"{key_states.shape[1]} heads: a cache serves the model it was built for; build one per model"
+            )
+        inner = kwargs.get("kwargs") if isinstance(kwargs.get("kwargs"), dict) else kwargs
+        pos = inner.get("position_ids")
         q = key_states.shape[-2]
-        if not (q == 1 and seg.indices is not None and self.seq_length >= self.state.prompt_len > 0):
-            # Prefill / prompt extension: full attention over everything seen so far.
-            prefix = self.seq_length
-            seg.bank.write(self.slot, key_states, value_states)
-            self.seq_length += q
-            if prefix == 0:
-                return key_states, value_states
-            k_all, v_all = seg.bank.read(self.slot, self.seq_length)
-            return k_all.to(key_states.device), v_all.to(key_states.device)
-        # Decode: the new token joins the generated rows (device) and the bank (drop-free).
-        seg.bank.write(self.slot, key_states, value_states)
-        self.seq_length += 1
-        if self.slot == 0:
-            seg._ensure_work(seg.k, seg.generated + 1)
-            seg.generated += 1
-        pos = seg.k + seg.generated - 1
-        seg.work[self.slot, 0, :, :, pos : pos + 1].copy_(key_states)
-        seg.work[self.slot, 1, :, :, pos : pos + 1].copy_(value_states)
-        seg.wait_ready()
-        n = seg.k + seg.generated
-        k_rows, v_rows = seg.work[self.slot, 0, :, :, :n], seg.work[self.slot, 1, :, :, :n]
-        if k_rows.device != key_states.device:
-            return k_rows.to(key_states.device), v_rows.to(key_states.device)
-        return k_rows, v_rows
+        # Decode steps on an accelerator skip the check: reading the positions would sync every step.
+        if not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[-1] != q or (q == 1 and pos.device.type != "cpu"):
+            return
+        seen = self.layers[0].get_seq_length()
+        last = int(pos[:, -1].max())  # the unpadded row of a left-padded batch
+        if last != seen + q - 1:
+            raise InputError(
+                f"this cache already holds {seen} tokens but the new input continues at position "
+                f"{last - q + 1}: a cache continues one sequence. Pass the whole sequence so far "
+                f"(the previous output plus new tokens) to continue it, or build a new cache for a new prompt"
+            )
 
-    def positions(self) -> torch.Tensor:
-        """(B, G, k + generated) logical positions of the rows `update` returned."""
-        sel = self.segment.indices.to(self.device)
-        gen = torch.arange(self.state.prompt_len, self.seq_length, device=self.device)
-        b, g, _ = sel.shape
-        return torch.cat([sel, gen.view(1, 1, -1).expand(b, g, -1)], dim=-1)
+    def attend(self, layer_idx: int, module, query, key, value, attention_mask, **kwargs):
+        return self.layers[layer_idx].attend(module, query, key, value, attention_mask, **kwargs)
 
-    def attend(self, module, query, key, value, attention_mask, **kwargs):
-        seg = self.segment
-        decoding = query.shape[2] == 1 and seg.generated > 0 and key.shape[-2] == seg.k + seg.generated
-        if decoding and self.state.telemetry is not None:
-            self._record_telemetry(query, attention_mask, kwargs.get("scaling") or module.scaling)
-        if not decoding or attention_mask is None:  # no padding: every returned row is attended
-            return super().attend(module, query, key, value, attention_mask, **kwargs)
-        return super().attend(module, query, key, value, attention_mask, positions=self.positions(), **kwargs)
+    # -- accounting ------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        device = sum(layer.device_bytes() for layer in self.layers)
+        host = sum(layer.host_bytes() for layer in self.layers)
+        return {
+            "method": self.method_name,
+            "seq_length": self.get_seq_length(),
+            "device_kv_bytes": int(device),
+            "host_kv_bytes": int(host),
+            "h2d_bytes_per_step": int(self.h2d_bytes_last_step()),
+            "attended_tokens_per_layer": [int(getattr(l, "last_attended", 0)) for l in self.layers],
+        }
 
-    @torch.no_grad()
-    def _record_telemetry(self, query, attention_mask, scaling: float) -> None:
-        """Compute this layer's true attention over all its rows (costs full attention) and record
-        the share of its mass on the attended set, and the recall of its own top-k."""
-        k_all, _ = self.full_kv()
-        k_all = k_all.to(query.device)
-        b, hq, _, d = query.shape
-        hk, n = k_all.shape[1], k_all.shape[2]
-        g = hq // hk
-        logits = torch.matmul(query.view(b, hk, g, d).float(), k_all.float().transpose(-1, -2)) * scaling
-        if attention_mask is not None:
-            logits = logits.masked_fill(~attention_mask[:, :, 0, :n].view(b, 1, 1, n), float("-inf"))
-        probs = torch.softmax(logits, dim=-1)  # (B, Hk, g, N)
-        attended = torch.zeros(b, hk, n, dtype=torch.bool, device=query.device)
-        pos = self.positions().to(query.device).expand(b, hk, -1)
-        attended.scatter_(-1, pos, True)
-        coverage = (probs * attended[:, :, None, :]).sum(-1).mean().item()
-        cfg, p = self.state.config, self.state.prompt_len
-        sel = self.segment.indices.to(query.device)
-        kk = sel.shape[-1]
-        own_scores = scores_from_logits(logits[..., :p].unsqueeze(3), "last", cfg.head_reduce)
-        own = torch.topk(own_scores, kk, dim=-1).indices  # (B, G, k)
-        hit = torch.zeros(b, own.shape[1], p, dtype=torch.bool, device=query.device)
-        hit.scatter_(-1, sel.expand(b, own.shape[1], kk), True)
-        recall = hit.gather(-1, own).float().mean().item()
-        self.state.telemetry.append(
-            {"step": self.state.decode_steps, "layer": self.layer_idx, "coverage": coverage, "recall": recall}
+    def h2d_bytes_last_step(self) -> int:
+        return 0
+
+    def reserve(self, extra_tokens: int) -> None:
+        """Hint: about `extra_tokens` more tokens will come (sizes the buffers' headroom)."""
+        for layer in self.layers:
+            buf = getattr(layer, "buffer", None)
+            if isinstance(buf, KVBuffer):
+                buf.headroom = max(buf.headroom, extra_tokens)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise UnsupportedModelError(
+            "beam search / num_return_sequences > 1 is not supported with this cache; "
+            "use greedy or sampling with one sequence per prompt"
         )
 
-    def full_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every row this layer holds, (B, H, seq_length, D): the drop-free view."""
-        return self.segment.bank.read(self.slot, self.seq_length)
+    def reorder_cache(self, beam_idx) -> None:
+        self.batch_repeat_interleave(0)
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    cfg = model.config.get_text_config(decoder=True)
+    return (
+        f"{cfg.model_type}/{cfg.num_hidden_layers}L/{cfg.num_key_value_heads}kv/"
+        f"{getattr(cfg, 'head_dim', None) or cfg.hidden_size // cfg.num_attention_heads}d"
+    )
+
+
+def text_config(model: torch.nn.Module):
+    return model.config.get_text_config(decoder=True)
+
+
+def check_supported(model: torch.nn.Module, method: str) -> list[str]:
+    """Layer types of `model`, or a clear error when it has no full-attention layer we can manage."""
+    types = layer_types(model.config)
+    unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise UnsupportedModelError(
+            f"{method} supports decoder models with full and sliding-window attention layers; "
+            f"{model.config.model_type} has layer types {unknown} (linear/chunked attention or "
+            f"KV sharing). Use --method full for this model."
+        )
+    if getattr(text_config(model), "kv_sharing_modes", None):
+        raise UnsupportedModelError(f"{model.config.model_type} shares KV between layers; use --method full")
+    return types
 
 
 class OmniKVCache(ManagedCache):
@@ -298,7 +240,7 @@ class OmniKVCache(ManagedCache):
         (`coverage`) and mean recall of its own top-k by the filter's selection (`recall`), as
         {"layers": {"<layer>": {"coverage", "recall", "steps"}}, "mean_coverage", "mean_recall"}
         (the means over all records; `omnikv.analysis.summarize_telemetry` does the counting)."""
-        from omnikv.analysis.telemetry import summarize_telemetry
+        from omnikv.telemetry import summarize_telemetry
 
         summary = summarize_telemetry(self.state.telemetry or [])
         layers = {

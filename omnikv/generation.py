@@ -194,8 +194,8 @@ class Session:
         self.pending.extend(ids)
 
     def _check_memory(self, max_new_tokens: int = 0) -> None:
-        """Refuse, before any work, a request that cannot fit (see omnikv.memory)."""
-        from omnikv.memory import check_fits, guard_enabled, plan_memory
+        """Refuse, before any work, a request that cannot fit (see omnikv.methods.memory)."""
+        from omnikv.methods.memory import check_fits, guard_enabled, plan_memory
 
         if not guard_enabled() or len(self.pending) < 1024:
             return

@@ -7,7 +7,7 @@ import functools
 
 
 def byte_tokenizer():
-    from omnikv.testing import build_tokenizer
+    from omnikv.models.tiny import build_tokenizer
 
     return build_tokenizer()
 

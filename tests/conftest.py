@@ -16,7 +16,7 @@ warnings.filterwarnings("ignore", message="no OmniKV preset for this model")
 @pytest.fixture(scope="session")
 def models():
     """Cache of tiny random models by (family, layers)."""
-    from omnikv.testing import tiny_model
+    from omnikv.models.tiny import tiny_model
 
     store = {}
 

@@ -11,7 +11,7 @@ from omnikv.analysis.coverage import coverage_matrix
 from omnikv.analysis.layout import layer_layout, paper_style_filters, score_layout
 from omnikv.analysis.preset import PRESET_KEYS, make_preset, write_preset
 from omnikv.analysis.search import choose_filter_layers, default_max_dense
-from omnikv.analysis.telemetry import summarize_telemetry
+from omnikv.telemetry import summarize_telemetry
 from omnikv.errors import ConfigError, InputError
 
 
@@ -157,7 +157,7 @@ def test_summarize_telemetry():
 def test_summarize_telemetry_reads_the_omnikv_cache_records(tmp_path):
     # The records the core cache emits with telemetry on (one per sparse layer and decode step).
     methods = pytest.importorskip("omnikv.methods")
-    testing = pytest.importorskip("omnikv.testing")
+    testing = pytest.importorskip("omnikv.models.tiny")
     model = testing.tiny_model("llama", seed=0, num_hidden_layers=6)
     preset = write_preset(tmp_path / "p.json", make_preset([1], 0, 8, 2, 2, "last", "max", "llama", 6))
     method = methods.get_method("omnikv", preset=str(preset), telemetry=True)

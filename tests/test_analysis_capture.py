@@ -10,7 +10,7 @@ import torch
 from omnikv.analysis.capture import full_attention_layers, record_decode_attention
 from omnikv.analysis.selection_sets import topk_indices
 
-testing = pytest.importorskip("omnikv.testing")
+testing = pytest.importorskip("omnikv.models.tiny")
 
 
 def _eager_decode_attentions(model, ids, steps):

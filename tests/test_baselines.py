@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from omnikv.errors import ConfigError
 from omnikv.generation import SamplingParams, Session, generate, teacher_forced_logits
 from omnikv.methods import available_methods, get_method
-from omnikv.managed import DenseLayer
+from omnikv.layers import DenseLayer
 from omnikv.methods._lossy import LossyLayer
 from omnikv.methods.quest import QuestLayer, page_bounds, page_scores
-from omnikv.testing import FAMILIES, build_tokenizer, tiny_model
+from omnikv.models.tiny import FAMILIES, build_tokenizer, tiny_model
 
 PROMPT = 40  # prompt tokens
 NEW = 6  # generated tokens (the cache sees NEW - 1 of them)

@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from omnikv.bench import BenchSpec, add_ratios, parse_context, parse_contexts, public_records, run_bench
+from omnikv.bench.run import BenchSpec, add_ratios, parse_context, parse_contexts, public_records, run_bench
 from omnikv.methods.spec import parse_method
-from omnikv.bench_fill import decode_step, first_token, synthetic_fill
-from omnikv.bench_probe import StepBreakdown
-from omnikv.cache import SparseLayer
+from omnikv.bench.fill import decode_step, first_token, synthetic_fill
+from omnikv.bench.probe import StepBreakdown
+from omnikv.layers import SparseLayer
 from omnikv.errors import ConfigError
 from omnikv.methods import get_method
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS, KV_HEADS, HEAD_DIM = 4, 2, 16  # tiny llama (omnikv.testing defaults)
+LAYERS, KV_HEADS, HEAD_DIM = 4, 2, 16  # tiny llama (omnikv.models.tiny defaults)
 TOKEN_BYTES = 2 * KV_HEADS * HEAD_DIM * 4  # K and V of one token in one layer, fp32
 OMNI = "omnikv:filter_layers=1:num_wait_layers=0:budget=80"  # plan: dense 0, filter 1, sparse 2, 3
 pytestmark = pytest.mark.filterwarnings("ignore:no OmniKV preset")
@@ -123,27 +123,27 @@ def test_ratio_arithmetic():
 
 
 def test_breakdown_probe_restores_everything(tiny):
-    import omnikv.cache
-    import omnikv.managed
+    import omnikv.bank
+    import omnikv.layers
 
-    before = (omnikv.cache.filter_scores, omnikv.managed.sdpa_attention_forward, omnikv.cache.Segment.load)
+    before = (omnikv.layers.filter_scores, omnikv.layers.sdpa_attention_forward, omnikv.bank.Segment.load)
     cache = get_method("full_prealloc").make_cache(tiny)
     probe = StepBreakdown()
     probe.install([cache])
-    assert omnikv.managed.sdpa_attention_forward is not before[1]
+    assert omnikv.layers.sdpa_attention_forward is not before[1]
     assert "update" in cache.__dict__
     synthetic_fill(tiny, cache, 50)
     decode_step(tiny, cache, first_token(tiny))
     parts = probe.take()
     probe.uninstall()
     assert parts["attention"] > 0 and parts["kv_update"] > 0 and parts["selection"] == 0
-    assert (omnikv.cache.filter_scores, omnikv.managed.sdpa_attention_forward, omnikv.cache.Segment.load) == before
+    assert (omnikv.layers.filter_scores, omnikv.layers.sdpa_attention_forward, omnikv.bank.Segment.load) == before
     assert "update" not in cache.__dict__
 
 
 def test_cli_json_files_and_metadata(tmp_path, capsys):
     from omnikv.cli import main
-    from omnikv.testing import make_tiny_checkpoint
+    from omnikv.models.tiny import make_tiny_checkpoint
 
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt")
     out = tmp_path / "out"
@@ -187,7 +187,7 @@ def test_gpu_script_tiny_mode_runs_on_cpu(tmp_path):
 
 def test_bench_records_selection_telemetry():
     """`omnikv:telemetry=true` puts the per-layer coverage of the selection in the bench record."""
-    from omnikv.testing import tiny_model
+    from omnikv.models.tiny import tiny_model
 
     spec = BenchSpec(
         methods=[parse_method("omnikv:telemetry=true:filter_layers=1:num_wait_layers=0:budget=32:sink_tokens=2:recent_tokens=4")],

@@ -17,7 +17,7 @@ import sys
 import pytest
 
 from omnikv.cli import main
-from omnikv.testing import make_tiny_checkpoint
+from omnikv.models.tiny import make_tiny_checkpoint
 
 PROMPT = "Tell me about the old lighthouse by the sea."
 
@@ -182,7 +182,7 @@ def test_compare_demo_json(ckpt, lm):
     assert full["text"] == omni["text"]
     assert out["identical"] is True and out["agree"] is True
     assert out["common_prefix_tokens"] == full["generated_tokens"]
-    from omnikv.demo import demo_prompt, first_number
+    from omnikv.cli.demo import demo_prompt, first_number
 
     demo = demo_prompt(lm.tokenizer, 300)
     assert out["demo"]["key"] == demo.key
@@ -287,7 +287,7 @@ def test_missing_model_is_one_line(capsys, tmp_path):
 
 
 def test_demo_prompt_length_key_and_depth(lm):
-    from omnikv.demo import ANSWER_PREFIX, INTRO, QUESTION, demo_prompt
+    from omnikv.cli.demo import ANSWER_PREFIX, INTRO, QUESTION, demo_prompt
 
     for depth in (0.0, 0.5, 1.0):
         d = demo_prompt(lm.tokenizer, 2000, depth=depth, seed=3)
@@ -324,7 +324,7 @@ def test_generate_telemetry_reports_coverage():
     import sys as _sys
     import tempfile
 
-    from omnikv.testing import make_tiny_checkpoint
+    from omnikv.models.tiny import make_tiny_checkpoint
 
     with tempfile.TemporaryDirectory() as d:
         ckpt = make_tiny_checkpoint(d + "/m", family="llama")

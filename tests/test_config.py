@@ -7,7 +7,7 @@ import pytest
 from omnikv import ConfigError, OmniKVCache, OmniKVConfig, UnsupportedModelError
 from omnikv.presets import PRESETS, fallback_config, find_preset, preset_for_model
 from omnikv.roles import Role, plan_layers
-from omnikv.testing import tiny_config
+from omnikv.models.tiny import tiny_config
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import torch
 
 from omnikv.eval.runner import _full_kv_bytes, budget_report
 from omnikv.methods import get_method
-from omnikv.testing import tiny_model
+from omnikv.models.tiny import tiny_model
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])

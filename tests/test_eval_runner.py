@@ -21,7 +21,7 @@ ARGS = ["--methods", "full,omnikv", "--tasks", "passkey", "--lengths", "300", "-
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from omnikv.testing import make_tiny_checkpoint
+    from omnikv.models.tiny import make_tiny_checkpoint
 
     return str(make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt")))
 

@@ -7,10 +7,10 @@ import sys
 import pytest
 
 from omnikv import OmniKVConfig, ResourceError
-from omnikv import memory
+from omnikv.methods import memory
 from omnikv.generation import SamplingParams, generate
 from omnikv.methods import get_method
-from omnikv.testing import tiny_config
+from omnikv.models.tiny import tiny_config
 
 
 def test_kv_bytes_by_hand():

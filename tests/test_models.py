@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from omnikv import model_cache
+from omnikv.models import conversion as model_cache
 from omnikv.errors import ConfigError, ModelLoadError
 from omnikv.models import (EMBEDDED_MODELS, EmbeddedModel, cache_dir, embedded_status, ensure_converted,
                            load_model)
-from omnikv.testing import FAMILIES, make_tiny_checkpoint, make_tiny_gguf, tiny_model
+from omnikv.models.tiny import FAMILIES, make_tiny_checkpoint, make_tiny_gguf, tiny_model
 
 
 @pytest.fixture

@@ -202,7 +202,7 @@ def test_half_precision_on_cpu(dtype):
     """The half-precision path (what CUDA runs) on CPU: at full budget OmniKV's logits match full
     attention's within half-precision rounding, at a real budget offload on == off and the partial
     reload == the full gather exactly, and nothing is silently upcast."""
-    from omnikv.testing import tiny_model
+    from omnikv.models.tiny import tiny_model
 
     model = tiny_model("llama", num_hidden_layers=6).to(dtype)
     ids = prompt(120, seed=31)[0].tolist()

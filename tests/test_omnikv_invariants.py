@@ -5,7 +5,7 @@ from transformers import DynamicCache
 
 from omnikv import OmniKVCache, OmniKVConfig
 from omnikv._compat import cache_kwargs
-from omnikv.cache import SparseLayer
+from omnikv.layers import SparseLayer
 from omnikv.generation import SamplingParams, Session, generate
 from omnikv.methods import get_method
 

@@ -27,7 +27,7 @@ from omnikv.config import OmniKVConfig
 from omnikv.errors import ConfigError, InputError, ModelLoadError, OmniKVError, ResourceError, UnsupportedModelError
 from omnikv.generation import SamplingParams, Session, generate, teacher_forced_logits
 from omnikv.methods import available_methods, get_method
-from omnikv.testing import build_tokenizer, make_tiny_checkpoint, make_tiny_gguf, tiny_model
+from omnikv.models.tiny import build_tokenizer, make_tiny_checkpoint, make_tiny_gguf, tiny_model
 
 LIMIT = 64  # max_position_embeddings of the models below: "at the limit" is cheap to reach
 SPARSE = OmniKVConfig(filter_layers=(1,), num_wait_layers=0, budget=8, sink_tokens=2, recent_tokens=2)
@@ -323,7 +323,7 @@ def test_corrupted_model_files_raise_model_load_error(bad_models, name):
 # -- memory guard -------------------------------------------------------------------------------
 
 def test_memory_guard_refuses_before_any_prefill(monkeypatch, tok):
-    import omnikv.memory as memory
+    import omnikv.methods.memory as memory
 
     model = tiny_model("llama")  # 4096-token context: 2000 tokens are allowed by the limit
     monkeypatch.setattr(memory, "host_available_bytes", lambda: 1024)
@@ -341,7 +341,7 @@ def test_memory_guard_refuses_before_any_prefill(monkeypatch, tok):
 
 @pytest.mark.parametrize("context", [0, -1, 10**15])
 def test_plan_memory_extreme_contexts_do_not_crash(context, small):
-    from omnikv.memory import plan_memory
+    from omnikv.methods.memory import plan_memory
 
     plan = plan_memory(small.config, max(context, 0), "omnikv", omnikv_config=SPARSE)
     assert plan.host_total_bytes >= plan.weights_bytes >= 0

@@ -29,10 +29,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache
 
-from omnikv.cache import OmniKVCache, SparseLayer
+from omnikv.cache import OmniKVCache
+from omnikv.layers import SparseLayer
 from omnikv.config import HEAD_REDUCTIONS, SELECTORS, OmniKVConfig
 from omnikv.roles import Role
-from omnikv.testing import tiny_model
+from omnikv.models.tiny import tiny_model
 
 _MODELS: dict[tuple, torch.nn.Module] = {}
 

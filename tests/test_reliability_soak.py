@@ -22,11 +22,12 @@ import weakref
 import pytest
 import torch
 
-from omnikv.cache import OmniKVCache, SparseLayer
+from omnikv.cache import OmniKVCache
+from omnikv.layers import SparseLayer
 from omnikv.config import OmniKVConfig
 from omnikv.generation import SamplingParams, Session, generate
 from omnikv.methods import get_method
-from omnikv.testing import build_tokenizer, make_tiny_checkpoint, tiny_model
+from omnikv.models.tiny import build_tokenizer, make_tiny_checkpoint, tiny_model
 
 SPARSE = OmniKVConfig(filter_layers=(1,), num_wait_layers=0, budget=16, sink_tokens=2, recent_tokens=4)
 MiB = 1024**2

@@ -25,7 +25,7 @@ from omnikv.generation import SamplingParams, generate
 from omnikv.methods import get_method
 from omnikv.models import load_model
 from omnikv.server import Engine, EngineResult, GenRequest, ServerThread, create_app
-from omnikv.testing import make_tiny_checkpoint
+from omnikv.models.tiny import make_tiny_checkpoint
 
 TIMEOUT = httpx.Timeout(60.0)
 

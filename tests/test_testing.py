@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from omnikv.errors import ConfigError
-from omnikv.testing import FAMILIES, build_tokenizer, make_tiny_checkpoint, tiny_config, tiny_model
+from omnikv.models.tiny import FAMILIES, build_tokenizer, make_tiny_checkpoint, tiny_config, tiny_model
 
 TEXTS = [
     "Hello, world!",

@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=int, default=2048, help="tokens per sparse/Quest layer (paper latency setting 2048)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 64, tiny 4)")
     args = p.parse_args(argv)
-    from omnikv.bench import parse_contexts
-    from omnikv.bench_report import finish_metadata, run_metadata
+    from omnikv.bench.run import parse_contexts
+    from omnikv.bench.report import finish_metadata, run_metadata
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     summary["timing"] = records
     save()
     if records:
-        from omnikv.bench_report import plot
+        from omnikv.bench.report import plot
 
         plot([r for r in records if r.get("ms_per_token")], out / "bench.png", meta)
 

@@ -16,11 +16,11 @@ from typing import Any
 import torch
 
 from omnikv._compat import cache_kwargs
-from omnikv.bench import BenchSpec, build_method, public_records, run_bench
+from omnikv.bench.run import BenchSpec, build_method, public_records, run_bench
 from omnikv.methods.spec import parse_method, parse_methods
-from omnikv.bench_fill import decode_step, first_token, synthetic_fill
-from omnikv.bench_report import format_table
-from omnikv.memory import meminfo_bytes
+from omnikv.bench.fill import decode_step, first_token, synthetic_fill
+from omnikv.bench.report import format_table
+from omnikv.methods.memory import meminfo_bytes
 
 GIB = 2**30
 

@@ -17,7 +17,7 @@ from omnikv.analysis.coverage import (
 )
 from omnikv.analysis.layout import LayoutScore, layer_layout, paper_style_filters, score_layout
 from omnikv.analysis.search import choose_filter_layers
-from omnikv.analysis.telemetry import summarize_telemetry
+from omnikv.telemetry import summarize_telemetry
 
 __all__ = [
     "LayoutScore",

@@ -88,7 +88,7 @@ def parse_budget(text: str) -> int | float:
     """'256' -> 256 tokens; '0.067' -> a fraction of the prompt."""
     from omnikv.analysis.selection_sets import resolve_k
 
-    from omnikv.units import parse_budget as parse
+    from omnikv.budget import parse_budget as parse
 
     value = parse(text)
     resolve_k(value, 1 << 20)  # range check now, not after the recording

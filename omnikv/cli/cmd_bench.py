@@ -73,9 +73,9 @@ def command_of(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from omnikv.bench import BenchSpec, parse_contexts, public_records, run_bench
+    from omnikv.bench.run import BenchSpec, parse_contexts, public_records, run_bench
     from omnikv.methods.spec import parse_methods
-    from omnikv.bench_report import finish_metadata, format_table, plot, run_metadata, write_results
+    from omnikv.bench.report import finish_metadata, format_table, plot, run_metadata, write_results
     from omnikv.models import load_model
 
     if args.threads is not None:

@@ -1,6 +1,6 @@
 """`omnikv compare`: one prompt through full attention and through OmniKV (or another method).
 
-Without a prompt it runs the demo: a long story made by `omnikv.demo` with a pass key hidden in it,
+Without a prompt it runs the demo: a long story made by `omnikv.cli.demo` with a pass key hidden in it,
 and says whether each method's answer finds the key. Default model: gemma3 (Gemma 3 270M base), the
 one embedded model that retrieves from long documents (passkey 6/6 up to 16K tokens with full
 attention; SmolLM2-135M already fails beyond ~1K), so a miss is the KV method's, not the model's.
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
     demo = None
     if text is None:
-        from omnikv.demo import demo_prompt
+        from omnikv.cli.demo import demo_prompt
 
         if lm.max_context and args.demo_tokens >= lm.max_context:
             raise ConfigError(f"--demo-tokens {args.demo_tokens} does not fit {lm.name}'s context of "
@@ -125,7 +125,7 @@ def summarize(ref, other, demo) -> dict[str, Any]:
         found = {ref.method: demo.found(ref.text), other.method: demo.found(other.text)}
         out["found_key"] = found
         # On the demo "agree" means the same answer to the question: the same first number.
-        from omnikv.demo import first_number
+        from omnikv.cli.demo import first_number
 
         out["agree"] = identical or (first_number(ref.text) is not None
                                      and first_number(ref.text) == first_number(other.text))

@@ -81,7 +81,7 @@ def _parse_options(items: list[str], flag: str) -> list[tuple[str, Any]]:
 
 
 def _parse_budget(text: str | None) -> int | float | None:
-    from omnikv.units import parse_budget
+    from omnikv.budget import parse_budget
 
     return None if text is None else parse_budget(text)
 

@@ -22,7 +22,7 @@ KNOWN_SHAPES = {
 
 
 def parse_tokens(text: str) -> int:
-    from omnikv.units import parse_token_count
+    from omnikv.budget import parse_token_count
 
     return parse_token_count(text, "context")
 
@@ -35,7 +35,7 @@ def load_config(spec: str):
         return AutoConfig.for_model(kw.pop("model_type"), **kw)
     from pathlib import Path
 
-    from omnikv.models import EMBEDDED_MODELS, _ensure_gguf_converted, ensure_converted
+    from omnikv.models import EMBEDDED_MODELS, ensure_gguf_converted, ensure_converted
 
     if spec in EMBEDDED_MODELS:
         path = ensure_converted(EMBEDDED_MODELS[spec])
@@ -45,7 +45,7 @@ def load_config(spec: str):
             raise ModelLoadError(f"model {spec!r} not found: give a short name ({', '.join(EMBEDDED_MODELS)}), "
                                  f"one of {sorted(KNOWN_SHAPES)}, a checkpoint directory or a .gguf file")
         if path.is_file():
-            path = _ensure_gguf_converted(path.resolve())
+            path = ensure_gguf_converted(path.resolve())
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:
@@ -67,7 +67,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from omnikv.memory import plan_memory
+    from omnikv.methods.memory import plan_memory
     from omnikv.methods import available_methods
 
     context = parse_tokens(args.context)

@@ -36,8 +36,8 @@ _OMNIKV_ONLY = ("filter_layers", "num_wait_layers", "selector", "head_reduce", "
 
 
 def parse_budget(text: str) -> int | float:
-    """argparse type: `256` -> 256 prompt tokens; `0.1` -> 10% of the prompt (omnikv.units)."""
-    from omnikv.units import parse_budget as parse
+    """argparse type: `256` -> 256 prompt tokens; `0.1` -> 10% of the prompt (omnikv.budget)."""
+    from omnikv.budget import parse_budget as parse
 
     try:
         return parse(text)

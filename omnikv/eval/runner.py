@@ -33,7 +33,7 @@ from omnikv.eval.fidelity import fidelity_report, perplexity
 from omnikv.eval.loaders import is_dataset_task, load_dataset_task
 from omnikv.eval.metrics import CHINESE_TOKENIZATION, score_sample
 from omnikv.eval.tasks import Sample, canonical_task_name, encode_prompt, generate_samples, takes_prose_haystack
-from omnikv.units import parse_token_count
+from omnikv.budget import parse_token_count
 
 PREDICTIONS = "predictions.jsonl"
 METRICS = "metrics.json"

@@ -30,7 +30,8 @@ import torch
 from omnikv._compat import sdpa_attention_forward
 from omnikv.config import OmniKVConfig
 from omnikv.errors import ConfigError
-from omnikv.managed import ManagedCache, ManagedLayer, check_supported, make_sliding_layer, text_config
+from omnikv.cache import ManagedCache, check_supported, text_config
+from omnikv.layers import ManagedLayer, make_sliding_layer
 from omnikv.selection import gather_rows
 
 DEFAULT_BUDGET: int | float = OmniKVConfig().budget  # same default as OmniKV, for comparability

@@ -7,7 +7,8 @@ from typing import Any
 import torch
 
 from omnikv._compat import Cache, is_cuda
-from omnikv.managed import DenseLayer, ManagedCache, check_supported, make_sliding_layer, text_config
+from omnikv.cache import ManagedCache, check_supported, text_config
+from omnikv.layers import DenseLayer, make_sliding_layer
 from omnikv.methods import register
 from omnikv.methods.base import Method
 from transformers import DynamicCache

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from omnikv._compat import sdpa_attention_forward
-from omnikv.managed import DenseLayer, ManagedCache, check_supported, make_sliding_layer, text_config
+from omnikv.cache import ManagedCache, check_supported, text_config
+from omnikv.layers import DenseLayer, make_sliding_layer
 from omnikv.methods import register
 from omnikv.methods._lossy import DEFAULT_BUDGET, budget_tokens, check_int, first_real, subset_mask
 from omnikv.methods.base import Method

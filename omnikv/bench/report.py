@@ -33,7 +33,7 @@ def _cpu_model() -> str:
 
 
 def _mem_total() -> int | None:
-    from omnikv.memory import meminfo_bytes
+    from omnikv.methods.memory import meminfo_bytes
 
     return meminfo_bytes("MemTotal")
 

@@ -9,7 +9,7 @@
 GGUF files are dequantized by transformers, which takes 20-60 s on 2 cores, so the first load converts them
 once to a float32 safetensors checkpoint in `cache_dir()` and every later load reads that copy
 (seconds). Conversion writes into a temporary directory and renames it into place, so an
-interrupted conversion never leaves a half-written cache entry (see omnikv/model_cache.py).
+interrupted conversion never leaves a half-written cache entry (see omnikv/models/conversion.py).
 Nothing is ever downloaded.
 """
 
@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from omnikv import model_cache
+from omnikv.models import conversion as model_cache
 from omnikv.errors import ConfigError, ModelLoadError, UnsupportedModelError
 
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
@@ -148,7 +148,7 @@ def load_model(
                 f"{path} is a file but not a .gguf file; pass a GGUF file, a Hugging Face checkpoint "
                 f"directory, or one of: {', '.join(EMBEDDED_MODELS)}"
             )
-        entry = _ensure_gguf_converted(path.resolve())
+        entry = ensure_gguf_converted(path.resolve())
         return _load_dir(entry, path.stem, dtype_, device_, cache_entry=True)
     return _load_dir(path, path.resolve().name, dtype_, device_, cache_entry=False)
 
@@ -189,7 +189,7 @@ def embedded_status() -> list[dict[str, Any]]:
     return rows
 
 
-def _ensure_gguf_converted(gguf: Path) -> Path:
+def ensure_gguf_converted(gguf: Path) -> Path:
     # A user GGUF is cached under its path, size and mtime: editing or replacing the file converts again.
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]

@@ -151,7 +151,7 @@ def make_tiny_checkpoint(
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     model = tiny_model(family, seed=seed, **config_overrides)
-    from omnikv.model_cache import quiet_transformers  # no per-save progress bars in test logs
+    from omnikv.models.conversion import quiet_transformers  # no per-save progress bars in test logs
 
     with quiet_transformers():
         model.save_pretrained(out)

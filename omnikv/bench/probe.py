@@ -38,9 +38,9 @@ _FUNCTION_TARGETS = {
 }
 # (module, class, method, category)
 _METHOD_TARGETS = (
-    ("omnikv.cache", "Segment", "load", "gather"),
+    ("omnikv.bank", "Segment", "load", "gather"),
     # A filter layer computes its decode attention itself (its logits double as selector scores).
-    ("omnikv.cache", "FilterLayer", "_attend_and_select", "attention"),
+    ("omnikv.layers", "FilterLayer", "_attend_and_select", "attention"),
 )
 
 

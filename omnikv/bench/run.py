@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from omnikv.bench_fill import (
+from omnikv.bench.fill import (
     decode_step,
     first_token,
     kv_shapes,
@@ -33,11 +33,11 @@ from omnikv.bench_fill import (
     prefill_fill,
     synthetic_fill,
 )
-from omnikv.bench_probe import CATEGORIES, MemoryWindow, StepBreakdown, current_rss
+from omnikv.bench.probe import CATEGORIES, MemoryWindow, StepBreakdown, current_rss
 from omnikv.errors import ConfigError
 from omnikv.methods import get_method
 from omnikv.methods.spec import MethodSpec
-from omnikv.units import parse_token_count
+from omnikv.budget import parse_token_count
 
 REFERENCE = "full"  # ratio_to_full compares every method with this registry method
 

@@ -1,0 +1,308 @@
+"""The layers of a managed cache: each stores its KV *and* decides how attention runs.
+
+`ManagedLayer` is the base (it implements transformers' cache-layer interface and `attend`, which
+the registered "omnikv" attention function calls); `DenseLayer` is full attention over a
+preallocated buffer; `SlidingLayer` keeps hybrid models' sliding-window layers exact; `FilterLayer`
+and `SparseLayer` are OmniKV's two roles (see omnikv/cache.py for how they are put together). A
+layer may hand attention a subset of its rows; it then reports their logical positions so the
+causal/padding mask can be gathered to match.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from omnikv._compat import CacheLayerMixin, DynamicSlidingWindowLayer, sdpa_attention_forward, sliding_window
+from omnikv.bank import Segment
+from omnikv.buffers import KVBuffer
+from omnikv.config import OmniKVConfig
+from omnikv.selection import filter_scores, positions_mask, scores_from_logits, select_topk
+
+
+class ManagedLayer(CacheLayerMixin):
+    """Base layer: subclasses implement `update` and may override `attend`."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seq_length = 0  # logical length: every token this layer has seen
+        self.last_attended = 0  # KV rows used by the last attention call (for stats)
+
+    # -- transformers' layer interface -------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.is_initialized = True
+
+    def get_seq_length(self) -> int:
+        return self.seq_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # Masks always span the logical sequence; layers that return a subset of rows gather
+        # the matching mask columns in `attend`.
+        return self.seq_length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    # -- ours ------------------------------------------------------------------------------
+    def attend(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        positions: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        """SDPA over the rows `update` returned.
+
+        Args:
+            positions: (B, G, n) logical positions of the n KV rows, when they are not simply
+                0..n-1 (subset or reordered); None = rows are the logical sequence.
+        """
+        if positions is not None:
+            attention_mask = positions_mask(attention_mask, positions, query.shape[1])
+        self.last_attended = key.shape[-2]
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    def device_bytes(self) -> int:
+        return 0
+
+    def host_bytes(self) -> int:
+        return 0
+
+    def reset(self) -> None:  # pragma: no cover - generate() does not call it for user caches
+        raise NotImplementedError("build a new cache instead of resetting one")
+
+
+class DenseLayer(ManagedLayer):
+    """Full attention over every token, in a preallocated growable buffer."""
+
+    def __init__(self, headroom: int = 256) -> None:
+        super().__init__()
+        self.buffer = KVBuffer(headroom)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.seq_length += key_states.shape[-2]
+        return self.buffer.append(key_states, value_states)
+
+    @property
+    def keys(self):  # transformers reads `.keys` in a few helpers (e.g. batch size)
+        return None if self.buffer.keys is None else self.buffer.view()[0]
+
+    @keys.setter
+    def keys(self, value):  # CacheLayerMixin.__init__ assigns None
+        pass
+
+    @property
+    def values(self):
+        return None if self.buffer.values is None else self.buffer.view()[1]
+
+    @values.setter
+    def values(self, value):
+        pass
+
+    def device_bytes(self) -> int:
+        return self.buffer.used_bytes()
+
+
+class SlidingLayer(DynamicSlidingWindowLayer):
+    """Hybrid models' sliding-window layers: transformers' own exact window cache."""
+
+    def attend(self, module, query, key, value, attention_mask, **kwargs):
+        self.last_attended = key.shape[-2]
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    def device_bytes(self) -> int:
+        if not self.is_initialized or self.keys is None:
+            return 0
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+    def host_bytes(self) -> int:
+        return 0
+
+
+
+def make_sliding_layer(config) -> SlidingLayer:
+    return SlidingLayer(sliding_window=sliding_window(config))
+
+
+class SharedState:
+    """What all layers of one cache agree on."""
+
+    def __init__(self, config: OmniKVConfig) -> None:
+        self.config = config
+        self.prompt_len = 0  # tokens scored by the selector (everything before the decode run)
+        self.valid: torch.Tensor | None = None  # (B, N) bool, False = padding; None = no padding
+        self.decode_steps = 0  # steps since the last prompt extension
+        self.telemetry: list[dict[str, float]] | None = None  # per (step, sparse layer) records
+
+
+class FilterLayer(DenseLayer):
+    """Full attention + the Context Selector for one segment."""
+
+    def __init__(self, state: SharedState, segment: Segment, headroom: int = 256) -> None:
+        super().__init__(headroom)
+        self.state = state
+        self.segment = segment
+        self.query_window: torch.Tensor | None = None  # (B, Hq, <=W, D) newest last
+        self.selected: torch.Tensor | None = None  # (B, G, k) last selection
+
+    def attend(self, module, query, key, value, attention_mask, **kwargs):
+        cfg = self.state.config
+        if cfg.selector in ("uniform", "exp"):
+            window = query if self.query_window is None else torch.cat([self.query_window, query], dim=2)
+            self.query_window = window[:, :, -cfg.window_size :].detach()
+        decoding = query.shape[2] == 1 and self.state.prompt_len > 0 and self.seq_length > self.state.prompt_len
+        if not (decoding and self.segment.layers and self._due()):
+            return super().attend(module, query, key, value, attention_mask, **kwargs)
+        scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
+        if cfg.selector in ("uniform", "exp") or getattr(module, "attn_logit_softcapping", None):
+            self.select(self.query_window, scaling)
+            return super().attend(module, query, key, value, attention_mask, **kwargs)
+        return self._attend_and_select(query, key, value, attention_mask, scaling)
+
+    def _attend_and_select(self, query, key, value, attention_mask, scaling):
+        """One decode query: the attention logits are also the selector's scores, so compute
+        them once. query (B, Hq, 1, D), key/value (B, Hk, N, D) -> (B, 1, Hq, D)."""
+        b, hq, _, d = query.shape
+        hk, n = key.shape[1], key.shape[2]
+        g = hq // hk
+        logits = torch.matmul(query.view(b, hk, g, d), key.transpose(-1, -2)) * scaling  # (B,Hk,g,N)
+        self.select_from_logits(logits[..., : self.state.prompt_len])
+        if attention_mask is not None:
+            logits = logits.masked_fill(~attention_mask[:, :, 0, :].view(b, 1, 1, n), float("-inf"))
+        probs = torch.softmax(logits.float(), dim=-1).to(value.dtype)
+        out = torch.matmul(probs, value)  # (B, Hk, g, D)
+        self.last_attended = n
+        return out.view(b, hq, 1, d).transpose(1, 2), None
+
+    def _due(self) -> bool:
+        every = self.state.config.refresh_every
+        return self.selected is None or self.segment.loaded_step is None or (
+            self.state.decode_steps - self.segment.loaded_step >= every
+        )
+
+    def select(self, queries: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Score the prompt keys with `queries` (B, Hq, W, D), pick top-k, load the segment."""
+        st, cfg = self.state, self.state.config
+        n = st.prompt_len
+        valid = None if st.valid is None else st.valid[:, :n]
+        scores = filter_scores(queries, self.buffer.keys[:, :, :n], scaling, cfg.selector, cfg.head_reduce, valid)
+        return self._pick(scores, valid)
+
+    def select_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Same as `select` for `last` / `softmax_last` from precomputed (B, Hk, g, T) logits."""
+        st, cfg = self.state, self.state.config
+        valid = None if st.valid is None else st.valid[:, : st.prompt_len]
+        scores = scores_from_logits(logits.unsqueeze(3), cfg.selector, cfg.head_reduce, valid)
+        return self._pick(scores, valid)
+
+    def _pick(self, scores: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        st, cfg = self.state, self.state.config
+        k = cfg.resolve_budget(st.prompt_len)
+        idx = select_topk(scores, k, valid=valid, sink=cfg.sink_tokens, recent=cfg.recent_tokens)
+        self.selected = idx
+        self.segment.load(idx, st.decode_steps)
+        return idx
+
+
+class SparseLayer(ManagedLayer):
+    """Attends to the selected prompt rows + every generated token (rows live in its segment)."""
+
+    def __init__(self, layer_idx: int, state: SharedState, segment: Segment) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.state = state
+        self.segment = segment
+        self.slot = segment.slot[layer_idx]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        seg = self.segment
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            seg.attach(key_states)
+        q = key_states.shape[-2]
+        if not (q == 1 and seg.indices is not None and self.seq_length >= self.state.prompt_len > 0):
+            # Prefill / prompt extension: full attention over everything seen so far.
+            prefix = self.seq_length
+            seg.bank.write(self.slot, key_states, value_states)
+            self.seq_length += q
+            if prefix == 0:
+                return key_states, value_states
+            k_all, v_all = seg.bank.read(self.slot, self.seq_length)
+            return k_all.to(key_states.device), v_all.to(key_states.device)
+        # Decode: the new token joins the generated rows (device) and the bank (drop-free).
+        seg.bank.write(self.slot, key_states, value_states)
+        self.seq_length += 1
+        if self.slot == 0:
+            seg._ensure_work(seg.k, seg.generated + 1)
+            seg.generated += 1
+        pos = seg.k + seg.generated - 1
+        seg.work[self.slot, 0, :, :, pos : pos + 1].copy_(key_states)
+        seg.work[self.slot, 1, :, :, pos : pos + 1].copy_(value_states)
+        seg.wait_ready()
+        n = seg.k + seg.generated
+        k_rows, v_rows = seg.work[self.slot, 0, :, :, :n], seg.work[self.slot, 1, :, :, :n]
+        if k_rows.device != key_states.device:
+            return k_rows.to(key_states.device), v_rows.to(key_states.device)
+        return k_rows, v_rows
+
+    def positions(self) -> torch.Tensor:
+        """(B, G, k + generated) logical positions of the rows `update` returned."""
+        sel = self.segment.indices.to(self.device)
+        gen = torch.arange(self.state.prompt_len, self.seq_length, device=self.device)
+        b, g, _ = sel.shape
+        return torch.cat([sel, gen.view(1, 1, -1).expand(b, g, -1)], dim=-1)
+
+    def attend(self, module, query, key, value, attention_mask, **kwargs):
+        seg = self.segment
+        decoding = query.shape[2] == 1 and seg.generated > 0 and key.shape[-2] == seg.k + seg.generated
+        if decoding and self.state.telemetry is not None:
+            self._record_telemetry(query, attention_mask, kwargs.get("scaling") or module.scaling)
+        if not decoding or attention_mask is None:  # no padding: every returned row is attended
+            return super().attend(module, query, key, value, attention_mask, **kwargs)
+        return super().attend(module, query, key, value, attention_mask, positions=self.positions(), **kwargs)
+
+    @torch.no_grad()
+    def _record_telemetry(self, query, attention_mask, scaling: float) -> None:
+        """Compute this layer's true attention over all its rows (costs full attention) and record
+        the share of its mass on the attended set, and the recall of its own top-k."""
+        k_all, _ = self.full_kv()
+        k_all = k_all.to(query.device)
+        b, hq, _, d = query.shape
+        hk, n = k_all.shape[1], k_all.shape[2]
+        g = hq // hk
+        logits = torch.matmul(query.view(b, hk, g, d).float(), k_all.float().transpose(-1, -2)) * scaling
+        if attention_mask is not None:
+            logits = logits.masked_fill(~attention_mask[:, :, 0, :n].view(b, 1, 1, n), float("-inf"))
+        probs = torch.softmax(logits, dim=-1)  # (B, Hk, g, N)
+        attended = torch.zeros(b, hk, n, dtype=torch.bool, device=query.device)
+        pos = self.positions().to(query.device).expand(b, hk, -1)
+        attended.scatter_(-1, pos, True)
+        coverage = (probs * attended[:, :, None, :]).sum(-1).mean().item()
+        cfg, p = self.state.config, self.state.prompt_len
+        sel = self.segment.indices.to(query.device)
+        kk = sel.shape[-1]
+        own_scores = scores_from_logits(logits[..., :p].unsqueeze(3), "last", cfg.head_reduce)
+        own = torch.topk(own_scores, kk, dim=-1).indices  # (B, G, k)
+        hit = torch.zeros(b, own.shape[1], p, dtype=torch.bool, device=query.device)
+        hit.scatter_(-1, sel.expand(b, own.shape[1], kk), True)
+        recall = hit.gather(-1, own).float().mean().item()
+        self.state.telemetry.append(
+            {"step": self.state.decode_steps, "layer": self.layer_idx, "coverage": coverage, "recall": recall}
+        )
+
+    def full_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row this layer holds, (B, H, seq_length, D): the drop-free view."""
+        return self.segment.bank.read(self.slot, self.seq_length)
+
+
