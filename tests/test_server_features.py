@@ -20,7 +20,7 @@ from omnikv.generation import SamplingParams, generate, teacher_forced_logits
 from omnikv.methods import get_method
 from omnikv.models import load_model
 from omnikv.server import ChatMessage, Engine, ServerThread, create_app
-from omnikv.testing import make_tiny_checkpoint
+from omnikv.models.tiny import make_tiny_checkpoint
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 2
 
