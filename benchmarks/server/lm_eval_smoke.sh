@@ -59,7 +59,7 @@ dataset_kwargs:
 test_split: test
 output_type: generate_until
 doc_to_text: "{{text}}"
-doc_to_target: " {{answer}}"
+doc_to_target: "{{answer}}"
 generation_kwargs:
   until: ["\n", "Question:"]
   do_sample: false

@@ -16,7 +16,7 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API",
-        description="Serve /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics. "
+        description="Serve /v1/chat/completions, /v1/completions, /v1/models, /tokenize, /detokenize, /version, /health and /metrics. "
         "Binds to 127.0.0.1 unless --host says otherwise.",
     )
     p.add_argument("--model", required=True, help="embedded model name (smollm2, gemma3), HF directory or .gguf file")
