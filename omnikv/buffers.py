@@ -29,6 +29,7 @@ class KVBuffer:
         self.values: torch.Tensor | None = None
         self.length = 0
         self.headroom = headroom
+        self.target = 0  # rows announced by `ManagedCache.reserve`: allocated exactly, at once
 
     @property
     def capacity(self) -> int:
@@ -38,7 +39,7 @@ class KVBuffer:
         """Make room for `needed` rows in total (copies the used rows once when it grows)."""
         if self.keys is not None and needed <= self.capacity:
             return
-        cap = grown_capacity(needed, self.capacity, self.headroom)
+        cap = self.target if needed <= self.target else grown_capacity(needed, self.capacity, self.headroom)
         b, h, _, d = like.shape
         keys = like.new_empty((b, h, cap, d))
         values = like.new_empty((b, h, cap, d))

@@ -29,12 +29,14 @@ from omnikv.config import OmniKVConfig
 from omnikv.errors import ConfigError, InputError, UnsupportedModelError
 from omnikv.layers import DenseLayer, FilterLayer, SharedState, SparseLayer, make_sliding_layer
 from omnikv.roles import LayerPlan, Role, plan_layers
+from omnikv.transfer import Transfer, make_transfer
 
 
 class ManagedCache(Cache):
     """Container of managed layers; hands each attention call to its layer."""
 
     method_name = "managed"
+    simulates_accelerator = False  # a simulated transfer: behave as on a GPU (no host reads per step)
 
     def __init__(self, model: torch.nn.Module, layers: list[CacheLayerMixin]) -> None:
         super().__init__(layers=layers)
@@ -68,7 +70,9 @@ class ManagedCache(Cache):
         pos = inner.get("position_ids")
         q = key_states.shape[-2]
         # Decode steps on an accelerator skip the check: reading the positions would sync every step.
-        if not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[-1] != q or (q == 1 and pos.device.type != "cpu"):
+        on_accelerator = pos.device.type != "cpu" if isinstance(pos, torch.Tensor) else False
+        on_accelerator = on_accelerator or self.simulates_accelerator
+        if not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[-1] != q or (q == 1 and on_accelerator):
             return
         seen = self.layers[0].get_seq_length()
         last = int(pos[:, -1].max())  # the unpadded row of a left-padded batch
@@ -98,12 +102,14 @@ class ManagedCache(Cache):
     def h2d_bytes_last_step(self) -> int:
         return 0
 
-    def reserve(self, extra_tokens: int) -> None:
-        """Hint: about `extra_tokens` more tokens will come (sizes the buffers' headroom)."""
+    def reserve(self, extra_tokens: int, decode_tokens: int | None = None) -> None:
+        """Hint: about `extra_tokens` more tokens will come, `decode_tokens` of them one at a time
+        (sizes the buffers once instead of growing them)."""
+        total = self.get_seq_length() + extra_tokens
         for layer in self.layers:
             buf = getattr(layer, "buffer", None)
             if isinstance(buf, KVBuffer):
-                buf.headroom = max(buf.headroom, extra_tokens)
+                buf.target = max(buf.target, total)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise UnsupportedModelError(
@@ -153,8 +159,20 @@ class OmniKVCache(ManagedCache):
     method_name = "omnikv"
 
     def __init__(
-        self, model: torch.nn.Module, config: OmniKVConfig | None = None, *, telemetry: bool = False, **overrides: Any
+        self,
+        model: torch.nn.Module,
+        config: OmniKVConfig | None = None,
+        *,
+        telemetry: bool = False,
+        transfer: str | Transfer | None = None,
+        **overrides: Any,
     ) -> None:
+        """Args:
+            transfer: how the Context Bank moves rows: "auto" (CUDA streams when offloading on a
+                GPU, else inline), "simulated" (the offload path on a CPU under CUDA's ordering
+                rules, see omnikv/transfer.py), "inline", "cuda", or a `Transfer` instance.
+                "simulated" turns offload on.
+        """
         types = check_supported(model, "omnikv")
         if config is None:
             from omnikv.presets import preset_for_model
@@ -163,28 +181,62 @@ class OmniKVCache(ManagedCache):
         if overrides:
             config = config.replace(**overrides)
         device = next(model.parameters()).device
-        offload = config.offload if config.offload is not None else is_cuda(device)
+        auto_offload = config.offload if config.offload is not None else is_cuda(device)
+        self.transfer = make_transfer(transfer, auto_offload, device)
+        if self.transfer.kind == "simulated" and config.offload is False:
+            raise ConfigError("transfer='simulated' simulates the offload path; drop offload=False")
+        offload = auto_offload or self.transfer.kind == "simulated"
         self.config = config
         self.offload = offload
+        self.simulates_accelerator = self.transfer.kind == "simulated"
         self.plan: LayerPlan = plan_layers(config, types)
         self.state = SharedState(config)
         self.state.telemetry = [] if telemetry else None
-        self.segments: dict[int, Segment] = {}
+        devices = layer_devices(model, len(types))
+        # filter layer -> its segments, one per device its sparse layers live on (one without a
+        # device_map); `segments` names the first, `all_segments()` lists every one.
+        self.segment_groups: dict[int, list[Segment]] = {}
+        sparse_segment: dict[int, Segment] = {}
         for f in self.plan.layers_with(Role.FILTER):
-            self.segments[f] = Segment(f, self.plan.segment(f), offload, config.partial_reload)
+            groups: dict[torch.device, list[int]] = {}
+            for layer in self.plan.segment(f):  # a segment spanning devices splits, one per device
+                groups.setdefault(devices[layer], []).append(layer)
+            segs = [Segment(f, layers, offload, config.partial_reload, self.transfer) for layers in groups.values()]
+            self.segment_groups[f] = segs or [Segment(f, [], offload, config.partial_reload, self.transfer)]
+            for seg in segs:
+                for layer in seg.layers:
+                    sparse_segment[layer] = seg
         layers = []
         for i, role in enumerate(self.plan.roles):
             if role is Role.SLIDING:
                 layers.append(make_sliding_layer(text_config(model)))
             elif role is Role.FILTER:
-                layers.append(FilterLayer(self.state, self.segments[i]))
+                layers.append(FilterLayer(self.state, self.segment_groups[i]))
             elif role is Role.SPARSE:
-                layers.append(SparseLayer(i, self.state, self.segments[self.plan.source_filter[i]]))
+                layers.append(SparseLayer(i, self.state, sparse_segment[i]))
             else:
                 layers.append(DenseLayer())
         super().__init__(model, layers)
         self._first_full = self.plan.layers_with(Role.DENSE) + self.plan.layers_with(Role.FILTER)
         self._first_full = min(self._first_full) if self._first_full else None
+        self._step_mark = self.transfer.counters.snapshot()
+        self._step_figures = {"host_syncs": 0, "h2d_bytes": 0, "d2h_bytes": 0}
+        self._prefill_mark = self._step_mark
+        self._prefill_figures = dict(self._step_figures)
+        self._in_prompt = False
+
+    @property
+    def segments(self) -> dict[int, Segment]:
+        return {f: segs[0] for f, segs in self.segment_groups.items()}
+
+    def all_segments(self) -> list[Segment]:
+        return [seg for segs in self.segment_groups.values() for seg in segs]
+
+    def reserve(self, extra_tokens: int, decode_tokens: int | None = None) -> None:
+        super().reserve(extra_tokens, decode_tokens)
+        total = self.get_seq_length() + extra_tokens
+        for seg in self.all_segments():
+            seg.reserve(total, extra_tokens if decode_tokens is None else decode_tokens)
 
     # Bookkeeping of prompt / decode phases happens at the first full-attention layer, the first
     # place that sees both the new tokens and the mask of this forward.
@@ -196,13 +248,25 @@ class OmniKVCache(ManagedCache):
     def _begin_forward(self, q: int) -> None:
         st = self.state
         seen = self.layers[self._first_full].get_seq_length()
+        counters = self.transfer.counters
         if q > 1 or seen == 0:
+            if not self._in_prompt:  # a new prompt (or turn) starts: count its transfers
+                self._prefill_mark = counters.snapshot()
+                self._in_prompt = True
+            else:
+                self._prefill_figures = counters.since(self._prefill_mark)
             st.prompt_len = seen + q
             st.decode_steps = 0
             self._extending = True
-            for seg in self.segments.values():
-                seg.reset_decode()
+            for seg in self.all_segments():
+                seg.begin_prompt()
         else:
+            if self._in_prompt:
+                self._prefill_figures = counters.since(self._prefill_mark)
+                self._in_prompt = False
+            else:
+                self._step_figures = counters.since(self._step_mark)
+            self._step_mark = counters.snapshot()
             st.decode_steps += 1
             self._extending = False
 
@@ -225,8 +289,16 @@ class OmniKVCache(ManagedCache):
     # -- accounting -----------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         s = super().stats()
-        s["device_kv_bytes"] += int(sum(seg.device_bytes() for seg in self.segments.values()))
-        s["host_kv_bytes"] = int(sum(seg.host_bytes() for seg in self.segments.values()))
+        s["device_kv_bytes"] += int(sum(seg.device_bytes() for seg in self.all_segments()))
+        s["host_kv_bytes"] = int(sum(seg.host_bytes() for seg in self.all_segments()))
+        figures = self.transfer_figures()
+        s["host_syncs_per_step"] = figures["step"]["host_syncs"]
+        s["h2d_bytes_per_step"] = figures["step"]["h2d_bytes"]
+        s["d2h_bytes_per_step"] = figures["step"]["d2h_bytes"]
+        s["h2d_bytes_prefill"] = figures["prefill"]["h2d_bytes"]
+        s["d2h_bytes_prefill"] = figures["prefill"]["d2h_bytes"]
+        s["pinned_host_bytes"] = self.transfer.counters.pinned_bytes
+        s["transfer"] = f"{self.transfer.kind}/{self.transfer.gather}"
         s["prompt_tokens"] = self.state.prompt_len
         s["selected_tokens"] = self.config.resolve_budget(self.state.prompt_len)
         s["layer_roles"] = [r.value for r in self.plan.roles]
@@ -249,9 +321,36 @@ class OmniKVCache(ManagedCache):
         }
         return {"layers": layers, "mean_coverage": summary["mean_coverage"], "mean_recall": summary["mean_recall"]}
 
+    def transfer_figures(self) -> dict[str, dict[str, int]]:
+        """What the transfer interface counted: for the last complete decode step (`step`: from
+        one decode step's start to the next's, so it includes the step's own loads) and for the
+        last prompt forward(s) (`prefill`: every chunk of it). Keys host_syncs, h2d_bytes,
+        d2h_bytes. The step in progress is counted up to now."""
+        counters = self.transfer.counters
+        step = self._step_figures
+        if not self._in_prompt and self.state.decode_steps:
+            step = counters.since(self._step_mark)
+        prefill = counters.since(self._prefill_mark) if self._in_prompt else self._prefill_figures
+        return {"step": dict(step), "prefill": dict(prefill)}
+
     def h2d_bytes_last_step(self) -> int:
-        return sum(seg.h2d_bytes for seg in self.segments.values() if seg.loaded_step == self.state.decode_steps)
+        return self.transfer_figures()["step"]["h2d_bytes"]
 
     def selected_indices(self) -> dict[int, torch.Tensor]:
         """Current selection per filter layer: (B, G, k) positions, ascending."""
-        return {f: seg.indices.sort(dim=-1).values for f, seg in self.segments.items() if seg.indices is not None}
+        return {
+            f: seg.indices.sort(dim=-1).values for f, seg in self.segments.items() if seg.indices is not None
+        }
+
+
+def layer_devices(model: torch.nn.Module, num_layers: int) -> list[torch.device]:
+    """The device of each decoder layer's attention (they differ under an accelerate device_map)."""
+    fallback = next(model.parameters()).device
+    found: list[torch.device | None] = [None] * num_layers
+    for module in model.modules():
+        i = getattr(module, "layer_idx", None)
+        if isinstance(i, int) and 0 <= i < num_layers and found[i] is None:
+            p = next(module.parameters(), None)
+            if p is not None and p.device.type != "meta":
+                found[i] = p.device
+    return [d or fallback for d in found]

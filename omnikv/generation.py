@@ -307,7 +307,7 @@ class Session:
             extra = max_new_tokens + len(self.pending)
             if self.limit is not None:  # decoding stops at the context limit: never reserve past it
                 extra = min(extra, max(self.limit - len(self.history), 0))
-            self.cache.reserve(extra)
+            self.cache.reserve(extra, decode_tokens=max_new_tokens)
 
     def decode(
         self,

@@ -149,10 +149,11 @@ class SharedState:
 class FilterLayer(DenseLayer):
     """Full attention + the Context Selector for one segment."""
 
-    def __init__(self, state: SharedState, segment: Segment, headroom: int = 256) -> None:
+    def __init__(self, state: SharedState, segments: list[Segment], headroom: int = 256) -> None:
         super().__init__(headroom)
         self.state = state
-        self.segment = segment
+        self.segments = segments  # one per device its sparse layers live on (accelerate device_map)
+        self.segment = segments[0]
         self.query_window: torch.Tensor | None = None  # (B, Hq, <=W, D) newest last
         self.selected: torch.Tensor | None = None  # (B, G, k) last selection
 
@@ -211,7 +212,8 @@ class FilterLayer(DenseLayer):
         k = cfg.resolve_budget(st.prompt_len)
         idx = select_topk(scores, k, valid=valid, sink=cfg.sink_tokens, recent=cfg.recent_tokens)
         self.selected = idx
-        self.segment.load(idx, st.decode_steps)
+        for seg in self.segments:
+            seg.load(idx, st.decode_steps)
         return idx
 
 
@@ -231,30 +233,14 @@ class SparseLayer(ManagedLayer):
             self.lazy_initialization(key_states, value_states)
             seg.attach(key_states)
         q = key_states.shape[-2]
-        if not (q == 1 and seg.indices is not None and self.seq_length >= self.state.prompt_len > 0):
+        start = self.seq_length
+        self.seq_length += q
+        if not (q == 1 and seg.indices is not None and start >= self.state.prompt_len > 0):
             # Prefill / prompt extension: full attention over everything seen so far.
-            prefix = self.seq_length
-            seg.bank.write(self.slot, key_states, value_states)
-            self.seq_length += q
-            if prefix == 0:
-                return key_states, value_states
-            k_all, v_all = seg.bank.read(self.slot, self.seq_length)
-            return k_all.to(key_states.device), v_all.to(key_states.device)
-        # Decode: the new token joins the generated rows (device) and the bank (drop-free).
-        seg.bank.write(self.slot, key_states, value_states)
-        self.seq_length += 1
-        if self.slot == 0:
-            seg._ensure_work(seg.k, seg.generated + 1)
-            seg.generated += 1
-        pos = seg.k + seg.generated - 1
-        seg.work[self.slot, 0, :, :, pos : pos + 1].copy_(key_states)
-        seg.work[self.slot, 1, :, :, pos : pos + 1].copy_(value_states)
-        seg.wait_ready()
-        n = seg.k + seg.generated
-        k_rows, v_rows = seg.work[self.slot, 0, :, :, :n], seg.work[self.slot, 1, :, :, :n]
-        if k_rows.device != key_states.device:
-            return k_rows.to(key_states.device), v_rows.to(key_states.device)
-        return k_rows, v_rows
+            return seg.write_prompt(self.slot, key_states, value_states, start)
+        # Decode: the new token joins the generated rows on the device (drop-free: they reach the
+        # bank when a later prompt forward makes them part of the prompt).
+        return seg.append_generated(self.slot, key_states, value_states)
 
     def positions(self) -> torch.Tensor:
         """(B, G, k + generated) logical positions of the rows `update` returned."""
@@ -303,6 +289,6 @@ class SparseLayer(ManagedLayer):
 
     def full_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every row this layer holds, (B, H, seq_length, D): the drop-free view."""
-        return self.segment.bank.read(self.slot, self.seq_length)
+        return self.segment.rows(self.slot, self.seq_length)
 
 

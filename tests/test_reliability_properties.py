@@ -154,10 +154,10 @@ def test_cache_bookkeeping_invariants(case: Case) -> None:
         layer = cache.layers[i]
         if role is Role.SPARSE:
             assert attended[i] == k + fed, (i, attended, k)
-            # Drop-free: the bank holds every row this layer was given.
+            # Drop-free: the bank holds every prompt row, the device every generated one.
             k_all, v_all = layer.full_kv()
             assert k_all.shape[2] == v_all.shape[2] == t + fed
-            assert layer.segment.bank.length[layer.slot] == t + fed
+            assert layer.segment.bank.length == t and layer.segment.generated == fed
         elif role in (Role.DENSE, Role.FILTER):
             assert attended[i] == t + fed and layer.get_seq_length() == t + fed
         else:  # sliding-window layers keep their window

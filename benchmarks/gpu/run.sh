@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # One-call GPU benchmark of OmniKV (see docs/performance.md, "GPU").
 #
-#   benchmarks/gpu/run.sh            # on a CUDA machine: correctness, timing 32K-128K, trace, max context
-#   benchmarks/gpu/run.sh --tiny     # tiny shapes, runs anywhere (CPU too); used by tests/test_bench.py
+#   benchmarks/gpu/run.sh                  # CUDA: correctness, timing 32K+128K, prefill, trace, throughput (~4 min)
+#   benchmarks/gpu/run.sh --stage timing   # one stage (repeatable): correctness timing prefill trace throughput
+#   benchmarks/gpu/run.sh --tiny           # tiny shapes, runs anywhere (CPU: simulated transfer); tests/test_bench.py
 #
 # Results go to $OUT (default ./gpu-out): summary.json, bench.png, trace_omnikv_offload.json.gz, log.txt.
 # Python: $PYTHON, else the repo's .venv when it sees CUDA (or for --tiny), else python3.
 # Wheels in .whl/ (e.g. a transformers inside omnikv's tested range, fetched by
 # benchmarks/gpu/fetch_wheels.sh) are installed into a private folder first; nothing is downloaded.
-# The whole run is capped at OMNIKV_GPU_TIMEOUT seconds (default 540).
+# The whole run is capped at OMNIKV_GPU_TIMEOUT seconds (default 300), so a retry fits in 15 minutes.
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -38,5 +39,5 @@ print(version_note())
 print(f"python {sys.version.split()[0]} torch {torch.__version__} transformers {transformers.__version__} "
       f"cuda {torch.cuda.is_available()} {torch.cuda.get_device_name(0) if torch.cuda.is_available() else ''}")
 PY
-timeout "${OMNIKV_GPU_TIMEOUT:-540}" "$py" "$here/gpu_bench.py" --out "$out" "$@" 2>&1 | tee -a "$out/log.txt"
+timeout "${OMNIKV_GPU_TIMEOUT:-300}" "$py" "$here/gpu_bench.py" --out "$out" "$@" 2>&1 | tee -a "$out/log.txt"
 exit "${PIPESTATUS[0]}"

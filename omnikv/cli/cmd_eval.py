@@ -131,10 +131,14 @@ def run(args: argparse.Namespace) -> int:
         rank, world, local = launched
         shard = (rank, world)
         output = start_shard(Path(args.output), rank, world)
-        if device is None:
-            import torch
+        import torch
 
-            device = f"cuda:{local % torch.cuda.device_count()}" if torch.cuda.is_available() else None
+        if device is None and torch.cuda.is_available():
+            device = f"cuda:{local % torch.cuda.device_count()}"
+        if device is not None and torch.device(device).type == "cuda":
+            # Make it this process's current device: otherwise every rank opens a context (and
+            # current-stream work) on GPU 0.
+            torch.cuda.set_device(torch.device(device))
     config = EvalConfig(
         model=args.model, methods=_split(args.methods), tasks=tasks,
         lengths=[parse_length(x) for x in _split(args.lengths)], output=output,

@@ -20,7 +20,9 @@ class OmniKV(Method):
     OmniKVConfig field (filter_layers, num_wait_layers, selector, head_reduce, sink_tokens,
     recent_tokens, offload, refresh_every, window_size ...) overriding the model's preset.
     `telemetry=True` also computes every sparse layer's true attention at each decode step and
-    reports how much of it the selection covers (costs full attention; off by default)."""
+    reports how much of it the selection covers (costs full attention; off by default).
+    `transfer` picks how the Context Bank moves rows (`OmniKVCache(..., transfer=)`: auto, inline,
+    cuda, simulated)."""
 
     def __init__(
         self,
@@ -28,10 +30,12 @@ class OmniKV(Method):
         config: OmniKVConfig | None = None,
         preset: str | None = None,
         telemetry: bool = False,
+        transfer: str | None = None,
         **overrides: Any,
     ) -> None:
         super().__init__(budget)
         self.telemetry = telemetry
+        self.transfer = transfer
         unknown = sorted(set(overrides) - _FIELDS)
         if unknown:
             raise ConfigError(f"unknown omnikv options {unknown}; valid: {sorted(_FIELDS)}")
@@ -59,7 +63,7 @@ class OmniKV(Method):
         return preset_for_model(model).replace(**self.overrides)
 
     def make_cache(self, model) -> OmniKVCache:
-        cache = OmniKVCache(model, self.config_for(model), telemetry=self.telemetry)
+        cache = OmniKVCache(model, self.config_for(model), telemetry=self.telemetry, transfer=self.transfer)
         self.last_config = cache.config
         return cache
 
