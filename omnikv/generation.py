@@ -307,7 +307,8 @@ class Session:
             extra = max_new_tokens + len(self.pending)
             if self.limit is not None:  # decoding stops at the context limit: never reserve past it
                 extra = min(extra, max(self.limit - len(self.history), 0))
-            self.cache.reserve(extra, decode_tokens=max_new_tokens)
+            # decode_tokens capped like extra: max_new_tokens may be far past the context (10**12).
+            self.cache.reserve(extra, decode_tokens=min(max_new_tokens, extra))
 
     def decode(
         self,
