@@ -29,6 +29,7 @@ from transformers import (
 from omnikv._compat import cache_kwargs
 from omnikv.errors import ConfigError, InputError
 from omnikv.methods import Method, get_method
+from omnikv.stops import StopMatcher
 
 
 # Temperatures below this decode greedily (as vLLM does): dividing logits by 1e-40 overflows to
@@ -199,19 +200,16 @@ class Session:
 
         if not guard_enabled() or len(self.pending) < 1024:
             return
-        cfg = self.method.config_for(self.model) if hasattr(self.method, "config_for") else None
         if self.limit is not None:  # generation stops at the context limit anyway
             max_new_tokens = max(0, min(max_new_tokens, self.limit - self.total_tokens))
         plan = plan_memory(
             self.model.config,
             self.total_tokens,
-            self.method.name,
+            self.method,
             device=str(self.device),
             dtype_bytes=next(self.model.parameters()).element_size(),
             max_new_tokens=max_new_tokens,
             prefill_chunk_size=self.prefill_chunk_size,
-            omnikv_config=cfg,
-            budget=self.method.budget,
             weights_bytes=0,  # already loaded: free memory excludes them
         )
         check_fits(plan)
@@ -411,23 +409,22 @@ class _TextStream:
 
     def __init__(self, tokenizer, stop: tuple[str, ...], on_token: Callable[[str], None] | None) -> None:
         self.tokenizer = tokenizer
-        self.stop = stop
+        self.stops = StopMatcher(stop)
         self.on_token = on_token
         self.text = ""
         self.emitted = 0
-        self.hold = max((len(s) for s in stop), default=1) - 1
 
     def push(self, ids: list[int]) -> bool:
         """Update with all generated ids; True when a stop string was reached."""
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        for s in self.stop:
-            at = text.find(s)
-            if at != -1:
-                self.text = text[:at]
-                return True
+        cut, _ = self.stops.scan(text)
+        if cut is not None:
+            self.text = text[:cut]
+            return True
         self.text = text
-        # A trailing U+FFFD is an incomplete UTF-8 sequence: wait for the next token.
-        safe = len(text.rstrip("\ufffd")) - self.hold
+        # A trailing U+FFFD is an incomplete UTF-8 sequence: wait for the next token. A tail that
+        # could still start a stop string waits too.
+        _, safe = self.stops.scan(text.rstrip("\ufffd"))
         if self.on_token and safe > self.emitted:
             self.on_token(text[self.emitted : safe])
             self.emitted = safe

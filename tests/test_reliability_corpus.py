@@ -343,7 +343,7 @@ def test_memory_guard_refuses_before_any_prefill(monkeypatch, tok):
 def test_plan_memory_extreme_contexts_do_not_crash(context, small):
     from omnikv.methods.memory import plan_memory
 
-    plan = plan_memory(small.config, max(context, 0), "omnikv", omnikv_config=SPARSE)
+    plan = plan_memory(small.config, max(context, 0), get_method("omnikv", config=SPARSE))
     assert plan.host_total_bytes >= plan.weights_bytes >= 0
     if context == 10**15:
         assert not plan.fits

@@ -7,6 +7,7 @@ import os
 import sys
 from typing import Any
 
+from omnikv.cli.common import build_method, parse_budget
 from omnikv.errors import ConfigError
 
 API_KEY_ENV = "OMNIKV_API_KEY"
@@ -21,7 +22,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--model", required=True, help="embedded model name (smollm2, gemma3), HF directory or .gguf file")
     p.add_argument("--method", default="omnikv", help="KV method: omnikv (default), full, full_prealloc, full_offload, ... (see docs/methods.md)")
-    p.add_argument("--budget", type=_budget, default=None, help="tokens (int) or prompt fraction (float in (0, 1]) attended per sparse layer")
+    p.add_argument("--budget", type=parse_budget, default=None, help="tokens (int) or prompt fraction (float in (0, 1]) attended per sparse layer")
     p.add_argument("--preset", default=None, help="OmniKV preset name or preset JSON file (omnikv method only)")
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: the model's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
@@ -54,17 +55,6 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _budget(text: str) -> int | float:
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"budget must be an int (tokens) or a float fraction, got {text!r}") from None
-
-
 def check_args(args: argparse.Namespace) -> str | None:
     """Validate limits before loading anything; return the API key to use (flag wins over env)."""
     for name in ("max_queue", "max_body_bytes", "default_max_tokens"):
@@ -82,24 +72,6 @@ def check_args(args: argparse.Namespace) -> str | None:
     return api_key
 
 
-def build_method(name: str, *, budget: int | float | None, preset: str | None) -> Any:
-    """The KV method; `preset` is a built-in preset name (omnikv.presets) or a preset JSON file."""
-    from omnikv.methods import get_method
-
-    if preset is None:
-        return get_method(name, budget=budget)
-    if name != "omnikv":
-        raise ConfigError(f"--preset applies to the omnikv method only, not {name!r}")
-    from omnikv.presets import PRESETS
-
-    named = {p.name: p for p in PRESETS}
-    if preset in named:
-        return get_method(name, budget=budget, config=named[preset].config)
-    if not os.path.isfile(preset):
-        raise ConfigError(f"--preset {preset!r} is neither a preset file nor a built-in preset ({', '.join(named)})")
-    return get_method(name, budget=budget, preset=preset)
-
-
 def run(args: argparse.Namespace) -> int:
     api_key = check_args(args)
     from omnikv.models import load_model
@@ -114,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
             f"set --api-key or ${API_KEY_ENV}",
             file=sys.stderr,
         )
-    method = build_method(args.method, budget=args.budget, preset=args.preset)  # fail fast, before loading
+    method = build_method(args)  # fail fast, before loading
     sock = bind_socket(args.host, args.port)  # a port in use fails now, not after loading the model
     if is_loopback(args.host):
         allowed_hosts: list[str] | None = [*LOOPBACK_HOSTS, *(args.allowed_host or [])]

@@ -11,7 +11,7 @@ request at a time, so an engine needs no locks of its own.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Literal, Protocol, runtime_checkable
+from typing import Callable, Literal, Protocol, runtime_checkable
 
 FinishReason = Literal["stop", "length"]
 
@@ -137,23 +137,4 @@ class TokenizingEngineLike(EngineLike, Protocol):
         ...
 
     def detokenize(self, ids: list[int]) -> str:
-        ...
-
-
-@runtime_checkable
-class BatchEngineLike(EngineLike, Protocol):
-    """Optional: an engine that can decode several requests together."""
-
-    max_batch_size: int  # > 1 to enable batching
-
-    def batch_key(self, request: GenRequest) -> Hashable | None:
-        """Requests with equal keys may share a batch; None = this request runs alone (e.g. a
-        seeded sampled request, whose answer must not depend on what else is in the batch)."""
-        ...
-
-    def generate_batch(
-        self, requests: list[GenRequest], on_tokens: list[Callable[[str], None]]
-    ) -> list[EngineResult | BaseException]:
-        """Generate all rows together. If `on_tokens[i]` raises, row i stops and its entry in the
-        returned list is that exception; the other rows carry on."""
         ...
