@@ -108,7 +108,6 @@ API_ERRORS: list[tuple[str, Callable[..., Any], type[Exception], str]] = [
     ("no filter layer", lambda m, t, o: SPARSE.replace(filter_layers=()), ConfigError, "empty"),
     ("unsorted filter layers", lambda m, t, o: SPARSE.replace(filter_layers=(2, 1)), ConfigError, "sorted"),
     ("filter layers as an int", lambda m, t, o: SPARSE.replace(filter_layers=2), ConfigError, "tuple"),
-    ("budget below sink + recent", lambda m, t, o: SPARSE.replace(budget=3), ConfigError, "sink_tokens + recent_tokens"),
     ("refresh_every 0", lambda m, t, o: SPARSE.replace(refresh_every=0), ConfigError, "refresh_every"),
     ("window_size 0", lambda m, t, o: SPARSE.replace(window_size=0), ConfigError, "window_size"),
     ("selector typo", lambda m, t, o: SPARSE.replace(selector="top"), ConfigError, "selector"),
@@ -337,6 +336,12 @@ def test_memory_guard_refuses_before_any_prefill(monkeypatch, tok):
     assert len(sess.pending) == 2000  # nothing lost: the request can be retried
     monkeypatch.setenv("OMNIKV_MEMORY_GUARD", "0")
     assert sess.feed().shape == (model.config.vocab_size,)
+
+
+def test_budget_below_sink_plus_recent_is_fitted_not_refused():
+    with pytest.warns(UserWarning, match="sink_tokens \\+ recent_tokens"):
+        cfg = SPARSE.replace(budget=3, sink_tokens=5, recent_tokens=7)
+    assert cfg.sink_tokens + cfg.recent_tokens == 3 and cfg.sink_tokens >= 1
 
 
 @pytest.mark.parametrize("context", [0, -1, 10**15])
