@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import errno
 import ipaddress
-import logging
 import socket
 import threading
 import time
