@@ -578,8 +578,10 @@ SERVER_BAD: list[tuple[str, str, Any]] = [
     ("temperature -1", "/v1/completions", {"prompt": "hi", "temperature": -1}),
     ("top_p 5", "/v1/completions", {"prompt": "hi", "top_p": 5}),
     ("seed 2**80", "/v1/completions", {"prompt": "hi", "seed": 2**80}),
-    ("n 2", "/v1/completions", {"prompt": "hi", "n": 2}),
-    ("two prompts", "/v1/completions", {"prompt": ["a", "b"]}),
+    ("n 17", "/v1/completions", {"prompt": "hi", "n": 17}),  # n <= 16 is served
+    ("65 prompts", "/v1/completions", {"prompt": ["a"] * 65}),  # up to 64 are served
+    ("logit_bias", "/v1/completions", {"prompt": "hi", "logit_bias": {"1": 100}}),
+    ("text/plain body", "/v1/completions", b"text/plain"),
     ("wrong model name", "/v1/completions", {"prompt": "hi", "model": "gpt-9"}),
     ("no messages", "/v1/chat/completions", {"messages": []}),
     ("bad role", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}),
@@ -595,7 +597,9 @@ SERVER_BAD: list[tuple[str, str, Any]] = [
 def test_server_hostile_request_is_4xx_json(server, name, path, body):
     srv, _engine = server
     with httpx.Client(base_url=srv.url, timeout=httpx.Timeout(60.0)) as c:
-        if isinstance(body, bytes):
+        if body == b"text/plain":  # what a cross-site form or fetch without preflight sends
+            r = c.post(path, content=b'{"prompt": "hi"}', headers={"content-type": "text/plain"})
+        elif isinstance(body, bytes):
             r = c.post(path, content=body, headers={"content-type": "application/json"})
         else:
             r = c.post(path, json=body)

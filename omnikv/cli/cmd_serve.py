@@ -17,7 +17,7 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API",
-        description="Serve /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics. "
+        description="Serve /v1/chat/completions, /v1/completions, /v1/models, /tokenize, /detokenize, /version, /health and /metrics. "
         "Binds to 127.0.0.1 unless --host says otherwise.",
     )
     p.add_argument("--model", required=True, help="embedded model name (smollm2, gemma3), HF directory or .gguf file")
@@ -27,6 +27,14 @@ def register(subparsers: Any) -> None:
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: the model's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="Host header value (without port) to accept, repeatable; on a loopback bind 127.0.0.1, localhost and ::1 "
+        "are always accepted and other names refused (DNS rebinding); on other binds any Host is accepted unless given",
+    )
     p.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV} if set)")
     p.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get 429 (default 16)")
     p.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="largest request body (default 8 MiB)")
@@ -69,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     from omnikv.models import load_model
     from omnikv.server.app import create_app
     from omnikv.server.engine import Engine
-    from omnikv.server.runner import is_loopback, serve_forever
+    from omnikv.server.middleware import LOOPBACK_HOSTS
+    from omnikv.server.runner import bind_socket, is_loopback, serve_forever
 
     if not is_loopback(args.host) and api_key is None:
         print(
@@ -78,6 +87,11 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     method = build_method(args)  # fail fast, before loading
+    sock = bind_socket(args.host, args.port)  # a port in use fails now, not after loading the model
+    if is_loopback(args.host):
+        allowed_hosts: list[str] | None = [*LOOPBACK_HOSTS, *(args.allowed_host or [])]
+    else:
+        allowed_hosts = args.allowed_host  # None: any Host (the bind is reachable by name anyway)
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     # Build one cache now: a method that cannot run this model (a preset made for another model,
     # filter layers out of range, an unsupported architecture) fails here, not on every request.
@@ -96,7 +110,9 @@ def run(args: argparse.Namespace) -> int:
         max_prompt_tokens=args.max_prompt_tokens,
         max_tokens_limit=args.max_tokens_limit,
         default_max_tokens=args.default_max_tokens,
+        allowed_hosts=allowed_hosts,
     )
-    print(f"omnikv serve: {engine.name} with method {args.method} on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    serve_forever(app, args.host, args.port, log_level=args.log_level)
+    port = sock.getsockname()[1]
+    print(f"omnikv serve: {engine.name} with method {args.method} on http://{args.host}:{port}/v1", file=sys.stderr)
+    serve_forever(app, args.host, port, log_level=args.log_level, sock=sock)
     return 0

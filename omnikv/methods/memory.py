@@ -35,6 +35,7 @@ class MemoryPlan:
     host_available_bytes: int | None
     full_device_kv_bytes: int  # what full attention would keep on the device, for comparison
     notes: list[str] = field(default_factory=list)
+    device_peak_kv_bytes: int = 0  # device KV at its peak (prefill), >= device_kv_bytes
 
     @property
     def fits(self) -> bool:
@@ -121,6 +122,9 @@ class KVPlan:
     device_kv_bytes: int
     host_kv_bytes: int
     notes: list[str] = field(default_factory=list)
+    # Device KV at its peak when that is not the decode steady state (OmniKV with offload keeps
+    # the sparse layers' prompt rows on the device while the prompt runs); None = the same.
+    device_peak_kv_bytes: int | None = None
 
 
 def _shape(config) -> dict[str, int]:
@@ -176,8 +180,9 @@ def plan_memory(
     activation = int(act_elems * dtype_bytes)
     weights = weights_bytes if weights_bytes is not None else estimate_weights_bytes(config, dtype_bytes)
     dev_kv, host_kv = kv.device_kv_bytes, kv.host_kv_bytes
+    peak_kv = max(dev_kv, kv.device_peak_kv_bytes or 0)
     if on_accel:
-        device_total = weights + dev_kv + activation
+        device_total = weights + peak_kv + activation
         host_total = host_kv
     else:  # everything is host memory on a CPU run
         device_total = 0
@@ -196,6 +201,7 @@ def plan_memory(
         host_available_bytes=host_available_bytes(),
         full_device_kv_bytes=int(ctx.full_kv_bytes),
         notes=kv.notes,
+        device_peak_kv_bytes=int(peak_kv),
     )
 
 

@@ -104,18 +104,25 @@ class OmniKV(Method):
         offload = cfg.offload if cfg.offload is not None else ctx.on_accelerator
         k = cfg.resolve_budget(ctx.context)
         row, full_rows = ctx.row_bytes, ctx.full_rows
-        dev_kv = host_kv = 0
+        dev_kv = host_kv = prefix = 0
         for i, role in enumerate(plan.roles):
             if role is Role.SPARSE:
                 dev_kv += row * (k + ctx.max_new_tokens)
                 if offload:
+                    # The bank is allocated once for prompt + new tokens (page-locked, exact).
                     host_kv += row * ctx.total_tokens
+                    prefix += row * ctx.context  # on the device while the prompt runs
                 else:
                     dev_kv += row * ctx.total_tokens
             else:
                 dev_kv += row * full_rows[i]
         note = f"{plan.summary()}; {k} selected tokens per sparse layer; offload={'on' if offload else 'off'}"
-        return KVPlan(dev_kv, host_kv, [note])
+        notes = [note]
+        peak = None
+        if offload and ctx.on_accelerator:
+            peak = dev_kv - row * (k + ctx.max_new_tokens) * len(plan.layers_with(Role.SPARSE)) + prefix
+            notes.append("peak during prefill: the sparse layers' prompt rows stay on the device until decoding starts")
+        return KVPlan(dev_kv, host_kv, notes, device_peak_kv_bytes=peak)
 
     def summarize(self, stats: dict[str, Any], config: dict[str, Any]) -> str:
         parts = [f"filter layers {config.get('filter_layers')}", f"budget {config.get('budget')}"]
