@@ -31,7 +31,6 @@ from omnikv_vllm import settings
 from omnikv_vllm.paged import TileLayout
 from omnikv_vllm.tracker import PromptTracker
 from vllm.config import get_current_vllm_config
-from vllm.logger import init_logger
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
 from vllm.v1.attention.backends.cpu_attn import (
@@ -40,8 +39,6 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadata,
     CPUAttentionMetadataBuilder,
 )
-
-logger = init_logger("vllm.omnikv")
 
 
 @dataclass
@@ -117,7 +114,8 @@ class OmniKVMetadataBuilder(CPUAttentionMetadataBuilder):
                 decode.append(DecodeRow(r, qsl[r], state.prompt_len, seq_lens[r], block_table[r]))
             else:
                 if state.decode and not self._warned_unknown:
-                    logger.warning("OmniKV: a decode row of an unseen request runs dense attention")
+                    print("OmniKV vLLM backend: warning: a decode row of a request this process has not "
+                          "seen runs dense attention", file=sys.stderr, flush=True)
                     self._warned_unknown = True
                 rest.append(r)
         if not decode:
