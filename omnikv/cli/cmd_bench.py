@@ -8,6 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from omnikv.cli.common import parse_budget
 from omnikv.errors import ConfigError
 
 DEFAULT_METHODS = "full,full_prealloc,omnikv"
@@ -36,7 +37,7 @@ def register(subparsers) -> None:
     p.add_argument("--warmup", type=int, default=8, help="untimed decode steps first (default 8)")
     p.add_argument("--breakdown-steps", type=int, default=16,
                    help="extra instrumented steps for the selection/gather/attention/rest breakdown (0: none)")
-    p.add_argument("--budget", type=_budget, default=None,
+    p.add_argument("--budget", type=parse_budget, default=None,
                    help="budget for every budgeted method: tokens (int) or prompt fraction (default: each method's/preset's)")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
     p.add_argument("--prefill-chunk", type=int, default=2048, help="chunk size of the real prefill (default 2048)")
@@ -48,15 +49,6 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print the records as a JSON list on stdout")
     p.add_argument("--no-plot", action="store_true", help="do not write bench.png")
     p.set_defaults(func=run)
-
-
-def _budget(text: str) -> int | float:
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    raise argparse.ArgumentTypeError(f"budget must be an int (tokens) or a float fraction, got {text!r}")
 
 
 def command_of(args: argparse.Namespace) -> list[str]:

@@ -34,6 +34,7 @@ from omnikv.eval.loaders import is_dataset_task, load_dataset_task
 from omnikv.eval.metrics import CHINESE_TOKENIZATION, score_sample
 from omnikv.eval.tasks import Sample, canonical_task_name, encode_prompt, generate_samples, takes_prose_haystack
 from omnikv.budget import parse_token_count
+from omnikv.methods import REFERENCE
 
 PREDICTIONS = "predictions.jsonl"
 METRICS = "metrics.json"
@@ -99,13 +100,13 @@ class EvalConfig:
         self.tasks = [t if is_dataset_task(t) else canonical_task_name(t) for t in self.tasks]
 
     def run_methods(self) -> list[str]:
-        """Methods in run order: "full" first; added when fidelity needs it as the reference."""
+        """Methods in run order: the reference ("full") first; added when fidelity needs it."""
         methods = list(self.methods)
-        if self.fidelity and "full" not in methods:
-            methods.insert(0, "full")
-        if "full" in methods:
-            methods.remove("full")
-            methods.insert(0, "full")
+        if self.fidelity and REFERENCE not in methods:
+            methods.insert(0, REFERENCE)
+        if REFERENCE in methods:
+            methods.remove(REFERENCE)
+            methods.insert(0, REFERENCE)
         return methods
 
     def to_json(self) -> dict[str, Any]:
@@ -290,7 +291,7 @@ def run_eval(config: EvalConfig, *, loaded: Any = None) -> dict[str, Any]:
     if existing:
         _rewrite(pred_path, existing)  # drops a torn last line before appending
     done = {record_key(r) for r in existing}
-    full_tokens = {record_key(r)[1:]: r.get("token_ids") or [] for r in existing if r["method"] == "full"}
+    full_tokens = {record_key(r)[1:]: r.get("token_ids") or [] for r in existing if r["method"] == REFERENCE}
 
     meta = run_metadata(config)
     if loaded is None:
@@ -305,10 +306,10 @@ def run_eval(config: EvalConfig, *, loaded: Any = None) -> dict[str, Any]:
     for label in config.run_methods():
         # A label is a method spec: `omnikv` or a variant such as `omnikv:selector=uniform`.
         spec = parse_method(label)
-        options = {} if spec.is_full_attention else dict(config.method_options.get("*", {}))
+        options = dict(config.method_options.get("*", {})) if spec.takes_budget else {}
         options.update(config.method_options.get(spec.name, {}))
         options.update(spec.options)
-        budget = options.pop("budget", None if spec.is_full_attention else config.budget)
+        budget = options.pop("budget", config.budget if spec.takes_budget else None)
         methods[label] = get_method(spec.name, budget=budget, **options)
     meta["methods"] = {name: m.describe() for name, m in methods.items()}
     # Which methods fork from the shared prefill, and how long a tail each prefills itself.
@@ -352,7 +353,7 @@ def run_eval(config: EvalConfig, *, loaded: Any = None) -> dict[str, Any]:
                                                                for m in methods for i in rids):
                 shared = SharedPrefill.run(model, ids, tail=tail, record_queries=record_queries,
                                            prefill_chunk_size=config.prefill_chunk_size)
-            full_shared = shared if "full" not in alone else None
+            full_shared = shared if REFERENCE not in alone else None
             for name, method in methods.items():
                 if all((name, task, length, i) in done for i in rids):
                     continue
@@ -384,12 +385,12 @@ def run_eval(config: EvalConfig, *, loaded: Any = None) -> dict[str, Any]:
                     "stats": res.stats, "config": res.config or method.describe(),
                     "metadata": {k: v for k, v in s.metadata.items() if k not in _META_DROP},
                 }
-                if name == "full":
+                if name == REFERENCE:
                     full_tokens[unit_key] = list(res.token_ids)
                 ref = full_tokens.get(unit_key)
-                if config.fidelity and name != "full" and ref:
+                if config.fidelity and name != REFERENCE and ref:
                     if full_logits is None:
-                        full_logits = teacher_forced_logits(model, ids, ref, methods["full"], shared=full_shared,
+                        full_logits = teacher_forced_logits(model, ids, ref, methods[REFERENCE], shared=full_shared,
                                                             prefill_chunk_size=config.prefill_chunk_size)
                     method_logits = teacher_forced_logits(model, ids, ref, method, shared=own,
                                                           prefill_chunk_size=config.prefill_chunk_size)
