@@ -19,7 +19,7 @@ from omnikv.errors import ConfigError
 
 # The vocabulary of token selection, in one place: the config, the CLI flags and the analysis
 # (which supports the selectors that need no observation window) all read these.
-SELECTORS = ("last", "softmax_last", "uniform", "exp")
+SELECTORS = ("last", "softmax_last", "uniform", "exp", "union")
 ANALYSIS_SELECTORS = ("last", "softmax_last")  # scored from one decode query's logits
 HEAD_REDUCTIONS = ("max", "sum", "per_kv_head")
 
@@ -43,10 +43,11 @@ class OmniKVConfig:
         selector: how a filter layer scores prompt tokens: `last` (raw scaled logits of the current
             query, the paper's main setting), `softmax_last`, `uniform` / `exp` (per-head softmax
             over an observation window of the last `window_size` queries, summed with uniform or
-            2^-age weights).
+            2^-age weights), `union` (the union of `last`'s and `uniform`'s best tokens, taken in
+            turn: see omnikv.selection.union_scores; not in the paper).
         head_reduce: `max` over query heads (paper), `sum` over heads, or `per_kv_head` (one index
             set per KV head: max over the query heads of its group).
-        window_size: observation window for `uniform` / `exp`.
+        window_size: observation window for `uniform` / `exp` / `union`.
         sink_tokens: first prompt tokens always attended (attention sinks).
         recent_tokens: last prompt tokens always attended.
         offload: keep the sparse layers' KV in host memory (the Context Bank). None = on when the

@@ -169,14 +169,28 @@ def max_context(model) -> int | None:
 class Session:
     """A conversation with one cache. Not thread-safe: one session per worker."""
 
-    def __init__(self, model, tokenizer, method: Method | str, *, prefill_chunk_size: int | None = None) -> None:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        method: Method | str,
+        *,
+        prefill_chunk_size: int | None = None,
+        cache: Any = None,
+        history: Sequence[int] = (),
+        pending: Sequence[int] = (),
+    ) -> None:
+        """`cache` + `history`: a cache already holding `history` (a fork of a shared prefill,
+        see omnikv.fork); `pending`: tokens queued to feed first. Default: a fresh, empty cache."""
         self.model = model
         self.tokenizer = tokenizer
         self.method = get_method(method)
-        self.cache = self.method.make_cache(model)
+        if cache is None and history:
+            raise InputError("history given without the cache that holds it")
+        self.cache = self.method.make_cache(model) if cache is None else cache
         self.device = next(model.parameters()).device
-        self.history: list[int] = []  # tokens already in the cache
-        self.pending: list[int] = []  # tokens to feed before the next decode
+        self.history: list[int] = list(history)  # tokens already in the cache
+        self.pending: list[int] = list(pending)  # tokens to feed before the next decode
         self.prefill_chunk_size = prefill_chunk_size or getattr(getattr(self.method, "base", None), "prefill_chunk_size", None)
         self.limit = max_context(model)
 
@@ -282,6 +296,24 @@ class Session:
             logits = all_logits[-1]
         if prompt_logprobs is not None:
             self.prompt_logprobs = rows
+        return logits
+
+    @torch.inference_mode()
+    def step(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Feed the pending tokens, then `ids`, one token per forward: as decode steps, not as a
+        new prompt. For text that arrives after the context was prefilled and must not be part of
+        it (a question asked about an already cached document: a method that compresses at the
+        end of prefill has compressed before it sees the question). Returns (V,) last logits."""
+        todo = self.pending + _as_ids(ids)
+        if not todo:
+            raise InputError("nothing to step: give at least one token")
+        if self.limit is not None and self.total_tokens + len(todo) - len(self.pending) > self.limit:
+            raise InputError(f"{self.total_tokens + len(todo) - len(self.pending)} tokens exceed the model's "
+                             f"context of {self.limit}")
+        self.pending = []
+        logits = None
+        for tok in todo:
+            logits = self._forward([tok])
         return logits
 
     def generate(
@@ -446,11 +478,24 @@ def generate(
     on_token: Callable[[str], None] | None = None,
     prefill_chunk_size: int | None = None,
     progress: bool = False,
+    shared: Any = None,
 ) -> GenerationResult:
-    """Generate a continuation of `input_ids` with `method` (one request, one fresh cache)."""
-    session = Session(model, tokenizer, method, prefill_chunk_size=prefill_chunk_size)
-    session.append(input_ids)
+    """Generate a continuation of `input_ids` with `method` (one request, one fresh cache).
+
+    `shared`: an `omnikv.fork.SharedPrefill` of `input_ids`: the method's cache is forked from it
+    (only the shared prefill's tail is prefilled here; `prefill_seconds` counts that tail)."""
+    if shared is not None:
+        _check_shared(shared, input_ids)
+        session = shared.session(tokenizer, method, prefill_chunk_size=prefill_chunk_size)
+    else:
+        session = Session(model, tokenizer, method, prefill_chunk_size=prefill_chunk_size)
+        session.append(input_ids)
     return session.generate(params, on_token=on_token, progress=progress)
+
+
+def _check_shared(shared: Any, input_ids: Sequence[int] | torch.Tensor) -> None:
+    if shared.ids != _as_ids(input_ids):
+        raise InputError("the shared prefill is of another prompt: build it from the same input_ids")
 
 
 @torch.inference_mode()
@@ -461,14 +506,20 @@ def teacher_forced_logits(
     method: Method | str,
     *,
     prefill_chunk_size: int | None = None,
+    shared: Any = None,
 ) -> torch.Tensor:
     """(N, V) float32: row i = next-token logits after prompt + continuation[:i], computed token
-    by token through the method's cache (so sparse decoding is what is measured)."""
+    by token through the method's cache (so sparse decoding is what is measured). `shared`: an
+    `omnikv.fork.SharedPrefill` of `prompt_ids` to fork the method's cache from."""
     cont = _as_ids(continuation_ids)
     if not cont:
         raise InputError("continuation is empty")
-    session = Session(model, None, method, prefill_chunk_size=prefill_chunk_size)
-    session.append(prompt_ids)
+    if shared is not None:
+        _check_shared(shared, prompt_ids)
+        session = shared.session(None, method, prefill_chunk_size=prefill_chunk_size)
+    else:
+        session = Session(model, None, method, prefill_chunk_size=prefill_chunk_size)
+        session.append(prompt_ids)
     rows = [session.feed()]
     for tok in cont[:-1]:
         rows.append(session._forward([tok]))

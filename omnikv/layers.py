@@ -19,7 +19,14 @@ from omnikv.attention import masked_softmax
 from omnikv.bank import Segment
 from omnikv.buffers import KVBuffer
 from omnikv.config import OmniKVConfig
-from omnikv.selection import filter_scores, positions_mask, scores_from_logits, select_topk
+from omnikv.selection import (
+    WINDOW_SELECTORS,
+    filter_scores,
+    positions_mask,
+    scores_from_logits,
+    select_topk,
+    select_topk_rows,
+)
 
 
 class ManagedLayer(CacheLayerMixin):
@@ -157,17 +164,18 @@ class FilterLayer(DenseLayer):
         self.segment = segments[0]
         self.query_window: torch.Tensor | None = None  # (B, Hq, <=W, D) newest last
         self.selected: torch.Tensor | None = None  # (B, G, k) last selection
+        self._row_budget: tuple[torch.Tensor, torch.Tensor] | None = None  # (valid, (B,) k per row)
 
     def attend(self, module, query, key, value, attention_mask, **kwargs):
         cfg = self.state.config
-        if cfg.selector in ("uniform", "exp"):
+        if cfg.selector in WINDOW_SELECTORS:
             window = query if self.query_window is None else torch.cat([self.query_window, query], dim=2)
             self.query_window = window[:, :, -cfg.window_size :].detach()
         decoding = query.shape[2] == 1 and self.state.prompt_len > 0 and self.seq_length > self.state.prompt_len
         if not (decoding and self.segment.layers and self._due()):
             return super().attend(module, query, key, value, attention_mask, **kwargs)
         scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
-        if cfg.selector in ("uniform", "exp") or getattr(module, "attn_logit_softcapping", None):
+        if cfg.selector in WINDOW_SELECTORS or getattr(module, "attn_logit_softcapping", None):
             self.select(self.query_window, scaling)
             return super().attend(module, query, key, value, attention_mask, **kwargs)
         return self._attend_and_select(query, key, value, attention_mask, scaling)
@@ -209,8 +217,16 @@ class FilterLayer(DenseLayer):
 
     def _pick(self, scores: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         st, cfg = self.state, self.state.config
-        k = cfg.resolve_budget(st.prompt_len)
-        idx = select_topk(scores, k, valid=valid, sink=cfg.sink_tokens, recent=cfg.recent_tokens)
+        if valid is not None and isinstance(cfg.budget, float):
+            # A fraction of each row's own prompt, not of the padded width (see select_topk_rows);
+            # computed once per prompt (reading the lengths syncs the device).
+            if self._row_budget is None or self._row_budget[0] is not st.valid:
+                ks = [cfg.resolve_budget(n) for n in valid.sum(dim=-1).tolist()]
+                self._row_budget = (st.valid, torch.tensor(ks, device=scores.device))
+            idx = select_topk_rows(scores, self._row_budget[1], valid, sink=cfg.sink_tokens, recent=cfg.recent_tokens)
+        else:
+            k = cfg.resolve_budget(st.prompt_len)
+            idx = select_topk(scores, k, valid=valid, sink=cfg.sink_tokens, recent=cfg.recent_tokens)
         self.selected = idx
         for seg in self.segments:
             seg.load(idx, st.decode_steps)

@@ -11,6 +11,8 @@ import torch
 
 NEG_INF = float("-inf")
 POS_INF = float("inf")
+# Selectors that score with an observation window of recent queries (the filter layer keeps one).
+WINDOW_SELECTORS = ("uniform", "exp", "union")
 
 
 def window_weights(selector: str, window: int, device: torch.device) -> torch.Tensor:
@@ -33,7 +35,7 @@ def filter_scores(
 
     Args:
         queries: (B, Hq, W, D) post-RoPE queries, newest last. `last`/`softmax_last` use only the
-            newest; `uniform`/`exp` use the whole window.
+            newest; `uniform`/`exp` use the whole window; `union` both (see `union_scores`).
         keys: (B, Hk, T, D) post-RoPE prompt keys of the filter layer.
         scaling: the attention scale (1/sqrt(D) for most models).
         valid: (B, T) bool, False for padding; None = all valid.
@@ -59,6 +61,10 @@ def scores_from_logits(
     """(B, Hk, g, W, T) scaled attention logits -> (B, G, T) selection scores (see filter_scores)."""
     logits = logits.float()
     w = logits.shape[3]
+    if selector == "union":
+        last = scores_from_logits(logits[:, :, :, -1:], "last", head_reduce, valid)
+        window = scores_from_logits(logits, "uniform", head_reduce, valid)
+        return union_scores(last, window, valid)
     if valid is not None:
         logits = logits.masked_fill(~valid[:, None, None, None, :], NEG_INF)
     if selector == "last":
@@ -73,6 +79,34 @@ def scores_from_logits(
         weights = window_weights(selector, w, logits.device)
         return (reduced * weights[None, None, :, None]).sum(dim=2)
     return reduced[:, :, -1, :]
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """(..., T) -> (..., T) int64 rank of each entry in ascending order (ties: lower index first)."""
+    order = x.argsort(dim=-1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(x.shape[-1], device=x.device).expand_as(order))
+    return ranks
+
+
+def union_scores(first: torch.Tensor, second: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores whose top-k is the union of the two selectors' best, taken in turn.
+
+    Each token scores max(2 * rank_first + 1, 2 * rank_second): the k highest are `first`'s best,
+    `second`'s best, `first`'s second best, ... skipping tokens already in (all scores distinct, so
+    the top-k is unique). Why: `last` (first) follows the current query, the window (second)
+    remembers what the prompt's last queries and the first answer tokens looked at; a token either
+    ranks high in gets in, each with half of the budget when they disagree.
+
+    Args:
+        first, second: (B, G, T) scores; valid: (B, T) bool (False = padding) or None.
+    Returns:
+        (B, G, T) float32; padding -inf.
+    """
+    out = torch.maximum(2 * _ranks(first) + 1, 2 * _ranks(second)).float()
+    if valid is not None:
+        out = out.masked_fill(~valid[:, None, :], NEG_INF)
+    return out
 
 
 def _reduce_heads(x: torch.Tensor, head_reduce: str) -> torch.Tensor:
@@ -134,6 +168,41 @@ def select_topk(
         scores = scores.masked_fill(forced[:, None, :], POS_INF)
     idx = torch.topk(scores, k, dim=-1, sorted=False).indices
     return torch.sort(idx, dim=-1).values
+
+
+def select_topk_rows(
+    scores: torch.Tensor,
+    ks: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    sink: int = 0,
+    recent: int = 0,
+) -> torch.Tensor:
+    """`select_topk` with a budget of its own per row of a left-padded batch.
+
+    Row b gets its best `ks[b]` tokens, exactly those it would pick alone; the other
+    k_max - ks[b] entries of its index list are its own padding positions, which the attention
+    mask hides, so the shape stays (B, G, k_max) and no row's attention depends on the others.
+
+    Args:
+        scores: (B, G, T); ks: (B,) int64 tokens per row, each <= that row's real tokens and
+            k_max - ks[b] <= its padding; valid: (B, T) bool, False = padding.
+    Returns:
+        (B, G, k_max) int64 positions in [0, T), sorted ascending.
+    """
+    b, g, t = scores.shape
+    k_max = int(ks.max())
+    forced = forced_mask(valid, b, t, sink, recent, scores.device)
+    if forced is not None:
+        scores = scores.masked_fill(forced[:, None, :], POS_INF)
+    best = torch.topk(scores, k_max, dim=-1, sorted=True).indices  # (B, G, k_max), best first
+    rank = torch.arange(k_max, device=scores.device)
+    short = rank[None, :] >= ks[:, None]  # (B, k_max): slots past the row's own budget
+    if bool(short.any()):
+        pad_first = torch.argsort(valid.to(torch.uint8), dim=-1, stable=True)  # (B, T) padding first
+        filler = pad_first.gather(-1, (rank[None, :] - ks[:, None]).clamp(min=0))  # (B, k_max)
+        best = torch.where(short[:, None, :], filler[:, None, :].expand(b, g, k_max), best)
+    return torch.sort(best, dim=-1).values
 
 
 def selection_delta(prev: torch.Tensor, new: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:

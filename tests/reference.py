@@ -26,6 +26,10 @@ def ref_scores(
     queries: torch.Tensor, keys: torch.Tensor, scaling: float, selector: str, head_reduce: str, valid: list[bool] | None
 ) -> list[list[float]]:
     """One sequence. queries (Hq, W, D), keys (Hk, T, D) -> scores per index group: [G][T]."""
+    if selector == "union":  # last's and uniform's best in turn: see ref_union
+        last = ref_scores(queries, keys, scaling, "last", head_reduce, valid)
+        window = ref_scores(queries, keys, scaling, "uniform", head_reduce, valid)
+        return [ref_union(a, b, valid) for a, b in zip(last, window)]
     hq, w_all, _ = queries.shape
     hk, t, _ = keys.shape
     g = hq // hk
@@ -63,6 +67,21 @@ def ref_scores(
             scores.append(total)
         out.append(scores)
     return out
+
+
+def ref_union(first: list[float], second: list[float], valid: list[bool] | None) -> list[float]:
+    """Interleave two rankings: token j scores max(2 * rank_first(j) + 1, 2 * rank_second(j)),
+    ranks ascending (0 = worst), ties broken by position; padding -inf."""
+    def ranks(xs: list[float]) -> list[int]:
+        order = sorted(range(len(xs)), key=lambda j: (xs[j], j))
+        out = [0] * len(xs)
+        for r, j in enumerate(order):
+            out[j] = r
+        return out
+
+    ra, rb = ranks(first), ranks(second)
+    valid = valid if valid is not None else [True] * len(first)
+    return [float(max(2 * ra[j] + 1, 2 * rb[j])) if valid[j] else -math.inf for j in range(len(first))]
 
 
 def ref_select(scores: list[float], k: int, valid: list[bool] | None, sink: int, recent: int) -> list[int]:
@@ -126,7 +145,7 @@ class ReferenceOmniKV:
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
         if role is Role.FILTER and (i not in self.last_select or self.steps - self.last_select[i] >= cfg.refresh_every):
             n = self.prompt_len
-            q = self.windows[i][0] if cfg.selector in ("uniform", "exp") else query[0]
+            q = self.windows[i][0] if cfg.selector in ("uniform", "exp", "union") else query[0]
             groups = ref_scores(q, key[0, :, :n], scaling, cfg.selector, cfg.head_reduce, None)
             k = cfg.resolve_budget(n)
             self.selection[i] = [ref_select(s, k, None, cfg.sink_tokens, cfg.recent_tokens) for s in groups]

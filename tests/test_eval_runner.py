@@ -61,6 +61,7 @@ def test_outputs(full_run):
         assert row["score"] == pytest.approx(100 * sum(mine) / len(mine))
     summary = (full_run / "summary.md").read_text()
     assert "| task | length | full | omnikv |" in summary and "| passkey (n=2) | 300 |" in summary
+    assert "Paired against full attention" in summary
     assert (full_run / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     run = json.loads((full_run / "run.json").read_text())
     assert run["args"]["methods"] == ["full", "omnikv"] and run["new_records"] == 4
@@ -146,7 +147,14 @@ def test_aggregate_and_summary_by_hand():
     assert rows[("omnikv", "a")]["greedy_agreement"] == 0.5 and rows[("full", "a")]["greedy_agreement"] is None
     assert m["average"] == {"full": {"100": 50.0}, "omnikv": {"100": 50.0}}
     md = report.summary_markdown(m)
-    assert "| a (n=2) | 100 | 50.0 | 100.0 |" in md and "| b (n=1) | 100 | 50.0 | 0.0 |" in md
+    # Wilson 95% of 1/2: 9.5-90.5; of 1/1: 20.7-100; bootstrap of the single 0.5: 50-50
+    assert "| a (n=2) | 100 | 50.0 (9-91) | 100.0 (21-100) |" in md and "| b (n=1) | 100 | 50.0 (50-50) | 0.0 (0-79) |" in md
+    assert rows[("full", "a")]["interval"] == "wilson" and rows[("full", "b")]["interval"] == "bootstrap"
+    paired = {(p["method"], p["task"], p["length"]): p for p in m["paired"]}
+    assert set(paired) == {("omnikv", "a", 100), ("omnikv", "b", 100), ("omnikv", "*", 0)}
+    assert (paired[("omnikv", "a", 100)]["same"], paired[("omnikv", "b", 100)]["worse"]) == (1, 1)
+    assert paired[("omnikv", "*", 0)]["n"] == 2 and paired[("omnikv", "*", 0)]["mean_diff"] == -25.0
+    assert "| omnikv | * | all | 2 | 1 | 0 | 1 | 1.000 | -25.0" in md
     assert "| **average** | 100 | 50.0 | 50.0 |" in md
     assert "| a | 100 | omnikv | 0.500 | 1.000 | 0.2500 |" in md
 
@@ -219,3 +227,26 @@ def test_accelerate_launch_shards_and_merges(full_run, ckpt, tmp_path, monkeypat
     assert not set(_keys(out / "shard-0-of-2")) & set(_keys(out / "shard-1-of-2"))
     assert _keys(out) == _keys(full_run)
     assert json.loads((out / "run.json").read_text())["merged_from"][0].endswith("shard-0-of-2")
+
+
+def test_shared_prefill_gives_the_separate_runs_results(ckpt, tmp_path):
+    """The default (one prefill per sample, every method and pass forked from it) against
+    --separate-prefill: same predictions, scores and fidelity; only the prefill bookkeeping differs."""
+    args = ["--methods", "full,omnikv,snapkv,h2o", "--tasks", "passkey", "--lengths", "300", "--samples", "2",
+            "--budget", "0.5", "--max-new-tokens", "3", "--no-progress", "--fidelity", "--perplexity"]
+    assert main(["eval", "--model", ckpt, "--output", str(tmp_path / "shared"), *args]) == 0
+    assert main(["eval", "--model", ckpt, "--output", str(tmp_path / "own"), "--separate-prefill", *args]) == 0
+    shared = {record_key(r): r for r in read_predictions(tmp_path / "shared" / "predictions.jsonl")}
+    own = {record_key(r): r for r in read_predictions(tmp_path / "own" / "predictions.jsonl")}
+    assert shared.keys() == own.keys() and len(shared) == 8
+    for key, a in shared.items():
+        b = own[key]
+        assert a["prefill_mode"] == "shared" and b["prefill_mode"] == "own"
+        assert a["shared_prefill_seconds"] > 0 and b["shared_prefill_seconds"] is None
+        assert (a["token_ids"], a["score"]) == (b["token_ids"], b["score"])
+        if "fidelity" in b:
+            assert a["fidelity"]["greedy_agreement"] == b["fidelity"]["greedy_agreement"]
+            assert a["fidelity"]["mean_kl"] == pytest.approx(b["fidelity"]["mean_kl"], abs=1e-5)
+        assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-4)
+    run = json.loads((tmp_path / "shared" / "run.json").read_text())
+    assert run["prefill"]["shared"] and run["prefill"]["record_queries"] and run["prefill"]["tail"] >= 32

@@ -1,5 +1,7 @@
 """OmniKV against full attention (budget >= prompt) and against the slow reference (real budget)."""
 
+import math
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -64,7 +66,7 @@ def test_full_budget_logits_close(models, family):
     torch.testing.assert_close(omni, full, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("selector", ["last", "softmax_last", "uniform", "exp"])
+@pytest.mark.parametrize("selector", ["last", "softmax_last", "uniform", "exp", "union"])
 @pytest.mark.parametrize("head_reduce", ["max", "sum", "per_kv_head"])
 def test_matches_reference_at_real_budget(models, selector, head_reduce):
     model = models("llama", num_hidden_layers=6)
@@ -221,3 +223,34 @@ def test_half_precision_on_cpu(dtype):
         model(input_ids=torch.tensor([ids]), **cache_kwargs(cache))
         model(input_ids=torch.tensor([[cont[0]]]), **cache_kwargs(cache))
     assert all(seg.work.dtype == dtype and seg.bank.data.dtype == dtype for seg in cache.segments.values())
+
+
+@pytest.mark.parametrize("selector", ["last", "union"])
+def test_fractional_budget_is_each_rows_own(models, selector):
+    """budget=0.25: a 60-token row selects ceil(0.25 * 60) = 15 of its own tokens whether it runs
+    alone or left-padded beside a 100- or an 80-token row (not 25 or 20 of the padded width); the
+    rest of its index list is its padding, masked. Its greedy tokens and scores do not change."""
+    model = models("llama", num_hidden_layers=6)
+    cfg = cfg_for("llama", budget=0.25, sink_tokens=2, recent_tokens=4, selector=selector, window_size=4)
+    a = prompt(60, seed=31)
+
+    def run(ids, mask):
+        cache = OmniKVCache(model, cfg)
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=256,
+                                 output_scores=True, return_dict_in_generate=True, **cache_kwargs(cache))
+        return out.sequences[:, ids.shape[1]:], torch.stack(out.scores, dim=1), cache
+
+    alone_tokens, alone_scores, _ = run(a, torch.ones_like(a))
+    for width, seed in ((100, 32), (80, 33)):
+        ids = torch.cat([torch.cat([torch.full((1, width - 60), 256), a], dim=1), prompt(width, seed=seed)], dim=0)
+        mask = torch.ones_like(ids)
+        mask[0, : width - 60] = 0
+        tokens, scores, cache = run(ids, mask)
+        assert torch.equal(tokens[0], alone_tokens[0])
+        torch.testing.assert_close(scores[0], alone_scores[0], atol=ATOL, rtol=0)
+        for idx in cache.selected_indices().values():
+            assert idx.shape[-1] == math.ceil(0.25 * width)  # the longer row's k: shapes stay (B, G, k_max)
+            real = idx[0, 0][idx[0, 0] >= width - 60]
+            assert real.numel() == 15, "row 0 must select 15 of its own 60 tokens"
+            assert idx[0, 0].unique().numel() == idx.shape[-1]  # padding fills, no duplicates

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from omnikv.selection import filter_scores, gather_rows, positions_mask, select_topk, selection_delta
+from omnikv.selection import filter_scores, gather_rows, positions_mask, select_topk, selection_delta, select_topk_rows, union_scores
 from reference import ref_reload, ref_scores, ref_select
 
 
@@ -15,7 +15,7 @@ def rand(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("selector", ["last", "softmax_last", "uniform", "exp"])
+@pytest.mark.parametrize("selector", ["last", "softmax_last", "uniform", "exp", "union"])
 @pytest.mark.parametrize("head_reduce", ["max", "sum", "per_kv_head"])
 def test_scores_match_reference(selector, head_reduce):
     q, k = rand(2, 6, 5, 8, seed=1), rand(2, 3, 40, 8, seed=2)
@@ -159,3 +159,41 @@ def test_reloads_keep_the_buffer_equal_to_a_full_gather(b, g, k, seed):
         held = held.scatter(-1, slots, tokens)
         assert torch.equal(held.sort(-1).values, new)
         assert torch.equal(buffer, gather_rows(bank, held))
+
+
+def test_union_takes_each_selectors_best_in_turn():
+    """k = 4 of 8: last's best (5), uniform's best (0), last's second (6), uniform's second (1);
+    a token both rank high in counts once, so the next of either ranking gets its place."""
+    last = torch.tensor([[[0.0, 1, 2, 3, 4, 9, 8, 5]]])
+    window = torch.tensor([[[9.0, 8, 1, 2, 3, 0, 4, 5]]])
+    assert select_topk(union_scores(last, window), 4).tolist() == [[[0, 1, 5, 6]]]
+    shared = torch.tensor([[[9.0, 8, 0, 1, 2, 3, 4, 5]]])  # same best two: the next ones join
+    assert select_topk(union_scores(shared, shared), 3).tolist() == [[[0, 1, 7]]]
+    valid = torch.tensor([[False, False, True, True, True, True, True, True]])
+    scores = union_scores(shared, window, valid)
+    assert scores[0, 0, :2].tolist() == [float("-inf")] * 2
+    assert set(select_topk(scores, 3, valid=valid)[0, 0].tolist()) <= set(range(2, 8))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_topk_rows_picks_what_each_row_picks_alone(seed):
+    """Row b of a left-padded batch with its own k: its real picks = ref_select on its unpadded
+    scores (shifted by its padding); the rest are distinct padding positions."""
+    g = torch.Generator().manual_seed(seed)
+    b, grp, t = 3, 2, 30
+    pads = [0, 7, 12]
+    valid = torch.ones(b, t, dtype=torch.bool)
+    for i, p in enumerate(pads):
+        valid[i, :p] = False
+    scores = torch.randn(b, grp, t, generator=g).masked_fill(~valid[:, None, :], float("-inf"))
+    ks = torch.tensor([9, 5, 4])
+    idx = select_topk_rows(scores, ks, valid, sink=1, recent=2)
+    assert idx.shape == (b, grp, 9)
+    for i, p in enumerate(pads):
+        for j in range(grp):
+            row = idx[i, j].tolist()
+            assert len(set(row)) == 9 and row == sorted(row)
+            real = [x for x in row if x >= p]
+            alone = ref_select(scores[i, j, p:].tolist(), int(ks[i]), None, 1, 2)
+            assert real == [x + p for x in alone]
+            assert all(x < p for x in row if x not in real)

@@ -27,12 +27,18 @@ GROUPS = {
     "gemma3-more-16k": ["gemma3-more-16k-s0", "gemma3-more-16k-s1", "gemma3-more-16k-lossy-s0",
                         "gemma3-more-16k-lossy-s1"],
     "smollm2": ["smollm2-1k"],
+    # Third pass (issue 14): one shared prefill per sample, 20-sample design in quarter shards; the
+    # unsharded p3-gemma3-2k stage was stopped after its first passkey samples (same sample ids).
+    "gemma3-p3": ["p3-gemma3-2k"] + [f"p3-gemma3-{n}-q{q}" for n in ("2k", "4k") for q in range(4)],
+    "gemma3-p3-heldout": [f"p3-heldout-{n}-q{q}" for n in ("2k", "4k") for q in range(4)],
+    "gemma3-p3-shared-context": ["p3-shared-context-2k"],
     "fidelity-gemma3": ["fid-gemma3-4k", "fid-gemma3-8k"],
     "fidelity-smollm2": ["fid-smollm2-4k", "fid-smollm2-8k"],
 }
 # Sliding-window layers and the rows transformers keeps in each (window - 1): they are the same for
 # every method, so the share of the *budgeted* (full-attention) layers is reported separately.
-SLIDING = {"gemma3": (15, 511), "gemma3-more": (15, 511), "gemma3-more-16k": (15, 511), "fidelity-gemma3": (15, 511)}
+SLIDING = {"gemma3-p3": (15, 511), "gemma3-p3-heldout": (15, 511), "gemma3-p3-shared-context": (15, 511),
+           "gemma3": (15, 511), "gemma3-more": (15, 511), "gemma3-more-16k": (15, 511), "fidelity-gemma3": (15, 511)}
 MAX_COPY = 2 * 1024 * 1024  # predictions.jsonl copied next to the tables only when this small
 
 
@@ -133,6 +139,30 @@ def paired(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+SELECTOR_PAIRS = (("omnikv:selector=union", "omnikv"), ("omnikv:selector=union", "omnikv:selector=uniform"),
+                  ("omnikv:selector=uniform", "omnikv"))
+
+
+def selectors(records: list[dict]) -> str:
+    """The OmniKV selectors against each other, sample by sample (exact sign test, bootstrap
+    interval of the mean difference): the evidence for or against a default selector."""
+    from omnikv.eval.stats import paired_comparison
+
+    score = {(r["method"], r["task"], int(r["length"]), str(r["sample_id"])): float(r["score"]) for r in records}
+    tasks = sorted({k[1] for k in score})
+    out = ["| A | B | task | n | same | A better | A worse | sign p | mean A - B (95%) |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for a, b in SELECTOR_PAIRS:
+        for task in tasks + ["*"]:
+            keys = [k[1:] for k in score if k[0] == a and (task == "*" or k[1] == task) and (b,) + k[1:] in score]
+            if not keys:
+                continue
+            p = paired_comparison([score[(a,) + k] for k in keys], [score[(b,) + k] for k in keys])
+            out.append(f"| {a} | {b} | {task} | {p['n']} | {p['same']} | {p['better']} | {p['worse']} | "
+                       f"{p['sign_p']:.3f} | {p['mean_diff']:+.1f} ({p['diff_low']:+.1f}, {p['diff_high']:+.1f}) |")
+    return "\n".join(out) + "\n" if len(out) > 2 else ""
+
+
 def main(src: Path, dst: Path) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     for group, stages in GROUPS.items():
@@ -154,6 +184,9 @@ def main(src: Path, dst: Path) -> None:
         (out / "failures.md").write_text(failures(recs))
         (out / "headline.md").write_text(headline(metrics))
         (out / "paired.md").write_text(paired(recs))
+        sel = selectors(recs)
+        if sel:
+            (out / "selectors.md").write_text(sel)
         pred = out / "predictions.jsonl"
         with pred.open("w", encoding="utf-8") as fh:
             for r in recs:

@@ -7,6 +7,7 @@
 #   benchmarks/eval/run_suite.sh report     # only rebuild tables/plots from what has finished
 #   benchmarks/eval/run_suite.sh queue1|queue2   # one of the two queues, then the tables
 #   benchmarks/eval/run_suite.sh more            # only the second pass (more tasks), then the tables
+#   benchmarks/eval/run_suite.sh pass3           # only the third pass (20 samples per cell), then the tables
 #
 # Raw outputs: runs/suite/<stage>/ (predictions.jsonl etc.); tables: benchmarks/eval/results/.
 set -uo pipefail
@@ -85,14 +86,43 @@ queue_more_a() { gm gemma3-more-2k 2k; gm gemma3-more-8k-s0 8k --shard 0/2; gu g
 queue_more_b() { gm gemma3-more-4k 4k; gm gemma3-more-8k-s1 8k --shard 1/2; gu gemma3-more-uniform-2k 2k; gu gemma3-more-uniform-4k 4k
                  g16 gemma3-more-16k-s1 1/2; }
 
+# Third pass (issue 14): 20 samples per cell, one shared prefill per sample (the default), the four
+# tasks Gemma 3 is competent on, every method plus OmniKV with the `uniform` and `union` selectors
+# beside the paper's `last`. Seed 0 / narrative haystack is the set the `union` design was chosen
+# on (its first samples include the second pass's failure cases); seed 1 / pydoc haystack is held
+# out. Stages run in quarter shards (--shard i/4: every 4th work unit, i.e. 5 samples of every task
+# spread over the depths), so a run stopped early is still balanced; results.py merges them.
+P3_TASKS=${P3_TASKS:-passkey,number_string,niah_multivalue,niah_multikey_1}
+P3_METHODS=$METHODS,omnikv:selector=uniform,omnikv:selector=union
+p3() {  # p3 STAGE LENGTH QUARTER: the main table
+  ev "$1-q$3" --model gemma3 --methods $P3_METHODS --tasks "$P3_TASKS" --lengths $2 --samples 20 \
+     --max-new-tokens 48 --shard $3/4
+}
+p3_heldout() {  # p3_heldout STAGE LENGTH QUARTER: full attention and the three selectors on unseen seeds/haystack
+  ev "$1-q$3" --model gemma3 --methods full,omnikv,omnikv:selector=uniform,omnikv:selector=union --tasks "$P3_TASKS" \
+     --lengths $2 --samples 20 --max-new-tokens 48 --seed 1 --haystack pydoc --shard $3/4
+}
+p3_shared_context() {  # every method on the shared-context task (4 questions per document)
+  ev p3-shared-context-2k --model gemma3 --methods $P3_METHODS --tasks shared_context --lengths 2k --samples ${SC_SAMPLES:-4} \
+     --max-new-tokens 16
+}
+p3_speed() {  # prefill and wall seconds per sample of a six-method cell, shared vs separate, back to back
+  PYTHONPATH=. $PY benchmarks/eval/shared_prefill_speed.py --model gemma3 --length 2k --samples 3 \
+     --out benchmarks/eval/results/pass3/shared_prefill_speed.json
+}
+queue_p3_a() { for q in 0 1 2 3; do p3 p3-gemma3-2k 2k $q; done; for q in 0 1 2 3; do p3 p3-gemma3-4k 4k $q; done; }
+queue_p3_b() { p3_speed; for q in 0 1 2 3; do p3_heldout p3-heldout-2k 2k $q; done; p3_shared_context
+               for q in 0 1 2 3; do p3_heldout p3-heldout-4k 4k $q; done; }
+
 case ${1:-run} in
   run) queue_gemma3 & q1=$!; queue_other & q2=$!; wait $q1 $q2
        queue_more_a & q1=$!; queue_more_b & q2=$!; wait $q1 $q2 ;;
   more) queue_more_a & q1=$!; queue_more_b & q2=$!; fid_smollm2_8k & q3=$!; wait $q1 $q2 $q3 ;;  # second pass alone
+  pass3) queue_p3_a & q1=$!; queue_p3_b & q2=$!; wait $q1 $q2 ;;  # third pass alone
   queue1) queue_gemma3 ;;     # one queue alone (e.g. to restart it)
   queue2) queue_other ;;
   report) ;;
-  *) echo "usage: $0 [run|queue1|queue2|more|report]" >&2; exit 2 ;;
+  *) echo "usage: $0 [run|queue1|queue2|more|pass3|report]" >&2; exit 2 ;;
 esac
 $PY benchmarks/eval/results.py "$OUT" benchmarks/eval/results
 for g in gemma3 smollm2 gemma3-more; do  # the plots docs/results.md shows

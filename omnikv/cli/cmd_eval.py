@@ -56,6 +56,9 @@ def register(subparsers) -> None:
     p.add_argument("--data-dir", default=None, help="directory with official LongBench / InfiniteBench files")
     p.add_argument("--max-new-tokens", type=int, default=None, help="cap every sample's generation length")
     p.add_argument("--prefill-chunk-size", type=int, default=None, help="chunked prefill (tokens per chunk)")
+    p.add_argument("--separate-prefill", action="store_true",
+                   help="prefill every method (and fidelity / perplexity pass) on its own instead of forking "
+                   "all of them from one shared prefill per sample (same results, slower; for timing)")
     p.add_argument("--dtype", default=None, help="model dtype (default float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--merge", nargs="+", metavar="DIR", default=None, help="same as `merge DIR...`")
@@ -141,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume, fidelity=args.fidelity, perplexity=args.perplexity, task_options=task_options,
         haystack=args.haystack, method_options=method_options, data_dir=args.data_dir, dtype=args.dtype, device=device,
         prefill_chunk_size=args.prefill_chunk_size, max_new_tokens=args.max_new_tokens,
-        progress=not args.no_progress,
+        progress=not args.no_progress, shared_prefill=not args.separate_prefill,
     )
     metrics = run_eval(config)
     if launched is not None:

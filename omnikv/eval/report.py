@@ -12,6 +12,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
+from omnikv.eval.stats import paired_comparison, score_interval
+
 _FIDELITY_KEYS = ("greedy_agreement", "top1_agreement", "mean_kl")
 
 
@@ -25,20 +27,26 @@ def _ordered(values: Iterable[Any]) -> list[Any]:
 
 
 def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean score (x100) and fidelity / perplexity / speed / budget per (method, task, length).
+    """Mean score (x100) with its 95% interval, and fidelity / perplexity / speed / budget per
+    (method, task, length); paired comparisons of every method against full attention.
 
     Returns {"rows": [...], "methods": [...], "tasks": [...], "lengths": [...],
-    "average": {method: {length: mean of task scores}}}."""
+    "average": {method: {length: mean of task scores}}, "paired": [...]}. A row's `ci_low` /
+    `ci_high` bound its score (Wilson or bootstrap: `interval`); a paired entry compares one
+    method with "full" on the samples both ran, per (task, length), per length over all tasks
+    (task "*") and over everything (task "*", length 0) - see omnikv.eval.stats."""
     groups: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         groups[(r["method"], r["task"], int(r["length"]))].append(r)
     rows = []
     for (method, task, length), recs in groups.items():
         fid = [r.get("fidelity") or {} for r in recs]
+        ci = score_interval([float(r["score"]) for r in recs])
         rows.append({
             "method": method, "task": task, "length": length, "n": len(recs),
             "metric": recs[0].get("metric"),
             "score": 100.0 * _mean(r["score"] for r in recs),
+            "ci_low": ci["low"], "ci_high": ci["high"], "interval": ci["interval"],
             **{k: _mean(f.get(k) for f in fid) for k in _FIDELITY_KEYS},
             "perplexity": _mean(r.get("perplexity") for r in recs),
             "decode_tokens_per_second": _mean(r.get("decode_tokens_per_second") for r in recs),
@@ -56,11 +64,61 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
             scores = [r["score"] for r in rows if r["method"] == m and r["length"] == length]
             if scores:
                 average[m][str(length)] = sum(scores) / len(scores)
-    return {"rows": rows, "methods": methods, "tasks": tasks, "lengths": lengths, "average": average}
+    return {"rows": rows, "methods": methods, "tasks": tasks, "lengths": lengths, "average": average,
+            "paired": paired_rows(records, methods, tasks, lengths), "per_question": per_question_rows(records)}
+
+
+def per_question_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Shared-context tasks: score (x100, 95% interval) per (method, task, length, question index:
+    0 = asked first)."""
+    groups: dict[tuple[str, str, int, int], list[float]] = defaultdict(list)
+    for r in records:
+        if r.get("question_index") is not None:
+            groups[(r["method"], r["task"], int(r["length"]), int(r["question_index"]))].append(float(r["score"]))
+    out = []
+    for (method, task, length, qi), scores in groups.items():
+        ci = score_interval(scores)
+        out.append({"method": method, "task": task, "length": length, "question_index": qi, "n": len(scores),
+                    "score": 100.0 * sum(scores) / len(scores), "ci_low": ci["low"], "ci_high": ci["high"],
+                    "interval": ci["interval"]})
+    out.sort(key=lambda r: (r["task"], r["length"], r["question_index"]))
+    return out
+
+
+def paired_rows(records: list[dict[str, Any]], methods: list[str], tasks: list[str],
+                lengths: list[int], reference: str = "full") -> list[dict[str, Any]]:
+    """Every method vs `reference` on the samples both ran (matched by task, length, sample id)."""
+    score = {(r["method"], r["task"], int(r["length"]), str(r["sample_id"])): float(r["score"]) for r in records}
+    ref = {k[1:]: v for k, v in score.items() if k[0] == reference}
+    if not ref:
+        return []
+    out = []
+    for m in methods:
+        if m == reference:
+            continue
+        pairs = [(k[1:], v, ref[k[1:]]) for k, v in score.items() if k[0] == m and k[1:] in ref]
+        scopes = [(t, n) for t in tasks for n in lengths] + [("*", n) for n in lengths] + [("*", 0)]
+        for task, length in scopes:
+            sel = [(a, b) for (t, n, _), a, b in pairs if task in ("*", t) and length in (0, n)]
+            if sel and not (task == "*" and length != 0 and len(lengths) == 1):  # = the "all" row
+                out.append({"method": m, "task": task, "length": length,
+                            **paired_comparison([a for a, _ in sel], [b for _, b in sel])})
+    return out
 
 
 def _fmt(v: float | None, digits: int = 1) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _fmt_ci(row: dict[str, Any]) -> str:
+    """`score (low-high)`: the 95% interval next to the score."""
+    if row.get("ci_low") is None:
+        return _fmt(row["score"])
+    return f"{row['score']:.1f} ({row['ci_low']:.0f}-{row['ci_high']:.0f})"
+
+
+def _fmt_p(p: float) -> str:
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
 
 
 def summary_markdown(metrics: dict[str, Any], title: str = "omnikv eval") -> str:
@@ -69,15 +127,38 @@ def summary_markdown(metrics: dict[str, Any], title: str = "omnikv eval") -> str
     methods, rows = metrics["methods"], metrics["rows"]
     index = {(r["task"], r["length"], r["method"]): r for r in rows}
     keys = _ordered((r["task"], r["length"]) for r in rows)
-    out = [f"# {title}", "", "Scores (x100; metric per task in metrics.json).", "",
+    out = [f"# {title}", "", "Scores (x100; metric per task in metrics.json), with the 95% interval in "
+           "parentheses (Wilson for 0/1 scores, else a bootstrap of the mean).", "",
            "| task | length | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
     for task, length in keys:
-        cells = [_fmt(index[(task, length, m)]["score"]) if (task, length, m) in index else "-" for m in methods]
+        cells = [_fmt_ci(index[(task, length, m)]) if (task, length, m) in index else "-" for m in methods]
         n = max(index[(task, length, m)]["n"] for m in methods if (task, length, m) in index)
         out.append(f"| {task} (n={n}) | {length} | " + " | ".join(cells) + " |")
     for length in metrics["lengths"]:
         cells = [_fmt(metrics["average"].get(m, {}).get(str(length))) for m in methods]
         out.append(f"| **average** | {length} | " + " | ".join(cells) + " |")
+    paired = metrics.get("paired") or []
+    if paired:
+        out += ["", "Paired against full attention (same samples): samples scoring the same / better / worse, "
+                "exact two-sided sign test (McNemar on 0/1 scores), mean difference in points with its "
+                "bootstrap 95% interval. Task `*` = all tasks; length `all` = every length.", "",
+                "| method | task | length | n | same | better | worse | sign p | mean diff (95%) |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for p in paired:
+            out.append(f"| {p['method']} | {p['task']} | {p['length'] or 'all'} | {p['n']} | {p['same']} | "
+                       f"{p['better']} | {p['worse']} | {_fmt_p(p['sign_p'])} | {p['mean_diff']:+.1f} "
+                       f"({p['diff_low']:+.1f}, {p['diff_high']:+.1f}) |")
+    per_q = metrics.get("per_question") or []
+    if per_q:
+        qkeys = _ordered((r["task"], r["length"], r["question_index"]) for r in per_q)
+        qidx = {(r["task"], r["length"], r["question_index"], r["method"]): r for r in per_q}
+        out += ["", "Shared-context task per question index (0 = asked first; each about another part "
+                "of the document), score with 95% interval.", "",
+                "| task | length | question | " + " | ".join(methods) + " |",
+                "|---|---|---|" + "---|" * len(methods)]
+        for task, length, qi in qkeys:
+            cells = [_fmt_ci(qidx[(task, length, qi, m)]) if (task, length, qi, m) in qidx else "-" for m in methods]
+            out.append(f"| {task} | {length} | {qi} | " + " | ".join(cells) + " |")
     fid_rows = [r for r in rows if r.get("greedy_agreement") is not None]
     if fid_rows:
         out += ["", "Fidelity against full attention (teacher-forced on full attention's greedy output).", "",

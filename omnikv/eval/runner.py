@@ -73,6 +73,9 @@ class EvalConfig:
     prefill_chunk_size: int | None = None
     max_new_tokens: int | None = None  # caps every sample's generation length when set
     progress: bool = True
+    # One full-attention prefill per sample, every method (and fidelity / perplexity pass) forked
+    # from it (omnikv.fork); False = each pass prefills on its own, as before.
+    shared_prefill: bool = True
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
@@ -277,6 +280,7 @@ def run_eval(config: EvalConfig, *, loaded: Any = None) -> dict[str, Any]:
 
     `loaded` is an already loaded model (an `omnikv.models.LoadedModel` or anything with `.model`,
     `.tokenizer`, `.max_context`); by default `config.model` is loaded."""
+    from omnikv.fork import DEFAULT_TAIL, SharedPrefill, prefill_needs
     from omnikv.generation import SamplingParams, generate, teacher_forced_logits
     from omnikv.methods import get_method
     from omnikv.methods.spec import parse_method
@@ -308,6 +312,17 @@ def run_eval(config: EvalConfig, *, loaded: Any = None) -> dict[str, Any]:
         budget = options.pop("budget", config.budget if spec.takes_budget else None)
         methods[label] = get_method(spec.name, budget=budget, **options)
     meta["methods"] = {name: m.describe() for name, m in methods.items()}
+    # Which methods fork from the shared prefill, and how long a tail each prefills itself.
+    tail, record_queries, alone = DEFAULT_TAIL, False, set()
+    if config.shared_prefill:
+        for name, m in methods.items():
+            need = prefill_needs(m, model)
+            if need is None:
+                alone.add(name)
+            else:
+                tail, record_queries = max(tail, need[0]), record_queries or need[1]
+    meta["prefill"] = {"shared": config.shared_prefill, "tail": tail if config.shared_prefill else None,
+                       "record_queries": record_queries, "own_prefill_methods": sorted(alone)}
 
     shard_i, shard_n = config.shard
     units = [(task, length, s) for k, task, length, s in work_units(config, tok) if k % shard_n == shard_i]
@@ -317,7 +332,7 @@ def run_eval(config: EvalConfig, *, loaded: Any = None) -> dict[str, Any]:
         if max_context and need > max_context:
             raise ConfigError(f"{task} at length {length} needs {need} tokens (prompt + generation) but the "
                               f"model handles {max_context}; drop that length")
-    todo = sum(1 for task, length, s in units for m in methods if (m, task, length, s.id) not in done)
+    todo = sum(1 for task, length, s in units for m in methods for i in record_ids(s) if (m, task, length, i) not in done)
     if CHINESE_TOKENIZATION == "characters" and any(s.metric in ("qa_f1_zh", "rouge_l_zh") for _, _, s in units):
         note = ("jieba is not installed: Chinese F1 / ROUGE-L are computed on characters, not LongBench's "
                 "jieba words (pip install jieba for comparable numbers)")
@@ -332,13 +347,27 @@ def run_eval(config: EvalConfig, *, loaded: Any = None) -> dict[str, Any]:
             ids = encode_prompt(tok, s.prompt)
             full_logits = None
             unit_key = (task, length, s.id)
+            shared = None
+            rids = record_ids(s)
+            if config.shared_prefill and len(ids) >= 2 and any((m, task, length, i) not in done
+                                                               for m in methods for i in rids):
+                shared = SharedPrefill.run(model, ids, tail=tail, record_queries=record_queries,
+                                           prefill_chunk_size=config.prefill_chunk_size)
+            full_shared = shared if REFERENCE not in alone else None
             for name, method in methods.items():
-                if (name, task, length, s.id) in done:
+                if all((name, task, length, i) in done for i in rids):
                     continue
                 bar.set_postfix_str(f"{name} {task} {length}")
                 mnt = _generation_length(s, config)
+                own = shared if name not in alone else None
+                if "questions" in s.metadata:  # shared-context task: one record per question
+                    for rec in _ask_questions(model, tok, name, method, task, length, s, ids, mnt, own, config):
+                        out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                        bar.update(1)
+                    out.flush()
+                    continue
                 res = generate(model, tok, ids, method, SamplingParams(max_new_tokens=mnt, temperature=0.0),
-                               prefill_chunk_size=config.prefill_chunk_size)
+                               prefill_chunk_size=config.prefill_chunk_size, shared=own)
                 rec: dict[str, Any] = {
                     "method": name, "task": task, "length": length, "sample_id": s.id,
                     "prediction": res.text, "answers": s.answers, "metric": s.metric,
@@ -347,6 +376,10 @@ def run_eval(config: EvalConfig, *, loaded: Any = None) -> dict[str, Any]:
                     "token_ids": list(res.token_ids), "finish_reason": res.finish_reason,
                     "prefill_seconds": res.prefill_seconds, "decode_seconds": res.decode_seconds,
                     "decode_tokens_per_second": res.decode_tokens_per_second,
+                    # prefill_seconds is the method's own part: the whole prompt, or with a shared
+                    # prefill only its tail; shared_prefill_seconds is the unit's shared part.
+                    "prefill_mode": "shared" if own is not None else "own",
+                    "shared_prefill_seconds": shared.seconds if own is not None else None,
                     "budget": method.budget,
                     "budget_report": budget_report(res.stats, model, len(ids)),
                     "stats": res.stats, "config": res.config or method.describe(),
@@ -357,15 +390,15 @@ def run_eval(config: EvalConfig, *, loaded: Any = None) -> dict[str, Any]:
                 ref = full_tokens.get(unit_key)
                 if config.fidelity and name != REFERENCE and ref:
                     if full_logits is None:
-                        full_logits = teacher_forced_logits(model, ids, ref, methods[REFERENCE],
+                        full_logits = teacher_forced_logits(model, ids, ref, methods[REFERENCE], shared=full_shared,
                                                             prefill_chunk_size=config.prefill_chunk_size)
-                    method_logits = teacher_forced_logits(model, ids, ref, method,
+                    method_logits = teacher_forced_logits(model, ids, ref, method, shared=own,
                                                           prefill_chunk_size=config.prefill_chunk_size)
                     rec["fidelity"] = fidelity_report(full_logits, method_logits, ref, res.token_ids)
                 if config.perplexity:
                     gold = list(tok(" " + ", ".join(s.answers), add_special_tokens=False)["input_ids"])
                     if gold:
-                        logits = teacher_forced_logits(model, ids, gold, method,
+                        logits = teacher_forced_logits(model, ids, gold, method, shared=own,
                                                        prefill_chunk_size=config.prefill_chunk_size)
                         rec["perplexity"] = perplexity(logits, gold)
                 out.write(json.dumps(rec, ensure_ascii=False) + "\n")
@@ -376,6 +409,43 @@ def run_eval(config: EvalConfig, *, loaded: Any = None) -> dict[str, Any]:
     meta["new_records"] = todo
     (config.output / RUN).write_text(json.dumps(meta, indent=2, default=str))
     return write_reports(config.output, read_predictions(pred_path))
+
+
+def record_ids(sample: Any) -> list[str]:
+    """The sample ids of the records a sample produces: one, or one per question ("<id>/q<i>")."""
+    questions = sample.metadata.get("questions")
+    return [f"{sample.id}/q{i}" for i in range(len(questions))] if questions else [sample.id]
+
+
+def _ask_questions(model: Any, tok: Any, name: str, method: Any, task: str, length: int, s: Any,
+                   ids: list[int], mnt: int, shared: Any, config: EvalConfig) -> list[dict[str, Any]]:
+    """The shared-context task: the document once, then each question in turn (see
+    omnikv.eval.multiturn); one record per question, scored on its own answer."""
+    from omnikv.eval.multiturn import ask_in_turn, encode_question
+    from omnikv.generation import SamplingParams
+
+    questions = s.metadata["questions"]
+    params = SamplingParams(max_new_tokens=mnt, temperature=0.0, stop=("\n",))
+    results = ask_in_turn(model, tok, method, ids, [encode_question(tok, q["text"]) for q in questions], params,
+                          shared=shared, prefill_chunk_size=config.prefill_chunk_size)
+    recs = []
+    for i, (q, res) in enumerate(zip(questions, results)):
+        recs.append({
+            "method": name, "task": task, "length": length, "sample_id": f"{s.id}/q{i}", "question_index": i,
+            "prediction": res.text, "answers": q["answers"], "metric": s.metric,
+            "score": score_sample(s.metric, res.text, q["answers"], s.metadata),
+            "prompt_tokens": res.prompt_tokens, "generated_tokens": res.generated_tokens,
+            "token_ids": list(res.token_ids), "finish_reason": res.finish_reason,
+            "prefill_seconds": res.prefill_seconds, "decode_seconds": res.decode_seconds,
+            "decode_tokens_per_second": res.decode_tokens_per_second,
+            "prefill_mode": "shared" if shared is not None else "own",
+            "shared_prefill_seconds": shared.seconds if shared is not None else None,
+            "budget": method.budget, "budget_report": budget_report(res.stats, model, len(ids)),
+            "stats": res.stats, "config": res.config or method.describe(),
+            "metadata": {"depth": q["depth"], "needle": q["needle"], "document_tokens": len(ids),
+                         **{k: v for k, v in s.metadata.items() if k not in _META_DROP + ("questions",)}},
+        })
+    return recs
 
 
 def write_reports(out_dir: Path, records: list[dict[str, Any]], title: str = "omnikv eval") -> dict[str, Any]:

@@ -14,15 +14,17 @@ from omnikv.errors import ConfigError
 from omnikv.eval.tasks.base import LENGTH_TOLERANCE, Sample, count_tokens, encode_prompt, fit_length, spread_depths
 from omnikv.eval.tasks.infinitebench_synth import INFINITEBENCH_SYNTH_TASKS
 from omnikv.eval.tasks.ruler import RULER_TASKS
+from omnikv.eval.tasks.shared_context import shared_context
 from omnikv.eval.tasks.two_stage import two_stage_retrieval
 
 Generator = Callable[..., list[Sample]]
 
-TASKS: dict[str, Generator] = {**RULER_TASKS, **INFINITEBENCH_SYNTH_TASKS, "two_stage_retrieval": two_stage_retrieval}
+TASKS: dict[str, Generator] = {**RULER_TASKS, **INFINITEBENCH_SYNTH_TASKS, "two_stage_retrieval": two_stage_retrieval,
+                               "shared_context": shared_context}
 # Short aliases accepted on the command line.
 ALIASES: dict[str, str] = {"2stage": "two_stage_retrieval", "2stageretr": "two_stage_retrieval",
                            "niah": "niah_single_2", "variable_tracking": "vt", "common_words": "cwe",
-                           "frequent_words": "fwe"}
+                           "frequent_words": "fwe", "scbench": "shared_context", "multi_question": "shared_context"}
 
 
 def get_task(name: str) -> Generator:
