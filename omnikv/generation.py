@@ -20,7 +20,7 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogit
 
 from omnikv._compat import cache_kwargs
 from omnikv.errors import ConfigError, InputError
-from omnikv.methods import Method, get_method
+from omnikv.methods import Method, get_method, make_decoder
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,8 @@ class Session:
         self.tokenizer = tokenizer
         self.method = get_method(method)
         self.cache = self.method.make_cache(model)
+        # static / compile=True: decode steps go through omnikv.static.StaticDecoder
+        self.decoder = make_decoder(self.method, model, self.cache)
         self.device = next(model.parameters()).device
         self.history: list[int] = []  # tokens already in the cache
         self.pending: list[int] = []  # tokens to feed before the next decode
@@ -167,9 +169,12 @@ class Session:
     def _forward(self, ids: list[int]) -> torch.Tensor:
         """Feed `ids` through the model and cache; (V,) float32 logits after the last one."""
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=x, use_cache=True, logits_to_keep=1, **cache_kwargs(self.cache))
+        if self.decoder is not None:
+            logits = self.decoder(x)
+        else:
+            logits = self.model(input_ids=x, use_cache=True, logits_to_keep=1, **cache_kwargs(self.cache)).logits
         self.history.extend(ids)
-        return out.logits[0, -1].float()
+        return logits[0, -1].float()
 
     def feed(self, *, progress: bool = False, max_new_tokens: int = 0) -> torch.Tensor:
         """Feed every pending token (chunked); returns (V,) logits after the last one."""
@@ -193,6 +198,13 @@ class Session:
             logits = self._forward(ids[s : s + chunk])
         return logits
 
+    def _stats(self, compile_seconds: float) -> dict[str, Any]:
+        stats = self.cache.stats() if hasattr(self.cache, "stats") else {}
+        if self.decoder is not None and self.decoder.compiled:
+            stats["compile_seconds"] = round(compile_seconds, 4)
+            stats["compiles"] = self.decoder.compiles
+        return stats
+
     def generate(
         self,
         params: SamplingParams | None = None,
@@ -215,6 +227,7 @@ class Session:
         streamer = _TextStream(self.tokenizer, params.stop, on_token)
         out: list[int] = []
         finish = "length"
+        compiled_before = self.decoder.compile_seconds if self.decoder is not None else 0.0
         t1 = time.perf_counter()
         while True:
             tok = sampler(logits, self.history)
@@ -231,6 +244,8 @@ class Session:
                 break
             logits = self._forward([tok])
         decode_s = time.perf_counter() - t1
+        compile_s = (self.decoder.compile_seconds - compiled_before) if self.decoder is not None else 0.0
+        decode_s -= compile_s  # compiling is not decoding: reported apart, as stats["compile_seconds"]
         # The last sampled token is not in the cache yet: it starts the next turn.
         if out and finish == "length":
             self.pending.append(out[-1])
@@ -245,7 +260,7 @@ class Session:
             decode_seconds=decode_s,
             decode_tokens_per_second=(steps / decode_s) if steps and decode_s > 0 else 0.0,
             finish_reason=finish,
-            stats=self.cache.stats() if hasattr(self.cache, "stats") else {},
+            stats=self._stats(compile_s),
             method=self.method.name,
             config=self.method.describe(),
         )
@@ -345,6 +360,8 @@ def teacher_forced_logits(
         raise InputError("continuation is empty")
     session = Session(model, None, method, prefill_chunk_size=prefill_chunk_size)
     session.append(prompt_ids)
+    if session.decoder is not None:  # a static cache is sized before the prompt
+        session.cache.reserve(len(session.pending) + len(cont), decode_tokens=len(cont))
     rows = [session.feed()]
     for tok in cont[:-1]:
         rows.append(session._forward([tok]))

@@ -22,6 +22,12 @@ class Method(ABC):
     name: ClassVar[str]
     lossy: ClassVar[bool] = False  # True when tokens are evicted for good
     supports_batch: ClassVar[bool] = True
+    supports_static: ClassVar[bool] = False  # has a static-shape decode step (omnikv/static.py)
+    # Set by `get_method` from the options static= / compile= / compile_backend= / compile_mode=.
+    static: bool = False  # static-shape decode steps, eager
+    compile: bool = False  # ... captured with torch.compile (implies static)
+    compile_backend: str | None = None  # default inductor
+    compile_mode: str | None = None  # default: reduce-overhead (CUDA graphs) on CUDA
 
     def __init__(self, budget: int | float | None = None) -> None:
         if budget is not None:
