@@ -7,8 +7,9 @@ time budget runs short:
 1. correctness (small fp32 model): OmniKV at full budget == full attention, and OmniKV with offload
    on == off at a real budget (both gather every row; tolerance 1e-4), with the transfer strategy
    the cache picked (device gather from mapped host memory, or host gather) and its syncs per step;
-2. timing (bf16, 32K and 128K, synthetic KV): full vs full_prealloc vs OmniKV offload off/on,
-   interleaved, through `omnikv.bench.run_bench`, with each record's bytes/bandwidth bound;
+2. timing (bf16, 32K and 128K, synthetic KV): full vs full_prealloc vs OmniKV offload off/on, and
+   compiled (torch.compile, CUDA graphs) full_prealloc and OmniKV offload on, interleaved, through
+   `omnikv.bench.run_bench`, with each record's bytes/bandwidth bound and compile seconds;
 3. prefill: one real chunked prefill at 32K through OmniKV with offload (seconds, H2D/D2H bytes);
 4. trace: a torch.profiler trace of OmniKV decode steps with offload, and how much of the
    host->device traffic (memcpys and side-stream gather kernels) overlaps compute kernels;
@@ -98,7 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     # The two CUDA gather strategies side by side (device gather from mapped host memory: no sync,
     # every selected row each step; host gather: one sync per segment, only the changed rows).
     host = f"omnikv:offload=true:transfer={'simulated_host_gather' if sim else 'cuda_host_gather'}:budget={budget}"
-    methods = ["full", "full_prealloc", off, on, host]
+    # Compiled static-shape steps (torch.compile; CUDA graphs on CUDA), compile time reported apart
+    # per record. --tiny on CPU traces with dynamo only (backend eager): inductor would take minutes.
+    cb = ":compile_backend=eager" if device.type == "cpu" else ""
+    compiled = [f"full_prealloc:compile=true{cb}", f"omnikv:offload=true{sim}:compile=true{cb}:budget={budget}"]
+    methods = ["full", "full_prealloc", off, on, *compiled, host]
     summary["methods"] = methods
     records = stages.timing(model, methods, contexts, steps, tiny, clock, summary["notes"]) if "timing" in wanted else []
     summary["timing"] = records

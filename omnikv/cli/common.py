@@ -146,6 +146,9 @@ def add_method_arguments(p: argparse.ArgumentParser, *, method: bool = True) -> 
     g.add_argument("--telemetry", default=None, action="store_true",
                    help="omnikv: also compute each sparse layer's true attention every step and report how much of "
                    "it the selection covers (slower; off by default)")
+    g.add_argument("--compile", default=None, action="store_true",
+                   help="static-shape decode steps captured with torch.compile (inductor; CUDA graphs on CUDA); "
+                   "full_prealloc and omnikv (selector last/softmax_last); the first step compiles (timed apart)")
     g.add_argument("--prefill-chunk-size", type=positive_int, default=DEFAULT_PREFILL_CHUNK, metavar="N",
                    help=f"prefill in chunks of N tokens (default {DEFAULT_PREFILL_CHUNK}; same result, bounded memory)")
 
@@ -179,7 +182,7 @@ def add_prompt_arguments(p: argparse.ArgumentParser, *, required: bool = True) -
 def method_options(args: argparse.Namespace) -> dict[str, Any]:
     """The method flags the user actually gave (None = not given), by constructor argument name."""
     names = ("filter_layers", "num_wait_layers", "selector", "head_reduce", "offload", "sink_tokens", "recent_tokens",
-             "telemetry")
+             "telemetry", "compile")
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
