@@ -34,11 +34,6 @@ def cache_kwargs(cache: Cache | None) -> dict:
     return {CACHE_KWARG: cache}
 
 
-def output_cache(outputs) -> Cache | None:
-    """The cache attached to a model output, under whichever name this version uses."""
-    return getattr(outputs, CACHE_KWARG, None) or getattr(outputs, "past_key_values", None)
-
-
 def layer_types(config) -> list[str]:
     """Per-layer attention type ("full_attention", "sliding_attention", ...) of a text config."""
     cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config

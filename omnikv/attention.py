@@ -44,3 +44,48 @@ def use_omnikv_attention(model: torch.nn.Module) -> None:
     ensure_registered()
     if getattr(model.config, "_attn_implementation", None) != ATTN_NAME:
         model.set_attn_implementation(ATTN_NAME)
+
+
+# ---------------------------------------------------------------------------------------------
+# Explicit attention weights, for the code that needs them (SDPA does not return them): H2O's
+# accumulated attention, SnapKV's votes, telemetry. One masked GQA softmax for all of them.
+
+
+def scaling_of(module: torch.nn.Module, query: torch.Tensor, kwargs: dict) -> float:
+    """The attention scale the model uses (Gemma's query_pre_attn_scalar, else 1/sqrt(D))."""
+    scale = kwargs.get("scaling")
+    if scale is None:
+        scale = getattr(module, "scaling", None)
+    return float(scale) if scale is not None else query.shape[-1] ** -0.5
+
+
+def masked_softmax(logits: torch.Tensor, mask: torch.Tensor | None, *, inplace: bool = False) -> torch.Tensor:
+    """float32 softmax over the last dim with `mask` (bool, True = attend, broadcastable to
+    `logits`); rows with nothing to attend (padding queries) are 0, not NaN. `inplace` lets it
+    overwrite float32 `logits` with the masked values (saves a copy of a large score tensor)."""
+    logits = logits.float()
+    if mask is not None:
+        logits = logits.masked_fill_(~mask, float("-inf")) if inplace else logits.masked_fill(~mask, float("-inf"))
+    return torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+
+
+def attention_probs(
+    query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """Softmax attention weights, float32, grouped by KV head.
+
+    Args:
+        query: (B, Hq, q, D); keys: (B, Hk, n, D); mask: (B, 1 | Hk | Hq, q, n) bool (True =
+            attend) or None.
+    Returns:
+        (B, Hk, g, q, n) with g = Hq // Hk; rows with nothing to attend (padding queries) are 0.
+    """
+    b, hq, q, d = query.shape
+    hk, n = keys.shape[1], keys.shape[-2]
+    g = hq // hk
+    logits = torch.matmul(query.reshape(b, hk, g * q, d).float(), keys.float().transpose(-1, -2))
+    logits = logits.mul_(scaling).view(b, hk, g, q, n)
+    if mask is not None:
+        heads = mask.shape[1]
+        mask = mask.view(b, hk, g, q, n) if heads == hq else mask.view(b, heads, 1, q, n)  # heads 1 or Hk
+    return masked_softmax(logits, mask, inplace=True)

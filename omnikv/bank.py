@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from omnikv.buffers import GROWTH, KVBuffer, grown_capacity
+from omnikv.buffers import KVBuffer, grown_capacity
 from omnikv.errors import ConfigError
 from omnikv.selection import selection_delta
 from omnikv.transfer import Transfer
@@ -290,7 +290,7 @@ class Segment:
         if self.work is None:
             cap = k + max(self.decode_reserve, generated, 1)
         else:
-            cap = max(need + 64, int(need * GROWTH))
+            cap = grown_capacity(need, self.work.shape[-2], 64)
         work = torch.empty((lsz, 2, b, h, cap, d), dtype=self.bank.data.dtype, device=self.device)
         if self.work is not None:
             self.transfer.wait(self.ready, self.device)  # a pending load still writes the old buffer

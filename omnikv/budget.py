@@ -1,9 +1,18 @@
-"""Parsing the token counts users type: "4096", "8k", "1.5k", "1m" (k = 1024, as RULER's 4K)."""
+"""Token counts and budgets as users type them, and the one rule that turns a budget into rows.
+
+`parse_token_count("8k") -> 8192` (k = 1024, as RULER's 4K). A *budget* is the number of prompt
+tokens a budgeted layer attends to: an int is a token count, a float in (0, 1] a fraction of the
+prompt (rounded up). `Budget` validates, parses and resolves it; every method, the OmniKV config,
+the analysis and every command go through it, so `1.0` means "the whole prompt" everywhere and `1`
+means one token everywhere.
+"""
 
 from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
+from typing import Union
 
 from omnikv.errors import ConfigError
 
@@ -22,21 +31,73 @@ def parse_token_count(text: str, what: str = "length") -> int:
     return int(value)
 
 
-def parse_budget(text: str) -> int | float:
-    """'256' -> 256 prompt tokens; '0.1' -> 10% of the prompt. ConfigError for <= 0, fractions
-    above 1 and anything that is not a number."""
-    try:
-        value: int | float = int(text)
-    except ValueError:
+@dataclass(frozen=True)
+class Budget:
+    """A validated budget: `value` is an int >= 1 (tokens) or a float in (0, 1] (prompt share)."""
+
+    value: int | float
+
+    def __post_init__(self) -> None:
+        v = self.value
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ConfigError(
+                f"budget must be an int (tokens) or a float in (0, 1] (fraction of the prompt); got {v!r}"
+            )
+        if isinstance(v, float):
+            if math.isnan(v) or not 0.0 < v <= 1.0:
+                raise ConfigError(f"budget={v} as a fraction must be in (0, 1]; for a token count pass an int")
+        elif v <= 0:
+            raise ConfigError(f"budget={v} must be > 0 tokens")
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        """'256' -> 256 prompt tokens; '0.1' -> 10% of the prompt; '1.0' -> the whole prompt.
+        ConfigError for <= 0, fractions above 1 and anything that is not a number."""
+        try:
+            return cls(int(text))
+        except ValueError:
+            pass
         try:
             value = float(text)
         except ValueError:
             raise ConfigError(
                 f"budget must be a number of tokens (e.g. 256) or a fraction of the prompt in (0, 1] "
-                f"(e.g. 0.1); got {text!r}") from None
+                f"(e.g. 0.1); got {text!r}"
+            ) from None
         if not (math.isfinite(value) and 0 < value <= 1):
-            raise ConfigError(f"a fractional budget must be in (0, 1] (e.g. 0.1 = 10% of the prompt); got {text!r}")
-        return value
-    if value < 1:
-        raise ConfigError(f"a token budget must be >= 1; got {text!r}")
-    return value
+            raise ConfigError(
+                f"a fractional budget must be in (0, 1] (e.g. 0.1 = 10% of the prompt); got {text!r}"
+            )
+        return cls(value)
+
+    @classmethod
+    def of(cls, value: BudgetLike) -> Budget:
+        """A Budget from a Budget, an int, a float or the text of one."""
+        if isinstance(value, Budget):
+            return value
+        if isinstance(value, str):
+            return cls.parse(value)
+        return cls(value)
+
+    def tokens(self, prompt_len: int, *, floor: int = 1, clip: bool = True) -> int:
+        """Rows kept for a prompt of `prompt_len` tokens: an int as is, a fraction of the prompt
+        rounded up; never below `floor` (always-kept tokens counted inside the budget) and, when
+        `clip`, never above the prompt. (StreamingLLM and H2O do not clip: they keep `budget` rows
+        of prompt *and* generated tokens, so a budget above the prompt leaves room for the answer.)
+        An empty prompt keeps nothing."""
+        if prompt_len <= 0:
+            return 0
+        k = math.ceil(self.value * prompt_len) if isinstance(self.value, float) else int(self.value)
+        k = max(k, floor, 1)
+        return min(k, prompt_len) if clip else k
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+BudgetLike = Union[Budget, int, float, str]
+
+
+def parse_budget(text: str) -> int | float:
+    """The plain value of `Budget.parse(text)` (what configs and method options store)."""
+    return Budget.parse(text).value

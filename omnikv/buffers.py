@@ -75,10 +75,3 @@ class KVBuffer:
         if self.keys is None:
             return 0
         return 2 * self.keys.numel() * self.keys.element_size()
-
-    def select_batch(self, indices: torch.Tensor) -> None:
-        if self.keys is not None:
-            self.keys = self.keys[indices]
-            self.values = self.values[indices]
-
-

@@ -9,15 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omnikv.budget import Budget
 from omnikv.errors import ConfigError
 
+# The vocabulary of token selection, in one place: the config, the CLI flags and the analysis
+# (which supports the selectors that need no observation window) all read these.
 SELECTORS = ("last", "softmax_last", "uniform", "exp")
+ANALYSIS_SELECTORS = ("last", "softmax_last")  # scored from one decode query's logits
 HEAD_REDUCTIONS = ("max", "sum", "per_kv_head")
+
+_FITTED: set[tuple[int, int, int]] = set()  # (budget, sink, recent) already warned about
 
 
 @dataclass(frozen=True)
@@ -31,7 +37,9 @@ class OmniKVConfig:
         num_wait_layers: dense layers right after each filter layer (paper: 1); they give the
             host->device copy of the selected rows time to land.
         budget: prompt tokens each sparse layer attends to (int), or a fraction of the prompt
-            (float in (0, 1]). Sink and recent tokens count inside the budget.
+            (float in (0, 1]). Sink and recent tokens count inside the budget: an int budget
+            smaller than sink_tokens + recent_tokens shrinks both proportionally to fit (with a
+            warning, once).
         selector: how a filter layer scores prompt tokens: `last` (raw scaled logits of the current
             query, the paper's main setting), `softmax_last`, `uniform` / `exp` (per-head softmax
             over an observation window of the last `window_size` queries, summed with uniform or
@@ -86,7 +94,7 @@ class OmniKVConfig:
                 f"use {tuple(sorted(set(layers)))}"
             )
         _check_int("num_wait_layers", self.num_wait_layers, minimum=0)
-        _check_budget(self.budget)
+        Budget(self.budget)  # ConfigError naming the budget and the fix
         if self.selector not in SELECTORS:
             raise ConfigError(f"selector {self.selector!r} is unknown; choose one of {SELECTORS}")
         if self.head_reduce not in HEAD_REDUCTIONS:
@@ -104,26 +112,35 @@ class OmniKVConfig:
         if self.prefill_chunk_size is not None:
             _check_int("prefill_chunk_size", self.prefill_chunk_size, minimum=1)
         if isinstance(self.budget, int) and self.budget < self.sink_tokens + self.recent_tokens:
-            raise ConfigError(
-                f"budget={self.budget} tokens is smaller than sink_tokens + recent_tokens = "
-                f"{self.sink_tokens + self.recent_tokens}; raise the budget or lower sink/recent"
+            self._fit_sink_recent()
+
+    def _fit_sink_recent(self) -> None:
+        """The budget is the user's number: shrink sink and recent proportionally to fit inside it
+        (sink' + recent' = budget, each no larger than before; at least one sink token is kept
+        when there were sinks: attention sinks matter most) and say so once."""
+        budget, sink, recent = self.budget, self.sink_tokens, self.recent_tokens
+        new_sink = max(1 if sink else 0, round(sink * budget / (sink + recent)))
+        new_recent = min(recent, budget - new_sink)
+        new_sink = budget - new_recent
+        if (budget, sink, recent) not in _FITTED:
+            _FITTED.add((budget, sink, recent))
+            warnings.warn(
+                f"budget={budget} tokens is smaller than sink_tokens + recent_tokens = {sink + recent}; "
+                f"using sink_tokens={new_sink} and recent_tokens={new_recent} to fit inside the budget",
+                stacklevel=4,
             )
+        object.__setattr__(self, "sink_tokens", new_sink)
+        object.__setattr__(self, "recent_tokens", new_recent)
 
     # ------------------------------------------------------------------ budget
     def resolve_budget(self, prompt_len: int) -> int:
         """Number of prompt rows a sparse layer attends to for a prompt of `prompt_len` tokens.
 
-        A float budget is a fraction of the prompt (rounded up). The result never goes below the
-        always-kept sink + recent tokens (so they are never crowded out) nor above the prompt.
+        `Budget.tokens`: a float budget is a fraction of the prompt (rounded up). The result never
+        goes below the always-kept sink + recent tokens (so they are never crowded out) nor above
+        the prompt.
         """
-        if prompt_len <= 0:
-            return 0
-        if isinstance(self.budget, float):
-            k = math.ceil(self.budget * prompt_len)
-        else:
-            k = self.budget
-        k = max(k, self.sink_tokens + self.recent_tokens, 1)
-        return min(k, prompt_len)
+        return Budget(self.budget).tokens(prompt_len, floor=self.sink_tokens + self.recent_tokens)
 
     # ------------------------------------------------------------------ model checks
     def validate_for_model(self, num_layers: int, full_attention_layers: list[int]) -> None:
@@ -193,18 +210,3 @@ _PRESET_METADATA_KEYS = frozenset({"model_type", "num_layers", "name", "notes", 
 def _check_int(name: str, value: Any, *, minimum: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ConfigError(f"{name} must be an int >= {minimum}; got {value!r}")
-
-
-def _check_budget(budget: Any) -> None:
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise ConfigError(
-            f"budget must be an int (tokens) or a float in (0, 1] (fraction of the prompt); "
-            f"got {budget!r}"
-        )
-    if isinstance(budget, float):
-        if not (0.0 < budget <= 1.0) or math.isnan(budget):
-            raise ConfigError(
-                f"budget={budget} as a fraction must be in (0, 1]; for a token count pass an int"
-            )
-    elif budget <= 0:
-        raise ConfigError(f"budget={budget} must be > 0 tokens")

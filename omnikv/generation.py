@@ -9,6 +9,7 @@ chunked prefill and timings.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -16,16 +17,36 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import (
+    LogitsProcessorList,
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from omnikv._compat import cache_kwargs
 from omnikv.errors import ConfigError, InputError
 from omnikv.methods import Method, get_method, make_decoder
+from omnikv.stops import StopMatcher
+
+
+# Temperatures below this decode greedily (as vLLM does): dividing logits by 1e-40 overflows to
+# inf and the softmax to nan.
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Decoding settings. temperature 0 = greedy."""
+    """Decoding settings. temperature 0 (or below `GREEDY_BELOW_TEMPERATURE`) = greedy.
+
+    min_p: drop tokens less likely than min_p x the most likely one (sampling only).
+    repetition_penalty: > 1 discourages tokens already in the prompt or output (CTRL-style, also
+        applied when greedy). min_tokens: EOS cannot end the output before this many tokens.
+    logprobs: None = no logprobs; k >= 0 = record each output token's log-probability under the
+        model (raw logits, before temperature and penalties) and the k most likely alternatives.
+    """
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -34,6 +55,10 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
@@ -44,6 +69,14 @@ class SamplingParams:
             raise ConfigError(f"top_p must be in (0, 1]; got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ConfigError(f"top_k must be an int >= 0; got {self.top_k!r}")
+        if not (isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1):
+            raise ConfigError(f"min_p must be in [0, 1]; got {self.min_p!r}")
+        if not (isinstance(self.repetition_penalty, (int, float)) and math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ConfigError(f"repetition_penalty must be a finite number > 0; got {self.repetition_penalty!r}")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise ConfigError(f"min_tokens must be an int >= 0; got {self.min_tokens!r}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
+            raise ConfigError(f"logprobs must be None or an int >= 0; got {self.logprobs!r}")
         # The range torch.Generator.manual_seed accepts (beyond it: a raw OverflowError/ValueError).
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
                                       or not -(2**63) <= self.seed < 2**64):
@@ -52,6 +85,26 @@ class SamplingParams:
         if any(not isinstance(s, str) or not s for s in stop):
             raise ConfigError("stop strings must be non-empty strings")
         object.__setattr__(self, "stop", stop)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One position's log-probability (natural log) and its `top` most likely (token id, logprob)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: Sequence[int], k: int) -> list[TokenLogprob]:
+    """(N, V) logits, the N tokens that followed them -> N `TokenLogprob`s with top-k alternatives."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(1, torch.tensor(list(token_ids), dtype=torch.long, device=logp.device)[:, None])[:, 0]
+    top_v, top_i = (logp.topk(k, dim=-1) if k > 0 else (logp[:, :0], logp[:, :0].long()))
+    return [
+        TokenLogprob(int(t), float(c), tuple(zip(map(int, ti), map(float, tv))))
+        for t, c, ti, tv in zip(token_ids, chosen.tolist(), top_i.tolist(), top_v.tolist())
+    ]
 
 
 @dataclass
@@ -67,6 +120,7 @@ class GenerationResult:
     stats: dict[str, Any] = field(default_factory=dict)
     method: str = ""
     config: dict[str, Any] = field(default_factory=dict)
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry when params.logprobs is set
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -148,36 +202,58 @@ class Session:
 
         if not guard_enabled() or len(self.pending) < 1024:
             return
-        cfg = self.method.config_for(self.model) if hasattr(self.method, "config_for") else None
         if self.limit is not None:  # generation stops at the context limit anyway
             max_new_tokens = max(0, min(max_new_tokens, self.limit - self.total_tokens))
         plan = plan_memory(
             self.model.config,
             self.total_tokens,
-            self.method.name,
+            self.method,
             device=str(self.device),
             dtype_bytes=next(self.model.parameters()).element_size(),
             max_new_tokens=max_new_tokens,
             prefill_chunk_size=self.prefill_chunk_size,
-            omnikv_config=cfg,
-            budget=self.method.budget,
             weights_bytes=0,  # already loaded: free memory excludes them
         )
         check_fits(plan)
 
     @torch.inference_mode()
-    def _forward(self, ids: list[int]) -> torch.Tensor:
-        """Feed `ids` through the model and cache; (V,) float32 logits after the last one."""
+    def _forward(self, ids: list[int], *, all_logits: bool = False) -> torch.Tensor:
+        """Feed `ids` through the model and cache; (V,) float32 logits after the last one, or
+        (len(ids), V) logits after each one when `all_logits`."""
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        if self.decoder is not None:
-            logits = self.decoder(x)
+        if self.decoder is not None and not all_logits:
+            logits = self.decoder(x)[0, -1]
         else:
-            logits = self.model(input_ids=x, use_cache=True, logits_to_keep=1, **cache_kwargs(self.cache)).logits
+            out = self.model(input_ids=x, use_cache=True, logits_to_keep=0 if all_logits else 1, **cache_kwargs(self.cache))
+            logits = out.logits[0] if all_logits else out.logits[0, -1]
         self.history.extend(ids)
-        return logits[0, -1].float()
+        return logits.float()
 
-    def feed(self, *, progress: bool = False, max_new_tokens: int = 0) -> torch.Tensor:
-        """Feed every pending token (chunked); returns (V,) logits after the last one."""
+    def fork(self) -> "Session":
+        """An independent copy of this session (cache deep-copied): decode several continuations
+        of one prefill. The copy shares model, tokenizer and method, nothing mutable."""
+        twin = copy.copy(self)
+        twin.cache = copy.deepcopy(self.cache)
+        twin.history = list(self.history)
+        twin.pending = list(self.pending)
+        return twin
+
+    def feed(
+        self,
+        *,
+        progress: bool = False,
+        max_new_tokens: int = 0,
+        prompt_logprobs: int | None = None,
+        on_chunk: Callable[[], None] | None = None,
+    ) -> torch.Tensor:
+        """Feed every pending token (chunked); returns (V,) logits after the last one.
+
+        prompt_logprobs: k >= 0 also sets `self.prompt_logprobs`: for each fed token but the first,
+            its log-probability given the tokens before it, with the k most likely alternatives
+            (from the prefill's logits: full attention for every method).
+        on_chunk: called before each prefill chunk; an exception it raises aborts the prefill
+            (the server uses it to stop work for a client that went away).
+        """
         if not self.pending:
             raise InputError("nothing to feed: append tokens first")
         if self.limit is not None and self.total_tokens > self.limit:
@@ -194,8 +270,24 @@ class Session:
 
             starts = tqdm(starts, desc="prefill", unit="chunk", leave=False)
         logits = None
+        rows: list[TokenLogprob] = []
         for s in starts:
-            logits = self._forward(ids[s : s + chunk])
+            if on_chunk is not None:
+                on_chunk()
+            part = ids[s : s + chunk]
+            if prompt_logprobs is None:
+                logits = self._forward(part)
+                continue
+            # Logits after token j score token j + 1: keep them per chunk, reduced to top-k at once
+            # (never the whole (T, V) matrix).
+            all_logits = self._forward(part, all_logits=True)
+            rows += token_logprobs(all_logits[:-1], part[1:], prompt_logprobs)
+            nxt = ids[s + chunk] if s + chunk < len(ids) else None
+            if nxt is not None:
+                rows += token_logprobs(all_logits[-1:], [nxt], prompt_logprobs)
+            logits = all_logits[-1]
+        if prompt_logprobs is not None:
+            self.prompt_logprobs = rows
         return logits
 
     def _stats(self, compile_seconds: float) -> dict[str, Any]:
@@ -213,28 +305,51 @@ class Session:
         progress: bool = False,
     ) -> GenerationResult:
         params = params or SamplingParams()
-        if hasattr(self.cache, "reserve"):
-            extra = params.max_new_tokens + len(self.pending)
-            if self.limit is not None:  # decoding stops at the context limit: never reserve past it
-                extra = min(extra, max(self.limit - len(self.history), 0))
-            self.cache.reserve(extra, decode_tokens=params.max_new_tokens)
+        self.reserve(params.max_new_tokens)
         prompt_tokens = self.total_tokens
         t0 = time.perf_counter()
         logits = self.feed(progress=progress, max_new_tokens=params.max_new_tokens)
         prefill_s = time.perf_counter() - t0
+        return self.decode(logits, params, on_token=on_token, prompt_tokens=prompt_tokens, prefill_seconds=prefill_s)
+
+    def reserve(self, max_new_tokens: int) -> None:
+        """Size the cache's buffers for the pending tokens plus `max_new_tokens` (a hint)."""
+        if hasattr(self.cache, "reserve"):
+            extra = max_new_tokens + len(self.pending)
+            if self.limit is not None:  # decoding stops at the context limit: never reserve past it
+                extra = min(extra, max(self.limit - len(self.history), 0))
+            # decode_tokens capped like extra: max_new_tokens may be far past the context (10**12).
+            self.cache.reserve(extra, decode_tokens=min(max_new_tokens, extra))
+
+    def decode(
+        self,
+        logits: torch.Tensor,
+        params: SamplingParams,
+        *,
+        on_token: Callable[[str], None] | None = None,
+        prompt_tokens: int | None = None,
+        prefill_seconds: float = 0.0,
+    ) -> GenerationResult:
+        """Decode from `logits` (V,), the next-token logits after everything fed (see `feed`)."""
+        prompt_tokens = len(self.history) if prompt_tokens is None else prompt_tokens
+        prefill_s = prefill_seconds
         sampler = _Sampler(params, self.device)
         stops = eos_ids(self.model, self.tokenizer) if not params.ignore_eos else set()
         streamer = _TextStream(self.tokenizer, params.stop, on_token)
         out: list[int] = []
+        logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         finish = "length"
         compiled_before = self.decoder.compile_seconds if self.decoder is not None else 0.0
         t1 = time.perf_counter()
         while True:
-            tok = sampler(logits, self.history)
+            # EOS may not end the output before min_tokens.
+            tok = sampler(logits, self.history, banned=stops if len(out) < params.min_tokens else ())
             if tok in stops:
                 finish = "stop"
                 break
             out.append(tok)
+            if logprobs is not None:
+                logprobs += token_logprobs(logits[None], [tok], params.logprobs or 0)
             if streamer.push(out):
                 finish = "stop"
                 break
@@ -263,14 +378,17 @@ class Session:
             stats=self._stats(compile_s),
             method=self.method.name,
             config=self.method.describe(),
+            logprobs=logprobs,
         )
 
 
 class _Sampler:
-    """Greedy or sampled next token, with transformers' logits warpers."""
+    """Greedy or sampled next token, with transformers' logits processors."""
 
     def __init__(self, params: SamplingParams, device: torch.device) -> None:
-        self.greedy = params.temperature == 0
+        self.greedy = params.temperature < GREEDY_BELOW_TEMPERATURE
+        # Only the repetition penalty reads the history; the others look at the scores alone.
+        self.penalty = RepetitionPenaltyLogitsProcessor(float(params.repetition_penalty)) if params.repetition_penalty != 1 else None
         procs = []
         if not self.greedy:
             procs.append(TemperatureLogitsWarper(float(params.temperature)))
@@ -278,6 +396,8 @@ class _Sampler:
                 procs.append(TopKLogitsWarper(params.top_k))
             if params.top_p < 1:
                 procs.append(TopPLogitsWarper(float(params.top_p)))
+            if params.min_p > 0:
+                procs.append(MinPLogitsWarper(float(params.min_p)))
         self.procs = LogitsProcessorList(procs)
         self.gen = torch.Generator(device="cpu")
         if params.seed is not None:
@@ -285,7 +405,13 @@ class _Sampler:
         else:
             self.gen.seed()
 
-    def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
+    def __call__(self, logits: torch.Tensor, history: list[int], banned: Sequence[int] | set[int] = ()) -> int:
+        if self.penalty is not None or banned:
+            logits = logits.clone()
+            if banned:
+                logits[list(banned)] = -math.inf
+            if self.penalty is not None:
+                logits = self.penalty(torch.tensor([history], dtype=torch.long, device=logits.device), logits[None])[0]
         if self.greedy:
             return int(torch.argmax(logits))
         ids = torch.tensor([history[-1:] or [0]], dtype=torch.long)
@@ -299,23 +425,22 @@ class _TextStream:
 
     def __init__(self, tokenizer, stop: tuple[str, ...], on_token: Callable[[str], None] | None) -> None:
         self.tokenizer = tokenizer
-        self.stop = stop
+        self.stops = StopMatcher(stop)
         self.on_token = on_token
         self.text = ""
         self.emitted = 0
-        self.hold = max((len(s) for s in stop), default=1) - 1
 
     def push(self, ids: list[int]) -> bool:
         """Update with all generated ids; True when a stop string was reached."""
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        for s in self.stop:
-            at = text.find(s)
-            if at != -1:
-                self.text = text[:at]
-                return True
+        cut, _ = self.stops.scan(text)
+        if cut is not None:
+            self.text = text[:cut]
+            return True
         self.text = text
-        # A trailing U+FFFD is an incomplete UTF-8 sequence: wait for the next token.
-        safe = len(text.rstrip("\ufffd")) - self.hold
+        # A trailing U+FFFD is an incomplete UTF-8 sequence: wait for the next token. A tail that
+        # could still start a stop string waits too.
+        _, safe = self.stops.scan(text.rstrip("\ufffd"))
         if self.on_token and safe > self.emitted:
             self.on_token(text[self.emitted : safe])
             self.emitted = safe

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from omnikv._compat import CacheLayerMixin, DynamicSlidingWindowLayer, sdpa_attention_forward, sliding_window
+from omnikv.attention import masked_softmax
 from omnikv.bank import Segment
 from omnikv.buffers import KVBuffer
 from omnikv.config import OmniKVConfig
@@ -198,9 +199,8 @@ class FilterLayer(DenseLayer):
         g = hq // hk
         logits = torch.matmul(query.view(b, hk, g, d), key.transpose(-1, -2)) * scaling  # (B,Hk,g,N)
         self.select_from_logits(logits[..., : self.state.prompt_len])
-        if attention_mask is not None:
-            logits = logits.masked_fill(~attention_mask[:, :, 0, :].view(b, 1, 1, n), float("-inf"))
-        probs = torch.softmax(logits.float(), dim=-1).to(value.dtype)
+        mask = None if attention_mask is None else attention_mask[:, :, 0, :].view(b, 1, 1, n)
+        probs = masked_softmax(logits, mask).to(value.dtype)
         out = torch.matmul(probs, value)  # (B, Hk, g, D)
         self.last_attended = n
         return out.view(b, hq, 1, d).transpose(1, 2), None
@@ -299,9 +299,8 @@ class SparseLayer(ManagedLayer):
         hk, n = k_all.shape[1], k_all.shape[2]
         g = hq // hk
         logits = torch.matmul(query.view(b, hk, g, d).float(), k_all.float().transpose(-1, -2)) * scaling
-        if attention_mask is not None:
-            logits = logits.masked_fill(~attention_mask[:, :, 0, :n].view(b, 1, 1, n), float("-inf"))
-        probs = torch.softmax(logits, dim=-1)  # (B, Hk, g, N)
+        mask = None if attention_mask is None else attention_mask[:, :, 0, :n].view(b, 1, 1, n)
+        probs = masked_softmax(logits, mask)  # (B, Hk, g, N)
         attended = torch.zeros(b, hk, n, dtype=torch.bool, device=query.device)
         pos = self.positions().to(query.device).expand(b, hk, -1)
         attended.scatter_(-1, pos, True)

@@ -2,12 +2,17 @@
 
 Matched by (model_type, number of layers, hidden size). Every preset says where it comes from.
 `omnikv calibrate` writes a preset file for any other model; pass it with `--preset FILE`.
+`resolve_preset(name_or_path)` is the one place a `--preset` / `preset=` value becomes a config:
+every command and `get_method("omnikv", preset=...)` go through it.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from omnikv._compat import layer_types
 from omnikv.config import OmniKVConfig
@@ -46,7 +51,7 @@ PRESETS: tuple[Preset, ...] = (
             filter_layers=(3, 14, 21), num_wait_layers=0, budget=1024, sink_tokens=4,
             recent_tokens=64, selector="last", head_reduce="max", source="preset:smollm2-135m",
         ),
-        "Measured on SmolLM2-135M (shared/docs/method.md s.6): layers 0-2 are poorly covered by any "
+        "Measured on SmolLM2-135M (attention coverage from `omnikv analyze`): layers 0-2 are poorly covered by any "
         "other layer (dense), {3,14,21} is the best 3-filter set (coverage 0.923 with 4 sink + 64 "
         "recent tokens; the paper's {2,8,18} gives 0.905). No wait layers: on CPU nothing is copied. "
         "1024 selected tokens per sparse layer (a fixed count, like the paper's latency setting: the "
@@ -66,6 +71,26 @@ PRESETS: tuple[Preset, ...] = (
         "tokens per sparse layer.",
     ),
 )
+
+
+def resolve_preset(name_or_path: str | os.PathLike) -> tuple[OmniKVConfig, dict[str, Any]]:
+    """A built-in preset by name, or a preset JSON file by path -> (config, made_for).
+
+    `made_for` holds the `model_type` / `num_layers` a file says it was made for (checked against
+    the model by `check_preset_model`); a built-in preset is matched to models by `find_preset`
+    and carries none. ConfigError, naming the built-in presets, when it is neither."""
+    text = os.fspath(name_or_path)
+    named = {p.name: p for p in PRESETS}
+    if text in named:
+        return named[text].config, {}
+    path = Path(text).expanduser()
+    looks_like_a_file = path.suffix == ".json" or os.sep in text or path.exists()
+    if not looks_like_a_file:
+        raise ConfigError(
+            f"preset {text!r} is neither a built-in preset ({', '.join(named)}) nor a preset file; "
+            "give one of those names or the path of a file from `omnikv calibrate --output`"
+        )
+    return OmniKVConfig.from_json_with_metadata(path)
 
 
 def find_preset(model_or_config) -> Preset | None:

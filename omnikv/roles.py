@@ -45,7 +45,7 @@ class LayerPlan:
 
 
 def plan_layers(config: OmniKVConfig, layer_types: list[str]) -> LayerPlan:
-    """Assign roles following method.md section 2, over the full-attention layers only.
+    """Assign roles following the paper's layer split (docs/how-it-works.md), over the full-attention layers only.
 
     Layers before the first filter are dense; each filter layer is followed by `num_wait_layers`
     dense full-attention layers; every other full-attention layer is sparse and follows the

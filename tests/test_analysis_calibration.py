@@ -128,8 +128,11 @@ def test_preset_file_round_trips_through_the_core_config(tmp_path):
     config_mod = pytest.importorskip("omnikv.config")
     cfg = config_mod.OmniKVConfig.from_json(path)
     assert cfg.filter_layers == (3, 14, 21) and cfg.budget == 256 and cfg.num_wait_layers == 1
-    with pytest.raises(ConfigError):
-        make_preset([3], 1, 8, 4, 64, "last", "max", "llama", 30)  # budget below sink + recent
+    with pytest.raises(ConfigError, match="selector"):
+        make_preset([3], 1, 256, 4, 64, "nearest", "max", "llama", 30)
+    with pytest.warns(UserWarning, match="fit inside the budget"):
+        small = make_preset([3], 1, 8, 4, 60, "last", "max", "llama", 30)  # budget below sink + recent
+    assert small["sink_tokens"] + small["recent_tokens"] == 8
     with pytest.raises(ConfigError, match="exactly"):
         write_preset(tmp_path / "q.json", {**preset, "extra": 1})
 

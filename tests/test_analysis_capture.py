@@ -154,3 +154,28 @@ def test_file_prompts_keep_head_and_tail(tmp_path):
     (tmp_path / "e.txt").write_text("  \n")
     with pytest.raises(InputError, match="empty"):
         prompts_from_files(tok, [str(tmp_path / "e.txt")])
+
+
+def test_calibrate_without_inputs_uses_the_builtin_haystack(tmp_path, capsys):
+    from omnikv.cli import main
+
+    # A short context: the default prompt must fit it (context - steps - 1 tokens).
+    ckpt = testing.make_tiny_checkpoint(tmp_path / "ckpt", family="llama", num_hidden_layers=6,
+                                        max_position_embeddings=256)
+    preset = tmp_path / "preset.json"
+    rc = main(["calibrate", "--model", str(ckpt), "--steps", "3", "--num-filters", "2", "--num-wait", "0",
+               "--budget", "40", "--output", str(preset)])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "built-in narrative haystack, 1 prompt(s) of 252 tokens" in err
+    assert "recorded narrative haystack (seed 0): 252 prompt tokens" in err
+    data = json.loads(preset.read_text())
+    assert len(data["filter_layers"]) == 2 and data["num_layers"] == 6
+
+
+def test_haystack_prompts_have_the_asked_length():
+    from omnikv.analysis.inputs import default_length, prompts_from_haystack
+
+    (source, ids), = prompts_from_haystack(testing.build_tokenizer(), 300, 1, seed=2)
+    assert len(ids) == 300 and "seed 2" in source
+    assert default_length(256, 3) == 252 and default_length(None, 3) == 2048 and default_length(8192, 3, 500) == 500

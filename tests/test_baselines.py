@@ -84,7 +84,7 @@ def test_registry_lists_every_baseline_and_describes_it():
     for name in BASELINES + ("full", "full_offload"):
         assert name in names
     for name in BASELINES:
-        m = get_method(name, budget=0.25, model=model_of("llama"))  # `model=` as the CLI passes it
+        m = get_method(name, budget=0.25)
         d = m.describe()
         json.dumps(d)
         assert d["method"] == name and d["budget"] == 0.25

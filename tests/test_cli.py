@@ -1,4 +1,4 @@
-"""The user-facing commands: generate, chat, compare, models (omnikv/cli/cmd_*.py, omnikv/demo.py).
+"""The user-facing commands: generate, chat, compare, models (omnikv/cli/cmd_*.py, omnikv/cli/demo.py).
 
 Most tests run the real command as a subprocess on a tiny random checkpoint (byte-level tokenizer:
 one token per UTF-8 byte, ChatML template) and check its output against the library run in-process.

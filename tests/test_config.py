@@ -1,6 +1,7 @@
 """OmniKVConfig validation, layer-role plans and presets."""
 
 import json
+import warnings
 
 import pytest
 
@@ -30,7 +31,6 @@ from omnikv.models.tiny import tiny_config
         (dict(refresh_every=0), "refresh_every"),
         (dict(partial_reload="yes"), "partial_reload"),
         (dict(window_size=0), "window_size"),
-        (dict(budget=10, sink_tokens=4, recent_tokens=64), r"sink_tokens \+ recent_tokens"),
         (dict(offload="yes"), "offload"),
     ],
 )
@@ -57,6 +57,55 @@ def test_unsupported_layer_types_are_refused(models):
         del model.config.layer_types
 
 
+def test_int_budget_below_sink_plus_recent_shrinks_them_to_fit():
+    import omnikv.config as config_mod
+
+    config_mod._FITTED.clear()
+    with pytest.warns(UserWarning, match=r"budget=64 .* sink_tokens \+ recent_tokens = 68; using sink_tokens=4 and recent_tokens=60"):
+        cfg = OmniKVConfig(budget=64, sink_tokens=4, recent_tokens=64)
+    assert (cfg.sink_tokens, cfg.recent_tokens) == (4, 60)
+    assert cfg.resolve_budget(1000) == 64  # the user's number, not sink + recent
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once, not at every replace()
+        assert OmniKVConfig(budget=64, sink_tokens=4, recent_tokens=64).recent_tokens == 60
+    for budget in (1, 2, 10, 67):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            c = OmniKVConfig(budget=budget, sink_tokens=4, recent_tokens=64)
+        assert c.sink_tokens + c.recent_tokens == budget and 1 <= c.sink_tokens <= 4 and c.recent_tokens <= 64
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert OmniKVConfig(budget=3, sink_tokens=8, recent_tokens=0).sink_tokens == 3
+
+
+def test_paper_preset_has_no_sink_or_recent_to_fit():
+    from omnikv.presets import PRESETS
+
+    paper = next(p for p in PRESETS if p.name == "llama-3-8b-paper").config
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = paper.replace(budget=64)
+    assert (cfg.sink_tokens, cfg.recent_tokens, cfg.budget) == (0, 0, 64)
+
+
+def test_generate_with_a_small_int_budget_is_accepted(models):
+    """`--method omnikv --budget 64` on a preset with 4 sink + 64 recent tokens runs (it was refused)."""
+    from omnikv.generation import Session
+    from omnikv.methods import get_method
+
+    model = models("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        method = get_method("omnikv", budget=64, filter_layers=(1,), num_wait_layers=0, sink_tokens=4, recent_tokens=64)
+        session = Session(model, None, method)
+    session.append(list(range(3, 203)))
+    session.feed()
+    session._forward([5])  # one decode step: the sparse layers attend the budget
+    stats = session.cache.stats()
+    assert stats["selected_tokens"] == 64
+    assert (session.cache.config.sink_tokens, session.cache.config.recent_tokens) == (4, 60)
+
+
 def test_budget_resolution():
     cfg = OmniKVConfig(budget=0.1, sink_tokens=4, recent_tokens=16)
     assert cfg.resolve_budget(1000) == 100
@@ -66,7 +115,7 @@ def test_budget_resolution():
 
 
 def test_paper_plan_for_llama3_8b():
-    """method.md s.2: L={2,8,18}, w=1 on 32 layers -> dense 0,1,2,3,8,9,18,19; 24 sparse."""
+    """The paper's Llama-3-8B split: L={2,8,18}, w=1 on 32 layers -> dense 0,1,2,3,8,9,18,19; 24 sparse."""
     plan = plan_layers(OmniKVConfig(filter_layers=(2, 8, 18), num_wait_layers=1), ["full_attention"] * 32)
     dense = sorted(plan.layers_with(Role.DENSE) + plan.layers_with(Role.FILTER))
     assert dense == [0, 1, 2, 3, 8, 9, 18, 19]

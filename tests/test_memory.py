@@ -19,7 +19,7 @@ def test_kv_bytes_by_hand():
     full = memory.plan_memory(cfg, 1000, "full", dtype_bytes=4, max_new_tokens=24)
     assert full.device_kv_bytes == 6 * 1024 * row
     ocfg = OmniKVConfig(filter_layers=(1, 3), num_wait_layers=0, budget=100, sink_tokens=0, recent_tokens=0, offload=True)
-    om = memory.plan_memory(cfg, 1000, "omnikv", dtype_bytes=4, max_new_tokens=24, omnikv_config=ocfg)
+    om = memory.plan_memory(cfg, 1000, get_method("omnikv", config=ocfg), dtype_bytes=4, max_new_tokens=24)
     # dense 0, filters 1 and 3 keep everything; sparse 2, 4, 5 keep 100 selected + 24 generated
     assert om.device_kv_bytes == 3 * 1024 * row + 3 * (100 + 24) * row
     assert om.host_kv_bytes == 3 * 1024 * row

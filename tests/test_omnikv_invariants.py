@@ -1,4 +1,4 @@
-"""Invariants of method.md: drop-free bank, what sparse layers attend, logical length, API parity."""
+"""Invariants of OmniKV (docs/how-it-works.md): drop-free bank, what sparse layers attend, logical length, API parity."""
 
 import torch
 from transformers import DynamicCache

@@ -108,7 +108,6 @@ API_ERRORS: list[tuple[str, Callable[..., Any], type[Exception], str]] = [
     ("no filter layer", lambda m, t, o: SPARSE.replace(filter_layers=()), ConfigError, "empty"),
     ("unsorted filter layers", lambda m, t, o: SPARSE.replace(filter_layers=(2, 1)), ConfigError, "sorted"),
     ("filter layers as an int", lambda m, t, o: SPARSE.replace(filter_layers=2), ConfigError, "tuple"),
-    ("budget below sink + recent", lambda m, t, o: SPARSE.replace(budget=3), ConfigError, "sink_tokens + recent_tokens"),
     ("refresh_every 0", lambda m, t, o: SPARSE.replace(refresh_every=0), ConfigError, "refresh_every"),
     ("window_size 0", lambda m, t, o: SPARSE.replace(window_size=0), ConfigError, "window_size"),
     ("selector typo", lambda m, t, o: SPARSE.replace(selector="top"), ConfigError, "selector"),
@@ -339,11 +338,17 @@ def test_memory_guard_refuses_before_any_prefill(monkeypatch, tok):
     assert sess.feed().shape == (model.config.vocab_size,)
 
 
+def test_budget_below_sink_plus_recent_is_fitted_not_refused():
+    with pytest.warns(UserWarning, match="sink_tokens \\+ recent_tokens"):
+        cfg = SPARSE.replace(budget=3, sink_tokens=5, recent_tokens=7)
+    assert cfg.sink_tokens + cfg.recent_tokens == 3 and cfg.sink_tokens >= 1
+
+
 @pytest.mark.parametrize("context", [0, -1, 10**15])
 def test_plan_memory_extreme_contexts_do_not_crash(context, small):
     from omnikv.methods.memory import plan_memory
 
-    plan = plan_memory(small.config, max(context, 0), "omnikv", omnikv_config=SPARSE)
+    plan = plan_memory(small.config, max(context, 0), get_method("omnikv", config=SPARSE))
     assert plan.host_total_bytes >= plan.weights_bytes >= 0
     if context == 10**15:
         assert not plan.fits
@@ -573,8 +578,10 @@ SERVER_BAD: list[tuple[str, str, Any]] = [
     ("temperature -1", "/v1/completions", {"prompt": "hi", "temperature": -1}),
     ("top_p 5", "/v1/completions", {"prompt": "hi", "top_p": 5}),
     ("seed 2**80", "/v1/completions", {"prompt": "hi", "seed": 2**80}),
-    ("n 2", "/v1/completions", {"prompt": "hi", "n": 2}),
-    ("two prompts", "/v1/completions", {"prompt": ["a", "b"]}),
+    ("n 17", "/v1/completions", {"prompt": "hi", "n": 17}),  # n <= 16 is served
+    ("65 prompts", "/v1/completions", {"prompt": ["a"] * 65}),  # up to 64 are served
+    ("logit_bias", "/v1/completions", {"prompt": "hi", "logit_bias": {"1": 100}}),
+    ("text/plain body", "/v1/completions", b"text/plain"),
     ("wrong model name", "/v1/completions", {"prompt": "hi", "model": "gpt-9"}),
     ("no messages", "/v1/chat/completions", {"messages": []}),
     ("bad role", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}),
@@ -590,7 +597,9 @@ SERVER_BAD: list[tuple[str, str, Any]] = [
 def test_server_hostile_request_is_4xx_json(server, name, path, body):
     srv, _engine = server
     with httpx.Client(base_url=srv.url, timeout=httpx.Timeout(60.0)) as c:
-        if isinstance(body, bytes):
+        if body == b"text/plain":  # what a cross-site form or fetch without preflight sends
+            r = c.post(path, content=b'{"prompt": "hi"}', headers={"content-type": "text/plain"})
+        elif isinstance(body, bytes):
             r = c.post(path, content=body, headers={"content-type": "application/json"})
         else:
             r = c.post(path, json=body)

@@ -3,7 +3,7 @@
 Each example draws a tiny model (family, layers, KV heads), an OmniKV config (filter layers, wait
 layers, budget, selector, head reduction, refresh interval, offload) and a request (batch, prompt
 length, left padding, decode steps), runs `model.generate` through an OmniKVCache and checks the
-invariants of shared/docs/method.md:
+invariants of OmniKV (docs/how-it-works.md):
 
 * the cache's length is the logical length (prompt incl. padding + fed tokens);
 * a sparse layer attends to exactly resolve_budget(prompt) + fed tokens, every full-attention
@@ -95,7 +95,7 @@ def cases(draw, full_budget: bool = False) -> Case:
 
 
 def _sparse_sources(full: list[int], filters: list[int], wait: int) -> list[int | None]:
-    """Per full-attention layer: the filter a sparse layer follows, else None (method.md s.2)."""
+    """Per full-attention layer: the filter a sparse layer follows, else None (omnikv.roles)."""
     out: list[int | None] = []
     current, left = None, 0
     for i in full:

@@ -15,7 +15,7 @@ from omnikv.server.protocol import EngineResult, GenRequest
 from omnikv.server.runner import is_loopback
 from omnikv.server.scheduler import Job, QueueFull, Scheduler
 from omnikv.server.schemas import ChatCompletionRequest, CompletionRequest, parse_body
-from omnikv.server.stops import StopMatcher
+from omnikv.stops import StopMatcher
 from omnikv.errors import InputError, ResourceError
 
 # -- stop strings --------------------------------------------------------------------------------
@@ -89,7 +89,9 @@ def test_parse_valid_chat_defaults_and_content_parts() -> None:
     [
         (b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}', "messages[0].content"),
         (b'{"messages": [{"role": "user", "content": "a"}], "stream_options": {"include_usage": "yes"}}', "stream_options.include_usage"),
-        (b'{"messages": [{"role": "user"}], "logprobs": true}', "logprobs"),
+        (b'{"messages": [{"role": "user", "content": "a"}], "logprobs": "yes"}', "logprobs"),
+        (b'{"messages": [{"role": "user"}]}', "messages[0]"),
+        (b'{"messages": [{"role": "user", "content": "a"}], "logit_bias": {"1": 2}}', "logit_bias"),
         (b'{"messages": [{"role": "user", "content": "a"}], "presence_penalty": 0.5}', "presence_penalty"),
         (b'{"messages": [{"role": "user", "content": "a"}], "max_tokens": true}', "max_tokens"),
     ],
@@ -102,12 +104,23 @@ def test_parse_errors_name_the_field(body: bytes, param: str) -> None:
 
 
 def test_completion_prompt_forms() -> None:
-    assert parse_body(CompletionRequest, b'{"prompt": ["one"]}').prompt == ["one"]
-    assert parse_body(CompletionRequest, b'{"prompt": [1, 2, 3]}').prompt == [1, 2, 3]
+    def prompts(body: bytes) -> list:
+        req = parse_body(CompletionRequest, body)
+        assert isinstance(req, CompletionRequest)
+        return req.prompts()
+
+    assert prompts(b'{"prompt": "one"}') == ["one"]
+    assert prompts(b'{"prompt": ["one", "two"]}') == ["one", "two"]
+    assert prompts(b'{"prompt": [1, 2, 3]}') == [[1, 2, 3]]
+    assert prompts(b'{"prompt": [[1, 2], [3]]}') == [[1, 2], [3]]
     with pytest.raises(APIError, match="must not be empty"):
         parse_body(CompletionRequest, b'{"prompt": []}')
-    with pytest.raises(APIError, match="best_of=1"):
+    with pytest.raises(APIError, match="must equal n"):
         parse_body(CompletionRequest, b'{"prompt": "a", "best_of": 3}')
+    with pytest.raises(APIError) as info:  # a mix of text and token ids is no prompt form
+        parse_body(CompletionRequest, b'{"prompt": ["a", [1]]}')
+    assert info.value.param == "prompt"
+    assert parse_body(CompletionRequest, b'{"prompt": "a", "n": 2, "best_of": 2}').n == 2
 
 
 def test_error_mapping() -> None:
@@ -175,7 +188,7 @@ def test_scheduler_fifo_bound_cancel_and_stop() -> None:
     sched = Scheduler(engine, max_queue=2)
     sched.start()
     try:
-        jobs = [Job(lambda e, s=s: GenRequest(e.encode_prompt(s), 5), loop) for s in ("a", "b", "c", "d")]
+        jobs = [Job(lambda e, s=s: [GenRequest(e.encode_prompt(s), 5)], loop) for s in ("a", "b", "c", "d")]
         sched.submit(jobs[0])
         _wait(lambda: sched.running == 1)
         sched.submit(jobs[1])
@@ -190,7 +203,7 @@ def test_scheduler_fifo_bound_cancel_and_stop() -> None:
         for j in (jobs[0], jobs[2], jobs[3]):
             events = _drain(j, loop)
             assert events[0][0] == "start" and events[-1][0] == "done"
-            texts.append("".join(v for k, v in events if k == "text"))
+            texts.append("".join(v[1] for k, v in events if k == "text"))
         assert texts == ["a", "c", "d"]
         assert engine.order == [ord("a"), ord("c"), ord("d")]  # FIFO, cancelled "b" never ran
     finally:
@@ -198,7 +211,7 @@ def test_scheduler_fifo_bound_cancel_and_stop() -> None:
         loop.close()
     assert not sched.alive
     with pytest.raises(APIError) as info:
-        sched.submit(Job(lambda e: GenRequest([1], 1), asyncio.new_event_loop()))
+        sched.submit(Job(lambda e: [GenRequest([1], 1)], asyncio.new_event_loop()))
     assert info.value.status == 503
 
 
@@ -216,7 +229,7 @@ def test_scheduler_survives_prepare_and_engine_errors() -> None:
         sched.submit(j1)
         ev = _drain(j1, loop)[-1]
         assert ev[0] == "error" and ev[1].status == 400
-        j2 = Job(lambda e: GenRequest([1], 3), loop)  # now the engine itself fails
+        j2 = Job(lambda e: [GenRequest([1], 3)], loop)  # now the engine itself fails
         engine.generate = lambda req, on_token: (_ for _ in ()).throw(RuntimeError("boom"))  # type: ignore[method-assign]
         sched.submit(j2)
         ev = _drain(j2, loop)[-1]

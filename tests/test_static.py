@@ -188,3 +188,19 @@ def test_static_refuses_what_it_cannot_capture(models, bad):
         OmniKVCache(models("llama", num_hidden_layers=4), omni_cfg(**bad), static=True)
     with pytest.raises(ConfigError, match="sliding"):
         PreallocatedCache(models("gemma3_text"), static=True)
+
+
+def test_cli_compile_flags_build_compiled_methods():
+    from omnikv.cli import build_parser
+    from omnikv.cli.cmd_bench import with_compile
+    from omnikv.cli.common import build_method
+
+    args = build_parser().parse_args(["generate", "hello", "--model", "smollm2", "--method", "full_prealloc", "--compile"])
+    method = build_method(args)
+    assert method.name == "full_prealloc" and method.compile and method.static
+    args = build_parser().parse_args(["generate", "hello", "--model", "smollm2", "--method", "snapkv", "--compile"])
+    with pytest.raises(ConfigError, match="'snapkv' cannot be compiled"):
+        build_method(args)
+    # bench --compile: compile=true added where a static step exists, other methods unchanged
+    labels = [with_compile(parse_method(x)).label for x in ("full", "full_prealloc", "omnikv:budget=64")]
+    assert labels == ["full", "full_prealloc:compile=true", "omnikv:budget=64:compile=true"]

@@ -4,7 +4,7 @@
 - `search`: `choose_filter_layers` (dp / greedy / exhaustive) under a dense-layer budget.
 - `capture`: record a real model's decode-step attention logits (no model-code changes).
 - `report`, `plots`: the `omnikv analyze` JSON report and PNGs; `preset`: calibrated preset files.
-- `telemetry`: `summarize_telemetry` for per-step selection records of real runs.
+- `summarize_telemetry` (from the core, `omnikv.telemetry`) for per-step selection records of real runs.
 """
 
 from omnikv.analysis.coverage import (

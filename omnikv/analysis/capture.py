@@ -15,10 +15,10 @@ from typing import Iterator
 
 import torch
 
+from omnikv.config import ANALYSIS_SELECTORS as SELECTORS
 from omnikv.errors import InputError, UnsupportedModelError
 
 CAPTURE_NAME = "omnikv_capture"
-SELECTORS = ("last", "softmax_last")
 
 
 @dataclass

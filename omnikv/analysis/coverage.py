@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from omnikv.analysis.selection_sets import expand_to_query_heads, kept_mask, resolve_k, topk_indices
+from omnikv.analysis.selection_sets import resolve_k, topk_indices
 from omnikv.errors import InputError
 
 
@@ -52,22 +52,6 @@ def _check(scores: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, tor
     if probs.shape[-1] < scores.shape[-1]:
         raise InputError("probs must cover at least the prompt positions scores cover (T >= P)")
     return scores, probs
-
-
-def selection_masks(
-    scores: torch.Tensor,
-    total_len: int,
-    k: int | float,
-    head_reduce: str = "max",
-    num_kv_heads: int | None = None,
-    sink: int = 0,
-    recent: int = 0,
-) -> torch.Tensor:
-    """Per-query-head kept-key masks each layer's selection implies. (..., H, P) -> (..., H, T) bool."""
-    num_heads, prompt_len = scores.shape[-2], scores.shape[-1]
-    kv = num_heads if num_kv_heads is None else num_kv_heads
-    idx = topk_indices(scores, resolve_k(k, prompt_len, sink, recent), head_reduce, kv, sink, recent)
-    return expand_to_query_heads(kept_mask(idx, total_len, prompt_len), num_heads)
 
 
 def coverage_matrices(

@@ -40,12 +40,8 @@ def check_task(task: str) -> None:
 
 
 def _task_generator(task: str):
-    try:
-        from omnikv.eval.tasks import TASKS
-    except ImportError as exc:
-        raise ConfigError(
-            f"the evaluation task generators are not available ({exc}); pass --input FILE instead"
-        ) from None
+    from omnikv.eval.tasks import TASKS
+
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(sorted(TASKS))}")
     return TASKS[task]
@@ -59,3 +55,36 @@ def prompts_from_task(
     samples = generate(tokenizer, length, num_samples, seed)
     # the same token ids the evaluation runner feeds (special tokens added)
     return [(f"{task}:{s.id}", list(tokenizer(s.prompt, add_special_tokens=True)["input_ids"])) for s in samples]
+
+
+DEFAULT_HAYSTACK = "narrative"  # the embedded story small models retrieve best from (eval/tasks/text.py)
+
+
+def default_length(max_context: int | None, steps: int, wanted: int | None = None) -> int:
+    """Prompt length for the built-in haystack: `wanted` (default 2048 tokens, the length the
+    presets were measured at) but never past the model's context minus the recorded steps."""
+    length = wanted or 2048
+    if max_context:
+        length = min(length, max_context - steps - 1)
+    if length < 2:
+        raise ConfigError(f"the model's context ({max_context} tokens) leaves no room for a prompt and {steps} steps")
+    return length
+
+
+def prompts_from_haystack(
+    tokenizer: Any, length: int, num_samples: int = 1, seed: int = 0
+) -> list[tuple[str, list[int]]]:
+    """(source, token ids) of `num_samples` prompts of exactly `length` tokens of the embedded
+    narrative haystack (seeds seed, seed+1, ...): what calibration uses when given no inputs."""
+    from omnikv.eval.tasks.text import haystack_units
+
+    out = []
+    for s in range(seed, seed + num_samples):
+        n = max(8, length // 8)  # sentences; doubled until the story is long enough
+        while True:
+            ids = list(tokenizer(" ".join(haystack_units(DEFAULT_HAYSTACK, n, s)), add_special_tokens=True)["input_ids"])
+            if len(ids) >= length:
+                break
+            n *= 2
+        out.append((f"{DEFAULT_HAYSTACK} haystack (seed {s})", ids[:length]))
+    return out

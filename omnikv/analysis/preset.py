@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from omnikv.config import OmniKVConfig
 from omnikv.errors import ConfigError
 
 PRESET_KEYS = (
@@ -37,7 +38,8 @@ def make_preset(
     model_type: str,
     num_layers: int,
 ) -> dict[str, Any]:
-    """The preset as a dict with exactly PRESET_KEYS (validated by OmniKVConfig when available)."""
+    """The preset as a dict with exactly PRESET_KEYS, validated by OmniKVConfig (an int budget
+    below sink + recent holds the sink/recent the config fits inside it)."""
     preset = {
         "filter_layers": [int(x) for x in filter_layers],
         "num_wait_layers": int(num_wait_layers),
@@ -49,13 +51,10 @@ def make_preset(
         "model_type": str(model_type),
         "num_layers": int(num_layers),
     }
-    try:
-        from omnikv.config import OmniKVConfig
-    except ImportError:  # the core config is optional for writing; its reader validates again
-        return preset
     config_keys = {k: v for k, v in preset.items() if k not in ("model_type", "num_layers")}
     config_keys["filter_layers"] = tuple(config_keys["filter_layers"])
-    OmniKVConfig(**config_keys)  # raises ConfigError naming the bad field
+    cfg = OmniKVConfig(**config_keys)  # raises ConfigError naming the bad field
+    preset["sink_tokens"], preset["recent_tokens"] = cfg.sink_tokens, cfg.recent_tokens
     return preset
 
 

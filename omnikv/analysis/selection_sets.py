@@ -16,24 +16,15 @@ import math
 
 import torch
 
+from omnikv.budget import Budget
+from omnikv.config import HEAD_REDUCTIONS
 from omnikv.errors import ConfigError, InputError
-
-HEAD_REDUCTIONS = ("max", "sum", "per_kv_head")
 
 
 def resolve_k(k: int | float, prompt_len: int, sink: int = 0, recent: int = 0) -> int:
-    """Budget -> number of prompt tokens kept, as `OmniKVConfig.resolve_budget`: an int is a token
-    count, a float in (0, 1] a fraction of the prompt (rounded up); never below sink + recent (they
-    are inside the budget) nor above the prompt."""
-    if isinstance(k, bool) or not isinstance(k, (int, float)):
-        raise ConfigError(f"k must be an int (tokens) or a float fraction in (0, 1], got {k!r}")
-    if isinstance(k, float):
-        if not 0.0 < k <= 1.0:
-            raise ConfigError(f"k as a fraction must be in (0, 1], got {k}")
-        k = math.ceil(k * prompt_len)
-    elif k < 1:
-        raise ConfigError(f"k must be >= 1 token, got {k}")
-    return min(max(int(k), sink + recent, 1), prompt_len)
+    """Budget -> number of prompt tokens kept: `Budget.tokens`, the rule of
+    `OmniKVConfig.resolve_budget` (never below sink + recent, never above the prompt)."""
+    return Budget(k).tokens(prompt_len, floor=sink + recent)
 
 
 def reduce_heads(scores: torch.Tensor, head_reduce: str, num_kv_heads: int) -> torch.Tensor:
@@ -73,23 +64,3 @@ def topk_indices(
         if recent:
             reduced[..., max(0, prompt_len - recent) :] = math.inf
     return reduced.topk(min(k, prompt_len), dim=-1, sorted=True).indices
-
-
-def kept_mask(indices: torch.Tensor, total_len: int, prompt_len: int) -> torch.Tensor:
-    """Boolean mask of the keys a sparse layer attends with these selected indices.
-
-    indices: (..., R, k) prompt positions -> (..., R, T): selected + every position >= prompt_len
-    (generated tokens are never dropped).
-    """
-    mask = torch.zeros(*indices.shape[:-1], total_len, dtype=torch.bool, device=indices.device)
-    mask.scatter_(-1, indices, True)
-    mask[..., prompt_len:] = True
-    return mask
-
-
-def expand_to_query_heads(mask: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """(..., R, T) with R = 1 or H_kv -> (..., H, T): each query head gets its KV group's set."""
-    sets = mask.shape[-2]
-    if num_heads % sets:
-        raise InputError(f"{sets} index sets cannot be shared by {num_heads} query heads")
-    return mask.repeat_interleave(num_heads // sets, dim=-2)

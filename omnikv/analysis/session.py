@@ -8,7 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from omnikv.analysis.capture import AttentionRecord, record_decode_attention
-from omnikv.analysis.inputs import check_task, prompts_from_files, prompts_from_task
+from omnikv.analysis.inputs import (
+    DEFAULT_HAYSTACK,
+    check_task,
+    default_length,
+    prompts_from_files,
+    prompts_from_haystack,
+    prompts_from_task,
+)
 from omnikv.errors import ConfigError
 
 # Settings a preset may carry that analysis / calibration reuse.
@@ -24,22 +31,24 @@ def add_input_arguments(p, model_required: bool = True) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--input", action="append", metavar="FILE", help="text file used as a prompt (repeatable)")
     src.add_argument("--task", help="local evaluation task generating the prompts (e.g. niah_single_1)")
-    p.add_argument("--length", type=int, default=2048, help="prompt length in tokens (default 2048)")
+    p.add_argument("--length", type=int, default=None,
+                   help="prompt length in tokens (default 2048; the built-in haystack: at most the model's context)")
     p.add_argument("--samples", type=int, default=1, help="prompts generated with --task (default 1)")
     p.add_argument("--steps", type=int, default=16, help="greedy decode steps recorded per prompt (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the task generator")
     p.add_argument("--device", default="cpu", help="torch device (default cpu; analysis runs in float32)")
-    p.add_argument("--preset", metavar="FILE", help="preset file: its budget, sink/recent, selector, head "
-                   "reduction (and for calibrate: filter layers as the baseline) become the defaults")
+    p.add_argument("--preset", metavar="NAME|FILE", help="built-in preset name or preset file: its budget, "
+                   "sink/recent, selector, head reduction (and for calibrate: filter layers as the baseline) "
+                   "become the defaults")
 
 
-def load_preset_settings(path: str | None) -> dict[str, Any]:
-    """The OmniKV settings of a preset file, validated by the core config."""
-    if not path:
+def load_preset_settings(preset: str | None) -> dict[str, Any]:
+    """The OmniKV settings of a preset (built-in name or file: `omnikv.presets.resolve_preset`)."""
+    if not preset:
         return {}
-    from omnikv.config import OmniKVConfig
+    from omnikv.presets import resolve_preset
 
-    cfg = OmniKVConfig.from_json(path)
+    cfg, _ = resolve_preset(preset)
     return {k: (list(v) if k == "filter_layers" else v) for k, v in cfg.to_dict().items() if k in PRESET_SETTINGS}
 
 
@@ -49,11 +58,12 @@ def load(model: str, device: str):
     return load_model(model, dtype="float32", device=device)
 
 
-def check_input_args(args) -> None:
-    """Fail on bad prompt options before the (slow) model load."""
-    if args.length < 2 or args.steps < 1 or args.samples < 1:
+def check_input_args(args, *, require_inputs: bool = True) -> None:
+    """Fail on bad prompt options before the (slow) model load. Without `require_inputs`
+    (calibrate), no --input / --task means the built-in narrative haystack."""
+    if (args.length is not None and args.length < 2) or args.steps < 1 or args.samples < 1:
         raise ConfigError("--length must be >= 2, --steps >= 1 and --samples >= 1")
-    if not args.input and not args.task:
+    if require_inputs and not args.input and not args.task:
         raise ConfigError("give the prompts: --input FILE (repeatable) or --task NAME --length L")
     for path in args.input or []:
         if not Path(path).is_file():
@@ -62,16 +72,20 @@ def check_input_args(args) -> None:
         check_task(args.task)
 
 
-def record_inputs(lm, args) -> tuple[list[AttentionRecord], list[str]]:
+def record_inputs(lm, args, *, require_inputs: bool = True) -> tuple[list[AttentionRecord], list[str]]:
     """Build the prompts the arguments ask for and record each one's decode attention."""
-    check_input_args(args)
-    if args.input:
-        prompts = prompts_from_files(lm.tokenizer, args.input, args.length)
-    elif args.task:
-        prompts = prompts_from_task(lm.tokenizer, args.task, args.length, args.samples, args.seed)
-    else:
-        raise ConfigError("give the prompts: --input FILE (repeatable) or --task NAME --length L")
+    check_input_args(args, require_inputs=require_inputs)
     max_ctx = getattr(lm, "max_context", None)
+    if args.input:
+        prompts = prompts_from_files(lm.tokenizer, args.input, args.length or 2048)
+    elif args.task:
+        prompts = prompts_from_task(lm.tokenizer, args.task, args.length or 2048, args.samples, args.seed)
+    else:
+        length = default_length(max_ctx, args.steps, args.length)
+        prompts = prompts_from_haystack(lm.tokenizer, length, args.samples, args.seed)
+        print(f"no --input or --task: using the built-in {DEFAULT_HAYSTACK} haystack, {args.samples} prompt(s) of "
+              f"{length} tokens (seed {args.seed}); pass --input FILE or --task NAME to calibrate on your own data",
+              file=sys.stderr)
     records, sources = [], []
     for source, ids in prompts:
         if max_ctx and len(ids) + args.steps > max_ctx:
@@ -83,13 +97,3 @@ def record_inputs(lm, args) -> tuple[list[AttentionRecord], list[str]]:
         sources.append(source)
     return records, sources
 
-
-def parse_budget(text: str) -> int | float:
-    """'256' -> 256 tokens; '0.067' -> a fraction of the prompt."""
-    from omnikv.analysis.selection_sets import resolve_k
-
-    from omnikv.budget import parse_budget as parse
-
-    value = parse(text)
-    resolve_k(value, 1 << 20)  # range check now, not after the recording
-    return value

@@ -10,7 +10,7 @@ Two ways to fill:
   (`OmniKVConfig.partial_reload`) saves little here: synthetic KV is its pessimistic case. OmniKV's cache
   sets its prompt bookkeeping from these calls; sliding-window layers keep their last window.
   Methods that must *see* prefill attention to decide what to keep (H2O, SnapKV) cannot be filled
-  this way: `needs_real_prefill` says which.
+  this way: their `Method.needs_real_prefill` says so.
 * `prefill_fill`: a real (chunked) prefill of random token ids through the model, timed.
 """
 
@@ -23,16 +23,9 @@ import torch
 from omnikv._compat import cache_kwargs
 from omnikv.errors import ConfigError
 
-# Methods whose prefill must observe attention scores (their eviction decision is made from them).
-NEEDS_PREFILL_ATTENTION = frozenset({"h2o", "snapkv"})
-
-
 def needs_real_prefill(method) -> bool:
-    """True when `method` cannot be timed from a synthetic fill (see module docstring)."""
-    flag = getattr(method, "synthetic_kv", None)  # a method may declare it explicitly
-    if flag is not None:
-        return not flag
-    return method.name in NEEDS_PREFILL_ATTENTION
+    """True when `method` cannot be timed from a synthetic fill (the method says so)."""
+    return bool(method.needs_real_prefill)
 
 
 def kv_shapes(model: torch.nn.Module) -> tuple[int, int, int]:

@@ -35,11 +35,10 @@ from omnikv.bench.fill import (
 )
 from omnikv.bench.probe import CATEGORIES, MemoryWindow, StepBreakdown, current_rss
 from omnikv.errors import ConfigError
-from omnikv.methods import get_method, make_decoder
+from omnikv.methods import REFERENCE, get_method, make_decoder  # ratio_to_full compares every method with REFERENCE
 from omnikv.methods.spec import MethodSpec
 from omnikv.budget import parse_token_count
 
-REFERENCE = "full"  # ratio_to_full compares every method with this registry method
 
 
 @dataclass
@@ -110,7 +109,7 @@ def _step(model, run: _Run, tok: torch.Tensor) -> torch.Tensor:
 
 def build_method(ms: MethodSpec, budget: int | float | None):
     options = dict(ms.options)
-    if budget is not None and not ms.is_full_attention:
+    if budget is not None and ms.takes_budget:
         options.setdefault("budget", budget)
     opt_budget = options.pop("budget", None)
     return get_method(ms.name, budget=opt_budget, **options)

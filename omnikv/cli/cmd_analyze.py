@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from omnikv.config import ANALYSIS_SELECTORS, HEAD_REDUCTIONS
 from omnikv.errors import ConfigError
 
 
@@ -23,11 +24,11 @@ def register(subparsers) -> None:
     add_input_arguments(p)
     p.add_argument("--k", default="64,256,1024",
                    help="comma-separated budgets: tokens or fractions (default 64,256,1024)")
-    p.add_argument("--head-reduce", default="max,sum,per_kv_head", help="comma-separated head reductions")
+    p.add_argument("--head-reduce", default=",".join(HEAD_REDUCTIONS), help="comma-separated head reductions")
     p.add_argument("--sink", type=int, default=None,
                    help="sink tokens counted in the 'sink+recent' variants (default 4)")
     p.add_argument("--recent", type=int, default=None, help="recent prompt tokens counted likewise (default 64)")
-    p.add_argument("--selector", choices=("last", "softmax_last"), default=None, help="selection scores (default last)")
+    p.add_argument("--selector", choices=ANALYSIS_SELECTORS, default=None, help="selection scores (default last)")
     p.add_argument("--output-dir", default="omnikv-analysis", help="where report.json and the PNGs go")
     p.add_argument("--no-plots", action="store_true", help="write the JSON report only")
     p.set_defaults(func=run)
@@ -36,8 +37,8 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from omnikv.analysis.plots import plot_decay, plot_heatmap
     from omnikv.analysis.report import build_report, variant_key
-    from omnikv.analysis.selection_sets import HEAD_REDUCTIONS
-    from omnikv.analysis.session import check_input_args, load, load_preset_settings, parse_budget, record_inputs
+    from omnikv.analysis.session import check_input_args, load, load_preset_settings, record_inputs
+    from omnikv.budget import parse_budget
 
     preset = load_preset_settings(args.preset)
     ks = [parse_budget(x.strip()) for x in args.k.split(",") if x.strip()]

@@ -8,6 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from omnikv.cli.common import parse_budget
 from omnikv.errors import ConfigError
 
 DEFAULT_METHODS = "full,full_prealloc,omnikv"
@@ -36,7 +37,7 @@ def register(subparsers) -> None:
     p.add_argument("--warmup", type=int, default=8, help="untimed decode steps first (default 8)")
     p.add_argument("--breakdown-steps", type=int, default=16,
                    help="extra instrumented steps for the selection/gather/attention/rest breakdown (0: none)")
-    p.add_argument("--budget", type=_budget, default=None,
+    p.add_argument("--budget", type=parse_budget, default=None,
                    help="budget for every budgeted method: tokens (int) or prompt fraction (default: each method's/preset's)")
     p.add_argument("--compile", action="store_true",
                    help="add compile=true to every method that has a static-shape step (full_prealloc, omnikv); "
@@ -53,20 +54,12 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _budget(text: str) -> int | float:
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    raise argparse.ArgumentTypeError(f"budget must be an int (tokens) or a float fraction, got {text!r}")
-
-
 def with_compile(ms):
     """`ms` with compile=true when its method has a static-shape step (others unchanged)."""
+    from omnikv.methods import method_class
     from omnikv.methods.spec import parse_method
 
-    if ms.options.get("compile") is not None or ms.name not in ("full_prealloc", "omnikv"):
+    if ms.options.get("compile") is not None or not method_class(ms.name).supports_static:
         return ms
     return parse_method(ms.label + ":compile=true")
 

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+from omnikv.config import ANALYSIS_SELECTORS, HEAD_REDUCTIONS
 from omnikv.errors import ConfigError
 
 # Above this many candidate sets the exhaustive cross-check of the DP result is skipped.
@@ -19,7 +20,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "calibrate",
         help="choose dense and filter layers that maximise the sparse layers' attention coverage",
-        description="Record the model's attention on real prompts, choose the filter layers (and so the "
+        description="Record the model's attention on real prompts (--input / --task; default: the built-in "
+        "narrative haystack at a length that suits the model), choose the filter layers (and so the "
         "leading dense layers) whose selections cover the sparse layers' attention best under a cap "
         "on dense layers, compare with the paper-style choice, and write a preset file (--output) "
         "that commands accept with --preset.",
@@ -32,8 +34,8 @@ def register(subparsers) -> None:
     p.add_argument("--num-wait", type=int, default=None, help="dense wait layers after each filter (default 1)")
     p.add_argument("--budget", default=None,
                    help="prompt tokens a sparse layer attends: int or fraction (default 0.067)")
-    p.add_argument("--head-reduce", choices=("max", "sum", "per_kv_head"), default=None, help="default max")
-    p.add_argument("--selector", choices=("last", "softmax_last"), default=None, help="default last")
+    p.add_argument("--head-reduce", choices=HEAD_REDUCTIONS, default=None, help="default max")
+    p.add_argument("--selector", choices=ANALYSIS_SELECTORS, default=None, help="default last")
     p.add_argument("--sink", type=int, default=None, help="sink tokens always kept (default 4)")
     p.add_argument("--recent", type=int, default=None, help="recent prompt tokens always kept (default 64)")
     p.add_argument("--method", choices=("dp", "greedy", "exhaustive"), default="dp", help="search (default dp, exact)")
@@ -51,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     from omnikv.analysis.preset import make_preset, write_preset
     from omnikv.analysis.report import pooled_coverage
     from omnikv.analysis.search import choose_filter_layers
-    from omnikv.analysis.session import check_input_args, load, load_preset_settings, parse_budget, record_inputs
+    from omnikv.analysis.session import check_input_args, load, load_preset_settings, record_inputs
+    from omnikv.budget import parse_budget
 
     preset = load_preset_settings(args.preset)
     budget = parse_budget(args.budget) if args.budget is not None else preset.get("budget", 0.067)
@@ -62,18 +65,21 @@ def run(args: argparse.Namespace) -> int:
     recent = args.recent if args.recent is not None else preset.get("recent_tokens", 64)
     if args.output and Path(args.output).parent and not Path(args.output).parent.exists():
         raise ConfigError(f"--output directory {Path(args.output).parent} does not exist")
-    # Validate the settings before the (slow) recording.
-    make_preset([0], num_wait, budget, sink, recent, selector, head_reduce, "check", 1)
+    # Validate the settings before the (slow) recording; an int budget below sink + recent fits
+    # them inside it (as the config does), and the coverage is measured with what will be written.
+    checked = make_preset([0], num_wait, budget, sink, recent, selector, head_reduce, "check", 1)
+    sink, recent = checked["sink_tokens"], checked["recent_tokens"]
 
     if args.from_report:
         cov, layer_ids, model_name, model_type, num_layers, sources = _from_report(
             args.from_report, budget, head_reduce, sink, recent, selector)
     else:
         if not args.model:
-            raise ConfigError("give --model (and the prompts), or --from-report REPORT.json")
-        check_input_args(args)
+            raise ConfigError("give --model (prompts optional: the built-in narrative haystack by default), "
+                              "or --from-report REPORT.json")
+        check_input_args(args, require_inputs=False)  # none given: the built-in haystack
         lm = load(args.model, args.device)
-        records, sources = record_inputs(lm, args)
+        records, sources = record_inputs(lm, args, require_inputs=False)
         layer_ids = records[0].layer_ids
         model_name, model_type, num_layers = lm.name, lm.model.config.model_type, lm.model.config.num_hidden_layers
         cov = pooled_coverage(records, budget, head_reduce, sink, recent, selector)

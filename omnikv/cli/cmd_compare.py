@@ -15,12 +15,12 @@ from typing import Any
 
 from omnikv.cli import common
 from omnikv.errors import ConfigError
+from omnikv.methods import REFERENCE
 
 DEFAULT_MODEL = "gemma3"
 DEMO_TOKENS = 4000
 DEMO_MAX_NEW_TOKENS = 12
 PROMPT_MAX_NEW_TOKENS = 128
-REFERENCE = "full"
 
 
 def register(subparsers) -> None:
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--demo-tokens {args.demo_tokens} does not fit {lm.name}'s context of "
                               f"{lm.max_context} tokens; choose fewer")
         demo = demo_prompt(lm.tokenizer, args.demo_tokens, depth=args.demo_depth, seed=args.demo_seed)
-        # Raw prompt with an answer prefix: what works for both base and instruct models (models.md).
+        # Raw prompt with an answer prefix: what works for both base and instruct models (docs/evaluation.md).
         chat = bool(args.chat) and common.use_chat(args, lm)
         text = demo.prompt
     else:
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
             **summary,
         }))
     else:
-        print(render(lm.name, device, len(ids), results, summary, demo))
+        print(render(lm.name, device, len(ids), results, summary, demo, methods[1]))
     return 0
 
 
@@ -134,23 +134,13 @@ def summarize(ref, other, demo) -> dict[str, Any]:
     return out
 
 
-def _config_summary(res) -> str:
-    cfg = res.config
-    if res.method == "omnikv":
-        parts = [f"filter layers {cfg.get('filter_layers')}", f"budget {cfg.get('budget')}"]
-        roles = res.stats.get("layer_roles") or []
-        sparse = [i for i, r in enumerate(roles) if r == "sparse"]
-        selected = res.stats.get("selected_tokens")
-        if sparse and selected is not None:
-            parts.append(f"sparse layers {sparse} attend {selected} of {res.stats.get('prompt_tokens', res.prompt_tokens)} "
-                         "prompt tokens")
-        return ", ".join(parts)
-    if cfg.get("budget") is not None:
-        return f"budget {cfg['budget']}"
-    return str(cfg.get("note", "exact"))
+def config_summary(method, res) -> str:
+    """The compared method's configuration, as the method itself summarises it."""
+    return method.summarize({"prompt_tokens": res.prompt_tokens, **res.stats}, res.config or {})
 
 
-def render(model: str, device: str, n_prompt: int, results, summary: dict[str, Any], demo) -> str:
+def render(model: str, device: str, n_prompt: int, results, summary: dict[str, Any], demo, compared) -> str:
+    """`compared` is the method of results[1] (it says how it was configured)."""
     ref, other = results
     lines = []
     if demo is not None:
@@ -180,7 +170,7 @@ def render(model: str, device: str, n_prompt: int, results, summary: dict[str, A
         for r, a in zip(results, answers):
             lines += ["", f"{r.method} answer:", r.text if r.text.strip() else f"{a} (nothing visible)"]
     lines.append("")
-    lines.append(f"{other.method}: {_config_summary(other)}")
+    lines.append(f"{other.method}: {config_summary(compared, other)}")
     if summary["identical"]:
         verdict = "yes (identical text)"
     elif summary["agree"]:

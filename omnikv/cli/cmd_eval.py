@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from omnikv.cli.common import parse_budget
 from omnikv.errors import ConfigError
 
 
@@ -34,7 +35,7 @@ def register(subparsers) -> None:
     p.add_argument("--lengths", default="1k", help="comma-separated prompt lengths in tokens: 2048, 2k, 1.5k "
                    "(k = 1024); for dataset tasks the truncation limit (default 1k)")
     p.add_argument("--samples", type=int, default=5, help="samples per (task, length) (default 5)")
-    p.add_argument("--budget", default=None, help="tokens each sparse layer attends: int, or fraction of the prompt")
+    p.add_argument("--budget", type=parse_budget, default=None, help="tokens each sparse layer attends: int, or fraction of the prompt")
     p.add_argument("--output", help="output directory")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated samples (default 0)")
     p.add_argument("--shard", default=None,
@@ -51,7 +52,7 @@ def register(subparsers) -> None:
                    help="generator option for every generated task, e.g. n_keys=4 (value parsed as JSON)")
     p.add_argument("--method-opt", action="append", default=[], metavar="[METHOD.]KEY=VALUE",
                    help="method option, e.g. omnikv.preset=p.json or sink_tokens=4 (all non-full methods)")
-    p.add_argument("--preset", default=None, help="OmniKV preset file (same as --method-opt omnikv.preset=FILE)")
+    p.add_argument("--preset", default=None, help="OmniKV preset: a built-in name or a preset file (same as --method-opt omnikv.preset=...)")
     p.add_argument("--data-dir", default=None, help="directory with official LongBench / InfiniteBench files")
     p.add_argument("--max-new-tokens", type=int, default=None, help="cap every sample's generation length")
     p.add_argument("--prefill-chunk-size", type=int, default=None, help="chunked prefill (tokens per chunk)")
@@ -78,12 +79,6 @@ def _parse_options(items: list[str], flag: str) -> list[tuple[str, Any]]:
             raise ConfigError(f"{flag} {item!r}: use KEY=VALUE")
         out.append((key.strip(), _parse_value(value)))
     return out
-
-
-def _parse_budget(text: str | None) -> int | float | None:
-    from omnikv.budget import parse_budget
-
-    return None if text is None else parse_budget(text)
 
 
 def _split(text: str) -> list[str]:
@@ -142,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     config = EvalConfig(
         model=args.model, methods=_split(args.methods), tasks=tasks,
         lengths=[parse_length(x) for x in _split(args.lengths)], output=output,
-        samples=args.samples, budget=_parse_budget(args.budget), seed=args.seed, shard=shard,
+        samples=args.samples, budget=args.budget, seed=args.seed, shard=shard,
         resume=args.resume, fidelity=args.fidelity, perplexity=args.perplexity, task_options=task_options,
         haystack=args.haystack, method_options=method_options, data_dir=args.data_dir, dtype=args.dtype, device=device,
         prefill_chunk_size=args.prefill_chunk_size, max_new_tokens=args.max_new_tokens,

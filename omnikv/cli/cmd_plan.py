@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 
-from omnikv.cli.common import non_negative_int, positive_int
+from omnikv.cli.common import non_negative_int, parse_budget, positive_int
 from omnikv.errors import InputError, ModelLoadError
 
 GiB = 1024**3
@@ -57,7 +56,8 @@ def register(sub) -> None:
     p.add_argument("--model", default="gemma3", help=f"short name, local path, or one of {sorted(KNOWN_SHAPES)}")
     p.add_argument("--context", required=True, help="prompt tokens, e.g. 128k")
     p.add_argument("--methods", default="full,full_offload,omnikv,quest", help="comma-separated methods")
-    p.add_argument("--budget", type=float, default=None, help="tokens (>=1) or fraction (<1)")
+    p.add_argument("--budget", type=parse_budget, default=None,
+                   help="prompt tokens a sparse layer attends to (int) or a fraction of the prompt (float in (0, 1]; 1.0 = all)")
     p.add_argument("--device", default="cuda", help="device the model would run on (cuda or cpu)")
     p.add_argument("--dtype-bytes", type=positive_int, default=2, help="bytes per element (2 = bf16/fp16, 4 = fp32)")
     p.add_argument("--max-new-tokens", type=non_negative_int, default=256)
@@ -71,11 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from omnikv.methods import available_methods
 
     context = parse_tokens(args.context)
-    budget = None
-    if args.budget is not None:
-        if not math.isfinite(args.budget) or args.budget <= 0:  # int(inf) would be an OverflowError
-            raise InputError(f"--budget must be a finite number > 0; got {args.budget}")
-        budget = int(args.budget) if args.budget >= 1 else float(args.budget)
+    budget = args.budget
     try:
         config = load_config(args.model)
     except ModelLoadError:

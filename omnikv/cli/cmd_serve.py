@@ -7,6 +7,7 @@ import os
 import sys
 from typing import Any
 
+from omnikv.cli.common import build_method, parse_budget
 from omnikv.errors import ConfigError
 
 API_KEY_ENV = "OMNIKV_API_KEY"
@@ -16,16 +17,24 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API",
-        description="Serve /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics. "
+        description="Serve /v1/chat/completions, /v1/completions, /v1/models, /tokenize, /detokenize, /version, /health and /metrics. "
         "Binds to 127.0.0.1 unless --host says otherwise.",
     )
     p.add_argument("--model", required=True, help="embedded model name (smollm2, gemma3), HF directory or .gguf file")
     p.add_argument("--method", default="omnikv", help="KV method: omnikv (default), full, full_prealloc, full_offload, ... (see docs/methods.md)")
-    p.add_argument("--budget", type=_budget, default=None, help="tokens (int) or prompt fraction (float in (0, 1]) attended per sparse layer")
+    p.add_argument("--budget", type=parse_budget, default=None, help="tokens (int) or prompt fraction (float in (0, 1]) attended per sparse layer")
     p.add_argument("--preset", default=None, help="OmniKV preset name or preset JSON file (omnikv method only)")
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: the model's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="Host header value (without port) to accept, repeatable; on a loopback bind 127.0.0.1, localhost and ::1 "
+        "are always accepted and other names refused (DNS rebinding); on other binds any Host is accepted unless given",
+    )
     p.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV} if set)")
     p.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get 429 (default 16)")
     p.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="largest request body (default 8 MiB)")
@@ -46,17 +55,6 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _budget(text: str) -> int | float:
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"budget must be an int (tokens) or a float fraction, got {text!r}") from None
-
-
 def check_args(args: argparse.Namespace) -> str | None:
     """Validate limits before loading anything; return the API key to use (flag wins over env)."""
     for name in ("max_queue", "max_body_bytes", "default_max_tokens"):
@@ -74,30 +72,13 @@ def check_args(args: argparse.Namespace) -> str | None:
     return api_key
 
 
-def build_method(name: str, *, budget: int | float | None, preset: str | None) -> Any:
-    """The KV method; `preset` is a built-in preset name (omnikv.presets) or a preset JSON file."""
-    from omnikv.methods import get_method
-
-    if preset is None:
-        return get_method(name, budget=budget)
-    if name != "omnikv":
-        raise ConfigError(f"--preset applies to the omnikv method only, not {name!r}")
-    from omnikv.presets import PRESETS
-
-    named = {p.name: p for p in PRESETS}
-    if preset in named:
-        return get_method(name, budget=budget, config=named[preset].config)
-    if not os.path.isfile(preset):
-        raise ConfigError(f"--preset {preset!r} is neither a preset file nor a built-in preset ({', '.join(named)})")
-    return get_method(name, budget=budget, preset=preset)
-
-
 def run(args: argparse.Namespace) -> int:
     api_key = check_args(args)
     from omnikv.models import load_model
     from omnikv.server.app import create_app
     from omnikv.server.engine import Engine
-    from omnikv.server.runner import is_loopback, serve_forever
+    from omnikv.server.middleware import LOOPBACK_HOSTS
+    from omnikv.server.runner import bind_socket, is_loopback, serve_forever
 
     if not is_loopback(args.host) and api_key is None:
         print(
@@ -105,7 +86,12 @@ def run(args: argparse.Namespace) -> int:
             f"set --api-key or ${API_KEY_ENV}",
             file=sys.stderr,
         )
-    method = build_method(args.method, budget=args.budget, preset=args.preset)  # fail fast, before loading
+    method = build_method(args)  # fail fast, before loading
+    sock = bind_socket(args.host, args.port)  # a port in use fails now, not after loading the model
+    if is_loopback(args.host):
+        allowed_hosts: list[str] | None = [*LOOPBACK_HOSTS, *(args.allowed_host or [])]
+    else:
+        allowed_hosts = args.allowed_host  # None: any Host (the bind is reachable by name anyway)
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     # Build one cache now: a method that cannot run this model (a preset made for another model,
     # filter layers out of range, an unsupported architecture) fails here, not on every request.
@@ -124,7 +110,9 @@ def run(args: argparse.Namespace) -> int:
         max_prompt_tokens=args.max_prompt_tokens,
         max_tokens_limit=args.max_tokens_limit,
         default_max_tokens=args.default_max_tokens,
+        allowed_hosts=allowed_hosts,
     )
-    print(f"omnikv serve: {engine.name} with method {args.method} on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    serve_forever(app, args.host, args.port, log_level=args.log_level)
+    port = sock.getsockname()[1]
+    print(f"omnikv serve: {engine.name} with method {args.method} on http://{args.host}:{port}/v1", file=sys.stderr)
+    serve_forever(app, args.host, port, log_level=args.log_level, sock=sock)
     return 0

@@ -13,22 +13,19 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from omnikv.config import HEAD_REDUCTIONS, SELECTORS
 from omnikv.errors import ConfigError, InputError
 
 # Chunked prefill bounds activation memory and lets the progress bar move; results are identical
-# to one pass (tested in tests/test_omnikv_equivalence.py). 1024 is the size models.md measured
-# as fastest on CPU for Gemma 3.
+# to one pass (tested in tests/test_omnikv_equivalence.py). 1024 was the fastest size
+# measured on CPU for Gemma 3.
 DEFAULT_PREFILL_CHUNK = 1024
-
-# Flags that configure OmniKV itself; other methods do not take them.
-_OMNIKV_ONLY = ("filter_layers", "num_wait_layers", "selector", "head_reduce", "offload", "preset", "telemetry")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,9 +130,9 @@ def add_method_arguments(p: argparse.ArgumentParser, *, method: bool = True) -> 
                    help="OmniKV filter layers, e.g. 2,8,18 (default: the model's preset)")
     g.add_argument("--num-wait-layers", type=non_negative_int, default=None, metavar="N",
                    help="dense layers after each filter layer (default: the preset's)")
-    g.add_argument("--selector", default=None, choices=("last", "softmax_last", "uniform", "exp"),
+    g.add_argument("--selector", default=None, choices=SELECTORS,
                    help="how filter layers score tokens (default: the preset's)")
-    g.add_argument("--head-reduce", default=None, choices=("max", "sum", "per_kv_head"),
+    g.add_argument("--head-reduce", default=None, choices=HEAD_REDUCTIONS,
                    help="how head scores are combined (default: the preset's)")
     g.add_argument("--offload", default=None, action=argparse.BooleanOptionalAction,
                    help="keep sparse layers' KV in host memory (default: on with an accelerator, off on CPU)")
@@ -179,39 +176,35 @@ def add_prompt_arguments(p: argparse.ArgumentParser, *, required: bool = True) -
 # Building things from the parsed flags
 
 
+# The method flags, by option name (a method takes the ones among its fields; `omnikv models`).
+METHOD_FLAGS = ("preset", "filter_layers", "num_wait_layers", "selector", "head_reduce", "offload", "sink_tokens",
+                "recent_tokens", "telemetry", "compile")
+
+
 def method_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The method flags the user actually gave (None = not given), by constructor argument name."""
-    names = ("filter_layers", "num_wait_layers", "selector", "head_reduce", "offload", "sink_tokens", "recent_tokens",
-             "telemetry", "compile")
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    """The method flags the user actually gave (None = not given), by option name. Commands that
+    do not define a flag simply do not give it."""
+    return {n: getattr(args, n) for n in METHOD_FLAGS if getattr(args, n, None) is not None}
 
 
 def build_method(args: argparse.Namespace, name: str | None = None):
-    """A configured Method from --method (or `name`), --budget, --preset and the OmniKV flags."""
-    from omnikv.methods import available_methods, get_method
+    """A configured Method from --method (or `name`), --budget, --preset and the method flags.
+
+    A flag the method does not take fails here, naming the methods that do take it; a --preset
+    (built-in name or file) is resolved by `omnikv.presets.resolve_preset` inside the method."""
+    from omnikv.methods import get_method, method_class, methods_taking
 
     name = name or args.method
-    if name not in available_methods():
-        raise ConfigError(f"unknown method {name!r}; available: {', '.join(available_methods())}")
+    cls = method_class(name)  # ConfigError listing the methods when unknown
     options = method_options(args)
-    preset = getattr(args, "preset", None)
-    if name != "omnikv":
-        given = [f"--{k.replace('_', '-')}" for k in _OMNIKV_ONLY
-                 if (preset if k == "preset" else options.get(k)) is not None]
-        if given:
-            raise ConfigError(f"{', '.join(given)} configure the omnikv method only, not {name!r}")
-        return get_method(name, budget=args.budget, **options)
-    if preset is None:
-        return get_method(name, budget=args.budget, **options)
-    from omnikv.presets import PRESETS
-
-    named = {p.name: p for p in PRESETS}
-    if preset in named:
-        return get_method(name, budget=args.budget, config=named[preset].config, **options)
-    if not os.path.isfile(preset):
-        raise ConfigError(f"--preset {preset!r} is neither a preset file nor a built-in preset "
-                          f"({', '.join(named)})")
-    return get_method(name, budget=args.budget, preset=preset, **options)
+    # compile is no dataclass field: get_method refuses it by name for methods without a static step
+    foreign = [k for k in options if k not in cls.option_names() and k != "compile"]
+    if foreign:
+        takers = sorted({m for k in foreign for m in methods_taking(k)})
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in foreign)
+        raise ConfigError(f"{flags} configure the {', '.join(takers)} method{'s' if len(takers) > 1 else ''} "
+                          f"only, not {name!r}")
+    return get_method(name, budget=getattr(args, "budget", None), **options)
 
 
 def read_text_file(path: str, what: str = "file") -> str:

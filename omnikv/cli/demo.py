@@ -4,7 +4,7 @@ The haystack is the evaluation suite's narrative text (`omnikv.eval.tasks.text`:
 digit-free sentences) and the prompt is fitted to an exact token length with the same
 `fit_length`. The prompt is raw text ending in an answer prefix ("... What is the pass key? The pass
 key is"): with that layout Gemma 3 270M (base) finds the key with full attention up to 16K tokens
-(shared docs, models.md "What made prompts work"), so any miss is the KV method's doing.
+(docs/evaluation.md, small-model guidance), so any miss is the KV method's doing.
 """
 
 from __future__ import annotations

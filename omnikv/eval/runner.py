@@ -34,6 +34,7 @@ from omnikv.eval.loaders import is_dataset_task, load_dataset_task
 from omnikv.eval.metrics import CHINESE_TOKENIZATION, score_sample
 from omnikv.eval.tasks import Sample, canonical_task_name, encode_prompt, generate_samples, takes_prose_haystack
 from omnikv.budget import parse_token_count
+from omnikv.methods import REFERENCE
 
 PREDICTIONS = "predictions.jsonl"
 METRICS = "metrics.json"
@@ -96,13 +97,13 @@ class EvalConfig:
         self.tasks = [t if is_dataset_task(t) else canonical_task_name(t) for t in self.tasks]
 
     def run_methods(self) -> list[str]:
-        """Methods in run order: "full" first; added when fidelity needs it as the reference."""
+        """Methods in run order: the reference ("full") first; added when fidelity needs it."""
         methods = list(self.methods)
-        if self.fidelity and "full" not in methods:
-            methods.insert(0, "full")
-        if "full" in methods:
-            methods.remove("full")
-            methods.insert(0, "full")
+        if self.fidelity and REFERENCE not in methods:
+            methods.insert(0, REFERENCE)
+        if REFERENCE in methods:
+            methods.remove(REFERENCE)
+            methods.insert(0, REFERENCE)
         return methods
 
     def to_json(self) -> dict[str, Any]:
@@ -286,7 +287,7 @@ def run_eval(config: EvalConfig, *, loaded: Any = None) -> dict[str, Any]:
     if existing:
         _rewrite(pred_path, existing)  # drops a torn last line before appending
     done = {record_key(r) for r in existing}
-    full_tokens = {record_key(r)[1:]: r.get("token_ids") or [] for r in existing if r["method"] == "full"}
+    full_tokens = {record_key(r)[1:]: r.get("token_ids") or [] for r in existing if r["method"] == REFERENCE}
 
     meta = run_metadata(config)
     if loaded is None:
@@ -301,10 +302,10 @@ def run_eval(config: EvalConfig, *, loaded: Any = None) -> dict[str, Any]:
     for label in config.run_methods():
         # A label is a method spec: `omnikv` or a variant such as `omnikv:selector=uniform`.
         spec = parse_method(label)
-        options = {} if spec.is_full_attention else dict(config.method_options.get("*", {}))
+        options = dict(config.method_options.get("*", {})) if spec.takes_budget else {}
         options.update(config.method_options.get(spec.name, {}))
         options.update(spec.options)
-        budget = options.pop("budget", None if spec.is_full_attention else config.budget)
+        budget = options.pop("budget", config.budget if spec.takes_budget else None)
         methods[label] = get_method(spec.name, budget=budget, **options)
     meta["methods"] = {name: m.describe() for name, m in methods.items()}
 
@@ -351,12 +352,12 @@ def run_eval(config: EvalConfig, *, loaded: Any = None) -> dict[str, Any]:
                     "stats": res.stats, "config": res.config or method.describe(),
                     "metadata": {k: v for k, v in s.metadata.items() if k not in _META_DROP},
                 }
-                if name == "full":
+                if name == REFERENCE:
                     full_tokens[unit_key] = list(res.token_ids)
                 ref = full_tokens.get(unit_key)
-                if config.fidelity and name != "full" and ref:
+                if config.fidelity and name != REFERENCE and ref:
                     if full_logits is None:
-                        full_logits = teacher_forced_logits(model, ids, ref, methods["full"],
+                        full_logits = teacher_forced_logits(model, ids, ref, methods[REFERENCE],
                                                             prefill_chunk_size=config.prefill_chunk_size)
                     method_logits = teacher_forced_logits(model, ids, ref, method,
                                                           prefill_chunk_size=config.prefill_chunk_size)

@@ -1,7 +1,9 @@
 """Registry of KV-cache methods: name -> configured instance.
 
-Adding a method = adding one module that defines a `Method` subclass and decorates it with
-`@register("name")`, and listing the module in `_MODULES`.
+Adding a method = adding one module that defines a `Method` dataclass and decorates it with
+`@register("name")`, and listing the module in `_MODULES`. What callers need to know about a
+method (takes a budget? needs a real prefill? its memory plan, its summary) they ask the method
+class or instance, never its name.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from omnikv.methods.base import Method
 _REGISTRY: dict[str, type[Method]] = {}
 _MODULES = ("full", "omnikv", "streaming", "h2o", "snapkv", "quest")
 _loaded = False
+
+# The exact method every comparison (eval fidelity, bench ratios, `omnikv compare`) is made against.
+REFERENCE = "full"
 
 
 def register(name: str) -> Callable[[type[Method]], type[Method]]:
@@ -31,11 +36,7 @@ def _load() -> None:
     if _loaded:
         return
     for mod in _MODULES:
-        try:
-            importlib.import_module(f"omnikv.methods.{mod}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"omnikv.methods.{mod}":
-                raise
+        importlib.import_module(f"omnikv.methods.{mod}")
     _loaded = True
 
 
@@ -44,14 +45,27 @@ def available_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_method(name: str | Method, *, budget: int | float | None = None, **options: Any) -> Method:
-    """A configured method by registry name (options are the method's constructor arguments)."""
-    if isinstance(name, Method):
-        return name
+def method_class(name: str) -> type[Method]:
+    """The registered class of `name` (its capabilities are class attributes); ConfigError if unknown."""
     _load()
     cls = _REGISTRY.get(name)
     if cls is None:
         raise ConfigError(f"unknown method {name!r}; available: {', '.join(available_methods())}")
+    return cls
+
+
+def methods_taking(option: str) -> list[str]:
+    """Registry names of the methods that accept `option`."""
+    _load()
+    return sorted(n for n, cls in _REGISTRY.items() if option in cls.option_names())
+
+
+def get_method(name: str | Method, *, budget: int | float | None = None, **options: Any) -> Method:
+    """A configured method by registry name (options are the method's dataclass fields, plus
+    static= / compile= / compile_backend= / compile_mode= for methods with a static-shape step)."""
+    if isinstance(name, Method):
+        return name
+    cls = method_class(name)
     static = options.pop("static", None)
     compile_ = options.pop("compile", None)
     backend = options.pop("compile_backend", None)
@@ -66,7 +80,7 @@ def get_method(name: str | Method, *, budget: int | float | None = None, **optio
             f"static=true / compile=true work with: {supported}"
         )
     try:
-        method = cls(budget=budget, **options)
+        method = cls.from_options(budget=budget, **options)
     except TypeError as exc:
         raise ConfigError(f"bad options for method {name!r}: {exc}") from None
     method.compile = bool(compile_) or bool(backend) or bool(mode)
@@ -86,4 +100,4 @@ def make_decoder(method: Method, model, cache):
                          mode=method.compile_mode, method=method.name)
 
 
-__all__ = ["Method", "available_methods", "get_method", "register"]
+__all__ = ["REFERENCE", "Method", "available_methods", "get_method", "make_decoder", "method_class", "methods_taking", "register"]

@@ -22,38 +22,23 @@ Phases, per layer:
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from omnikv._compat import sdpa_attention_forward
-from omnikv.config import OmniKVConfig
-from omnikv.errors import ConfigError
+from omnikv.budget import Budget
+from omnikv.buffers import grown_capacity
 from omnikv.cache import ManagedCache, check_supported, text_config
+from omnikv.errors import ConfigError
 from omnikv.layers import ManagedLayer, make_sliding_layer
+from omnikv.methods.base import DEFAULT_BUDGET, Method
+from omnikv.methods.memory import GiB, KVContext, KVPlan
+from omnikv.methods.rows import subset_mask
 from omnikv.selection import gather_rows
 
-DEFAULT_BUDGET: int | float = OmniKVConfig().budget  # same default as OmniKV, for comparability
-HEADROOM = 64  # spare rows after a compaction (decode appends; growth is geometric beyond)
-
-
-def budget_tokens(budget: int | float, prompt_len: int) -> int:
-    """Rows a budgeted layer keeps for a prompt of `prompt_len` tokens.
-
-    Unlike `OmniKVConfig.resolve_budget` an int is *not* clipped to the prompt: StreamingLLM and H2O keep
-    `budget` rows of prompt *and* generated tokens, so a budget above the prompt leaves room for the
-    answer.
-    """
-    if isinstance(budget, float):
-        return max(1, math.ceil(budget * prompt_len))
-    return int(budget)
-
-
-def check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an int >= {minimum}; got {value!r}")
-    return value
+HEADROOM = 64  # spare rows after a compaction or growth (decode appends; buffers.grown_capacity)
 
 
 class KeptStore:
@@ -98,7 +83,7 @@ class KeptStore:
                 "a cache serves one model and one batch; build a new one"
             )
         if self.keys is None or self.n + q > self.capacity:
-            self._alloc(max(self.n + q + HEADROOM, math.ceil(self.capacity * 1.5)), key)
+            self._alloc(grown_capacity(self.n + q, self.capacity, HEADROOM), key)
         self.keys[:, :, self.n : self.n + q].copy_(key)
         self.values[:, :, self.n : self.n + q].copy_(value)
         self.pos[..., self.n : self.n + q] = torch.arange(start, start + q, device=key.device)
@@ -160,63 +145,6 @@ class KeptStore:
             return 0
         row = self.keys[:, :, :1].numel() * self.keys.element_size()
         return 2 * row * self.live
-
-
-def subset_mask(
-    attention_mask: torch.Tensor | None, positions: torch.Tensor, q_start: int, q: int, num_q_heads: int
-) -> torch.Tensor:
-    """(B, 1|Hq, q, n) bool mask of q queries at q_start.. over KV rows at `positions` (B, G, n).
-
-    Gathers the logical mask when there is one; otherwise (no padding) builds the causal mask.
-    """
-    b, g, n = positions.shape
-    if attention_mask is not None:
-        mask = attention_mask[:, :1].expand(b, g, q, attention_mask.shape[-1])
-        out = mask.gather(-1, positions[:, :, None, :].expand(b, g, q, n))
-    else:
-        qpos = torch.arange(q_start, q_start + q, device=positions.device)
-        out = positions[:, :, None, :] <= qpos[None, None, :, None]
-    if g > 1:
-        out = out.repeat_interleave(num_q_heads // g, dim=1)
-    return out
-
-
-def attention_probs(
-    query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None, scaling: float
-) -> torch.Tensor:
-    """Softmax attention weights, float32, grouped by KV head.
-
-    Args:
-        query: (B, Hq, q, D); keys: (B, Hk, n, D); mask: (B, 1 | Hk | Hq, q, n) bool (True =
-            attend) or None.
-    Returns:
-        (B, Hk, g, q, n) with g = Hq // Hk; rows with nothing to attend (padding queries) are 0.
-    """
-    b, hq, q, d = query.shape
-    hk, n = keys.shape[1], keys.shape[-2]
-    g = hq // hk
-    logits = torch.matmul(query.reshape(b, hk, g * q, d).float(), keys.float().transpose(-1, -2))
-    logits = logits.mul_(scaling).view(b, hk, g, q, n)
-    if mask is not None:
-        heads = mask.shape[1]
-        m = mask.view(b, hk, g, q, n) if heads == hq else mask.view(b, heads, 1, q, n)  # heads 1 or Hk
-        logits.masked_fill_(~m, float("-inf"))
-    return torch.softmax(logits, dim=-1).nan_to_num_(0.0)
-
-
-def scaling_of(module, query: torch.Tensor, kwargs: dict) -> float:
-    """The attention scale the model uses (Gemma's query_pre_attn_scalar, else 1/sqrt(D))."""
-    scale = kwargs.get("scaling")
-    if scale is None:
-        scale = getattr(module, "scaling", None)
-    return float(scale) if scale is not None else query.shape[-1] ** -0.5
-
-
-def first_real(valid: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
-    """(B, 1) position of each sequence's first real token (its left-padding length)."""
-    if valid is None:
-        return torch.zeros(batch, 1, dtype=torch.long, device=device)
-    return (~valid).sum(dim=-1, keepdim=True)
 
 
 class LossyLayer(ManagedLayer):
@@ -284,7 +212,7 @@ class LossyLayer(ManagedLayer):
         valid = None if attention_mask is None else attention_mask[:, 0, -1, :]
         if self.compact_due:
             self.compact_due = False
-            self.kept_budget = budget_tokens(self.budget, self.prompt_len)
+            self.kept_budget = Budget(self.budget).tokens(self.prompt_len, clip=False)
             before = self.store.live - 1  # rows before the new token
             self.compact(valid, module, **kwargs)
             self.evicted += before - (self.store.live - 1)
@@ -325,6 +253,27 @@ class LossyLayer(ManagedLayer):
     def kept_positions(self) -> torch.Tensor | None:
         """(B, G, kept) logical positions this layer keeps (sorted), or None before any token."""
         return None if self.store.keys is None else self.store.live_positions()
+
+
+@dataclass(eq=False)
+class LossyMethod(Method):
+    """A method that keeps `budget` rows per full-attention layer and forgets the rest."""
+
+    lossy = True
+    default_budget = DEFAULT_BUDGET
+
+    def kept_tokens(self, ctx: KVContext) -> int:
+        """Rows a budgeted layer keeps after the first decode step (StreamingLLM and H2O keep
+        `budget` rows of prompt and generated tokens)."""
+        return min(Budget(self.budget).tokens(ctx.context, clip=False), ctx.context)
+
+    def kv_plan(self, ctx: KVContext) -> KVPlan:
+        # Prefill is full attention and these caches evict at the first decode step, so the peak
+        # is the whole prompt's KV; afterwards each layer keeps its budget.
+        kept = self.kept_tokens(ctx)
+        steady = ctx.row_bytes * sum(min(r, kept) for r in ctx.full_rows)
+        note = f"lossy: peak = the whole prompt until the first decode step, then {steady / GiB:.3f} GiB"
+        return KVPlan(ctx.full_kv_bytes, 0, [note])
 
 
 class LossyCache(ManagedCache):

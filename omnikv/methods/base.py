@@ -1,39 +1,95 @@
-"""The Method interface: one configured KV-cache policy, able to make a cache per request."""
+"""The Method interface: one configured KV-cache policy, able to make a cache per request.
+
+A method is a small validated dataclass (fields = its options, checked in `__post_init__`) that
+owns everything callers would otherwise switch on its name for: whether it takes a budget
+(`takes_budget`), whether a benchmark must run a real prefill before timing it
+(`needs_real_prefill`), its memory plan for a model shape and a context (`kv_plan`), and the one
+line that summarises its configuration next to a result (`summarize`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from omnikv.config import _check_budget
+from omnikv.budget import Budget
+from omnikv.config import OmniKVConfig
+from omnikv.errors import ConfigError
+
+if TYPE_CHECKING:
+    from omnikv.methods.memory import KVContext, KVPlan
+
+# The budget of the budgeted baselines when none is given: OmniKV's, for comparability.
+DEFAULT_BUDGET: int | float = OmniKVConfig().budget
 
 
+def check_int(name: str, value: Any, minimum: int) -> int:
+    """`value` if it is an int >= minimum, else a ConfigError naming the option."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an int >= {minimum}; got {value!r}")
+    return value
+
+
+@dataclass(eq=False)
 class Method(ABC):
     """A named, configured KV-cache method.
 
     `budget` means the same for every method: the number of *prompt* tokens a budgeted layer
     attends to at a decode step (int), or that number as a fraction of the prompt (float in
-    (0, 1]). Which layers are budgeted, and what stays on the device, each method states in
-    `describe()` (see docs/methods.md).
+    (0, 1]); see `omnikv.budget.Budget`. Which layers are budgeted, and what stays on the device,
+    each method states in `describe()` (see docs/methods.md).
     """
+
+    budget: int | float | None = None
 
     name: ClassVar[str]
     lossy: ClassVar[bool] = False  # True when tokens are evicted for good
     supports_batch: ClassVar[bool] = True
+    takes_budget: ClassVar[bool] = True  # False: exact full attention, a budget means nothing
+    # True when the method decides what to keep from the prefill's attention (H2O, SnapKV): a
+    # cache filled with synthetic KV through `cache.update` would time a different method.
+    needs_real_prefill: ClassVar[bool] = False
+    default_budget: ClassVar[int | float | None] = None  # used when no budget is given
     supports_static: ClassVar[bool] = False  # has a static-shape decode step (omnikv/static.py)
-    # Set by `get_method` from the options static= / compile= / compile_backend= / compile_mode=.
-    static: bool = False  # static-shape decode steps, eager
-    compile: bool = False  # ... captured with torch.compile (implies static)
-    compile_backend: str | None = None  # default inductor
-    compile_mode: str | None = None  # default: reduce-overhead (CUDA graphs) on CUDA
+    # Not dataclass fields (no annotation): set by `get_method` from the options static= /
+    # compile= / compile_backend= / compile_mode=, which every method accepts or refuses by name.
+    static = False  # static-shape decode steps, eager
+    compile = False  # ... captured with torch.compile (implies static)
+    compile_backend = None  # default inductor
+    compile_mode = None  # default: reduce-overhead (CUDA graphs) on CUDA
 
-    def __init__(self, budget: int | float | None = None) -> None:
-        if budget is not None:
-            _check_budget(budget)
-        self.budget = budget
+    def __post_init__(self) -> None:
+        if self.budget is None:
+            self.budget = self.default_budget
+        if self.budget is not None:
+            Budget(self.budget)  # ConfigError naming the bad value
+        self.validate()
 
+    def validate(self) -> None:
+        """Check the method's own options (ConfigError naming the option and the fix)."""
+
+    # -- construction from user options ---------------------------------------------------------
+    @classmethod
+    def option_names(cls) -> frozenset[str]:
+        """The options `from_options` accepts (the dataclass fields)."""
+        return frozenset(f.name for f in dataclasses.fields(cls) if f.init)
+
+    @classmethod
+    def from_options(cls, **options: Any) -> Method:
+        """A method from the options users give (`get_method(name, **options)`)."""
+        unknown = sorted(set(options) - cls.option_names())
+        if unknown:
+            raise ConfigError(
+                f"bad options for method {cls.name!r}: {', '.join(unknown)}; it takes "
+                f"{', '.join(sorted(cls.option_names()))}"
+            )
+        return cls(**options)
+
+    # -- what callers ask -----------------------------------------------------------------------
     @abstractmethod
     def make_cache(self, model: torch.nn.Module):
         """A fresh `transformers.Cache` for one request (or one batch)."""
@@ -41,5 +97,15 @@ class Method(ABC):
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, "budget": self.budget, "lossy": self.lossy}
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.describe()})"
+    def kv_plan(self, ctx: KVContext) -> KVPlan:
+        """KV bytes one request needs on the device and in host memory (see methods/memory.py).
+        Default: every row of every layer on the device, as full attention."""
+        from omnikv.methods.memory import KVPlan
+
+        return KVPlan(device_kv_bytes=ctx.full_kv_bytes, host_kv_bytes=0)
+
+    def summarize(self, stats: dict[str, Any], config: dict[str, Any]) -> str:
+        """One line on the configuration a result ran with (`omnikv compare`)."""
+        if config.get("budget") is not None:
+            return f"budget {config['budget']}"
+        return str(config.get("note", "exact"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -11,6 +12,7 @@ from omnikv.cache import ManagedCache, check_supported, text_config
 from omnikv.layers import DenseLayer, make_sliding_layer
 from omnikv.methods import register
 from omnikv.methods.base import Method
+from omnikv.methods.memory import KVContext, KVPlan
 from transformers import DynamicCache
 
 
@@ -46,8 +48,11 @@ class StockDynamicCache(DynamicCache):
 
 
 @register("full")
+@dataclass(eq=False)
 class FullAttention(Method):
     """Plain transformers full attention with the stock DynamicCache: the reference."""
+
+    takes_budget = False
 
     def make_cache(self, model):
         return StockDynamicCache(config=model.config)
@@ -57,11 +62,14 @@ class FullAttention(Method):
 
 
 @register("full_offload")
+@dataclass(eq=False)
 class FullOffload(Method):
     """transformers' offloaded DynamicCache: exact, moves whole layers host<->device each step.
 
     On a CPU-only machine there is nothing to offload to; the cache is then the plain one.
     """
+
+    takes_budget = False
 
     def make_cache(self, model):
         device = next(model.parameters()).device
@@ -72,6 +80,13 @@ class FullOffload(Method):
 
     def describe(self):
         return {"method": self.name, "budget": None, "lossy": False, "note": "transformers offloading=True (CUDA only)"}
+
+    def kv_plan(self, ctx: KVContext) -> KVPlan:
+        if not ctx.on_accelerator:
+            return super().kv_plan(ctx)
+        # The whole KV lives in host memory; the layer in use and the next one are on the device.
+        biggest = max(ctx.full_rows) * ctx.row_bytes
+        return KVPlan(2 * biggest, ctx.full_kv_bytes, ["whole layers move host<->device every step"])
 
 
 class PreallocatedCache(ManagedCache):
@@ -88,9 +103,11 @@ class PreallocatedCache(ManagedCache):
 
 
 @register("full_prealloc")
+@dataclass(eq=False)
 class FullPrealloc(Method):
     """Exact full attention, preallocated storage: the honest speed baseline."""
 
+    takes_budget = False
     supports_static = True
 
     def make_cache(self, model):

@@ -16,23 +16,18 @@ Costs: the prefill computes the attention weights once more, in query chunks (O(
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from omnikv.attention import attention_probs, scaling_of
+from omnikv.buffers import grown_capacity
 from omnikv.errors import ConfigError
 from omnikv.methods import register
-from omnikv.methods._lossy import (
-    DEFAULT_BUDGET,
-    LossyCache,
-    LossyLayer,
-    attention_probs,
-    check_int,
-    first_real,
-    scaling_of,
-    subset_mask,
-)
-from omnikv.methods.base import Method
+from omnikv.methods._lossy import HEADROOM, LossyCache, LossyLayer, LossyMethod
+from omnikv.methods.base import check_int
+from omnikv.methods.rows import first_real, subset_mask
 from omnikv.selection import select_topk
 
 NEG_INF = float("-inf")
@@ -47,7 +42,8 @@ class H2OLayer(LossyLayer):
         super().__init__(budget)
         self.recent_tokens = recent_tokens
         self.sink_tokens = sink_tokens
-        self.acc: torch.Tensor | None = None  # (B, Hk, n) float32 accumulated attention per slot
+        self._acc: torch.Tensor | None = None  # (B, Hk, capacity) float32 accumulated attention per slot
+        self.acc: torch.Tensor | None = None  # (B, Hk, n) view of the slots in use
         self.pad: torch.Tensor | None = None  # (B, 1) left-padding length
 
     # -- split of the budget --------------------------------------------------------------------
@@ -67,17 +63,22 @@ class H2OLayer(LossyLayer):
 
     # -- scores ---------------------------------------------------------------------------------
     def _acc_for(self, n: int, like: torch.Tensor) -> torch.Tensor:
-        """acc with one entry per slot in use (new slots start at 0)."""
+        """acc with one entry per slot in use (new slots start at 0); the buffer behind it grows
+        by the one rule of growable buffers (buffers.grown_capacity), not by one slot a step."""
         b, h = like.shape[:2]
-        if self.acc is None:
-            self.acc = torch.zeros((b, h, n), dtype=torch.float32, device=like.device)
-        elif self.acc.shape[-1] < n:
-            pad = self.acc.new_zeros((b, h, n - self.acc.shape[-1]))
-            self.acc = torch.cat([self.acc, pad], dim=-1)
+        have = 0 if self._acc is None else self._acc.shape[-1]
+        if n > have:
+            grown = torch.zeros((b, h, grown_capacity(n, have, HEADROOM)), dtype=torch.float32, device=like.device)
+            if self.acc is not None:
+                grown[..., : self.acc.shape[-1]].copy_(self.acc)
+            self._acc = grown
+        if self.acc is None or self.acc.shape[-1] != n:
+            self.acc = self._acc[..., :n]
         return self.acc
 
     def on_rebuild(self, slots: torch.Tensor) -> None:
-        self.acc = self.acc.gather(-1, slots)
+        self._acc = self.acc.gather(-1, slots)
+        self.acc = self._acc
 
     def observe_prefill(self, module, query, attention_mask, **kwargs) -> None:
         keys, _, pos = self.store.view()
@@ -124,22 +125,19 @@ class H2OLayer(LossyLayer):
 
 
 @register("h2o")
-class H2O(Method):
+@dataclass(eq=False)
+class H2O(LossyMethod):
     """Options: `recent_tokens` (default: half the budget, as the paper's equal heavy/recent split),
     `sink_tokens` (default 0: first real tokens never evicted). heavy + recent = budget."""
 
-    lossy = True
+    recent_tokens: int | None = None
+    sink_tokens: int = 0
+    needs_real_prefill = True  # the heavy hitters are scored from the prefill's attention
 
-    def __init__(
-        self,
-        budget: int | float | None = None,
-        recent_tokens: int | None = None,
-        sink_tokens: int = 0,
-        model: Any = None,
-    ) -> None:
-        super().__init__(budget if budget is not None else DEFAULT_BUDGET)
-        self.recent_tokens = None if recent_tokens is None else check_int("recent_tokens", recent_tokens, 0)
-        self.sink_tokens = check_int("sink_tokens", sink_tokens, 0)
+    def validate(self) -> None:
+        if self.recent_tokens is not None:
+            check_int("recent_tokens", self.recent_tokens, 0)
+        check_int("sink_tokens", self.sink_tokens, 0)
         if isinstance(self.budget, int) and (self.recent_tokens or 0) + self.sink_tokens > self.budget:
             raise ConfigError(
                 f"h2o: recent_tokens + sink_tokens = {(self.recent_tokens or 0) + self.sink_tokens} exceeds "

@@ -1,6 +1,7 @@
 """Memory planning: how many bytes a request needs on the device and in host memory.
 
-Used before prefill (`Session.feed` refuses a request that cannot fit, before minutes of work are
+Each method plans its own KV (`Method.kv_plan(KVContext) -> KVPlan`); this module adds weights
+and activations and compares with what is free. Used before prefill (`Session.feed` refuses a request that cannot fit, before minutes of work are
 spent) and by `omnikv plan` to size hardware. Estimates, not measurements: KV bytes are exact for
 the layouts this library allocates; activations are an upper-bound rule of thumb.
 """
@@ -34,6 +35,7 @@ class MemoryPlan:
     host_available_bytes: int | None
     full_device_kv_bytes: int  # what full attention would keep on the device, for comparison
     notes: list[str] = field(default_factory=list)
+    device_peak_kv_bytes: int = 0  # device KV at its peak (prefill), >= device_kv_bytes
 
     @property
     def fits(self) -> bool:
@@ -73,6 +75,58 @@ def device_available_bytes(device: str) -> int | None:
     return None
 
 
+@dataclass(frozen=True)
+class KVContext:
+    """What a method's `kv_plan` sees: the model's shape and one request's sizes (batch 1)."""
+
+    config: Any  # the model's (transformers) config
+    context: int  # prompt tokens
+    max_new_tokens: int
+    dtype_bytes: int
+    on_accelerator: bool
+    layer_types: tuple[str, ...]
+    kv_heads: int
+    head_dim: int
+    sliding_window: int
+
+    @classmethod
+    def of(cls, config, context: int, max_new_tokens: int, dtype_bytes: int, on_accelerator: bool) -> KVContext:
+        s = _shape(config)
+        return cls(config, context, max_new_tokens, dtype_bytes, on_accelerator, tuple(layer_types(config)),
+                   s["kv_heads"], s["head_dim"], sliding_window(config) or 0)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.context + self.max_new_tokens
+
+    @property
+    def row_bytes(self) -> int:
+        """K and V of one token in one layer."""
+        return 2 * self.kv_heads * self.head_dim * self.dtype_bytes
+
+    @property
+    def full_rows(self) -> list[int]:
+        """Rows each layer holds under full attention (a sliding layer: its window)."""
+        total = self.total_tokens
+        return [min(total, self.sliding_window) if t == "sliding_attention" else total for t in self.layer_types]
+
+    @property
+    def full_kv_bytes(self) -> int:
+        return self.row_bytes * sum(self.full_rows)
+
+
+@dataclass
+class KVPlan:
+    """A method's KV bytes for one request: on the device, in host memory, and why."""
+
+    device_kv_bytes: int
+    host_kv_bytes: int
+    notes: list[str] = field(default_factory=list)
+    # Device KV at its peak when that is not the decode steady state (OmniKV with offload keeps
+    # the sparse layers' prompt rows on the device while the prompt runs); None = the same.
+    device_peak_kv_bytes: int | None = None
+
+
 def _shape(config) -> dict[str, int]:
     cfg = config.get_text_config(decoder=True)
     heads = cfg.num_attention_heads
@@ -98,83 +152,43 @@ def estimate_weights_bytes(config, dtype_bytes: int) -> int:
 def plan_memory(
     config,
     context: int,
-    method: str = "omnikv",
+    method="omnikv",
     *,
     device: str = "cpu",
     dtype_bytes: int = 4,
     max_new_tokens: int = 256,
     prefill_chunk_size: int | None = None,
-    omnikv_config=None,
     budget: int | float | None = None,
     weights_bytes: int | None = None,
 ) -> MemoryPlan:
-    """Estimate the memory of one request of `context` prompt tokens (batch 1)."""
+    """Estimate the memory of one request of `context` prompt tokens (batch 1).
+
+    `method` is a configured `Method` or a registry name (then built with `budget`); the KV part
+    is the method's own `kv_plan`."""
+    from omnikv.methods import get_method
+
+    if isinstance(method, str):
+        method = get_method(method, budget=budget)
     s = _shape(config)
-    types = layer_types(config)
-    window = sliding_window(config) or 0
-    total = context + max_new_tokens
-    row = 2 * s["kv_heads"] * s["head_dim"] * dtype_bytes  # K and V of one token in one layer
-    rows_full = [min(total, window) if t == "sliding_attention" else total for t in types]
-    full_kv = row * sum(rows_full)
-    notes: list[str] = []
     on_accel = device.startswith("cuda")
-    dev_kv, host_kv = full_kv, 0
-    if method in ("full_offload",):
-        if on_accel:
-            biggest = max(rows_full) * row
-            dev_kv, host_kv = 2 * biggest, full_kv
-            notes.append("whole layers move host<->device every step")
-    elif method == "omnikv":
-        from omnikv.config import OmniKVConfig
-        from omnikv.presets import preset_for_model
-        from omnikv.roles import Role, plan_layers
-
-        cfg = omnikv_config or preset_for_model(config, warn=False)
-        if budget is not None:
-            cfg = cfg.replace(budget=budget)
-        assert isinstance(cfg, OmniKVConfig)
-        plan = plan_layers(cfg, types)
-        offload = cfg.offload if cfg.offload is not None else on_accel
-        k = cfg.resolve_budget(context)
-        dev_kv = host_kv = 0
-        for i, role in enumerate(plan.roles):
-            if role is Role.SPARSE:
-                dev_kv += row * (k + max_new_tokens)
-                if offload:
-                    host_kv += row * total
-                else:
-                    dev_kv += row * total
-            else:
-                dev_kv += row * rows_full[i]
-        notes.append(f"{plan.summary()}; {k} selected tokens per sparse layer; offload={'on' if offload else 'off'}")
-    elif method in ("streaming_llm", "h2o", "snapkv"):
-        # Prefill is full attention and these caches evict at the first decode step, so the peak
-        # is the whole prompt's KV; afterwards each layer keeps its budget.
-        from omnikv.methods._lossy import budget_tokens
-
-        kept = min(budget_tokens(budget if budget is not None else 0.067, context), context)
-        kept += max_new_tokens if method == "snapkv" else 0
-        steady = row * sum(min(r, kept) for r in rows_full)
-        notes.append(f"lossy: peak = the whole prompt until the first decode step, then {steady / GiB:.3f} GiB")
-    elif method == "quest":
-        # Per-page min and max keys: 2 key rows per 16 tokens, on every layer but the 2 dense ones.
-        meta = sum(row // 2 * 2 * -(-r // 16) for i, r in enumerate(rows_full) if i >= 2)
-        dev_kv = full_kv + meta
-        notes.append("drop-free on the device: all KV + page metadata")
+    ctx = KVContext.of(config, context, max_new_tokens, dtype_bytes, on_accel)
+    kv = method.kv_plan(ctx)
     chunk = prefill_chunk_size or context
     # Hidden states, q/k/v and the MLP's intermediate activations of one chunk; attention itself
     # runs tiled (flash / CPU flash kernels) and only the last position's logits are computed.
     act_elems = chunk * (6 * s["hidden"] + 3 * s["intermediate"]) + 2 * s["vocab"]
     activation = int(act_elems * dtype_bytes)
     weights = weights_bytes if weights_bytes is not None else estimate_weights_bytes(config, dtype_bytes)
+    dev_kv, host_kv = kv.device_kv_bytes, kv.host_kv_bytes
+    peak_kv = max(dev_kv, kv.device_peak_kv_bytes or 0)
     if on_accel:
-        device_total = weights + dev_kv + activation
+        device_total = weights + peak_kv + activation
         host_total = host_kv
     else:  # everything is host memory on a CPU run
         device_total = 0
         host_total = weights + dev_kv + host_kv + activation
     return MemoryPlan(
-        method=method,
+        method=method.name,
         context=context,
         device=device,
         weights_bytes=int(weights),
@@ -185,8 +199,9 @@ def plan_memory(
         host_total_bytes=int(host_total),
         device_available_bytes=device_available_bytes(device) if on_accel else None,
         host_available_bytes=host_available_bytes(),
-        full_device_kv_bytes=int(full_kv),
-        notes=notes,
+        full_device_kv_bytes=int(ctx.full_kv_bytes),
+        notes=kv.notes,
+        device_peak_kv_bytes=int(peak_kv),
     )
 
 

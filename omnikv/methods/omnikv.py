@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 from typing import Any
 
 from omnikv.cache import OmniKVCache
@@ -10,57 +11,73 @@ from omnikv.config import OmniKVConfig
 from omnikv.errors import ConfigError
 from omnikv.methods import register
 from omnikv.methods.base import Method
+from omnikv.methods.memory import KVContext, KVPlan
 
-_FIELDS = {f.name for f in dataclasses.fields(OmniKVConfig)}
+_FIELDS = frozenset(f.name for f in dataclasses.fields(OmniKVConfig))
 
 
 @register("omnikv")
+@dataclass(eq=False)
 class OmniKV(Method):
-    """Options: `config` (OmniKVConfig), `preset` (path to a preset JSON file), or any
-    OmniKVConfig field (filter_layers, num_wait_layers, selector, head_reduce, sink_tokens,
-    recent_tokens, offload, refresh_every, window_size ...) overriding the model's preset.
+    """Options: `config` (OmniKVConfig), `preset` (a built-in preset name such as `smollm2-135m`,
+    or a preset JSON file from `omnikv calibrate`), or any OmniKVConfig field (filter_layers,
+    num_wait_layers, selector, head_reduce, sink_tokens, recent_tokens, offload, refresh_every,
+    window_size ...) overriding the model's preset (`overrides`).
     `telemetry=True` also computes every sparse layer's true attention at each decode step and
     reports how much of it the selection covers (costs full attention; off by default).
     `transfer` picks how the Context Bank moves rows (`OmniKVCache(..., transfer=)`: auto, inline,
     cuda, simulated)."""
 
-    def __init__(
-        self,
-        budget: int | float | None = None,
-        config: OmniKVConfig | None = None,
-        preset: str | None = None,
-        telemetry: bool = False,
-        transfer: str | None = None,
-        **overrides: Any,
-    ) -> None:
-        super().__init__(budget)
-        self.telemetry = telemetry
-        self.transfer = transfer
-        unknown = sorted(set(overrides) - _FIELDS)
+    config: OmniKVConfig | None = None
+    preset: str | None = None
+    telemetry: bool = False
+    transfer: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def option_names(cls) -> frozenset[str]:
+        return (super().option_names() - {"overrides"}) | _FIELDS
+
+    @classmethod
+    def from_options(cls, **options: Any) -> OmniKV:
+        """OmniKVConfig fields go to `overrides`; the rest are the method's own options."""
+        unknown = sorted(set(options) - cls.option_names())
         if unknown:
             raise ConfigError(f"unknown omnikv options {unknown}; valid: {sorted(_FIELDS)}")
-        if config is not None and preset is not None:
+        own_names = super().option_names()
+        own = {k: v for k, v in options.items() if k in own_names}
+        return cls(**own, overrides={k: v for k, v in options.items() if k in _FIELDS and k not in own})
+
+    def validate(self) -> None:
+        from omnikv.presets import resolve_preset
+
+        unknown = sorted(set(self.overrides) - _FIELDS)
+        if unknown:
+            raise ConfigError(f"unknown omnikv options {unknown}; valid: {sorted(_FIELDS)}")
+        if self.config is not None and self.preset is not None:
             raise ConfigError("give either config or preset, not both")
-        self.base, metadata = OmniKVConfig.from_json_with_metadata(preset) if preset else (config, {})
         # Which model a preset file was made for (checked against the model in config_for).
-        self.preset_path = preset
-        self.made_for = {k: metadata[k] for k in ("model_type", "num_layers") if k in metadata}
-        self.overrides = {k: v for k, v in overrides.items() if v is not None}
-        if budget is not None:
-            self.overrides["budget"] = budget
+        self.made_for: dict[str, Any] = {}
+        self.base = self.config
+        if self.preset is not None:
+            self.base, self.made_for = resolve_preset(self.preset)
+        self.overrides = {k: v for k, v in self.overrides.items() if v is not None}
+        if self.budget is not None:
+            self.overrides["budget"] = self.budget
         if self.base is not None:  # validate the overrides early
             self.base = self.base.replace(**self.overrides)
 
-    def config_for(self, model) -> OmniKVConfig:
+    def config_for(self, model, *, warn: bool = True) -> OmniKVConfig:
+        """The config this method runs on `model` (a model or its config)."""
         if self.base is not None:
             if self.made_for:
                 from omnikv.presets import check_preset_model
 
-                check_preset_model(self.made_for, model, where=f"preset file {self.preset_path}")
+                check_preset_model(self.made_for, model, where=f"preset file {self.preset}")
             return self.base
         from omnikv.presets import preset_for_model
 
-        return preset_for_model(model).replace(**self.overrides)
+        return preset_for_model(model, warn=warn).replace(**self.overrides)
 
     supports_static = True
 
@@ -81,3 +98,42 @@ class OmniKV(Method):
             d.update(static=True, compile=self.compile)
         return d
 
+    def kv_plan(self, ctx: KVContext) -> KVPlan:
+        """Dense and filter layers keep every row on the device; a sparse layer keeps its k
+        selected rows + the generated ones there, and its full KV in the host bank (offload) or
+        on the device."""
+        from omnikv.roles import Role, plan_layers
+
+        cfg = self.config_for(ctx.config, warn=False)
+        plan = plan_layers(cfg, list(ctx.layer_types))
+        offload = cfg.offload if cfg.offload is not None else ctx.on_accelerator
+        k = cfg.resolve_budget(ctx.context)
+        row, full_rows = ctx.row_bytes, ctx.full_rows
+        dev_kv = host_kv = prefix = 0
+        for i, role in enumerate(plan.roles):
+            if role is Role.SPARSE:
+                dev_kv += row * (k + ctx.max_new_tokens)
+                if offload:
+                    # The bank is allocated once for prompt + new tokens (page-locked, exact).
+                    host_kv += row * ctx.total_tokens
+                    prefix += row * ctx.context  # on the device while the prompt runs
+                else:
+                    dev_kv += row * ctx.total_tokens
+            else:
+                dev_kv += row * full_rows[i]
+        note = f"{plan.summary()}; {k} selected tokens per sparse layer; offload={'on' if offload else 'off'}"
+        notes = [note]
+        peak = None
+        if offload and ctx.on_accelerator:
+            peak = dev_kv - row * (k + ctx.max_new_tokens) * len(plan.layers_with(Role.SPARSE)) + prefix
+            notes.append("peak during prefill: the sparse layers' prompt rows stay on the device until decoding starts")
+        return KVPlan(dev_kv, host_kv, notes, device_peak_kv_bytes=peak)
+
+    def summarize(self, stats: dict[str, Any], config: dict[str, Any]) -> str:
+        parts = [f"filter layers {config.get('filter_layers')}", f"budget {config.get('budget')}"]
+        roles = stats.get("layer_roles") or []
+        sparse = [i for i, r in enumerate(roles) if r == "sparse"]
+        selected = stats.get("selected_tokens")
+        if sparse and selected is not None:
+            parts.append(f"sparse layers {sparse} attend {selected} of {stats.get('prompt_tokens')} prompt tokens")
+        return ", ".join(parts)

@@ -16,16 +16,19 @@ exactly the prompt tokens read per step, as for the other methods.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from omnikv._compat import sdpa_attention_forward
+from omnikv.budget import Budget
 from omnikv.cache import ManagedCache, check_supported, text_config
 from omnikv.layers import DenseLayer, make_sliding_layer
 from omnikv.methods import register
-from omnikv.methods._lossy import DEFAULT_BUDGET, budget_tokens, check_int, first_real, subset_mask
-from omnikv.methods.base import Method
+from omnikv.methods.base import DEFAULT_BUDGET, Method, check_int
+from omnikv.methods.memory import KVContext, KVPlan
+from omnikv.methods.rows import first_real, subset_mask
 from omnikv.selection import gather_rows
 
 NEG_INF = float("-inf")
@@ -110,7 +113,7 @@ class QuestLayer(DenseLayer):
             valid = None if attention_mask is None else attention_mask[:, 0, -1, :t]
             self.bounds = page_bounds(key[:, :, :t], valid, self.page_size)
             pages = self.bounds[2].shape[-1]
-            self.num_pages = min(pages, math.ceil(budget_tokens(self.budget, t) / self.page_size))
+            self.num_pages = min(pages, math.ceil(Budget(self.budget).tokens(t, clip=False) / self.page_size))
         kmin, kmax, page_ok, start = self.bounds
         scores = page_scores(query, kmin, kmax, page_ok)
         top = torch.topk(scores, self.num_pages, dim=-1, sorted=False).indices.sort(dim=-1).values
@@ -167,17 +170,28 @@ class QuestCache(ManagedCache):
 
 
 @register("quest")
+@dataclass(eq=False)
 class Quest(Method):
     """Options: `page_size` (16), `dense_layers` (2: the model's first layers attend densely)."""
 
-    lossy = False
+    page_size: int = 16
+    dense_layers: int = 2
+    default_budget = DEFAULT_BUDGET
 
-    def __init__(
-        self, budget: int | float | None = None, page_size: int = 16, dense_layers: int = 2, model: Any = None
-    ) -> None:
-        super().__init__(budget if budget is not None else DEFAULT_BUDGET)
-        self.page_size = check_int("page_size", page_size, 1)
-        self.dense_layers = check_int("dense_layers", dense_layers, 0)
+    def validate(self) -> None:
+        check_int("page_size", self.page_size, 1)
+        check_int("dense_layers", self.dense_layers, 0)
+
+    def kv_plan(self, ctx: KVContext) -> KVPlan:
+        """Drop-free: every row stays on the device, plus each page's min and max keys (two key
+        rows per page) on the budgeted layers (full-attention layers past `dense_layers`)."""
+        key_row = ctx.row_bytes // 2
+        meta = sum(
+            2 * key_row * math.ceil(rows / self.page_size)
+            for i, (kind, rows) in enumerate(zip(ctx.layer_types, ctx.full_rows))
+            if i >= self.dense_layers and kind != "sliding_attention"
+        )
+        return KVPlan(ctx.full_kv_bytes + meta, 0, ["drop-free on the device: all KV + page metadata"])
 
     def make_cache(self, model) -> QuestCache:
         return QuestCache(model, self.budget, self.page_size, self.dense_layers)

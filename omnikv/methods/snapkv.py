@@ -16,15 +16,18 @@ chat turn) is compressed again, with the window taken from the new turn's querie
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from omnikv.attention import attention_probs, scaling_of
 from omnikv.errors import ConfigError
 from omnikv.methods import register
-from omnikv.methods._lossy import DEFAULT_BUDGET, LossyCache, LossyLayer, attention_probs, check_int, scaling_of
-from omnikv.methods.base import Method
+from omnikv.methods._lossy import LossyCache, LossyLayer, LossyMethod
+from omnikv.methods.base import check_int
+from omnikv.methods.memory import KVContext
 from omnikv.selection import select_topk
 
 POOLINGS = ("max", "avg")
@@ -116,32 +119,30 @@ class SnapKVLayer(LossyLayer):
 
 
 @register("snapkv")
-class SnapKV(Method):
+@dataclass(eq=False)
+class SnapKV(LossyMethod):
     """Options: `window_size` (32), `kernel_size` (7), `pooling` ("max" | "avg"),
     `head_reduce` ("mean" | "max" over the query heads of a KV head)."""
 
-    lossy = True
+    window_size: int = 32
+    kernel_size: int = 7
+    pooling: str = "max"
+    head_reduce: str = "mean"
+    needs_real_prefill = True  # the observation window's queries vote during the prefill
 
-    def __init__(
-        self,
-        budget: int | float | None = None,
-        window_size: int = 32,
-        kernel_size: int = 7,
-        pooling: str = "max",
-        head_reduce: str = "mean",
-        model: Any = None,
-    ) -> None:
-        super().__init__(budget if budget is not None else DEFAULT_BUDGET)
-        self.window_size = check_int("window_size", window_size, 1)
-        self.kernel_size = check_int("kernel_size", kernel_size, 1)
+    def validate(self) -> None:
+        check_int("window_size", self.window_size, 1)
+        check_int("kernel_size", self.kernel_size, 1)
         if self.kernel_size % 2 == 0:
-            raise ConfigError(f"snapkv kernel_size must be odd (same-length pooling); got {kernel_size}")
-        if pooling not in POOLINGS:
-            raise ConfigError(f"snapkv pooling {pooling!r} is unknown; choose one of {POOLINGS}")
-        if head_reduce not in HEAD_REDUCES:
-            raise ConfigError(f"snapkv head_reduce {head_reduce!r} is unknown; choose one of {HEAD_REDUCES}")
-        self.pooling = pooling
-        self.head_reduce = head_reduce
+            raise ConfigError(f"snapkv kernel_size must be odd (same-length pooling); got {self.kernel_size}")
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"snapkv pooling {self.pooling!r} is unknown; choose one of {POOLINGS}")
+        if self.head_reduce not in HEAD_REDUCES:
+            raise ConfigError(f"snapkv head_reduce {self.head_reduce!r} is unknown; choose one of {HEAD_REDUCES}")
+
+    def kept_tokens(self, ctx: KVContext) -> int:
+        """SnapKV compresses the prompt only: every generated token is kept too."""
+        return super().kept_tokens(ctx) + ctx.max_new_tokens
 
     def make_cache(self, model) -> LossyCache:
         def layer() -> SnapKVLayer:

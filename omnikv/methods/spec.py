@@ -22,9 +22,11 @@ class MethodSpec:
     options: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def is_full_attention(self) -> bool:
-        """full / full_prealloc / full_offload: methods that take no budget."""
-        return self.name.startswith("full")
+    def takes_budget(self) -> bool:
+        """Whether the method takes a budget (exact full attention does not)."""
+        from omnikv.methods import method_class
+
+        return method_class(self.name).takes_budget
 
 
 def _parse_value(raw: str) -> Any:

@@ -11,14 +11,16 @@ which a cache of rotated keys cannot do (see docs/methods.md).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from omnikv.errors import ConfigError
 from omnikv.methods import register
-from omnikv.methods._lossy import DEFAULT_BUDGET, LossyCache, LossyLayer, check_int, first_real
-from omnikv.methods.base import Method
+from omnikv.methods._lossy import LossyCache, LossyLayer, LossyMethod
+from omnikv.methods.base import check_int
+from omnikv.methods.rows import first_real
 from omnikv.selection import select_topk
 
 NEG_INF = float("-inf")
@@ -68,27 +70,23 @@ class StreamingLayer(LossyLayer):
         self.evicted += 1
 
 
-class StreamingCache(LossyCache):
-    pass
-
-
 @register("streaming_llm")
-class StreamingLLM(Method):
+@dataclass(eq=False)
+class StreamingLLM(LossyMethod):
     """Options: `sink_tokens` (default 4). Window = budget - sink_tokens."""
 
-    lossy = True
+    sink_tokens: int = 4
 
-    def __init__(self, budget: int | float | None = None, sink_tokens: int = 4, model: Any = None) -> None:
-        super().__init__(budget if budget is not None else DEFAULT_BUDGET)
-        self.sink_tokens = check_int("sink_tokens", sink_tokens, 0)
+    def validate(self) -> None:
+        check_int("sink_tokens", self.sink_tokens, 0)
         if isinstance(self.budget, int) and self.budget <= self.sink_tokens:
             raise ConfigError(
                 f"streaming_llm budget={self.budget} leaves no recent window after {self.sink_tokens} "
                 "sink tokens; raise the budget or lower sink_tokens"
             )
 
-    def make_cache(self, model) -> StreamingCache:
-        return StreamingCache(model, self.name, lambda: StreamingLayer(self.budget, self.sink_tokens), self.budget)
+    def make_cache(self, model) -> LossyCache:
+        return LossyCache(model, self.name, lambda: StreamingLayer(self.budget, self.sink_tokens), self.budget)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -24,7 +24,7 @@ import torch
 from omnikv.errors import ModelLoadError
 
 MARKER = "omnikv-cache.json"
-# Texts whose token ids must survive a save/reload of a converted tokenizer (models.md: Gemma's
+# Texts whose token ids must survive a save/reload of a converted tokenizer (measured: Gemma's
 # GGUF tokenizer only round-trips when saved by a recent transformers).
 _TOKENIZER_PROBES = (
     "The capital of France is Paris.",

@@ -16,7 +16,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 
 from omnikv._compat import cache_kwargs
 from omnikv.server.protocol import EngineResult, GenRequest
-from omnikv.server.stops import StopMatcher
+from omnikv.stops import StopMatcher
 
 
 class _Row:

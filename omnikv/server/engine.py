@@ -6,10 +6,15 @@ so served outputs equal `omnikv generate` outputs for the same prompt and sampli
 
 from __future__ import annotations
 
+import copy
+import logging
+import threading
 from typing import Any, Callable, Hashable
 
 from omnikv.errors import ConfigError, InputError
-from omnikv.server.protocol import ChatMessage, EngineResult, GenRequest
+from omnikv.server.protocol import ChatMessage, EngineResult, GenRequest, LogprobEntry
+
+log = logging.getLogger("omnikv.server")
 
 
 class Engine:
@@ -40,6 +45,14 @@ class Engine:
         self.prefill_chunk_size = prefill_chunk_size
         # Batching needs a method whose cache takes several (left-padded) sequences.
         self.max_batch_size = max_batch_size if getattr(method, "supports_batch", False) else 1
+        self.vocab_size = int(model.get_input_embeddings().num_embeddings)
+        # The longest text one token stands for (raw vocabulary strings are at least as long as
+        # their decoded text): no prompt longer than this x the token limit can fit.
+        self.max_token_chars = max((len(t) for t in tokenizer.get_vocab()), default=1) if hasattr(tokenizer, "get_vocab") else None
+        # /tokenize and /detokenize run on the HTTP side, concurrently with generation: they use
+        # their own copy of the tokenizer (fast tokenizers are not safe to share between threads).
+        self._aux_tokenizer: Any = None
+        self._aux_lock = threading.Lock()
 
     @classmethod
     def from_loaded(
@@ -57,51 +70,122 @@ class Engine:
             max_batch_size=max_batch_size,
         )
 
-    def encode_prompt(self, prompt: str) -> list[int]:
-        return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    def encode_prompt(self, prompt: str, *, tokenizer: Any = None, add_special_tokens: bool = True) -> list[int]:
+        tok = tokenizer or self.tokenizer
+        return list(tok(prompt, add_special_tokens=add_special_tokens)["input_ids"])
 
-    def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
+    def encode_chat(self, messages: list[ChatMessage], *, tokenizer: Any = None, add_generation_prompt: bool = True) -> list[int]:
+        tok = tokenizer or self.tokenizer
         if self.has_chat_template:
             turns = [{"role": m.role, "content": m.content} for m in messages]
             # Render to text, then tokenize without extra specials: the template already places BOS
             # and turn markers where the model was trained to see them.
-            text = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            text = tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=add_generation_prompt)
+            return list(tok(text, add_special_tokens=False)["input_ids"])
         # No template (base models): a plain transcript that ends where the assistant speaks.
-        text = "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:"
-        return self.encode_prompt(text)
+        text = "".join(f"{m.role}: {m.content}\n" for m in messages) + ("assistant:" if add_generation_prompt else "")
+        return self.encode_prompt(text, tokenizer=tok)
 
+    # -- /tokenize, /detokenize (any thread) -------------------------------------------------------
+    def _aux(self) -> Any:
+        if self._aux_tokenizer is None:
+            self._aux_tokenizer = copy.deepcopy(self.tokenizer)
+        return self._aux_tokenizer
+
+    def tokenize(self, prompt: str | list[ChatMessage], *, add_special_tokens: bool = True) -> list[int]:
+        with self._aux_lock:
+            if isinstance(prompt, str):
+                return self.encode_prompt(prompt, tokenizer=self._aux(), add_special_tokens=add_special_tokens)
+            return self.encode_chat(prompt, tokenizer=self._aux(), add_generation_prompt=add_special_tokens)
+
+    def detokenize(self, ids: list[int]) -> str:
+        with self._aux_lock:
+            return self._aux().decode(ids, skip_special_tokens=False)
+
+    # -- generation (worker thread) ----------------------------------------------------------------
     def generate(self, request: GenRequest, on_token: Callable[[str], None]) -> EngineResult:
-        from omnikv.generation import SamplingParams, generate
+        return self.generate_choices(request, [on_token])[0]
+
+    def generate_choices(self, request: GenRequest, on_tokens: list[Callable[[str], None]]) -> list[EngineResult]:
+        """len(on_tokens) continuations of one prefill: the prefilled cache is deep-copied for
+        every choice but the last (a cache that cannot be copied is prefilled again instead).
+
+        Choice i samples with `request.choice_seed(i)`, so it equals a single request with that
+        seed. Prompt logprobs come from the prefill, which is full attention for every method."""
+        from omnikv.generation import SamplingParams, Session
 
         self._check_ids(request)
-        params = SamplingParams(
-            max_new_tokens=request.max_tokens,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            seed=request.seed,
-            stop=request.stop,
-        )
-        res = generate(
-            self.model,
-            self.tokenizer,
-            list(request.prompt_ids),
-            self.method,
-            params,
-            on_token=on_token,
-            prefill_chunk_size=self.prefill_chunk_size,
-        )
-        finish = "stop" if res.finish_reason == "stop" else "length"
-        return EngineResult(
-            text=res.text,
-            prompt_tokens=int(res.prompt_tokens),
-            completion_tokens=int(res.generated_tokens),
-            finish_reason=finish,
-            stats=dict(res.stats or {}),
+        ids = list(request.prompt_ids)
+
+        def prefill() -> tuple[Session, Any]:
+            session = Session(self.model, self.tokenizer, self.method, prefill_chunk_size=self.prefill_chunk_size)
+            session.append(ids)
+            session.reserve(request.max_tokens)
+            # Between prefill chunks: stop here if the client already left.
+            logits = session.feed(max_new_tokens=request.max_tokens, prompt_logprobs=request.prompt_logprobs, on_chunk=lambda: on_tokens[0](""))
+            return session, logits
+
+        base, logits = prefill()
+        prompt_lp = None
+        if request.prompt_logprobs is not None:
+            first = LogprobEntry(self._token_text(ids[0]), ids[0], None)
+            prompt_lp = (first, *self._entries(base.prompt_logprobs))
+        prompt_text = self.tokenizer.decode(ids, skip_special_tokens=True) if request.echo else None
+        results: list[EngineResult] = []
+        for i, on_token in enumerate(on_tokens):
+            if request.max_tokens == 0:  # score the prompt only (echo)
+                stats = base.cache.stats() if hasattr(base.cache, "stats") else {}
+                lps = () if request.logprobs is not None else None
+                results.append(EngineResult("", len(ids), 0, "length", dict(stats), lps, prompt_lp, prompt_text))
+                continue
+            last = i == len(on_tokens) - 1
+            session, start = (base, logits) if last else self._fork(base, logits, prefill)
+            params = SamplingParams(
+                max_new_tokens=request.max_tokens,
+                temperature=request.temperature,
+                top_p=request.top_p,
+                top_k=request.top_k,
+                min_p=request.min_p,
+                repetition_penalty=request.repetition_penalty,
+                min_tokens=request.min_tokens,
+                ignore_eos=request.ignore_eos,
+                seed=request.choice_seed(i),
+                stop=request.stop,
+                logprobs=request.logprobs,
+            )
+            res = session.decode(start, params, on_token=on_token, prompt_tokens=len(ids))
+            results.append(
+                EngineResult(
+                    text=res.text,
+                    prompt_tokens=int(res.prompt_tokens),
+                    completion_tokens=int(res.generated_tokens),
+                    finish_reason="stop" if res.finish_reason == "stop" else "length",
+                    stats=dict(res.stats or {}),
+                    logprobs=self._entries(res.logprobs) if res.logprobs is not None else None,
+                    prompt_logprobs=prompt_lp,
+                    prompt_text=prompt_text,
+                )
+            )
+        return results
+
+    @staticmethod
+    def _fork(base: Any, logits: Any, prefill: Callable[[], tuple[Any, Any]]) -> tuple[Any, Any]:
+        try:
+            return base.fork(), logits
+        except Exception as exc:  # e.g. a cache holding device streams: correct, only slower
+            log.warning("cannot copy the prefilled cache (%s); prefilling again for this choice", exc)
+            return prefill()
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _entries(self, rows: Any) -> tuple[LogprobEntry, ...]:
+        return tuple(
+            LogprobEntry(self._token_text(r.token_id), r.token_id, r.logprob, tuple((self._token_text(t), t, lp) for t, lp in r.top)) for r in rows
         )
 
     def batch_key(self, request: GenRequest) -> Hashable | None:
-        if self.max_batch_size <= 1 or (request.temperature > 0 and request.seed is not None):
+        if self.max_batch_size <= 1 or not request.plain or (request.temperature > 0 and request.seed is not None):
             return None  # a seeded answer must not depend on its batch neighbours
         return ("greedy",) if request.temperature == 0 else ("sample", request.temperature, request.top_p)
 

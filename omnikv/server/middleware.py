@@ -1,4 +1,5 @@
-"""Pure-ASGI middleware: request body size limit and per-request accounting.
+"""Pure-ASGI middleware: request guard (Host, Content-Type, trailing slash), body size limit and
+read timeout, per-request accounting.
 
 Pure ASGI (not `BaseHTTPMiddleware`) so streamed responses pass through untouched and client
 disconnects still reach the endpoint.
@@ -6,8 +7,9 @@ disconnects still reach the endpoint.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterable
 
 from omnikv.server.api_errors import APIError
 from omnikv.server.metrics import ServerMetrics
@@ -19,7 +21,14 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # Label values for the request counter; anything else is "other" (bounded label cardinality).
-KNOWN_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+KNOWN_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/tokenize", "/detokenize", "/version")
+MODEL_ENDPOINT = "/v1/models/{id}"  # one label for every /v1/models/<id>
+
+# Host names a loopback server answers to (with any port). A web page that rebinds its own DNS
+# name to 127.0.0.1 still sends that name as Host, so checking it defeats DNS rebinding.
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+_BODY_METHODS = ("POST", "PUT", "PATCH")
 
 
 async def _send_error(send: Send, err: APIError) -> None:
@@ -31,16 +40,63 @@ async def _no_receive() -> Message:  # pragma: no cover - JSONResponse never rea
     return {"type": "http.disconnect"}
 
 
+def _host_name(value: str) -> str:
+    """'127.0.0.1:8000' -> '127.0.0.1', '[::1]:8000' -> '::1', 'LocalHost' -> 'localhost'."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1 : value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+class RequestGuardMiddleware:
+    """Refuse what a browser page could send to a loopback server, and normalize paths.
+
+    - A `Host` header outside `allowed_hosts` gets 400 (DNS rebinding: the page's own name).
+    - A POST whose Content-Type is not application/json gets 415: browsers send text/plain and
+      form types cross-origin without a CORS preflight, JSON needs one (which gets no CORS
+      headers here, so it fails).
+    - A trailing slash is ignored (`/v1/models/` = `/v1/models`) instead of answered with a 307.
+    """
+
+    def __init__(self, app: ASGIApp, allowed_hosts: Iterable[str] | None) -> None:
+        self.app = app
+        self.allowed = None if allowed_hosts is None else {h.strip().lower().strip("[]") for h in allowed_hosts}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        if self.allowed is not None:
+            host = _host_name(headers.get(b"host", b"").decode("latin-1"))
+            if host not in self.allowed:
+                await _send_error(send, APIError(400, f"Unexpected Host header {host!r}; this server answers to {', '.join(sorted(self.allowed))} (--allowed-host).", code="invalid_host"))
+                return
+        if scope["method"] in _BODY_METHODS:
+            ctype = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                await _send_error(send, APIError(415, "Send the request body as JSON with 'Content-Type: application/json'.", code="unsupported_media_type"))
+                return
+        path = scope.get("path", "")
+        if len(path) > 1 and path.endswith("/"):
+            scope = {**scope, "path": path.rstrip("/") or "/"}
+            if "raw_path" in scope and scope["raw_path"]:
+                scope["raw_path"] = scope["raw_path"].rstrip(b"/") or b"/"
+        await self.app(scope, receive, send)
+
+
 class BodyLimitMiddleware:
-    """Reject request bodies over `max_bytes` with 413 before the endpoint sees them.
+    """Reject request bodies over `max_bytes` with 413, or not complete within `timeout_s` with
+    408, before the endpoint sees them.
 
     The body is read here (at most `max_bytes` + one chunk) and replayed to the endpoint, so a
     chunked upload without Content-Length is bounded too.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -63,8 +119,13 @@ class BodyLimitMiddleware:
                     return
         chunks: list[bytes] = []
         size = 0
+        deadline = time.monotonic() + self.timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.0))
+            except asyncio.TimeoutError:
+                await _send_error(send, APIError(408, f"The request body did not arrive within {self.timeout_s:g} s.", code="request_timeout"))
+                return
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")
@@ -98,8 +159,8 @@ class AccountingMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope.get("path", "")
-        endpoint = path if path in KNOWN_ENDPOINTS else "other"
+        path = scope.get("path", "").rstrip("/") or "/"
+        endpoint = path if path in KNOWN_ENDPOINTS else MODEL_ENDPOINT if path.startswith("/v1/models/") else "other"
         status = 500
         start = time.perf_counter()
 

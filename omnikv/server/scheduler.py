@@ -6,9 +6,14 @@ whole device). When the engine offers `generate_batch` (`max_batch_size` > 1), t
 behind the first one that share its `batch_key` (same sampling settings) are decoded together with
 it; otherwise one request runs at a time.
 
-Events flow back to the asyncio side through `Job.events` (an `asyncio.Queue` fed with
-`call_soon_threadsafe`): ("start", GenRequest), ("text", str)*, then ("done", EngineResult) or
+A job holds one or more prompts (a completion request may send several), each with `n` choices;
+choice index = prompt index x n + i. Events flow back to the asyncio side through `Job.events` (an
+`asyncio.Queue` fed with `call_soon_threadsafe`): ("start", [GenRequest]), then ("text", (index,
+str)) and ("finish", (index, EngineResult)) per choice, then ("done", [EngineResult] by index) or
 ("error", APIError).
+
+Shutdown (`begin_shutdown`): waiting requests are answered 503 at once; running ones get a grace
+period to finish, then stop at their next token with a 503 error (a stream's last event).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Any, Callable
 
 from omnikv.server.api_errors import APIError, from_exception
 from omnikv.server.protocol import EngineLike, EngineResult, GenRequest
-from omnikv.server.stops import StopMatcher
+from omnikv.stops import StopMatcher
 
 log = logging.getLogger("omnikv.server")
 
@@ -36,17 +41,27 @@ class QueueFull(Exception):
     """The waiting queue already holds `max_queue` requests."""
 
 
+def _shutting_down() -> APIError:
+    return APIError(503, "The server is shutting down; retry on another instance or later.", code="shutting_down")
+
+
 class Job:
     """One request in flight. `prepare` runs on the worker thread (tokenization, length checks)."""
 
-    def __init__(self, prepare: Callable[[EngineLike], GenRequest], loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, prepare: Callable[[EngineLike], list[GenRequest]], loop: asyncio.AbstractEventLoop) -> None:
         self.prepare = prepare
         self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self.cancelled = threading.Event()
+        self.stopped_by_shutdown = False  # cancelled because the server stops, not by its client
         self.enqueued_at = time.monotonic()
         self.last_disconnect_check = self.enqueued_at  # owned by the HTTP side
-        self.request: GenRequest | None = None  # set on the worker by `prepare`
+        self.requests: list[GenRequest] | None = None  # set on the worker by `prepare`
         self._loop = loop
+
+    @property
+    def request(self) -> GenRequest | None:
+        """The single request of a one-prompt job (what batching looks at); None otherwise."""
+        return self.requests[0] if self.requests is not None and len(self.requests) == 1 else None
 
     def emit(self, kind: str, value: Any) -> None:
         try:
@@ -107,15 +122,39 @@ class Scheduler:
                 job.cancelled.set()
             self._cv.notify_all()
         for job in dropped:
-            job.emit("error", APIError(503, "The server is shutting down.", code="shutting_down"))
+            job.emit("error", _shutting_down())
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def begin_shutdown(self, drain_s: float = 3.0) -> None:
+        """The process got SIGTERM/SIGINT: answer waiting requests with 503 now, give running ones
+        `drain_s` to finish, then stop them with a 503 error event. Safe from any thread."""
+        with self._cv:
+            self._closing = True
+            dropped = list(self._waiting)
+            self._waiting.clear()
+            self._cv.notify_all()
+        for job in dropped:
+            job.emit("error", _shutting_down())
+
+        def expire() -> None:
+            with self._cv:
+                running = list(self._running)
+            for job in running:
+                job.stopped_by_shutdown = True
+                job.cancelled.set()
+
+        timer = threading.Timer(drain_s, expire)
+        timer.daemon = True
+        timer.start()
 
     # -- requests --------------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
         with self._cv:
-            if self._closing or not self.alive:
-                raise APIError(503, "The server is shutting down or its engine stopped.", code="unavailable")
+            if self._closing:
+                raise _shutting_down()
+            if not self.alive:
+                raise APIError(503, "The server's engine stopped; see the server log.", code="unavailable")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull()
             self._waiting.append(job)
@@ -156,16 +195,16 @@ class Scheduler:
         """Tokenize and check `job` (once); False if it was cancelled or refused (error sent)."""
         if job.cancelled.is_set():
             return False
-        if job.request is not None:
+        if job.requests is not None:
             return True
         if self._on_start is not None:
             self._on_start(time.monotonic() - job.enqueued_at)
         try:
-            job.request = job.prepare(self.engine)
+            job.requests = job.prepare(self.engine)
         except Exception as exc:
             job.emit("error", self._error(exc))
             return False
-        job.emit("start", job.request)
+        job.emit("start", job.requests)
         return True
 
     def _collect(self, head: Job) -> list[Job]:
@@ -179,7 +218,7 @@ class Scheduler:
         batch = [head]
         limit = int(getattr(self.engine, "max_batch_size", 1) or 1)
         batch_key = getattr(self.engine, "batch_key", None)
-        key = batch_key(head.request) if limit > 1 and batch_key is not None else None
+        key = batch_key(head.request) if limit > 1 and batch_key is not None and _batchable(head) else None
         if key is None:
             return batch
         while len(batch) < limit:
@@ -192,7 +231,7 @@ class Scheduler:
                 with self._cv:
                     self._running.remove(job)
                 continue
-            if batch_key(job.request) != key:
+            if not _batchable(job) or batch_key(job.request) != key:
                 with self._cv:
                     self._running.remove(job)
                     self._waiting.appendleft(job)
@@ -201,20 +240,35 @@ class Scheduler:
         return batch
 
     def _run_one(self, job: Job) -> None:
-        out = _Output(job)
+        assert job.requests is not None
+        results: list[EngineResult] = []
         try:
-            assert job.request is not None
-            result = self.engine.generate(job.request, out.on_token)
+            for p, request in enumerate(job.requests):
+                outs = [_Output(job, p * request.n + i, request.stop) for i in range(request.n)]
+                for i, (out, result) in enumerate(zip(outs, self._choices(request, outs))):
+                    results.append(self._finish(out, result, first_of_prompt=i == 0))
         except JobCancelled:
-            log.info("request cancelled by its client")
+            if job.stopped_by_shutdown:
+                job.emit("error", _shutting_down())
+            else:
+                log.info("request cancelled by its client")
             return
         except Exception as exc:
             job.emit("error", self._error(exc))
             return
-        self._finish(out, result)
+        job.emit("done", results)
+
+    def _choices(self, request: GenRequest, outs: list["_Output"]) -> list[EngineResult]:
+        if request.n == 1:
+            return [self.engine.generate(request, outs[0].on_token)]
+        fork = getattr(self.engine, "generate_choices", None)
+        if fork is not None:
+            return list(fork(request, [o.on_token for o in outs]))
+        # An engine that cannot fork its cache: one generation (and prefill) per choice.
+        return [self.engine.generate(replace(request, n=1, seed=request.choice_seed(i)), o.on_token) for i, o in enumerate(outs)]
 
     def _run_batch(self, jobs: list[Job]) -> None:
-        outs = [_Output(j) for j in jobs]
+        outs = [_Output(j, 0, j.request.stop) for j in jobs]  # type: ignore[union-attr]
         try:
             results = self.engine.generate_batch([j.request for j in jobs], [o.on_token for o in outs])  # type: ignore[attr-defined]
         except Exception as exc:
@@ -224,17 +278,21 @@ class Scheduler:
             return
         for out, result in zip(outs, results):
             if isinstance(result, JobCancelled):
-                log.info("request cancelled by its client")
+                if out.job.stopped_by_shutdown:
+                    out.job.emit("error", _shutting_down())
+                else:
+                    log.info("request cancelled by its client")
             elif isinstance(result, BaseException):
                 out.job.emit("error", self._error(result))
             else:
-                self._finish(out, result)
+                out.job.emit("done", [self._finish(out, result, first_of_prompt=True)])
 
-    def _finish(self, out: "_Output", result: EngineResult) -> None:
+    def _finish(self, out: "_Output", result: EngineResult, *, first_of_prompt: bool) -> EngineResult:
         result = out.finish(result)
-        if self._on_result is not None:
-            self._on_result(result)
-        out.job.emit("done", result)
+        if self._on_result is not None:  # a prompt's tokens count once, however many choices
+            self._on_result(result if first_of_prompt else replace(result, prompt_tokens=0))
+        out.job.emit("finish", (out.index, result))
+        return result
 
     @staticmethod
     def _error(exc: BaseException) -> APIError:
@@ -244,26 +302,32 @@ class Scheduler:
         return err
 
 
-class _Output:
-    """One job's text on its way out: stop strings applied, pieces forwarded as events."""
+def _batchable(job: Job) -> bool:
+    return job.request is not None and job.request.plain
 
-    def __init__(self, job: Job) -> None:
-        assert job.request is not None
+
+class _Output:
+    """One choice's text on its way out: stop strings applied, pieces forwarded as events."""
+
+    def __init__(self, job: Job, index: int, stop: tuple[str, ...]) -> None:
         self.job = job
-        self.matcher = StopMatcher(job.request.stop)
+        self.index = index
+        self.matcher = StopMatcher(stop)
         self.parts: list[str] = []
         self.fed = False
 
     def on_token(self, piece: str) -> None:
         if self.job.cancelled.is_set():
             raise JobCancelled()
+        if not piece:  # a liveness probe (e.g. between prefill chunks)
+            return
         self.fed = True
         self._emit(self.matcher.feed(piece))
 
     def _emit(self, text: str) -> None:
         if text:
             self.parts.append(text)
-            self.job.emit("text", text)
+            self.job.emit("text", (self.index, text))
 
     def finish(self, result: EngineResult) -> EngineResult:
         if not self.fed and result.text:  # an engine that does not stream: release its text at once

@@ -2,18 +2,23 @@
 
 Types are strict ("5" is not an int, "true" is not a bool) so a client bug surfaces as a 400 naming
 the field instead of silently coerced values. Unknown fields are ignored, as OpenAI clients send
-extras (user, metadata, ...). Parameters the server cannot honour are rejected, not ignored.
+extras (user, metadata, ...). Parameters the server knows but cannot honour (`logit_bias`, `tools`,
+`response_format`, ...) are refused with a 400 naming the field whenever they would change the
+answer; their neutral values (null, {}, [], {"type": "text"}) are accepted.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from omnikv.server.api_errors import APIError
 
 MAX_STOP_STRINGS = 4
+MAX_N = 16  # continuations per prompt
+MAX_PROMPTS = 64  # prompts in one completion request
+MAX_LOGPROBS = 20  # alternatives per token (vLLM's default cap)
 
 
 class _Strict(BaseModel):
@@ -29,6 +34,13 @@ class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
 
+    @model_validator(mode="after")
+    def _content_needed(self) -> "Message":
+        # Only an assistant turn may come without content (OpenAI: it had tool calls instead).
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content (a string or text parts), not null")
+        return self
+
     def text(self) -> str:
         if self.content is None:
             return ""
@@ -41,6 +53,40 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+def _neutral(name: str, v: Any) -> bool:
+    """True when an unsupported parameter's value asks for nothing (so it can be accepted)."""
+    if v is None or v is False or v == {} or v == []:
+        return True
+    return name == "response_format" and v == {"type": "text"}
+
+
+# OpenAI and vLLM parameters this server does not implement; a non-neutral value is refused.
+_REFUSED = (
+    "logit_bias",
+    "response_format",
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "audio",
+    "modalities",
+    "prediction",
+    "web_search_options",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "structured_outputs",
+    "use_beam_search",
+    "stop_token_ids",
+    "bad_words",
+    "allowed_token_ids",
+    "prompt_logprobs",
+    "truncate_prompt_tokens",
+    "include_stop_str_in_output",
+)
+
+
 class _Sampling(_Strict):
     model: str | None = None  # optional here; must name the served model when given
     max_tokens: int | None = None
@@ -50,9 +96,25 @@ class _Sampling(_Strict):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=MAX_N)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # vLLM's extra sampling parameters
+    top_k: int = Field(default=0, ge=-1)  # 0 or -1 = off
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    min_tokens: int = Field(default=0, ge=0)
+    ignore_eos: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name in _REFUSED:
+                if name in data and not _neutral(name, data[name]):
+                    # Raised as an APIError (not a ValueError) so the response can name the field.
+                    raise APIError(400, f"'{name}' is not supported by this server; remove it.", param=name, code="unsupported_parameter")
+        return data
 
     @field_validator("stop")
     @classmethod
@@ -64,19 +126,18 @@ class _Sampling(_Strict):
             raise ValueError("stop strings must be non-empty")
         return v
 
-    @field_validator("n")
-    @classmethod
-    def _check_n(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError("only n=1 is supported")
-        return v
-
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
     def _check_penalty(cls, v: float) -> float:
         if v != 0:
-            raise ValueError("penalties are not supported; leave them at 0")
+            raise ValueError("penalties are not supported; leave them at 0 (repetition_penalty is)")
         return v
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> "_Sampling":
+        if self.min_tokens and self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise APIError(400, f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens}).", param="min_tokens", code="invalid_value")
+        return self
 
     def stop_tuple(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -89,60 +150,58 @@ class _Sampling(_Strict):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def top_logprobs_count(self) -> int | None:  # pragma: no cover - per endpoint
+        raise NotImplementedError
+
 
 class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = None  # newer name of max_tokens
-    logprobs: bool | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
-    @field_validator("logprobs")
-    @classmethod
-    def _check_logprobs(cls, v: bool | None) -> bool | None:
-        if v:
-            raise ValueError("logprobs are not supported")
-        return v
+    @model_validator(mode="after")
+    def _check_logprobs(self) -> "ChatCompletionRequest":
+        if self.top_logprobs and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true.", param="top_logprobs", code="invalid_value")
+        if self.logprobs and self.stream:
+            raise APIError(400, "logprobs are not supported with stream: true.", param="logprobs", code="invalid_value")
+        return self
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def top_logprobs_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+PromptType = str | list[str] | list[int] | list[list[int]]
+
 
 class CompletionRequest(_Sampling):
-    # A string, a list with one string, or a list of token ids. Batches of prompts are not served.
-    prompt: str | list[str] | list[int]
+    # A string, a list of strings, a list of token ids, or a list of token-id lists.
+    prompt: PromptType
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
     suffix: str | None = None
 
     @field_validator("prompt")
     @classmethod
-    def _check_prompt(cls, v: str | list[str] | list[int]) -> str | list[str] | list[int]:
+    def _check_prompt(cls, v: PromptType) -> PromptType:
         if isinstance(v, list):
             if not v:
                 raise ValueError("prompt must not be empty")
-            if isinstance(v[0], str) and len(v) != 1:
-                raise ValueError(f"only one prompt per request is supported, got {len(v)}")
-        return v
-
-    @field_validator("echo")
-    @classmethod
-    def _check_echo(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("echo is not supported")
-        return v
-
-    @field_validator("logprobs")
-    @classmethod
-    def _check_logprobs(cls, v: int | None) -> int | None:
-        if v:
-            raise ValueError("logprobs are not supported")
+            if not isinstance(v[0], int) and len(v) > MAX_PROMPTS:
+                raise ValueError(f"at most {MAX_PROMPTS} prompts per request are allowed, got {len(v)}")
         return v
 
     @field_validator("best_of")
     @classmethod
-    def _check_best_of(cls, v: int | None) -> int | None:
-        if v is not None and v != 1:
-            raise ValueError("only best_of=1 is supported")
+    def _check_best_of(cls, v: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n", 1)
+        if v is not None and v != n:
+            raise ValueError(f"best_of must equal n ({n}): ranking several samples is not supported")
         return v
 
     @field_validator("suffix")
@@ -151,6 +210,49 @@ class CompletionRequest(_Sampling):
         if v:
             raise ValueError("suffix (insertion) is not supported")
         return v
+
+    @model_validator(mode="after")
+    def _check_stream(self) -> "CompletionRequest":
+        for name in ("logprobs", "echo"):
+            if getattr(self, name) not in (None, False) and self.stream:
+                raise APIError(400, f"{name} is not supported with stream: true.", param=name, code="invalid_value")
+        return self
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def top_logprobs_count(self) -> int | None:
+        return self.logprobs
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each a string or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if isinstance(p[0], int):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+
+class TokenizeRequest(_Strict):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise APIError(400, "Give exactly one of 'prompt' or 'messages'.", param="prompt", code="invalid_value")
+        if self.messages is not None and not self.messages:
+            raise APIError(400, "'messages' must not be empty.", param="messages", code="invalid_value")
+        return self
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]
 
 
 def parse_body(model: type[_Strict], body: bytes) -> _Strict:

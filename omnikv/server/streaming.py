@@ -37,12 +37,19 @@ async def next_event(job: Job, request: Request, scheduler: Scheduler) -> tuple[
 
 
 async def sse_stream(
-    job: Job, request: Request, scheduler: Scheduler, fmt: ResponseFormat, first: tuple[str, Any], include_usage: bool
+    job: Job,
+    request: Request,
+    scheduler: Scheduler,
+    fmt: ResponseFormat,
+    first: tuple[str, Any],
+    include_usage: bool,
+    prompts: int,
 ) -> AsyncIterator[bytes]:
+    """SSE chunks of a job (`prompts` prompts, `fmt.n` choices each) from its first event after "start"."""
     finished = False
     pending: tuple[str, Any] | None = first
     try:
-        for chunk in fmt.stream_start():
+        for chunk in fmt.stream_start(prompts):
             yield _sse_line(chunk, include_usage)
         while True:
             ev, pending = (pending, None) if pending is not None else (await next_event(job, request, scheduler), None)
@@ -50,16 +57,18 @@ async def sse_stream(
                 return
             kind, value = ev
             if kind == "text":
-                yield _sse_line(fmt.stream_text(value), include_usage)
+                yield _sse_line(fmt.stream_text(*value), include_usage)
+            elif kind == "finish":
+                index, result = value
+                yield _sse_line(fmt.stream_end(index, result.finish_reason), include_usage)
             elif kind == "error":
                 yield b"data: " + json.dumps(value.body()).encode() + b"\n\n"
                 finished = True
                 break
             elif kind == "done":
-                result: EngineResult = value
-                yield _sse_line(fmt.stream_end(result.finish_reason), include_usage)
+                results: list[EngineResult] = value
                 if include_usage:
-                    final = fmt.stream_usage(result)
+                    final = fmt.stream_usage(results)
                     yield b"data: " + json.dumps(final).encode() + b"\n\n"
                 finished = True
                 break

@@ -5,7 +5,7 @@ unit and insert needles between units:
 
 - "noise": RULER's repeated five-sentence noise ("The grass is green. ...").
 - "narrative": a seeded story of varied, digit-free sentences. Small models retrieve best from this
-  (docs: models.md, "What made prompts work"); it contains no digits, so numeric needles stand out
+  (docs/evaluation.md, small-model guidance); it contains no digits, so numeric needles stand out
   only by meaning, not by being the only numbers in sight.
 - "pydoc": docstrings of Python standard-library modules (present on every machine), split into
   sentences (those with digits dropped). Not comparable with RULER's Paul Graham essays, but real prose.
@@ -98,11 +98,6 @@ def narrative_sentence(seed: int, i: int) -> str:
         place_cap=place[0].upper() + place[1:], time=time, time_cap=time[0].upper() + time[1:],
         feeling=rng.choice(_FEELINGS),
     )
-
-
-def noise_units(n: int) -> list[str]:
-    """`n` sentences of RULER's repeated noise."""
-    return [NOISE_SENTENCES[i % len(NOISE_SENTENCES)] for i in range(n)]
 
 
 def narrative_units(n: int, seed: int) -> list[str]:

@@ -1,4 +1,4 @@
-"""OmniKV's multi-step "2StageRetr" task (paper / method.md section 5), generated locally.
+"""OmniKV's multi-step "2StageRetr" task (paper, section 5), generated locally.
 
 A Python dict maps N distinct integer keys to colours; the question gives "a + b = ?" where a + b is
 one of the keys. The model must first write the sum, then the colour stored at that key. Scored by
