@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--contexts", default=None, help="default 32k,64k,128k (tiny 256,512,1k)")
     p.add_argument("--budget", type=int, default=2048, help="tokens per sparse/Quest layer (paper latency setting 2048)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 32, tiny 3)")
+    p.add_argument("--compiled", default=True, action=argparse.BooleanOptionalAction,
+                   help="also time compiled (torch.compile, CUDA graphs) full_prealloc and OmniKV offload on "
+                   "(default on; their compile time, per context, counts against the budget)")
     p.add_argument("--stage", choices=STAGES, action="append", default=None,
                    help="run only this stage (repeatable); default: all")
     args = p.parse_args(argv)
@@ -103,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     # per record. --tiny on CPU traces with dynamo only (backend eager): inductor would take minutes.
     cb = ":compile_backend=eager" if device.type == "cpu" else ""
     compiled = [f"full_prealloc:compile=true{cb}", f"omnikv:offload=true{sim}:compile=true{cb}:budget={budget}"]
+    compiled = compiled if args.compiled else []
     methods = ["full", "full_prealloc", off, on, *compiled, host]
     summary["methods"] = methods
     records = stages.timing(model, methods, contexts, steps, tiny, clock, summary["notes"]) if "timing" in wanted else []
