@@ -20,6 +20,7 @@ import torch
 
 from omnikv.buffers import KVBuffer, grown_capacity
 from omnikv.errors import ConfigError
+from omnikv.static import mark_static
 from omnikv.selection import selection_delta
 from omnikv.transfer import Transfer
 
@@ -447,6 +448,7 @@ class Segment:
             raise ConfigError("static / compile decoding needs a device gather; this device cannot map host memory")
         self._static_source = src[: bank.length]
         self._static_gen_positions = (bank.length + torch.arange(decode_rows, device=self.device)).view(1, 1, -1)
+        mark_static(self.work, self._static_source, self._static_gen_positions)
 
     def load_static(self, idx: torch.Tensor) -> None:
         """A full gather of rows `idx` (B, G, k) into `work[..., :k, :]`, on the compute stream,

@@ -29,7 +29,7 @@ from omnikv.config import OmniKVConfig
 from omnikv.errors import ConfigError, InputError, UnsupportedModelError
 from omnikv.layers import DenseLayer, FilterLayer, SharedState, SparseLayer, make_sliding_layer
 from omnikv.roles import LayerPlan, Role, plan_layers
-from omnikv.static import StaticState, zero_tail
+from omnikv.static import StaticState, mark_static, zero_tail
 from omnikv.transfer import Transfer, make_transfer
 
 
@@ -130,8 +130,10 @@ class ManagedCache(Cache):
                 buf.reserve(st.capacity, buf.keys)
                 zero_tail(buf.keys, buf.length)
                 zero_tail(buf.values, buf.length)
+                mark_static(buf.keys, buf.values)
                 if st.pos is None:
                     st.pos = torch.zeros((), dtype=torch.long, device=buf.keys.device)
+                    mark_static(st.pos)
         if st.pos is None:
             raise ConfigError("static decoding needs at least one dense or filter layer")
         st.active = True

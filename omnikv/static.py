@@ -55,6 +55,15 @@ def zero_tail(buf: torch.Tensor, start: int, dim: int = -2) -> None:
     buf.narrow(dim, start, buf.shape[dim] - start).zero_()
 
 
+def mark_static(*tensors: torch.Tensor) -> None:
+    """Tell dynamo these buffers keep their address from step to step (as transformers' StaticCache
+    does): CUDA graphs then read and update them in place instead of copying them in as inputs
+    each replay (a KV buffer or a host bank is far too large for that) or skipping capture
+    because a mutated input has no fixed address."""
+    for t in tensors:
+        torch._dynamo.mark_static_address(t)
+
+
 def compile_backend(device: torch.device, backend: str | None = None, mode: str | None = None) -> dict[str, Any]:
     """torch.compile arguments: inductor everywhere; CUDA graphs (`reduce-overhead`) on CUDA."""
     backend = backend or "inductor"
