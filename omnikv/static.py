@@ -101,6 +101,7 @@ class StaticDecoder:
             self.options = compile_backend(device, backend, mode)
             self._cuda_graphs = self.options["mode"] in ("reduce-overhead", "max-autotune")
             self._fn = torch.compile(self._step, dynamic=False, fullgraph=True, **self.options)
+        self._ids: torch.Tensor | None = None
         self.compile_seconds = 0.0
         self.compiles = 0
 
@@ -119,6 +120,12 @@ class StaticDecoder:
         st = self.cache.static
         if position_ids is None:
             position_ids = st.pos.view(1, 1).expand(input_ids.shape[0], 1)
+        if self.compiled:
+            # One input buffer: dynamo guards on strides, and a first token made elsewhere (not by
+            # an argmax) would otherwise compile a second graph; CUDA graphs want fixed inputs.
+            if self._ids is None or self._ids.shape != input_ids.shape:
+                self._ids = torch.empty(input_ids.shape, dtype=input_ids.dtype, device=input_ids.device)
+            input_ids = self._ids.copy_(input_ids)
         self.cache.step_prepared = True
         before = _compile_count() if self.compiled else 0
         t0 = time.perf_counter()

@@ -204,3 +204,18 @@ def test_cli_compile_flags_build_compiled_methods():
     # bench --compile: compile=true added where a static step exists, other methods unchanged
     labels = [with_compile(parse_method(x)).label for x in ("full", "full_prealloc", "omnikv:budget=64")]
     assert labels == ["full", "full_prealloc:compile=true", "omnikv:budget=64:compile=true"]
+
+
+def test_compiled_first_token_from_elsewhere_compiles_once(models):
+    """A first decode token not made by an argmax (other strides) reuses the same graph."""
+    model = models("llama", num_hidden_layers=4)
+    ids = prompt_ids(1, 60, seed=10)
+    with torch.inference_mode():
+        cache = PreallocatedCache(model, static=True)
+        cache.reserve(64, decode_tokens=4)
+        dec = StaticDecoder(model, cache, compile=True, backend="eager")
+        dec(ids)
+        tok = ids[:, -2:-1].t()  # (1, 1), a transposed view
+        for _ in range(3):
+            tok = dec(tok)[:, -1].argmax(-1, keepdim=True)
+    assert dec.compiles == 1
