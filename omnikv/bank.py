@@ -241,7 +241,6 @@ class Segment:
 
         if self.link:
             self.transfer.keep_alive(work, self.stream)
-        if self.link:
             self._send_to_bank(start, end, packer)
         else:
             bank.data[start:end].copy_(work[..., k : k + g, :].permute(4, 2, 0, 1, 3, 5))
@@ -249,20 +248,24 @@ class Segment:
 
     def _restore_prefix(self) -> None:
         """Offload, a new prompt forward after decoding: the bank's rows back on the device once
-        (O(prompt) bytes per turn), as layer-major prefix buffers."""
+        (O(prompt) bytes per turn), as layer-major prefix buffers, in blocks of `_FLUSH_BLOCK`
+        tokens (one contiguous copy each) so that no second full copy is ever on the device."""
         bank, t = self.bank, self.transfer
         n = bank.length
         _, b, lsz, _, h, d = bank.data.shape
         like = torch.empty((b, h, 0, d), dtype=bank.data.dtype, device=self.device)
         self.prefix = [KVBuffer(headroom=0) for _ in self.layers]
-        reserved = max(self._reserved_total, n)
-        staged = torch.empty((n, b, lsz, 2, h, d), dtype=bank.data.dtype, device=self.device)
+        for buf in self.prefix:
+            buf.reserve(max(self._reserved_total, n), like)
         t.after_compute(self.stream, self.device)
-        t.copy(self.stream, staged, bank.data[:n])
-        t.wait(t.record(self.stream, self.device), self.device)
-        for s, buf in enumerate(self.prefix):
-            buf.reserve(reserved, like)
-            buf.append(staged[:, :, s, 0].permute(1, 2, 0, 3), staged[:, :, s, 1].permute(1, 2, 0, 3))
+        for lo in range(0, n, _FLUSH_BLOCK):
+            hi = min(lo + _FLUSH_BLOCK, n)
+            staged = torch.empty((hi - lo, b, lsz, 2, h, d), dtype=bank.data.dtype, device=self.device)
+            t.copy(self.stream, staged, bank.data[lo:hi])
+            t.wait(t.record(self.stream, self.device), self.device)  # device-side: the host goes on
+            t.keep_alive(staged, self.stream)
+            for s, buf in enumerate(self.prefix):
+                buf.append(staged[:, :, s, 0].permute(1, 2, 0, 3), staged[:, :, s, 1].permute(1, 2, 0, 3))
 
     # -- decode -------------------------------------------------------------------------------------
     def begin_decode(self) -> None:

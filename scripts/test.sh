@@ -9,7 +9,8 @@ bash scripts/setup.sh --quiet
 
 set +e
 # Two workers (one per core); a file's tests stay on one worker (module fixtures, shared models).
-.venv/bin/python -m pytest -q -x -n 2 --dist loadfile --durations=15 tests "$@"
+# -rs prints why tests were skipped (e.g. the vLLM integration without its venv).
+.venv/bin/python -m pytest -q -x -n 2 --dist loadfile --durations=15 -rs tests "$@"
 rc=$?
 set -e
 if (( rc == 5 )); then

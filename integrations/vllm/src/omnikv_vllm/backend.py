@@ -1,0 +1,227 @@
+"""The OmniKV attention backend for vLLM's CPU platform (a subclass of vLLM's CPU_ATTN).
+
+Per layer, with the library's roles (`omnikv.roles.plan_layers`):
+
+* dense (and sliding-window) layers: the stock kernel, unchanged;
+* filter layers: the stock kernel for every row; then, for each decode row, the library's selector
+  (`omnikv.selection.filter_scores` + `select_topk`) scores the row's prompt keys, read from the
+  paged cache, with the row's query, and keeps the top-k for the sparse layers of its segment;
+* sparse layers: prefill rows go through the stock kernel; each decode row attends to its selected
+  prompt rows plus every generated row, gathered from the paged cache (`omnikv_vllm.paged`).
+
+vLLM calls attention layer by layer, eagerly (`enforce_eager`), so a filter layer's selection is
+ready when the later layers of the same forward run; it lives on the step's metadata object, which
+every layer of the step shares. Per-request prompt lengths come from `omnikv_vllm.tracker`.
+"""
+
+from __future__ import annotations
+
+
+from dataclasses import dataclass, field
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from omnikv.config import OmniKVConfig
+from omnikv.roles import LayerPlan, Role
+from omnikv.selection import filter_scores, select_topk
+from omnikv_vllm import settings
+from omnikv_vllm.paged import TileLayout
+from omnikv_vllm.tracker import PromptTracker
+from vllm.config import get_current_vllm_config
+from vllm.model_executor.models.utils import extract_layer_index
+from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadata,
+    CPUAttentionMetadataBuilder,
+)
+
+
+@dataclass
+class DecodeRow:
+    """A batch row that decodes one token this step."""
+
+    row: int  # index in the batch
+    token: int  # index of its query token in the step's flattened tokens
+    prompt_len: int  # P: positions [0, P) are the prompt
+    seq_len: int  # s: positions [P, s) are generated (the last one is this step's token)
+    block_row: torch.Tensor  # (max_blocks,) its block table row
+
+
+@dataclass
+class StepState:
+    """What the layers of one forward share (hung on the step's metadata object)."""
+
+    decode: list[DecodeRow]
+    # Stock-kernel metadata and token indices of the other rows (None when every row decodes).
+    rest: CPUAttentionMetadata | None
+    rest_tokens: torch.Tensor | None
+    # filter layer -> row -> (G, k) selected prompt positions, ascending.
+    selected: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)
+
+
+class _Model:
+    """The run's OmniKV config and layer plan, built once per process from vLLM's model config."""
+
+    _instance: _Model | None = None
+
+    def __init__(self) -> None:
+        hf_config = get_current_vllm_config().model_config.hf_config
+        self.config: OmniKVConfig = settings.resolve_config(hf_config)
+        self.plan: LayerPlan = settings.layer_plan(self.config, hf_config)
+        # One line per process on stderr, where vLLM's own logs go: says the backend is on, and how.
+        print(f"OmniKV vLLM backend: {self.config}; layers {self.plan.summary()}", file=sys.stderr, flush=True)
+
+    @classmethod
+    def get(cls) -> _Model:
+        if cls._instance is None:
+            cls._instance = cls()
+        return cls._instance
+
+
+class OmniKVMetadataBuilder(CPUAttentionMetadataBuilder):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.tracker = PromptTracker(self.block_size)
+        self._warned_unknown = False
+
+    def build(
+        self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
+    ) -> CPUAttentionMetadata:
+        meta = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        meta.omnikv = self._step_state(common_prefix_len, common_attn_metadata)  # type: ignore[attr-defined]
+        return meta
+
+    def _step_state(self, common_prefix_len: int, cm: CommonAttentionMetadata) -> StepState | None:
+        if self.is_cross_attention or self.is_encoder_only_attention or cm.causal is not True:
+            return None
+        num_reqs = cm.num_reqs
+        qsl = cm.query_start_loc_cpu[: num_reqs + 1].tolist()
+        query_lens = [qsl[i + 1] - qsl[i] for i in range(num_reqs)]
+        seq_lens = cm.seq_lens[:num_reqs].cpu().tolist()
+        prefilling = None if cm.is_prefilling is None else cm.is_prefilling[:num_reqs].cpu().tolist()
+        block_table = cm.block_table_tensor[:num_reqs].cpu()
+        rows = self.tracker.step(query_lens, seq_lens, prefilling, block_table.tolist())
+        decode, rest = [], []
+        for r, state in enumerate(rows):
+            if state is None:
+                continue
+            if state.decode and state.prompt_len is not None:
+                decode.append(DecodeRow(r, qsl[r], state.prompt_len, seq_lens[r], block_table[r]))
+            else:
+                if state.decode and not self._warned_unknown:
+                    print("OmniKV vLLM backend: warning: a decode row of a request this process has not "
+                          "seen runs dense attention", file=sys.stderr, flush=True)
+                    self._warned_unknown = True
+                rest.append(r)
+        if not decode:
+            return None  # every layer runs the stock kernel on this step
+        rest_meta = rest_tokens = None
+        if rest:
+            rest_meta, rest_tokens = self._subset(common_prefix_len, cm, rest, qsl)
+        return StepState(decode, rest_meta, rest_tokens)
+
+    def _subset(self, common_prefix_len, cm, rows: list[int], qsl: list[int]):
+        """Stock metadata for a subset of the rows, with their tokens packed in row order."""
+        idx = torch.tensor(rows, dtype=torch.int64)
+        lens = torch.tensor([qsl[r + 1] - qsl[r] for r in rows], dtype=torch.int64)
+        tokens = torch.cat([torch.arange(qsl[r], qsl[r + 1]) for r in rows])
+        starts = torch.zeros(len(rows) + 1, dtype=cm.query_start_loc_cpu.dtype)
+        starts[1:] = torch.cumsum(lens, 0)
+        seq_lens = cm.seq_lens[idx]
+        sub = cm.replace(
+            query_start_loc=starts.to(cm.query_start_loc.device),
+            query_start_loc_cpu=starts,
+            seq_lens=seq_lens,
+            num_reqs=len(rows),
+            num_actual_tokens=int(starts[-1]),
+            max_query_len=int(lens.max()),
+            max_seq_len=int(seq_lens.max()),
+            block_table_tensor=cm.block_table_tensor[idx],
+            slot_mapping=cm.slot_mapping[tokens],
+            is_prefilling=None if cm.is_prefilling is None else cm.is_prefilling[idx],
+            positions=None if cm.positions is None else cm.positions[tokens],
+            _num_computed_tokens_cache=None,
+            _token_to_req_indices_cache=None,
+        )
+        return CPUAttentionMetadataBuilder.build(self, 0, sub), tokens
+
+
+class OmniKVAttentionImpl(CPUAttentionBackendImpl):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._layer_idx: int | None = None
+        self._layout: TileLayout | None = None
+        _Model.get()  # built here, while vLLM's current config is the model's (it is not during forward)
+        if self.attn_type == AttentionType.DECODER and self.logits_soft_cap:
+            raise NotImplementedError("the OmniKV vLLM backend does not support logit soft-capping yet")
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None) -> torch.Tensor:
+        state: StepState | None = getattr(attn_metadata, "omnikv", None)
+        if state is None or self.attn_type != AttentionType.DECODER:
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                                   output_scale, output_block_scale)
+        model = _Model.get()
+        if self._layer_idx is None:
+            self._layer_idx = extract_layer_index(layer.layer_name)
+        i = self._layer_idx
+        role = model.plan.roles[i]
+        if role is Role.FILTER:
+            super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
+            state.selected[i] = {
+                d.row: self._select(model.config, query[d.token], kv_cache, d, layer) for d in state.decode
+            }
+            return output
+        if role is not Role.SPARSE:
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                                   output_scale, output_block_scale)
+        if state.rest is not None:  # prefill rows (and unknown ones): the stock kernel
+            tok = state.rest_tokens
+            out = torch.empty_like(output[tok])
+            super().forward(layer, query[tok], key[tok], value[tok], kv_cache, state.rest, out)
+            output[tok] = out
+        selected = state.selected[model.plan.source_filter[i]]
+        for d in state.decode:
+            res = self._sparse(query[d.token], kv_cache, d, selected[d.row], layer)
+            output[d.token] = res.reshape(output[d.token].shape)
+        return output
+
+    # -- the two OmniKV steps ---------------------------------------------------------------------
+    def layout(self, kv_cache: torch.Tensor, layer) -> TileLayout:
+        if self._layout is None:
+            _, _, bs, two_d = kv_cache.shape
+            self._layout = TileLayout.probe(bs, two_d // 2, kv_cache.dtype, layer.isa)
+        return self._layout
+
+    def _select(self, config: OmniKVConfig, q: torch.Tensor, kv_cache, d: DecodeRow, layer) -> torch.Tensor:
+        """q (Hq, D) -> (G, k) prompt positions, ascending: the library's selector on this row."""
+        keys, _ = self.layout(kv_cache, layer).gather(kv_cache, d.block_row, torch.arange(d.prompt_len))
+        scores = filter_scores(q[None, :, None, :], keys[None], self.scale, config.selector, config.head_reduce)
+        k = config.resolve_budget(d.prompt_len)
+        return select_topk(scores, k, sink=config.sink_tokens, recent=config.recent_tokens)[0]
+
+    def _sparse(self, q: torch.Tensor, kv_cache, d: DecodeRow, selected: torch.Tensor, layer) -> torch.Tensor:
+        """Attention of q (Hq, D) over the selected prompt rows + generated rows -> (Hq, D)."""
+        positions = torch.cat([selected[0], torch.arange(d.prompt_len, d.seq_len)])
+        keys, values = self.layout(kv_cache, layer).gather(kv_cache, d.block_row, positions)
+        out = F.scaled_dot_product_attention(
+            q[None, :, None, :], keys[None], values[None], scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads)
+        return out[0, :, 0, :]
+
+
+class OmniKVCPUBackend(CPUAttentionBackend):
+    """Registered in place of CPU_ATTN (the only backend the CPU platform honours)."""
+
+    @staticmethod
+    def get_impl_cls() -> type[OmniKVAttentionImpl]:
+        return OmniKVAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[OmniKVMetadataBuilder]:
+        return OmniKVMetadataBuilder

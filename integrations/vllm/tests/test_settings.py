@@ -1,0 +1,43 @@
+"""OMNIKV_VLLM / OMNIKV_VLLM_CONFIG -> the library's OmniKVConfig and layer plan (no engine)."""
+
+import pytest
+from transformers import LlamaConfig
+
+from omnikv.errors import ConfigError
+from omnikv_vllm import settings
+
+# SmolLM2-135M's shape: the library's preset `smollm2-135m` matches it.
+SMOLLM2 = LlamaConfig(num_hidden_layers=30, hidden_size=576, num_attention_heads=9, num_key_value_heads=3)
+
+
+def test_enabled_only_when_asked():
+    assert not settings.enabled({})
+    assert not settings.enabled({"OMNIKV_VLLM": "0"})
+    assert settings.enabled({"OMNIKV_VLLM": "1"})
+
+
+def test_preset_with_json_overrides_and_plan():
+    cfg = settings.resolve_config(SMOLLM2, {"OMNIKV_VLLM_CONFIG": '{"budget": 96}'})
+    assert cfg.budget == 96 and cfg.filter_layers == (3, 14, 21) and cfg.source == "preset:smollm2-135m"
+    plan = settings.layer_plan(cfg, SMOLLM2)
+    assert plan.summary().startswith("dense=[0,1,2] filter=[3,14,21] sparse=[4,")
+
+
+def test_a_named_preset_and_a_preset_file(tmp_path):
+    cfg = settings.resolve_config(SMOLLM2, {"OMNIKV_VLLM_CONFIG": "llama-3-8b-paper"})
+    assert cfg.filter_layers == (2, 8, 18) and cfg.budget == 0.067
+    other = tmp_path / "gemma.json"
+    other.write_text('{"model_type": "gemma3_text", "num_layers": 18, "filter_layers": [5]}')
+    with pytest.raises(ConfigError, match="gemma3_text"):  # made for another model: refused
+        settings.resolve_config(SMOLLM2, {"OMNIKV_VLLM_CONFIG": str(other)})
+
+
+@pytest.mark.parametrize("raw,match", [
+    ('{"budget": 96', "not valid JSON"),
+    ('{"selector": "exp"}', "supports selector"),
+    ('{"head_reduce": "per_kv_head"}', "per_kv_head"),
+    ('{"no_such_field": 1}', "no_such_field"),
+])
+def test_bad_settings_fail_with_the_setting_named(raw, match):
+    with pytest.raises((ConfigError, TypeError), match=match):
+        settings.resolve_config(SMOLLM2, {"OMNIKV_VLLM_CONFIG": raw})
