@@ -45,6 +45,12 @@ def render(path: str) -> str:
         if b:
             lines.append(f"| {r['context']} | {r['method']} | {b['selection']:.1f} | {b['gather']:.1f} | "
                          f"{b['attention']:.1f} | {b['kv_update']:.1f} | {b['rest']:.1f} | {b['total']:.1f} |")
+    compiled = [r for r in recs if r.get("compile_seconds") is not None]
+    if compiled:
+        lines += ["", "Compiled methods: seconds spent in the decode calls that compiled (not in ms/token):", "",
+                  "| context | method | compile s | compiles |", "|---:|---|---:|---:|"]
+        lines += [f"| {r['context']} | {r['method']} | {r['compile_seconds']:.1f} | {r.get('compiles')} |"
+                  for r in compiled]
     return "\n".join(lines)
 
 

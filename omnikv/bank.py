@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 
 from omnikv.buffers import KVBuffer, grown_capacity
+from omnikv.errors import ConfigError
+from omnikv.static import mark_static
 from omnikv.selection import selection_delta
 from omnikv.transfer import Transfer
 
@@ -114,6 +116,10 @@ class Segment:
         self.stream = None
         self._host_indices: torch.Tensor | None = None  # host_gather: `indices` on the host
         self._reserved_total = 0
+        # Static decode (omnikv/static.py): the bank rows a load gathers from, and the logical
+        # positions (1, 1, decode capacity) of the generated-token slots of `work`.
+        self._static_source: torch.Tensor | None = None
+        self._static_gen_positions: torch.Tensor | None = None
 
     # -- set-up -------------------------------------------------------------------------------------
     def attach(self, like: torch.Tensor) -> None:
@@ -423,6 +429,53 @@ class Segment:
         self.wait_ready()
         n = self.k + self.generated
         return self.work[slot, 0, :, :, :n], self.work[slot, 1, :, :, :n]
+
+    # -- static decode (omnikv/static.py) -----------------------------------------------------------
+    def begin_static(self, k: int, decode_rows: int) -> None:
+        """Outside compiled code, before the first static step after a prompt: `work` sized
+        exactly k + `decode_rows` and zeroed, the bank complete on the compute stream, the gather
+        source fixed. Every later step has the same shapes."""
+        if self.link and self.transfer.gather == "host_gather":
+            raise ConfigError(
+                "static / compile decoding gathers on the device; the host_gather transfer reads "
+                "the indices on the host every step. Use transfer='cuda_device_gather' (or 'simulated')"
+            )
+        self.begin_decode()
+        self.transfer.wait(self.written, self.device)  # prompt rows still arriving in the bank
+        bank = self.bank
+        _, b, lsz, _, h, d = bank.data.shape
+        self.work = torch.zeros((lsz, 2, b, h, k + decode_rows, d), dtype=bank.data.dtype, device=self.device)
+        self.k, self.generated, self.indices, self.ready = k, 0, None, None
+        src = bank.gather_source(self.device) if self.link else bank.data
+        if self.link and self.transfer.gather == "host_gather":  # the mapping failed just now
+            raise ConfigError("static / compile decoding needs a device gather; this device cannot map host memory")
+        self._static_source = src[: bank.length]
+        self._static_gen_positions = (bank.length + torch.arange(decode_rows, device=self.device)).view(1, 1, -1)
+        mark_static(self.work, self._static_source, self._static_gen_positions)
+
+    def load_static(self, idx: torch.Tensor) -> None:
+        """A full gather of rows `idx` (B, G, k) into `work[..., :k, :]`, on the compute stream,
+        as tensor operations only (no partial reload: sizing one reads a count on the host)."""
+        dst, src = self.work[..., : self.k, :], self._static_source
+        b, g, _ = idx.shape
+        if self.link or b > 1 or g > 1:  # whole-token reads (across the link), then per layer
+            dst.copy_(to_work_layout(gather_packed(src, idx)))
+        else:  # `gather_into`'s one pass, without `out=` (dynamo cannot trace a strided out=)
+            dst.copy_(src.permute(2, 3, 1, 4, 0, 5).index_select(4, idx[0, 0]))
+        self.indices = idx
+
+    def append_static(self, slot: int, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A static step's (B, H, 1, D) K/V of layer `slot`, written at slot k + pos - prompt
+        length (`pos` a 0-d device tensor); returns all k + decode-capacity rows (B, H, n, D)."""
+        at = (pos - self.bank.length + self.k).view(1)
+        self.work[slot, 0].index_copy_(2, at, key)
+        self.work[slot, 1].index_copy_(2, at, value)
+        return self.work[slot, 0], self.work[slot, 1]
+
+    def static_positions(self) -> torch.Tensor:
+        """(B, G, k + decode capacity) logical positions of the rows `append_static` returns."""
+        b, g, _ = self.indices.shape
+        return torch.cat([self.indices, self._static_gen_positions.expand(b, g, -1)], dim=-1)
 
     def rows(self, slot: int, seq_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every row layer `slot` holds, (B, H, seq_length, D), on the compute device (drop-free

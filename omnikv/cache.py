@@ -29,6 +29,7 @@ from omnikv.config import OmniKVConfig
 from omnikv.errors import ConfigError, InputError, UnsupportedModelError
 from omnikv.layers import DenseLayer, FilterLayer, SharedState, SparseLayer, make_sliding_layer
 from omnikv.roles import LayerPlan, Role, plan_layers
+from omnikv.static import StaticState, mark_static, zero_tail
 from omnikv.transfer import Transfer, make_transfer
 
 
@@ -38,24 +39,132 @@ class ManagedCache(Cache):
     method_name = "managed"
     simulates_accelerator = False  # a simulated transfer: behave as on a GPU (no host reads per step)
 
-    def __init__(self, model: torch.nn.Module, layers: list[CacheLayerMixin]) -> None:
+    def __init__(self, model: torch.nn.Module, layers: list[CacheLayerMixin], static: bool = False) -> None:
         super().__init__(layers=layers)
         self.model_fingerprint = model_fingerprint(model)
         cfg = text_config(model)
         self._kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         use_omnikv_attention(model)
+        # Static-shape decode steps (omnikv/static.py): None = the default, growing slices.
+        self.static: StaticState | None = None
+        self.step_prepared = False  # a driver ran `prepare_static_step` for the coming forward
+        if static:
+            if any(not isinstance(layer, DenseLayer) and not hasattr(layer, "segment") for layer in layers):
+                raise ConfigError(
+                    f"static=True / compile=True supports models whose layers all use full attention; "
+                    f"{model.config.model_type} has sliding-window layers (their window cache changes "
+                    f"shape); drop static/compile for this model"
+                )
+            self.static = StaticState()
+            for layer in layers:
+                layer.static = self.static
 
     # transformers calls this once per layer per forward, right before attention.
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if layer_idx == 0:
+            self._forward_start(key_states, kwargs)
+        return self._update_layer(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def _update_layer(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if layer_idx >= len(self.layers):
             raise UnsupportedModelError(
                 f"this cache has {len(self.layers)} layers but layer {layer_idx} asked for one: it "
                 f"was built for another model ({self.model_fingerprint}); build one per model"
             )
-        if layer_idx == 0:
-            self._check_forward(key_states, kwargs)
         _context.put(self, layer_idx)
         return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+
+    def _forward_start(self, key_states: torch.Tensor, kwargs: dict[str, Any]) -> None:
+        """Layer 0 of every forward."""
+        if self.static is not None:
+            self._static_forward_start(key_states.shape[-2])
+        if self.static is None or not self.static.active:
+            self._check_forward(key_states, kwargs)
+
+    # -- static-shape decode (omnikv/static.py) --------------------------------------------
+    def _static_forward_start(self, q: int) -> None:
+        """Layer 0 of a forward on a static cache. Under torch.compile the driver has already
+        prepared the step (`step_prepared` is True), so nothing here reads per-step state."""
+        if q != 1:
+            self.static.active = False  # a prompt forward: the eager, growing path
+        elif self.step_prepared:
+            self.step_prepared = False
+        elif self.layers[0].get_seq_length() > 0:
+            # The step must be prepared before the forward: the model builds its mask (from
+            # `get_query_offset`) and positions before the first layer's update.
+            raise ConfigError(
+                "a static cache's decode steps are driven by omnikv.static.StaticDecoder (or "
+                "Session / generate with the method's static/compile option); model.generate and "
+                "plain forwards cannot drive it: build the cache without static=True for those"
+            )
+
+    def prepare_static_step(self) -> bool:
+        """Advance every Python-side counter by the coming single-token forward and put its
+        position in `static.pos`; called outside compiled code. Returns False when that forward
+        is not a static decode step (nothing cached yet: it is a prompt)."""
+        st = self.static
+        if st is None:
+            raise ConfigError("prepare_static_step needs a cache built with static=True")
+        seen = self.layers[0].get_seq_length()
+        if seen == 0:
+            st.active = False
+            return False
+        if seen + 1 > st.capacity:
+            raise InputError(
+                f"static decoding: this step writes position {seen} but the cache reserved "
+                f"{st.capacity} positions; call cache.reserve(extra_tokens, decode_tokens=...) with "
+                "the prompt and every token to generate before the prompt forward"
+            )
+        if not st.active:
+            self._begin_static_run()
+        self._advance_static()
+        st.pos.fill_(seen)
+        return True
+
+    def _begin_static_run(self) -> None:
+        """The first static step after a prompt: buffers at full capacity, unwritten rows zeroed."""
+        st = self.static
+        for layer in self.layers:
+            buf = getattr(layer, "buffer", None)
+            if isinstance(buf, KVBuffer) and buf.keys is not None:
+                buf.reserve(st.capacity, buf.keys)
+                zero_tail(buf.keys, buf.length)
+                zero_tail(buf.values, buf.length)
+                mark_static(buf.keys, buf.values)
+                if st.pos is None:
+                    st.pos = torch.zeros((), dtype=torch.long, device=buf.keys.device)
+                    mark_static(st.pos)
+        if st.pos is None:
+            raise ConfigError("static decoding needs at least one dense or filter layer")
+        st.active = True
+
+    def _advance_static(self) -> None:
+        for layer in self.layers:
+            layer.seq_length += 1
+            buf = getattr(layer, "buffer", None)
+            if isinstance(buf, KVBuffer):
+                buf.length += 1
+
+    def _static_step_coming(self) -> bool:
+        """The model is about to run a prepared static step (the mask is built before layer 0;
+        a prompt forward after a static run must get the ordinary mask)."""
+        return self.static is not None and self.static.active and self.step_prepared
+
+    @property
+    def is_compileable(self) -> bool:
+        # transformers skips building the decode mask for non-compileable caches (sdpa's
+        # is_causal); a static step needs it over the whole capacity.
+        return self._static_step_coming()
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        if query_length == 1 and self._static_step_coming():
+            return self.static.capacity, 0
+        return super().get_mask_sizes(query_length, layer_idx)
+
+    def get_query_offset(self, layer_idx: int = 0):
+        if self._static_step_coming():
+            return self.static.pos  # a device tensor: the mask does not depend on a Python int
+        return super().get_query_offset(layer_idx)
 
     def _check_forward(self, key_states: torch.Tensor, kwargs: dict[str, Any]) -> None:
         """Once per forward (layer 0): refuse another model's KV, and input that does not continue
@@ -110,6 +219,8 @@ class ManagedCache(Cache):
             buf = getattr(layer, "buffer", None)
             if isinstance(buf, KVBuffer):
                 buf.target = max(buf.target, total)
+        if self.static is not None:
+            self.static.capacity = max(self.static.capacity, total)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise UnsupportedModelError(
@@ -165,9 +276,13 @@ class OmniKVCache(ManagedCache):
         *,
         telemetry: bool = False,
         transfer: str | Transfer | None = None,
+        static: bool = False,
         **overrides: Any,
     ) -> None:
         """Args:
+            static: static-shape decode steps (omnikv/static.py), for torch.compile / CUDA graphs:
+                needs `reserve` before the prompt, selector last/softmax_last, refresh_every=1,
+                no telemetry, no sliding-window layers.
             transfer: how the Context Bank moves rows: "auto" (CUDA streams when offloading on a
                 GPU, else inline), "simulated" (the offload path on a CPU under CUDA's ordering
                 rules, see omnikv/transfer.py), "inline", "cuda", or a `Transfer` instance.
@@ -216,7 +331,9 @@ class OmniKVCache(ManagedCache):
                 layers.append(SparseLayer(i, self.state, sparse_segment[i]))
             else:
                 layers.append(DenseLayer())
-        super().__init__(model, layers)
+        if static:
+            _check_static(config, telemetry, self.transfer, model)
+        super().__init__(model, layers, static=static)
         self._first_full = self.plan.layers_with(Role.DENSE) + self.plan.layers_with(Role.FILTER)
         self._first_full = min(self._first_full) if self._first_full else None
         self._step_mark = self.transfer.counters.snapshot()
@@ -224,6 +341,25 @@ class OmniKVCache(ManagedCache):
         self._prefill_mark = self._step_mark
         self._prefill_figures = dict(self._step_figures)
         self._in_prompt = False
+
+    def _begin_static_run(self) -> None:
+        super()._begin_static_run()
+        p = self.state.prompt_len
+        k = min(self.config.resolve_budget(p), p)
+        for seg in self.all_segments():
+            if seg.layers:
+                seg.begin_static(k, self.static.capacity - p)
+
+    def _advance_static(self) -> None:
+        self._begin_forward(1)  # phase bookkeeping and transfer figures, as an eager step
+        super()._advance_static()
+        for seg in self.all_segments():
+            if seg.layers:
+                seg.generated += 1
+                seg.loaded_step = self.state.decode_steps
+                if seg.link:  # the step's gather reads k rows of every sequence across the link
+                    seg.h2d_bytes = seg.work.shape[2] * seg.k * seg._row_bytes()
+                    self.transfer.count(h2d=seg.h2d_bytes)
 
     @property
     def segments(self) -> dict[int, Segment]:
@@ -241,9 +377,11 @@ class OmniKVCache(ManagedCache):
     # Bookkeeping of prompt / decode phases happens at the first full-attention layer, the first
     # place that sees both the new tokens and the mask of this forward.
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        if layer_idx == self._first_full:
+        if layer_idx == 0:
+            self._forward_start(key_states, kwargs)  # first: a static step advances the counters
+        if layer_idx == self._first_full and (self.static is None or not self.static.active):
             self._begin_forward(key_states.shape[-2])
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        return self._update_layer(key_states, value_states, layer_idx, *args, **kwargs)
 
     def _begin_forward(self, q: int) -> None:
         st = self.state
@@ -341,6 +479,23 @@ class OmniKVCache(ManagedCache):
         return {
             f: seg.indices.sort(dim=-1).values for f, seg in self.segments.items() if seg.indices is not None
         }
+
+
+def _check_static(config: OmniKVConfig, telemetry: bool, transfer: Transfer, model) -> None:
+    """What a static-shape OmniKV step cannot do, as errors that say what to change."""
+    if telemetry:
+        raise ConfigError("telemetry reads values on the host every step; it cannot run with static=True / compile=True")
+    if config.selector not in ("last", "softmax_last"):
+        raise ConfigError(
+            f"static=True / compile=True selects from the decode query's logits; selector "
+            f"{config.selector!r} keeps a growing query window. Use selector=last or softmax_last"
+        )
+    if config.refresh_every != 1:
+        raise ConfigError("static=True / compile=True re-selects every step; set refresh_every=1")
+    if getattr(text_config(model), "attn_logit_softcapping", None):
+        raise ConfigError("static=True / compile=True does not support attention logit soft-capping models")
+    if getattr(transfer, "gather", None) == "host_gather":
+        raise ConfigError("this transfer gathers on the host (host_gather); static decoding needs a device gather")
 
 
 def layer_devices(model: torch.nn.Module, num_layers: int) -> list[torch.device]:

@@ -28,7 +28,7 @@ from transformers import (
 
 from omnikv._compat import cache_kwargs
 from omnikv.errors import ConfigError, InputError
-from omnikv.methods import Method, get_method
+from omnikv.methods import Method, get_method, make_decoder
 from omnikv.stops import StopMatcher
 
 
@@ -188,6 +188,8 @@ class Session:
         if cache is None and history:
             raise InputError("history given without the cache that holds it")
         self.cache = self.method.make_cache(model) if cache is None else cache
+        # static / compile=True: decode steps go through omnikv.static.StaticDecoder
+        self.decoder = make_decoder(self.method, model, self.cache)
         self.device = next(model.parameters()).device
         self.history: list[int] = list(history)  # tokens already in the cache
         self.pending: list[int] = list(pending)  # tokens to feed before the next decode
@@ -233,9 +235,13 @@ class Session:
         """Feed `ids` through the model and cache; (V,) float32 logits after the last one, or
         (len(ids), V) logits after each one when `all_logits`."""
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=x, use_cache=True, logits_to_keep=0 if all_logits else 1, **cache_kwargs(self.cache))
+        if self.decoder is not None and not all_logits:
+            logits = self.decoder(x)[0, -1]
+        else:
+            out = self.model(input_ids=x, use_cache=True, logits_to_keep=0 if all_logits else 1, **cache_kwargs(self.cache))
+            logits = out.logits[0] if all_logits else out.logits[0, -1]
         self.history.extend(ids)
-        return out.logits[0].float() if all_logits else out.logits[0, -1].float()
+        return logits.float()
 
     def fork(self) -> "Session":
         """An independent copy of this session (cache deep-copied): decode several continuations
@@ -316,6 +322,13 @@ class Session:
             logits = self._forward([tok])
         return logits
 
+    def _stats(self, compile_seconds: float) -> dict[str, Any]:
+        stats = self.cache.stats() if hasattr(self.cache, "stats") else {}
+        if self.decoder is not None and self.decoder.compiled:
+            stats["compile_seconds"] = round(compile_seconds, 4)
+            stats["compiles"] = self.decoder.compiles
+        return stats
+
     def generate(
         self,
         params: SamplingParams | None = None,
@@ -358,6 +371,7 @@ class Session:
         out: list[int] = []
         logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         finish = "length"
+        compiled_before = self.decoder.compile_seconds if self.decoder is not None else 0.0
         t1 = time.perf_counter()
         while True:
             # EOS may not end the output before min_tokens.
@@ -377,6 +391,8 @@ class Session:
                 break
             logits = self._forward([tok])
         decode_s = time.perf_counter() - t1
+        compile_s = (self.decoder.compile_seconds - compiled_before) if self.decoder is not None else 0.0
+        decode_s -= compile_s  # compiling is not decoding: reported apart, as stats["compile_seconds"]
         # The last sampled token is not in the cache yet: it starts the next turn.
         if out and finish == "length":
             self.pending.append(out[-1])
@@ -391,7 +407,7 @@ class Session:
             decode_seconds=decode_s,
             decode_tokens_per_second=(steps / decode_s) if steps and decode_s > 0 else 0.0,
             finish_reason=finish,
-            stats=self.cache.stats() if hasattr(self.cache, "stats") else {},
+            stats=self._stats(compile_s),
             method=self.method.name,
             config=self.method.describe(),
             logprobs=logprobs,
@@ -520,6 +536,8 @@ def teacher_forced_logits(
     else:
         session = Session(model, None, method, prefill_chunk_size=prefill_chunk_size)
         session.append(prompt_ids)
+        if session.decoder is not None:  # a static cache is sized before the prompt
+            session.cache.reserve(len(session.pending) + len(cont), decode_tokens=len(cont))
     rows = [session.feed()]
     for tok in cont[:-1]:
         rows.append(session._forward([tok]))

@@ -35,6 +35,7 @@ class ManagedLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
     is_croppable = False
+    static = None  # the cache's StaticState when built with static=True (omnikv/static.py)
 
     def __init__(self) -> None:
         super().__init__()
@@ -99,8 +100,19 @@ class DenseLayer(ManagedLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.static is not None and self.static.active:
+            return self._update_static(key_states, value_states)
         self.seq_length += key_states.shape[-2]
         return self.buffer.append(key_states, value_states)
+
+    def _update_static(self, key_states, value_states):
+        """Static decode step (B, H, 1, D): write at the device position `static.pos` (the cache
+        advanced `seq_length` already); return the whole reserved buffer, (B, H, capacity, D),
+        whose unwritten rows the causal mask hides."""
+        st, buf = self.static, self.buffer
+        buf.keys.index_copy_(2, st.index(), key_states)
+        buf.values.index_copy_(2, st.index(), value_states)
+        return buf.keys[:, :, : st.capacity], buf.values[:, :, : st.capacity]
 
     @property
     def keys(self):  # transformers reads `.keys` in a few helpers (e.g. batch size)
@@ -171,6 +183,13 @@ class FilterLayer(DenseLayer):
         if cfg.selector in WINDOW_SELECTORS:
             window = query if self.query_window is None else torch.cat([self.query_window, query], dim=2)
             self.query_window = window[:, :, -cfg.window_size :].detach()
+        if self.static is not None and self.static.active:
+            if not self.segment.layers:
+                return super().attend(module, query, key, value, attention_mask, **kwargs)
+            # Static step: select every step from the attention logits (selector `last` /
+            # `softmax_last`; the cache refuses the others in static mode).
+            scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
+            return self._attend_and_select(query, key, value, attention_mask, scaling)
         decoding = query.shape[2] == 1 and self.state.prompt_len > 0 and self.seq_length > self.state.prompt_len
         if not (decoding and self.segment.layers and self._due()):
             return super().attend(module, query, key, value, attention_mask, **kwargs)
@@ -228,8 +247,12 @@ class FilterLayer(DenseLayer):
             k = cfg.resolve_budget(st.prompt_len)
             idx = select_topk(scores, k, valid=valid, sink=cfg.sink_tokens, recent=cfg.recent_tokens)
         self.selected = idx
+        static = self.static is not None and self.static.active
         for seg in self.segments:
-            seg.load(idx, st.decode_steps)
+            if static:
+                seg.load_static(idx)
+            else:
+                seg.load(idx, st.decode_steps)
         return idx
 
 
@@ -248,6 +271,10 @@ class SparseLayer(ManagedLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
             seg.attach(key_states)
+        if self.static is not None and self.static.active:
+            # Static step: the new row goes to slot k + (pos - prompt_len) of the working buffer;
+            # all k + decode-capacity rows come back (the cache advanced `seq_length` already).
+            return seg.append_static(self.slot, key_states, value_states, self.static.pos)
         q = key_states.shape[-2]
         start = self.seq_length
         self.seq_length += q
@@ -267,6 +294,10 @@ class SparseLayer(ManagedLayer):
 
     def attend(self, module, query, key, value, attention_mask, **kwargs):
         seg = self.segment
+        if self.static is not None and self.static.active:
+            # Rows not generated yet sit at positions >= the current one: the causal mask,
+            # gathered at the rows' positions, hides them (and the padding of the selection).
+            return super().attend(module, query, key, value, attention_mask, positions=seg.static_positions(), **kwargs)
         decoding = query.shape[2] == 1 and seg.generated > 0 and key.shape[-2] == seg.k + seg.generated
         if decoding and self.state.telemetry is not None:
             self._record_telemetry(query, attention_mask, kwargs.get("scaling") or module.scaling)

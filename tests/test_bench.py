@@ -182,6 +182,10 @@ def test_gpu_script_tiny_mode_runs_on_cpu(tmp_path):
     assert summary["correctness"]["full_budget_equivalence"]["passed"] is True
     assert summary["correctness"]["offload_on_equals_off"]["passed"] is True
     assert {r["method_name"] for r in summary["timing"]} >= {"full", "full_prealloc", "omnikv"}
+    # the compiled stage: both static-shape methods timed, compile seconds kept apart
+    compiled = [r for r in summary["timing"] if r.get("compiled")]
+    assert {r["method_name"] for r in compiled} == {"full_prealloc", "omnikv"}
+    assert all(r["ms_per_token"] and r["compile_seconds"] > 0 for r in compiled)
     # without a GPU the offload runs go through the simulated transfer, with its counters
     assert summary["correctness"]["offload_on_equals_off"]["transfer"] == "simulated/device_gather"
     assert summary["prefill"]["h2d_bytes_prefill"] == 0 < summary["prefill"]["d2h_bytes_prefill"]

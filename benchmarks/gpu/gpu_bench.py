@@ -7,8 +7,9 @@ time budget runs short:
 1. correctness (small fp32 model): OmniKV at full budget == full attention, and OmniKV with offload
    on == off at a real budget (both gather every row; tolerance 1e-4), with the transfer strategy
    the cache picked (device gather from mapped host memory, or host gather) and its syncs per step;
-2. timing (bf16, 32K and 128K, synthetic KV): full vs full_prealloc vs OmniKV offload off/on,
-   interleaved, through `omnikv.bench.run_bench`, with each record's bytes/bandwidth bound;
+2. timing (bf16, 32K and 128K, synthetic KV): full vs full_prealloc vs OmniKV offload off/on, and
+   compiled (torch.compile, CUDA graphs) full_prealloc and OmniKV offload on, interleaved, through
+   `omnikv.bench.run_bench`, with each record's bytes/bandwidth bound and compile seconds;
 3. prefill: one real chunked prefill at 32K through OmniKV with offload (seconds, H2D/D2H bytes);
 4. trace: a torch.profiler trace of OmniKV decode steps with offload, and how much of the
    host->device traffic (memcpys and side-stream gather kernels) overlaps compute kernels;
@@ -48,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--contexts", default=None, help="default 32k,64k,128k (tiny 256,512,1k)")
     p.add_argument("--budget", type=int, default=2048, help="tokens per sparse/Quest layer (paper latency setting 2048)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 32, tiny 3)")
+    p.add_argument("--compiled", default=None, action=argparse.BooleanOptionalAction,
+                   help="also time compiled (torch.compile, CUDA graphs) full_prealloc and OmniKV offload on. "
+                   "Default: on with --tiny, off on a GPU, where inductor compiling at 8B shapes could use up "
+                   "the budget: run it as a second call, `run.sh --stage timing --compiled`")
     p.add_argument("--stage", choices=STAGES, action="append", default=None,
                    help="run only this stage (repeatable); default: all")
     args = p.parse_args(argv)
@@ -98,9 +103,17 @@ def main(argv: list[str] | None = None) -> int:
     # The two CUDA gather strategies side by side (device gather from mapped host memory: no sync,
     # every selected row each step; host gather: one sync per segment, only the changed rows).
     host = f"omnikv:offload=true:transfer={'simulated_host_gather' if sim else 'cuda_host_gather'}:budget={budget}"
+    # Compiled static-shape steps (torch.compile; CUDA graphs on CUDA), compile time reported apart
+    # per record. --tiny on CPU traces with dynamo only (backend eager): inductor would take minutes.
+    cb = ":compile_backend=eager" if device.type == "cpu" else ""
+    compiled = [f"full_prealloc:compile=true{cb}", f"omnikv:offload=true{sim}:compile=true{cb}:budget={budget}"]
+    compiled = compiled if (args.compiled if args.compiled is not None else tiny) else []
     methods = ["full", "full_prealloc", off, on, host]
     summary["methods"] = methods
-    records = stages.timing(model, methods, contexts, steps, tiny, clock, summary["notes"]) if "timing" in wanted else []
+    summary["compiled_methods"] = compiled
+    # --tiny: the compiled rows at the first context only (compiling is most of their cost there)
+    records = stages.timing(model, methods, contexts, steps, tiny, clock, summary["notes"], compiled,
+                            contexts[:1] if tiny else None) if "timing" in wanted else []
     summary["timing"] = records
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     summary["bounds"] = stages.bounds(records, weights)

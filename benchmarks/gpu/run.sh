@@ -3,6 +3,7 @@
 #
 #   benchmarks/gpu/run.sh                  # CUDA: correctness, timing 32K+128K, prefill, trace, throughput (~4 min)
 #   benchmarks/gpu/run.sh --stage timing   # one stage (repeatable): correctness timing prefill trace throughput
+#   benchmarks/gpu/run.sh --stage timing --compiled   # a second call: compiled (CUDA graphs) rows too
 #   benchmarks/gpu/run.sh --tiny           # tiny shapes, runs anywhere (CPU: simulated transfer); tests/test_bench.py
 #
 # Results go to $OUT (default ./gpu-out): summary.json, bench.png, trace_omnikv_offload.json.gz, log.txt.

@@ -163,7 +163,8 @@ def correctness(device: torch.device, tiny: bool) -> dict[str, Any]:
 
 # -- 2. timing -----------------------------------------------------------------------------------
 def timing(model, methods: list[str], contexts: list[int], steps: int, tiny: bool, clock: Clock,
-           notes: list[str]) -> list[dict[str, Any]]:
+           notes: list[str], compiled: list[str] = (), compiled_contexts: list[int] | None = None) -> list[dict[str, Any]]:
+    """Every method at every context; the `compiled` ones only at `compiled_contexts` (None: all)."""
     records: list[dict[str, Any]] = []
     device = next(model.parameters()).device
     for ctx in contexts:
@@ -171,7 +172,8 @@ def timing(model, methods: list[str], contexts: list[int], steps: int, tiny: boo
             notes.append(f"timing at {ctx} skipped: {clock.left():.0f} s left")
             log(notes[-1])
             break
-        spec = BenchSpec(methods=parse_methods(",".join(methods)), contexts=[ctx], synthetic_kv=True,
+        labels = methods + [m for m in compiled if compiled_contexts is None or ctx in compiled_contexts]
+        spec = BenchSpec(methods=parse_methods(",".join(labels)), contexts=[ctx], synthetic_kv=True,
                          steps=steps, warmup=1 if tiny else 8, breakdown_steps=1 if tiny else 6)
         t0 = time.perf_counter()
         recs = public_records(run_bench(model, spec, log=log))

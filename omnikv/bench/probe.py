@@ -39,6 +39,7 @@ _FUNCTION_TARGETS = {
 # (module, class, method, category)
 _METHOD_TARGETS = (
     ("omnikv.bank", "Segment", "load", "gather"),
+    ("omnikv.bank", "Segment", "load_static", "gather"),  # the static-shape step's full gather
     # A filter layer computes its decode attention itself (its logits double as selector scores).
     ("omnikv.layers", "FilterLayer", "_attend_and_select", "attention"),
 )

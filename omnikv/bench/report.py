@@ -140,7 +140,7 @@ def _num(x: Any, fmt: str) -> str:
 def format_table(records: list[dict[str, Any]]) -> str:
     """A fixed-width table: one row per (context, method)."""
     head = ["context", "method", "ms/tok", "tok/s", "x full", "prefill s", "dev KV MB", "host KV MB",
-            "H2D MB/step", "peak RSS MB", "peak dev MB", "sel", "gather", "attn", "kv upd", "rest"]
+            "H2D MB/step", "peak RSS MB", "peak dev MB", "compile s", "sel", "gather", "attn", "kv upd", "rest"]
     rows = [head]
     for r in records:
         bd = r.get("breakdown_ms") or {}
@@ -148,7 +148,7 @@ def format_table(records: list[dict[str, Any]]) -> str:
             str(r["context"]), r["method"], _num(r["ms_per_token"], ".1f"), _num(r.get("tokens_per_s"), ".2f"),
             _num(r["ratio_to_full"], ".2f"), _num(r.get("prefill_seconds"), ".1f"),
             _mb(r["device_kv_bytes"]), _mb(r["host_kv_bytes"]), _mb(r["h2d_bytes_per_step"]),
-            _mb(r.get("peak_rss_bytes")), _mb(r.get("peak_device_bytes")),
+            _mb(r.get("peak_rss_bytes")), _mb(r.get("peak_device_bytes")), _num(r.get("compile_seconds"), ".1f"),
             *[_num(bd.get(c), ".1f") for c in ("selection", "gather", "attention", "kv_update", "rest")],
         ])
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
@@ -157,7 +157,8 @@ def format_table(records: list[dict[str, Any]]) -> str:
     lines.insert(1, "-" * len(lines[0]))
     notes = [f"  {r['context']} {r['method']}: {r['note']}" for r in records if r.get("note")]
     tail = ["breakdown columns: mean ms per step in instrumented steps (selection, gather/transfer, "
-            "attention, KV update, rest = total - parts); x full = full's ms/tok / this method's"]
+            "attention, KV update, rest = total - parts; none for compiled methods); x full = full's ms/tok / "
+            "this method's; compile s = seconds of the decode calls that compiled (not in ms/tok)"]
     return "\n".join(lines + (["notes:"] + notes if notes else []) + tail)
 
 

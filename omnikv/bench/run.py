@@ -35,7 +35,7 @@ from omnikv.bench.fill import (
 )
 from omnikv.bench.probe import CATEGORIES, MemoryWindow, StepBreakdown, current_rss
 from omnikv.errors import ConfigError
-from omnikv.methods import REFERENCE, get_method  # ratio_to_full compares every method with REFERENCE
+from omnikv.methods import REFERENCE, get_method, make_decoder  # ratio_to_full compares every method with REFERENCE
 from omnikv.methods.spec import MethodSpec
 from omnikv.budget import parse_token_count
 
@@ -93,6 +93,18 @@ class _Run:
     h2d: list[int] = field(default_factory=list)
     breakdown: list[tuple[float, dict[str, float]]] = field(default_factory=list)
     note: str | None = None
+    decoder: Any = None  # omnikv.static.StaticDecoder for static / compile=true methods
+
+
+COMPILED_MIN_WARMUP = 3  # compile on the first step; CUDA graphs record after a warm-up call
+
+
+def _step(model, run: _Run, tok: torch.Tensor) -> torch.Tensor:
+    """One decode step of `run` (through its static decoder when it has one)."""
+    if run.decoder is None:
+        return decode_step(model, run.cache, tok)
+    with torch.inference_mode():
+        return run.decoder(tok)[:, -1].argmax(-1, keepdim=True)
 
 
 def build_method(ms: MethodSpec, budget: int | float | None):
@@ -117,8 +129,16 @@ def _is_oom(exc: BaseException) -> bool:
 
 def _fill(model, run: _Run, spec: BenchSpec, context: int, baseline: tuple[int, int], device) -> None:
     run.cache = run.method.make_cache(model)
-    if hasattr(run.cache, "reserve"):
-        run.cache.reserve(spec.warmup + spec.steps + spec.breakdown_steps + 8)
+    run.decoder = make_decoder(run.method, model, run.cache)
+    decode_tokens = spec.warmup + spec.steps + spec.breakdown_steps + 8
+    warmup = spec.warmup
+    if run.decoder is not None:  # a static cache is sized for the prompt and every step at once
+        if run.decoder.compiled:
+            decode_tokens += COMPILED_MIN_WARMUP
+            warmup = max(warmup, COMPILED_MIN_WARMUP)
+        run.cache.reserve(context + decode_tokens, decode_tokens=decode_tokens)
+    elif hasattr(run.cache, "reserve"):
+        run.cache.reserve(decode_tokens)
     with MemoryWindow(baseline[0], baseline[1], device) as mem:
         if spec.synthetic_kv:
             run.fill_seconds = synthetic_fill(model, run.cache, context, spec.batch, spec.seed)
@@ -128,8 +148,8 @@ def _fill(model, run: _Run, spec: BenchSpec, context: int, baseline: tuple[int, 
                 model, run.cache, context, spec.batch, spec.prefill_chunk, spec.seed
             )
             run.fill_seconds = run.prefill_seconds
-        for _ in range(spec.warmup):
-            run.tok = decode_step(model, run.cache, run.tok)
+        for _ in range(warmup):  # includes compiling (timed apart, in the decoder)
+            run.tok = _step(model, run, run.tok)
     run.peak_rss, run.peak_device = mem.peak_rss, mem.peak_device
 
 
@@ -139,7 +159,7 @@ def _timed_rounds(model, runs: list[_Run], steps: int, device) -> None:
         for run in runs[k:] + runs[:k]:  # rotate so no method always follows the same one
             _sync(device)
             t0 = time.perf_counter()
-            run.tok = decode_step(model, run.cache, run.tok)
+            run.tok = _step(model, run, run.tok)
             _sync(device)
             run.times.append(time.perf_counter() - t0)
             stats = run.cache.stats() if hasattr(run.cache, "stats") else {}
@@ -149,6 +169,11 @@ def _timed_rounds(model, runs: list[_Run], steps: int, device) -> None:
 def _breakdown_rounds(model, runs: list[_Run], steps: int, device) -> None:
     if steps <= 0:
         return
+    # The probe wraps attention functions in timers: inside a compiled step that would force a
+    # recompile with graph breaks, so compiled runs have no breakdown.
+    runs = [run for run in runs if run.decoder is None or not run.decoder.compiled]
+    if not runs:
+        return
     probe = StepBreakdown(sync=device.type == "cuda")
     probe.install([run.cache for run in runs])
     try:
@@ -157,7 +182,7 @@ def _breakdown_rounds(model, runs: list[_Run], steps: int, device) -> None:
                 _sync(device)
                 probe.take()
                 t0 = time.perf_counter()
-                run.tok = decode_step(model, run.cache, run.tok)
+                run.tok = _step(model, run, run.tok)
                 _sync(device)
                 run.breakdown.append((time.perf_counter() - t0, probe.take()))
     finally:
@@ -230,6 +255,9 @@ def _record(model, run: _Run, context: int, spec: BenchSpec, weights: int) -> di
         breakdown_ms=_breakdown_ms(run.breakdown),
         config=_jsonable(run.method.describe()),
         telemetry=stats.get("telemetry"),  # omnikv:telemetry=true: selection coverage per layer
+        compiled=bool(run.decoder is not None and run.decoder.compiled),
+        compile_seconds=None if run.decoder is None or not run.decoder.compiled else round(run.decoder.compile_seconds, 3),
+        compiles=None if run.decoder is None or not run.decoder.compiled else run.decoder.compiles,
         _times=ms,
     )
     return rec

@@ -39,6 +39,9 @@ def register(subparsers) -> None:
                    help="extra instrumented steps for the selection/gather/attention/rest breakdown (0: none)")
     p.add_argument("--budget", type=parse_budget, default=None,
                    help="budget for every budgeted method: tokens (int) or prompt fraction (default: each method's/preset's)")
+    p.add_argument("--compile", action="store_true",
+                   help="add compile=true to every method that has a static-shape step (full_prealloc, omnikv); "
+                   "to compare compiled and eager in one run, list both, e.g. omnikv,omnikv:compile=true")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
     p.add_argument("--prefill-chunk", type=int, default=2048, help="chunk size of the real prefill (default 2048)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -49,6 +52,16 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print the records as a JSON list on stdout")
     p.add_argument("--no-plot", action="store_true", help="do not write bench.png")
     p.set_defaults(func=run)
+
+
+def with_compile(ms):
+    """`ms` with compile=true when its method has a static-shape step (others unchanged)."""
+    from omnikv.methods import method_class
+    from omnikv.methods.spec import parse_method
+
+    if ms.options.get("compile") is not None or not method_class(ms.name).supports_static:
+        return ms
+    return parse_method(ms.label + ":compile=true")
 
 
 def command_of(args: argparse.Namespace) -> list[str]:
@@ -76,8 +89,11 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.prefill_chunk < 1:
         raise ConfigError(f"--prefill-chunk must be >= 1; got {args.prefill_chunk}")
+    methods = parse_methods(args.methods)
+    if args.compile:
+        methods = [with_compile(m) for m in methods]
     spec = BenchSpec(
-        methods=parse_methods(args.methods), contexts=parse_contexts(args.contexts),
+        methods=methods, contexts=parse_contexts(args.contexts),
         synthetic_kv=args.synthetic_kv, steps=args.steps, warmup=args.warmup,
         breakdown_steps=args.breakdown_steps, batch=args.batch, budget=args.budget,
         prefill_chunk=args.prefill_chunk, seed=args.seed,

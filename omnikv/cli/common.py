@@ -143,6 +143,9 @@ def add_method_arguments(p: argparse.ArgumentParser, *, method: bool = True) -> 
     g.add_argument("--telemetry", default=None, action="store_true",
                    help="omnikv: also compute each sparse layer's true attention every step and report how much of "
                    "it the selection covers (slower; off by default)")
+    g.add_argument("--compile", default=None, action="store_true",
+                   help="static-shape decode steps captured with torch.compile (inductor; CUDA graphs on CUDA); "
+                   "full_prealloc and omnikv (selector last/softmax_last); the first step compiles (timed apart)")
     g.add_argument("--prefill-chunk-size", type=positive_int, default=DEFAULT_PREFILL_CHUNK, metavar="N",
                    help=f"prefill in chunks of N tokens (default {DEFAULT_PREFILL_CHUNK}; same result, bounded memory)")
 
@@ -175,7 +178,7 @@ def add_prompt_arguments(p: argparse.ArgumentParser, *, required: bool = True) -
 
 # The method flags, by option name (a method takes the ones among its fields; `omnikv models`).
 METHOD_FLAGS = ("preset", "filter_layers", "num_wait_layers", "selector", "head_reduce", "offload", "sink_tokens",
-                "recent_tokens", "telemetry")
+                "recent_tokens", "telemetry", "compile")
 
 
 def method_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -194,7 +197,8 @@ def build_method(args: argparse.Namespace, name: str | None = None):
     name = name or args.method
     cls = method_class(name)  # ConfigError listing the methods when unknown
     options = method_options(args)
-    foreign = [k for k in options if k not in cls.option_names()]
+    # compile is no dataclass field: get_method refuses it by name for methods without a static step
+    foreign = [k for k in options if k not in cls.option_names() and k != "compile"]
     if foreign:
         takers = sorted({m for k in foreign for m in methods_taking(k)})
         flags = ", ".join(f"--{k.replace('_', '-')}" for k in foreign)

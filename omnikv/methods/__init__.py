@@ -61,14 +61,43 @@ def methods_taking(option: str) -> list[str]:
 
 
 def get_method(name: str | Method, *, budget: int | float | None = None, **options: Any) -> Method:
-    """A configured method by registry name (options are the method's dataclass fields)."""
+    """A configured method by registry name (options are the method's dataclass fields, plus
+    static= / compile= / compile_backend= / compile_mode= for methods with a static-shape step)."""
     if isinstance(name, Method):
         return name
     cls = method_class(name)
+    static = options.pop("static", None)
+    compile_ = options.pop("compile", None)
+    backend = options.pop("compile_backend", None)
+    mode = options.pop("compile_mode", None)
+    for key, value in (("static", static), ("compile", compile_)):
+        if value is not None and not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false; got {value!r}")
+    if (static or compile_ or backend or mode) and not cls.supports_static:
+        supported = ", ".join(n for n in available_methods() if _REGISTRY[n].supports_static)
+        raise ConfigError(
+            f"method {name!r} cannot be compiled: its decode step changes shape from step to step. "
+            f"static=true / compile=true work with: {supported}"
+        )
     try:
-        return cls.from_options(budget=budget, **options)
+        method = cls.from_options(budget=budget, **options)
     except TypeError as exc:
         raise ConfigError(f"bad options for method {name!r}: {exc}") from None
+    method.compile = bool(compile_) or bool(backend) or bool(mode)
+    method.static = bool(static) or method.compile
+    method.compile_backend, method.compile_mode = backend, mode
+    return method
 
 
-__all__ = ["REFERENCE", "Method", "available_methods", "get_method", "method_class", "methods_taking", "register"]
+def make_decoder(method: Method, model, cache):
+    """The `omnikv.static.StaticDecoder` that drives `cache` when `method` is static or
+    compiled; None otherwise (the model's own forward is used)."""
+    if not method.static:
+        return None
+    from omnikv.static import StaticDecoder
+
+    return StaticDecoder(model, cache, compile=method.compile, backend=method.compile_backend,
+                         mode=method.compile_mode, method=method.name)
+
+
+__all__ = ["REFERENCE", "Method", "available_methods", "get_method", "make_decoder", "method_class", "methods_taking", "register"]

@@ -54,6 +54,13 @@ class Method(ABC):
     # cache filled with synthetic KV through `cache.update` would time a different method.
     needs_real_prefill: ClassVar[bool] = False
     default_budget: ClassVar[int | float | None] = None  # used when no budget is given
+    supports_static: ClassVar[bool] = False  # has a static-shape decode step (omnikv/static.py)
+    # Not dataclass fields (no annotation): set by `get_method` from the options static= /
+    # compile= / compile_backend= / compile_mode=, which every method accepts or refuses by name.
+    static = False  # static-shape decode steps, eager
+    compile = False  # ... captured with torch.compile (implies static)
+    compile_backend = None  # default inductor
+    compile_mode = None  # default: reduce-overhead (CUDA graphs) on CUDA
 
     def __post_init__(self) -> None:
         if self.budget is None:

@@ -94,11 +94,12 @@ class PreallocatedCache(ManagedCache):
 
     method_name = "full_prealloc"
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, static: bool = False) -> None:
+        """static: static-shape decode steps (omnikv/static.py; needs `reserve` before the prompt)."""
         types = check_supported(model, "full_prealloc")
         cfg = text_config(model)
         layers = [make_sliding_layer(cfg) if t == "sliding_attention" else DenseLayer() for t in types]
-        super().__init__(model, layers)
+        super().__init__(model, layers, static=static)
 
 
 @register("full_prealloc")
@@ -107,9 +108,13 @@ class FullPrealloc(Method):
     """Exact full attention, preallocated storage: the honest speed baseline."""
 
     takes_budget = False
+    supports_static = True
 
     def make_cache(self, model):
-        return PreallocatedCache(model)
+        return PreallocatedCache(model, static=self.static)
 
     def describe(self):
-        return {"method": self.name, "budget": None, "lossy": False}
+        d = {"method": self.name, "budget": None, "lossy": False}
+        if self.static:
+            d.update(static=True, compile=self.compile)
+        return d

@@ -79,8 +79,11 @@ class OmniKV(Method):
 
         return preset_for_model(model, warn=warn).replace(**self.overrides)
 
+    supports_static = True
+
     def make_cache(self, model) -> OmniKVCache:
-        cache = OmniKVCache(model, self.config_for(model), telemetry=self.telemetry, transfer=self.transfer)
+        cache = OmniKVCache(model, self.config_for(model), telemetry=self.telemetry, transfer=self.transfer,
+                            static=self.static)
         self.last_config = cache.config
         return cache
 
@@ -91,6 +94,8 @@ class OmniKV(Method):
             d.update(cfg.to_dict())
         else:
             d.update({"preset": "per model", **self.overrides})
+        if self.static:
+            d.update(static=True, compile=self.compile)
         return d
 
     def kv_plan(self, ctx: KVContext) -> KVPlan:

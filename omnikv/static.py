@@ -1,0 +1,147 @@
+"""Static-shape decode steps, and capturing them with torch.compile / CUDA graphs.
+
+A cache built with `static=True` (`PreallocatedCache`, `OmniKVCache`) decodes, after
+`cache.reserve(n, decode_tokens=m)`, with the same shapes at every step, like transformers'
+StaticCache:
+
+* dense and filter layers attend over their whole reserved buffer (`capacity` rows); the rows not
+  written yet are masked by transformers' own causal mask, which is built over `capacity`
+  columns (`get_mask_sizes`) from a query offset that is a device tensor (`StaticState.pos`);
+* a filter layer scores, selects and gathers with tensor operations only (a full gather every
+  step: a partial reload would size itself from a count read on the host);
+* sparse layers attend over all k + decode-capacity rows of their segment's working buffer; the
+  rows of tokens not generated yet have logical positions >= the current one, so the same causal
+  mask, gathered at the rows' positions, hides them;
+* the new token is written with `index_copy_` at a position held in a device tensor.
+
+What changes from step to step on the Python side (lengths, step counters, transfer accounting)
+is advanced by `prepare_static_step`, outside any compiled region. `CompiledDecoder` calls it
+and then the captured forward, in which nothing reads a Python value that changes per step.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from omnikv._compat import cache_kwargs
+from omnikv.errors import ConfigError
+
+
+class StaticState:
+    """What every layer of a static cache shares.
+
+    `active` is True during a run of static decode steps (set and cleared outside compiled code);
+    `capacity` is the number of logical positions every full-attention layer attends over (the mask
+    width, from `reserve`); `pos` (0-d int64 on the compute device) is the position the current
+    decode step writes.
+    """
+
+    def __init__(self) -> None:
+        self.active = False
+        self.capacity = 0
+        self.pos: torch.Tensor | None = None
+
+    def index(self) -> torch.Tensor:
+        """(1,) int64 view of `pos` for `index_copy_`."""
+        return self.pos.view(1)
+
+
+def zero_tail(buf: torch.Tensor, start: int, dim: int = -2) -> None:
+    """Zero rows `start:` of `buf` along `dim`: never-written rows must not hold NaN, since a masked
+    softmax weight of exactly 0 times a NaN value is still NaN."""
+    buf.narrow(dim, start, buf.shape[dim] - start).zero_()
+
+
+def mark_static(*tensors: torch.Tensor) -> None:
+    """Tell dynamo these buffers keep their address from step to step (as transformers' StaticCache
+    does): CUDA graphs then read and update them in place instead of copying them in as inputs
+    each replay (a KV buffer or a host bank is far too large for that) or skipping capture
+    because a mutated input has no fixed address."""
+    for t in tensors:
+        torch._dynamo.mark_static_address(t)
+
+
+def compile_backend(device: torch.device, backend: str | None = None, mode: str | None = None) -> dict[str, Any]:
+    """torch.compile arguments: inductor everywhere; CUDA graphs (`reduce-overhead`) on CUDA."""
+    backend = backend or "inductor"
+    if mode is None and backend == "inductor" and torch.device(device).type == "cuda":
+        mode = "reduce-overhead"
+    return {"backend": backend, "mode": mode}
+
+
+class StaticDecoder:
+    """Runs the forwards of `model` on a static cache: `decoder(input_ids)` -> (B, 1, V) logits.
+
+    A single-token forward after a prompt is a static step: `prepare_static_step` advances the
+    cache's counters and position outside the model, then the forward runs, through
+    `torch.compile` when `compile=True`. Prompt forwards (more than one token) run eagerly and
+    unchanged. Seconds spent in calls that compiled (the first step, and any recompile, e.g. for
+    a new prompt length, which the selection budget depends on) are summed in `compile_seconds`,
+    counted in `compiles`, so a timing loop can leave them out.
+    """
+
+    def __init__(self, model: torch.nn.Module, cache, *, compile: bool = False, backend: str | None = None,
+                 mode: str | None = None, method: str = "this method") -> None:
+        if getattr(cache, "static", None) is None:
+            raise ConfigError(
+                f"compile=True needs a static-shape decode step; {method} has none "
+                "(supported: full_prealloc, omnikv)"
+            )
+        self.model = model
+        self.cache = cache
+        self.compiled = compile
+        self.options: dict[str, Any] = {}
+        self._cuda_graphs = False
+        self._fn = self._step
+        if compile:
+            device = next(model.parameters()).device
+            self.options = compile_backend(device, backend, mode)
+            self._cuda_graphs = self.options["mode"] in ("reduce-overhead", "max-autotune")
+            self._fn = torch.compile(self._step, dynamic=False, fullgraph=True, **self.options)
+        self._ids: torch.Tensor | None = None
+        self.compile_seconds = 0.0
+        self.compiles = 0
+
+    def _step(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+              attention_mask: torch.Tensor | None) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                         use_cache=True, logits_to_keep=1, **cache_kwargs(self.cache))
+        return out.logits
+
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, q) -> logits (B, 1, V). `position_ids` (B, q): default = the cache
+        positions (no left padding); `attention_mask` (B, length so far) 2D padding mask or None."""
+        if input_ids.shape[-1] != 1 or not self.cache.prepare_static_step():
+            return self._step(input_ids, position_ids, attention_mask)
+        st = self.cache.static
+        if position_ids is None:
+            position_ids = st.pos.view(1, 1).expand(input_ids.shape[0], 1)
+        if self.compiled:
+            # One input buffer: dynamo guards on strides, and a first token made elsewhere (not by
+            # an argmax) would otherwise compile a second graph; CUDA graphs want fixed inputs.
+            if self._ids is None or self._ids.shape != input_ids.shape:
+                self._ids = torch.empty(input_ids.shape, dtype=input_ids.dtype, device=input_ids.device)
+            input_ids = self._ids.copy_(input_ids)
+        self.cache.step_prepared = True
+        before = _compile_count() if self.compiled else 0
+        t0 = time.perf_counter()
+        logits = self._fn(input_ids, position_ids, attention_mask)
+        if self._cuda_graphs:
+            logits = logits.clone()  # a CUDA-graph output is overwritten by the next replay
+        if self.compiled and _compile_count() != before:
+            if logits.device.type == "cuda":
+                torch.cuda.synchronize(logits.device)
+            self.compile_seconds += time.perf_counter() - t0
+            self.compiles += 1
+        return logits
+
+
+def _compile_count() -> int:
+    """Graphs dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])

@@ -1,0 +1,235 @@
+"""Static-shape decode steps (omnikv/static.py) against the default growing path, and compiled
+steps against eager ones.
+
+Static eager == dynamic eager: the same rows are attended, the static step only adds masked rows
+(weight exactly 0) and reorders nothing, so fp32 logits agree to rounding (1e-5) and greedy tokens
+are identical. Compiled tests use torch.compile's `aot_eager` backend: it traces the whole step
+with dynamo into one graph (fullgraph=True, so any graph break fails the test) and runs it through
+AOT autograd's functionalization, which is what inductor and CUDA graphs consume; inductor itself
+takes minutes to compile on the 2 shared test cores, so it is measured in the benchmark instead.
+"""
+
+import pytest
+import torch
+
+from omnikv import OmniKVCache, OmniKVConfig
+from omnikv._compat import cache_kwargs
+from omnikv.errors import ConfigError, InputError
+from omnikv.generation import Session, SamplingParams, teacher_forced_logits
+from omnikv.methods import get_method
+from omnikv.methods.full import PreallocatedCache
+from omnikv.methods.spec import parse_method
+from omnikv.models.tiny import build_tokenizer
+from omnikv.static import StaticDecoder
+
+ATOL = 1e-5
+COMPILED_ATOL = 1e-4  # aot_eager may fuse/reorder decompositions: rounding-level differences
+
+
+def omni_cfg(**kw) -> OmniKVConfig:
+    base = dict(filter_layers=(1, 3), num_wait_layers=0, budget=0.1, sink_tokens=2, recent_tokens=4)
+    base.update(kw)
+    return OmniKVConfig(**base)
+
+
+def make_cache(kind: str, model, static: bool, **kw):
+    if kind == "full_prealloc":
+        return PreallocatedCache(model, static=static)
+    return OmniKVCache(model, omni_cfg(**kw), static=static)
+
+
+def prompt_ids(batch: int, n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def greedy(model, cache, ids, steps, *, decoder=None, mask=None):
+    """Prefill `ids` (B, N) (left padding in `mask`), then `steps` greedy tokens. Returns tokens
+    (B, steps) and the logits of every decode step (steps, B, V)."""
+    cache.reserve(ids.shape[1] + steps, decode_tokens=steps)
+    b = ids.shape[0]
+    pos = None if mask is None else (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                   **cache_kwargs(cache)).logits[:, -1]
+    toks, rows = [], []
+    for _ in range(steps):
+        tok = logits.argmax(-1, keepdim=True)
+        toks.append(tok)
+        if mask is not None:
+            mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype)], dim=1)
+            pos = pos[:, -1:] + 1
+        if decoder is not None:
+            logits = decoder(tok, position_ids=pos, attention_mask=mask)[:, -1]
+        else:
+            logits = model(input_ids=tok, attention_mask=mask, position_ids=pos, use_cache=True,
+                           **cache_kwargs(cache)).logits[:, -1]
+        rows.append(logits)
+    return torch.cat(toks, dim=1), torch.stack(rows)
+
+
+@pytest.mark.parametrize("kind", ["full_prealloc", "omnikv"])
+def test_static_eager_equals_dynamic(models, kind):
+    model = models("llama", num_hidden_layers=6)
+    ids = prompt_ids(1, 150, seed=1)
+    with torch.inference_mode():
+        dyn = make_cache(kind, model, static=False)
+        ref_toks, ref_logits = greedy(model, dyn, ids, 12)
+        st = make_cache(kind, model, static=True)
+        toks, logits = greedy(model, st, ids, 12, decoder=StaticDecoder(model, st))
+    assert torch.equal(toks, ref_toks)
+    torch.testing.assert_close(logits, ref_logits, atol=ATOL, rtol=0)
+    assert st.static.active and st.get_seq_length() == dyn.get_seq_length() == 150 + 12
+    if kind == "omnikv":
+        # The same selection, and a real (lossy) budget: the comparison is not full attention.
+        for f, seg in dyn.segments.items():
+            assert torch.equal(seg.indices.sort(-1).values, st.segments[f].indices.sort(-1).values)
+        assert st.segments[1].k == 15 < 150
+
+
+@pytest.mark.parametrize("kind", ["full_prealloc", "omnikv"])
+def test_static_eager_equals_dynamic_left_padded_batch(models, kind):
+    model = models("llama", num_hidden_layers=6)
+    ids = torch.cat([torch.full((1, 40), 256), prompt_ids(1, 100, seed=2)], dim=1)
+    ids = torch.cat([ids, prompt_ids(1, 140, seed=3)], dim=0)
+    mask = torch.ones_like(ids)
+    mask[0, :40] = 0
+    with torch.inference_mode():
+        dyn = make_cache(kind, model, static=False)
+        ref_toks, ref_logits = greedy(model, dyn, ids, 8, mask=mask)
+        st = make_cache(kind, model, static=True)
+        toks, logits = greedy(model, st, ids, 8, decoder=StaticDecoder(model, st), mask=mask)
+    assert torch.equal(toks, ref_toks)
+    torch.testing.assert_close(logits, ref_logits, atol=ATOL, rtol=0)
+    if kind == "omnikv":  # padding is never selected in either path
+        assert (st.segments[1].indices[0] >= 40).all()
+
+
+def test_static_multi_turn_and_per_head_selection(models):
+    """A second turn (prompt extension after decoding) and per-KV-head selection, through Session."""
+    model = models("llama", num_hidden_layers=6)
+    ids = prompt_ids(1, 120, seed=4)[0].tolist()
+    outs = {}
+    for static in (False, True):
+        method = get_method("omnikv", config=omni_cfg(head_reduce="per_kv_head"), static=static)
+        session = Session(model, build_tokenizer(), method)
+        session.append(ids)
+        first = session.generate(SamplingParams(max_new_tokens=6, ignore_eos=True))
+        session.append([5, 6, 7, 8, 9])
+        second = session.generate(SamplingParams(max_new_tokens=6, ignore_eos=True))
+        outs[static] = (first.token_ids, second.token_ids)
+    assert outs[True] == outs[False]
+
+
+def test_teacher_forced_logits_static_equals_dynamic(models):
+    model = models("llama", num_hidden_layers=6)
+    ids = prompt_ids(1, 130, seed=5)[0].tolist()
+    cont = prompt_ids(1, 8, seed=6)[0].tolist()
+    for name, opts in (("full_prealloc", {}), ("omnikv", {"config": omni_cfg()})):
+        ref = teacher_forced_logits(model, ids, cont, get_method(name, **opts))
+        got = teacher_forced_logits(model, ids, cont, get_method(name, static=True, **opts))
+        torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["full_prealloc", "omnikv"])
+def test_compiled_equals_eager(models, kind):
+    model = models("llama", num_hidden_layers=4)
+    ids = prompt_ids(1, 100, seed=7)
+    with torch.inference_mode():
+        ref_toks, ref_logits = greedy(model, make_cache(kind, model, static=False, filter_layers=(1,)), ids, 6)
+        st = make_cache(kind, model, static=True, filter_layers=(1,))
+        dec = StaticDecoder(model, st, compile=True, backend="aot_eager")
+        toks, logits = greedy(model, st, ids, 6, decoder=dec)
+    assert torch.equal(toks, ref_toks)
+    torch.testing.assert_close(logits, ref_logits, atol=COMPILED_ATOL, rtol=0)
+    # One compile for the first step; the other steps reuse the graph (no per-step recompiles).
+    assert dec.compiles == 1 and dec.compile_seconds > 0
+
+
+def test_compile_option_in_specs_and_session(models):
+    spec = parse_method("omnikv:compile=true:compile_backend=aot_eager")
+    method = get_method(spec.name, config=omni_cfg(filter_layers=(1,)), **spec.options)
+    assert method.compile and method.static and method.describe()["compile"] is True
+    model = models("llama", num_hidden_layers=4)
+    ids = prompt_ids(1, 90, seed=8)[0].tolist()
+    eager = Session(model, build_tokenizer(), get_method("omnikv", config=omni_cfg(filter_layers=(1,))))
+    eager.append(ids)
+    compiled = Session(model, build_tokenizer(), method)
+    compiled.append(ids)
+    params = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    a, b = eager.generate(params), compiled.generate(params)
+    assert a.token_ids == b.token_ids
+    assert b.stats["compiles"] == 1 and b.stats["compile_seconds"] > 0
+    assert "compile_seconds" not in a.stats
+
+
+@pytest.mark.parametrize("name", ["full", "snapkv", "streaming_llm"])
+def test_methods_without_static_step_refuse_compile(name):
+    with pytest.raises(ConfigError, match=f"method '{name}' cannot be compiled"):
+        get_method(name, compile=True)
+
+
+def test_static_needs_reserve_and_a_driver(models):
+    model = models("llama", num_hidden_layers=4)
+    ids = prompt_ids(1, 40, seed=9)
+    with torch.inference_mode():
+        cache = PreallocatedCache(model, static=True)
+        model(input_ids=ids, use_cache=True, **cache_kwargs(cache))
+        with pytest.raises(InputError, match="reserve"):
+            StaticDecoder(model, cache)(ids[:, :1])
+        cache = PreallocatedCache(model, static=True)
+        cache.reserve(50, decode_tokens=10)
+        model(input_ids=ids, use_cache=True, **cache_kwargs(cache))
+        with pytest.raises(ConfigError, match="StaticDecoder"):
+            model(input_ids=ids[:, :1], use_cache=True, **cache_kwargs(cache))
+
+
+@pytest.mark.parametrize("bad", [dict(selector="uniform"), dict(refresh_every=2)])
+def test_static_refuses_what_it_cannot_capture(models, bad):
+    with pytest.raises(ConfigError, match="static"):
+        OmniKVCache(models("llama", num_hidden_layers=4), omni_cfg(**bad), static=True)
+    with pytest.raises(ConfigError, match="sliding"):
+        PreallocatedCache(models("gemma3_text"), static=True)
+
+
+def test_cli_compile_flags_build_compiled_methods():
+    from omnikv.cli import build_parser
+    from omnikv.cli.cmd_bench import with_compile
+    from omnikv.cli.common import build_method
+
+    args = build_parser().parse_args(["generate", "hello", "--model", "smollm2", "--method", "full_prealloc", "--compile"])
+    method = build_method(args)
+    assert method.name == "full_prealloc" and method.compile and method.static
+    args = build_parser().parse_args(["generate", "hello", "--model", "smollm2", "--method", "snapkv", "--compile"])
+    with pytest.raises(ConfigError, match="'snapkv' cannot be compiled"):
+        build_method(args)
+    # bench --compile: compile=true added where a static step exists, other methods unchanged
+    labels = [with_compile(parse_method(x)).label for x in ("full", "full_prealloc", "omnikv:budget=64")]
+    assert labels == ["full", "full_prealloc:compile=true", "omnikv:budget=64:compile=true"]
+
+
+def test_compiled_first_token_from_elsewhere_compiles_once(models):
+    """A first decode token not made by an argmax (other strides) reuses the same graph."""
+    model = models("llama", num_hidden_layers=4)
+    ids = prompt_ids(1, 60, seed=10)
+    with torch.inference_mode():
+        cache = PreallocatedCache(model, static=True)
+        cache.reserve(64, decode_tokens=4)
+        dec = StaticDecoder(model, cache, compile=True, backend="eager")
+        dec(ids)
+        tok = ids[:, -2:-1].t()  # (1, 1), a transposed view
+        for _ in range(3):
+            tok = dec(tok)[:, -1].argmax(-1, keepdim=True)
+    assert dec.compiles == 1
+
+
+def test_static_offload_simulated_equals_inline(models):
+    """The static step over an offloaded bank (simulated transfer: CUDA ordering rules on CPU, NaN
+    in anything read before its copy landed) == the default step without offload."""
+    model = models("llama", num_hidden_layers=6)
+    ids = prompt_ids(1, 150, seed=11)
+    with torch.inference_mode():
+        ref_toks, ref_logits = greedy(model, OmniKVCache(model, omni_cfg(offload=False)), ids, 8)
+        st = OmniKVCache(model, omni_cfg(), transfer="simulated", static=True)
+        toks, logits = greedy(model, st, ids, 8, decoder=StaticDecoder(model, st))
+    assert torch.equal(toks, ref_toks)
+    torch.testing.assert_close(logits, ref_logits, atol=ATOL, rtol=0)
+    assert st.offload and st.stats()["h2d_bytes_per_step"] > 0  # the gather is counted
