@@ -48,7 +48,9 @@ class PackedBank:
         return 0 if self.data is None else self.data.shape[0]
 
     def ensure(self, rows: int, b: int, h: int, d: int, dtype: torch.dtype, pending=None) -> None:
-        """Room for `rows` rows; `pending` = an event after which earlier writes have landed."""
+        """Room for `rows` rows; `pending` = an event after which every side-stream use of the bank
+        (copies into it, gathers from it) is done: growing frees the old storage, so the host
+        waits for it (only when a request did not announce its length with `reserve`)."""
         if self.data is not None and rows <= self.capacity:
             return
         cap = max(rows, self.reserved) if self.data is None else grown_capacity(rows, self.capacity, 0)
@@ -169,7 +171,7 @@ class Segment:
             k_all, v_all = buf.append(key, value)
             if slot == len(self.layers) - 1:  # the segment's last layer: the chunk is complete
                 bank.reserved = max(bank.reserved, reserved)
-                bank.ensure(end, b, h, d, key.dtype, self.written)
+                bank.ensure(end, b, h, d, key.dtype, self._side_done())
                 self._send_to_bank(start, end, self._prefix_packer())
                 bank.length = end
             return k_all, v_all
@@ -222,6 +224,10 @@ class Segment:
         t.keep_alive(pack, self.stream)
         self.written = t.record(self.stream, self.device)
 
+    def _side_done(self):
+        """An event after all work issued so far on the side stream (None without a link)."""
+        return self.transfer.record(self.stream, self.device) if self.link else None
+
     def _like(self) -> torch.Tensor:
         if self.prefix is not None and self.prefix[0].keys is not None:
             return self.prefix[0].keys
@@ -232,7 +238,7 @@ class Segment:
         bank, g, k = self.bank, self.generated, self.k
         start, end = bank.length, bank.length + g
         lsz, _, b, h, _, d = self.work.shape
-        bank.ensure(end, b, h, d, self.work.dtype, self.written)
+        bank.ensure(end, b, h, d, self.work.dtype, self._side_done())
         work = self.work
         self.transfer.wait(self.ready, self.device)
 
@@ -317,10 +323,14 @@ class Segment:
         t = self.transfer
         if not self.link:
             self._load_inline(idx, prev, dst)
-        elif t.gather == "host_gather":
+            return
+        # Asking for the gather source settles the strategy (a CUDA driver that cannot map host
+        # memory switches the transfer to the host gather).
+        src = self.bank.gather_source(self.device)
+        if t.gather == "host_gather":
             self._load_via_host(idx, prev, dst)
         else:
-            self._load_on_device(idx, dst)
+            self._load_on_device(idx, dst, src[: self.bank.length])
 
     def _load_inline(self, idx: torch.Tensor, prev: torch.Tensor | None, dst: torch.Tensor) -> None:
         """Bank and work on one device: gather in place. A partial reload moves its rows twice
@@ -340,14 +350,13 @@ class Segment:
         self.indices = idx
         gather_into(data, idx, dst)
 
-    def _load_on_device(self, idx: torch.Tensor, dst: torch.Tensor) -> None:
+    def _load_on_device(self, idx: torch.Tensor, dst: torch.Tensor, src: torch.Tensor) -> None:
         """Offload, device_gather: the GPU reads the selected rows straight from the mapped host
         bank with device indices, on the side stream; nothing waits on the host. Each selected
         token is one contiguous read of L * 2 * H * D elements; a device copy then lays the rows
         out per layer. Every load moves all k rows: sizing a partial reload would need the count
         of changed rows on the host (a sync)."""
-        t, bank = self.transfer, self.bank
-        src = bank.gather_source(self.device)[: bank.length]
+        t = self.transfer
         t.after_compute(self.stream, self.device)  # the indices (and bank writes) are ready
 
         def gather():

@@ -228,7 +228,8 @@ class CudaTransfer(Transfer):
             event.synchronize()
 
     def keep_alive(self, tensor, stream):
-        tensor.record_stream(stream)
+        if tensor.is_cuda:  # host memory is not handed out by the CUDA caching allocator
+            tensor.record_stream(stream)
 
     def _is_host(self, t):
         return t.device.type == "cpu"

@@ -283,3 +283,7 @@ def test_bad_transfer_is_a_clear_error(models):
     with pytest.raises(ConfigError, match="offload"):
         OmniKVCache(model, cfg(offload=False), transfer="simulated")
     assert isinstance(OmniKVCache(model, cfg()).transfer, Transfer)
+    if not torch.cuda.is_available():  # asking for CUDA streams without CUDA says what to use instead
+        for kind in ("cuda", "cuda_device_gather", "cuda_host_gather"):
+            with pytest.raises(ConfigError, match="simulated"):
+                OmniKVCache(model, cfg(), transfer=kind)
