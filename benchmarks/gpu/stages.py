@@ -93,6 +93,14 @@ def weight_gib(model) -> float:
     return sum(p.numel() * p.element_size() for p in model.parameters()) / GIB
 
 
+def sized_cache(model, label: str, ctx: int, decode_tokens: int):
+    """A fresh cache of method `label`, sized once for `ctx` prompt + `decode_tokens` new tokens."""
+    cache = build_method(parse_method(label), None).make_cache(model)
+    if hasattr(cache, "reserve"):
+        cache.reserve(ctx + decode_tokens, decode_tokens=decode_tokens)
+    return cache
+
+
 # -- 1. correctness ----------------------------------------------------------------------------------
 SMALL = dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
              intermediate_size=512, vocab_size=1024, rope_theta=500000.0, max_position_embeddings=8192)
@@ -235,9 +243,7 @@ def trace(model, label: str, ctx: int, out: Path, clock: Clock, steps: int = 4) 
     from torch.profiler import ProfilerActivity, profile, record_function
 
     device = next(model.parameters()).device
-    cache = build_method(parse_method(label), None).make_cache(model)
-    if hasattr(cache, "reserve"):
-        cache.reserve(ctx + 16, decode_tokens=16)
+    cache = sized_cache(model, label, ctx, 16)
     synthetic_fill(model, cache, ctx)
     tok = first_token(model)
     for _ in range(3):
@@ -349,9 +355,7 @@ def real_prefill(model, label: str, ctx: int, chunk: int, clock: Clock) -> dict[
     from omnikv.bench.fill import prefill_fill
 
     device = next(model.parameters()).device
-    cache = build_method(parse_method(label), None).make_cache(model)
-    if hasattr(cache, "reserve"):
-        cache.reserve(ctx + 8, decode_tokens=8)
+    cache = sized_cache(model, label, ctx, 8)
     seconds, tok = prefill_fill(model, cache, ctx, chunk=chunk)
     tok = decode_step(model, cache, tok)
     if device.type == "cuda":
@@ -399,9 +403,7 @@ def _batch_run(model, label: str, ctx: int, batch: int, steps: int) -> dict[str,
     device = next(model.parameters()).device
     cache = None
     try:
-        cache = build_method(parse_method(label), None).make_cache(model)
-        if hasattr(cache, "reserve"):
-            cache.reserve(ctx + steps + 4, decode_tokens=steps + 4)
+        cache = sized_cache(model, label, ctx, steps + 4)
         synthetic_fill(model, cache, ctx, batch=batch)
         tok = first_token(model).expand(batch, 1).contiguous()
         tok = decode_step(model, cache, tok)
