@@ -500,18 +500,20 @@ def generate(
 
     `shared`: an `omnikv.fork.SharedPrefill` of `input_ids`: the method's cache is forked from it
     (only the shared prefill's tail is prefilled here; `prefill_seconds` counts that tail)."""
-    if shared is not None:
-        _check_shared(shared, input_ids)
-        session = shared.session(tokenizer, method, prefill_chunk_size=prefill_chunk_size)
-    else:
-        session = Session(model, tokenizer, method, prefill_chunk_size=prefill_chunk_size)
-        session.append(input_ids)
+    session = _prompt_session(model, tokenizer, method, input_ids, prefill_chunk_size, shared)
     return session.generate(params, on_token=on_token, progress=progress)
 
 
-def _check_shared(shared: Any, input_ids: Sequence[int] | torch.Tensor) -> None:
+def _prompt_session(model, tokenizer, method, input_ids, prefill_chunk_size: int | None, shared: Any) -> Session:
+    """A Session with `input_ids` pending: a fresh cache, or one forked from `shared` (an
+    `omnikv.fork.SharedPrefill` of the same ids, whose tail is then what is pending)."""
+    if shared is None:
+        session = Session(model, tokenizer, method, prefill_chunk_size=prefill_chunk_size)
+        session.append(input_ids)
+        return session
     if shared.ids != _as_ids(input_ids):
         raise InputError("the shared prefill is of another prompt: build it from the same input_ids")
+    return shared.session(tokenizer, method, prefill_chunk_size=prefill_chunk_size)
 
 
 @torch.inference_mode()
@@ -530,14 +532,9 @@ def teacher_forced_logits(
     cont = _as_ids(continuation_ids)
     if not cont:
         raise InputError("continuation is empty")
-    if shared is not None:
-        _check_shared(shared, prompt_ids)
-        session = shared.session(None, method, prefill_chunk_size=prefill_chunk_size)
-    else:
-        session = Session(model, None, method, prefill_chunk_size=prefill_chunk_size)
-        session.append(prompt_ids)
-        if session.decoder is not None:  # a static cache is sized before the prompt
-            session.cache.reserve(len(session.pending) + len(cont), decode_tokens=len(cont))
+    session = _prompt_session(model, None, method, prompt_ids, prefill_chunk_size, shared)
+    if shared is None and session.decoder is not None:  # a static cache is sized before the prompt
+        session.cache.reserve(len(session.pending) + len(cont), decode_tokens=len(cont))
     rows = [session.feed()]
     for tok in cont[:-1]:
         rows.append(session._forward([tok]))

@@ -372,17 +372,7 @@ def run_eval(config: EvalConfig, *, loaded: Any = None) -> dict[str, Any]:
                     "method": name, "task": task, "length": length, "sample_id": s.id,
                     "prediction": res.text, "answers": s.answers, "metric": s.metric,
                     "score": score_sample(s.metric, res.text, s.answers, s.metadata),
-                    "prompt_tokens": res.prompt_tokens, "generated_tokens": res.generated_tokens,
-                    "token_ids": list(res.token_ids), "finish_reason": res.finish_reason,
-                    "prefill_seconds": res.prefill_seconds, "decode_seconds": res.decode_seconds,
-                    "decode_tokens_per_second": res.decode_tokens_per_second,
-                    # prefill_seconds is the method's own part: the whole prompt, or with a shared
-                    # prefill only its tail; shared_prefill_seconds is the unit's shared part.
-                    "prefill_mode": "shared" if own is not None else "own",
-                    "shared_prefill_seconds": shared.seconds if own is not None else None,
-                    "budget": method.budget,
-                    "budget_report": budget_report(res.stats, model, len(ids)),
-                    "stats": res.stats, "config": res.config or method.describe(),
+                    **_result_fields(res, method, model, len(ids), own),
                     "metadata": {k: v for k, v in s.metadata.items() if k not in _META_DROP},
                 }
                 if name == REFERENCE:
@@ -417,6 +407,24 @@ def record_ids(sample: Any) -> list[str]:
     return [f"{sample.id}/q{i}" for i in range(len(questions))] if questions else [sample.id]
 
 
+def _result_fields(res: Any, method: Any, model: Any, prompt_len: int, shared: Any) -> dict[str, Any]:
+    """The part of a prediction record that comes from one GenerationResult. `shared`: the
+    SharedPrefill the method's cache was forked from, or None for its own prefill."""
+    return {
+        "prompt_tokens": res.prompt_tokens, "generated_tokens": res.generated_tokens,
+        "token_ids": list(res.token_ids), "finish_reason": res.finish_reason,
+        "prefill_seconds": res.prefill_seconds, "decode_seconds": res.decode_seconds,
+        "decode_tokens_per_second": res.decode_tokens_per_second,
+        # prefill_seconds is the method's own part: the whole prompt, or with a shared prefill
+        # only its tail; shared_prefill_seconds is the unit's shared part.
+        "prefill_mode": "shared" if shared is not None else "own",
+        "shared_prefill_seconds": shared.seconds if shared is not None else None,
+        "budget": method.budget,
+        "budget_report": budget_report(res.stats, model, prompt_len),
+        "stats": res.stats, "config": res.config or method.describe(),
+    }
+
+
 def _ask_questions(model: Any, tok: Any, name: str, method: Any, task: str, length: int, s: Any,
                    ids: list[int], mnt: int, shared: Any, config: EvalConfig) -> list[dict[str, Any]]:
     """The shared-context task: the document once, then each question in turn (see
@@ -434,14 +442,7 @@ def _ask_questions(model: Any, tok: Any, name: str, method: Any, task: str, leng
             "method": name, "task": task, "length": length, "sample_id": f"{s.id}/q{i}", "question_index": i,
             "prediction": res.text, "answers": q["answers"], "metric": s.metric,
             "score": score_sample(s.metric, res.text, q["answers"], s.metadata),
-            "prompt_tokens": res.prompt_tokens, "generated_tokens": res.generated_tokens,
-            "token_ids": list(res.token_ids), "finish_reason": res.finish_reason,
-            "prefill_seconds": res.prefill_seconds, "decode_seconds": res.decode_seconds,
-            "decode_tokens_per_second": res.decode_tokens_per_second,
-            "prefill_mode": "shared" if shared is not None else "own",
-            "shared_prefill_seconds": shared.seconds if shared is not None else None,
-            "budget": method.budget, "budget_report": budget_report(res.stats, model, len(ids)),
-            "stats": res.stats, "config": res.config or method.describe(),
+            **_result_fields(res, method, model, len(ids), shared),
             "metadata": {"depth": q["depth"], "needle": q["needle"], "document_tokens": len(ids),
                          **{k: v for k, v in s.metadata.items() if k not in _META_DROP + ("questions",)}},
         })
