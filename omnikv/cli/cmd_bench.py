@@ -54,16 +54,6 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def with_compile(ms):
-    """`ms` with compile=true when its method has a static-shape step (others unchanged)."""
-    from omnikv.methods import method_class
-    from omnikv.methods.spec import parse_method
-
-    if ms.options.get("compile") is not None or not method_class(ms.name).supports_static:
-        return ms
-    return parse_method(ms.label + ":compile=true")
-
-
 def command_of(args: argparse.Namespace) -> list[str]:
     """The exact command, rebuilt from the parsed arguments (also right when called as a function)."""
     cmd = ["omnikv", "bench"]
@@ -79,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from omnikv.bench.run import BenchSpec, parse_contexts, public_records, run_bench
-    from omnikv.methods.spec import parse_methods
+    from omnikv.methods.spec import parse_methods, with_compile
     from omnikv.bench.report import finish_metadata, format_table, plot, run_metadata, write_results
     from omnikv.models import load_model
 

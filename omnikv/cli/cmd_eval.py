@@ -17,6 +17,16 @@ from omnikv.cli.common import parse_budget
 from omnikv.errors import ConfigError
 
 
+def method_labels(args: argparse.Namespace) -> list[str]:
+    """The --methods specs to run; with --compile, compile=true added where a static step exists."""
+    methods = _split(args.methods)
+    if not getattr(args, "compile", False):
+        return methods
+    from omnikv.methods.spec import parse_method, with_compile
+
+    return [with_compile(parse_method(m)).label for m in methods]
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "eval",
@@ -59,6 +69,10 @@ def register(subparsers) -> None:
     p.add_argument("--separate-prefill", action="store_true",
                    help="prefill every method (and fidelity / perplexity pass) on its own instead of forking "
                    "all of them from one shared prefill per sample (same results, slower; for timing)")
+    p.add_argument("--compile", action="store_true",
+                   help="add compile=true to every method with a static-shape decode step (full_prealloc, omnikv): "
+                   "torch.compile captures its step, compile time reported apart; to compare both in one run list "
+                   "them instead, e.g. omnikv,omnikv:compile=true")
     p.add_argument("--dtype", default=None, help="model dtype (default float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--merge", nargs="+", metavar="DIR", default=None, help="same as `merge DIR...`")
@@ -138,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
             # current-stream work) on GPU 0.
             torch.cuda.set_device(torch.device(device))
     config = EvalConfig(
-        model=args.model, methods=_split(args.methods), tasks=tasks,
+        model=args.model, methods=method_labels(args), tasks=tasks,
         lengths=[parse_length(x) for x in _split(args.lengths)], output=output,
         samples=args.samples, budget=args.budget, seed=args.seed, shard=shard,
         resume=args.resume, fidelity=args.fidelity, perplexity=args.perplexity, task_options=task_options,

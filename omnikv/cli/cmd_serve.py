@@ -24,6 +24,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--method", default="omnikv", help="KV method: omnikv (default), full, full_prealloc, full_offload, ... (see docs/methods.md)")
     p.add_argument("--budget", type=parse_budget, default=None, help="tokens (int) or prompt fraction (float in (0, 1]) attended per sparse layer")
     p.add_argument("--preset", default=None, help="OmniKV preset name or preset JSON file (omnikv method only)")
+    p.add_argument("--compile", default=None, action="store_true",
+                   help="capture the method's static-shape decode step with torch.compile (full_prealloc, omnikv; "
+                   "CUDA graphs on CUDA); the first request of each shape pays the compile")
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: the model's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000)

@@ -67,6 +67,16 @@ def parse_method(text: str) -> MethodSpec:
     return MethodSpec(label=text.strip(), name=name, options=options)
 
 
+def with_compile(spec: MethodSpec) -> MethodSpec:
+    """`spec` with compile=true when its method has a static-shape step, others unchanged (what a
+    command's `--compile` flag does to each method it runs: `full` stays eager, `omnikv` compiles)."""
+    from omnikv.methods import method_class
+
+    if spec.options.get("compile") is not None or not method_class(spec.name).supports_static:
+        return spec
+    return parse_method(spec.label + ":compile=true")
+
+
 def parse_methods(text: str) -> list[MethodSpec]:
     """Comma-separated specs."""
     return [parse_method(x) for x in text.split(",") if x.strip()]

@@ -45,6 +45,10 @@ class Engine:
         self.prefill_chunk_size = prefill_chunk_size
         # Batching needs a method whose cache takes several (left-padded) sequences.
         self.max_batch_size = max_batch_size if getattr(method, "supports_batch", False) else 1
+        if getattr(method, "static", False):
+            # A static / compiled step is captured per request (Session drives it); a batch would
+            # go through model.generate and run eager, so compiled methods decode one at a time.
+            self.max_batch_size = 1
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
         # The longest text one token stands for (raw vocabulary strings are at least as long as
         # their decoded text): no prompt longer than this x the token limit can fit.
