@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from omnikv._compat import CacheLayerMixin, DynamicSlidingWindowLayer, sdpa_attention_forward, sliding_window
-from omnikv.attention import masked_softmax
+from omnikv._compat import CacheLayerMixin, DynamicSlidingWindowLayer, sliding_window
+from omnikv.attention import masked_softmax, sdpa_attention
 from omnikv.bank import Segment
 from omnikv.buffers import KVBuffer
 from omnikv.config import OmniKVConfig
@@ -78,7 +78,7 @@ class ManagedLayer(CacheLayerMixin):
         if positions is not None:
             attention_mask = positions_mask(attention_mask, positions, query.shape[1])
         self.last_attended = key.shape[-2]
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return sdpa_attention(module, query, key, value, attention_mask, **kwargs)
 
     def device_bytes(self) -> int:
         return 0
@@ -139,7 +139,7 @@ class SlidingLayer(DynamicSlidingWindowLayer):
 
     def attend(self, module, query, key, value, attention_mask, **kwargs):
         self.last_attended = key.shape[-2]
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return sdpa_attention(module, query, key, value, attention_mask, **kwargs)
 
     def device_bytes(self) -> int:
         if not self.is_initialized or self.keys is None:

@@ -150,6 +150,55 @@ def test_compiled_equals_eager(models, kind):
     assert dec.compiles == 1 and dec.compile_seconds > 0
 
 
+@pytest.mark.parametrize("mask_heads", [None, 1, 6])
+def test_sdpa_attention_traced_packing_equals_transformers(mask_heads):
+    from omnikv._compat import sdpa_attention_forward
+    from omnikv.attention import sdpa_attention
+
+    class Attn(torch.nn.Module):
+        num_key_value_groups = 3
+
+    module, g = Attn(), torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, n, 8, generator=g) for h, n in ((6, 1), (2, 37), (2, 37)))
+    mask = None if mask_heads is None else torch.rand(2, mask_heads, 1, 37, generator=g) > 0.3
+    ref, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)
+    traced = torch.compile(lambda *a: sdpa_attention(module, *a, scaling=0.3)[0], backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(traced(q, k, v, mask), ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(sdpa_attention(module, q, k, v, mask, scaling=0.3)[0], ref, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["full_prealloc", "omnikv"])
+def test_compiled_step_reads_kv_heads_without_repeating_them(models, kind):
+    """Traced, transformers' SDPA falls back to repeat_kv (a copy of every layer's whole K/V,
+    Hq/Hk times, per step); omnikv.attention.sdpa_attention keeps the single-query GQA packing
+    instead. No tensor of the traced step may hold Hq heads over more than one row."""
+    model = models("llama", num_hidden_layers=4)
+    hq, hk = model.config.num_attention_heads, model.config.num_key_value_heads
+    d = model.config.hidden_size // hq
+    assert hq > hk
+    shapes: list[tuple[int, ...]] = []
+
+    def recording(gm, example_inputs):
+        for node in gm.graph.nodes:
+            val = node.meta.get("example_value")
+            if isinstance(val, torch.Tensor):
+                shapes.append(tuple(val.shape))
+        return gm.forward
+
+    ids = prompt_ids(1, 60, seed=9)
+    with torch.inference_mode():
+        ref_toks, ref_logits = greedy(model, make_cache(kind, model, static=False, filter_layers=(1,)), ids, 3)
+        st = make_cache(kind, model, static=True, filter_layers=(1,))
+        dec = StaticDecoder(model, st, compile=True, backend=recording)
+        toks, logits = greedy(model, st, ids, 3, decoder=dec)
+    assert torch.equal(toks, ref_toks)
+    torch.testing.assert_close(logits, ref_logits, atol=COMPILED_ATOL, rtol=0)
+    kv_rows = [s for s in shapes if len(s) == 4 and s[1] == hk and s[2] > 1 and s[3] == d]
+    repeated = [s for s in shapes if len(s) == 4 and s[1] == hq and s[2] > 1 and s[3] == d]
+    assert kv_rows, "the traced step should read the cache's K/V rows"
+    assert not repeated, f"K/V repeated to {hq} heads in the traced step: {sorted(set(repeated))}"
+
+
 def test_compile_option_in_specs_and_session(models):
     spec = parse_method("omnikv:compile=true:compile_backend=aot_eager")
     method = get_method(spec.name, config=omni_cfg(filter_layers=(1,)), **spec.options)
@@ -198,7 +247,7 @@ def test_static_refuses_what_it_cannot_capture(models, bad):
 
 def test_cli_compile_flags_build_compiled_methods():
     from omnikv.cli import build_parser
-    from omnikv.cli.cmd_bench import with_compile
+    from omnikv.methods.spec import with_compile
     from omnikv.cli.common import build_method
 
     args = build_parser().parse_args(["generate", "hello", "--model", "smollm2", "--method", "full_prealloc", "--compile"])
@@ -210,6 +259,30 @@ def test_cli_compile_flags_build_compiled_methods():
     # bench --compile: compile=true added where a static step exists, other methods unchanged
     labels = [with_compile(parse_method(x)).label for x in ("full", "full_prealloc", "omnikv:budget=64")]
     assert labels == ["full", "full_prealloc:compile=true", "omnikv:budget=64:compile=true"]
+
+
+def test_eval_and_serve_compile_flags(models):
+    from omnikv.cli import build_parser
+    from omnikv.cli.cmd_eval import method_labels
+    from omnikv.cli.common import build_method
+    from omnikv.server.engine import Engine
+
+    # eval --compile: the same labels as bench --compile (they name the rows of the tables)
+    args = build_parser().parse_args(["eval", "--model", "smollm2", "--methods", "full,omnikv,snapkv", "--compile"])
+    assert method_labels(args) == ["full", "omnikv:compile=true", "snapkv"]
+    args = build_parser().parse_args(["eval", "--model", "smollm2", "--methods", "full,omnikv"])
+    assert method_labels(args) == ["full", "omnikv"]
+    # serve --compile: a compiled method, decoded one request at a time (a batch would run eager)
+    args = build_parser().parse_args(["serve", "--model", "smollm2", "--method", "full_prealloc", "--compile"])
+    method = build_method(args)
+    assert method.compile and method.static
+    model = models("llama")
+    tok = build_tokenizer()
+    assert Engine(model, tok, method, name="t", max_batch_size=4).max_batch_size == 1
+    assert Engine(model, tok, get_method("full_prealloc"), name="t", max_batch_size=4).max_batch_size == 4
+    args = build_parser().parse_args(["serve", "--model", "smollm2", "--method", "snapkv", "--compile"])
+    with pytest.raises(ConfigError, match="'snapkv' cannot be compiled"):
+        build_method(args)
 
 
 def test_compiled_first_token_from_elsewhere_compiles_once(models):

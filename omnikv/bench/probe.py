@@ -35,6 +35,7 @@ _FUNCTION_TARGETS = {
     "page_scores": "selection",  # Quest's page scoring
     "gather_rows": "gather",
     "sdpa_attention_forward": "attention",
+    "sdpa_attention": "attention",  # omnikv.attention's wrapper (GQA packing kept when compiled)
 }
 # (module, class, method, category)
 _METHOD_TARGETS = (
