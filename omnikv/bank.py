@@ -16,6 +16,8 @@ copy, stream and event goes through the cache's `Transfer` (omnikv/transfer.py).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from omnikv.buffers import KVBuffer, grown_capacity
@@ -460,25 +462,37 @@ class Segment:
             raise ConfigError("static / compile decoding needs a device gather; this device cannot map host memory")
         self._static_source = src[: bank.length]
         self._static_gen_positions = (bank.length + torch.arange(decode_rows, device=self.device)).view(1, 1, -1)
-        mark_static(self.work, self._static_source, self._static_gen_positions)
+        # Index tensors for writes into `work` itself, never into a view of it: traced, a write
+        # into a view (`work[slot, 0].index_copy_`, `work[..., :k, :].copy_`) is functionalized
+        # into a rebuild of the whole `work` tensor per write (profiled: tens of ms a step at 4K),
+        # while a write into the graph input is done in place.
+        ar = functools.partial(torch.arange, device=self.device)
+        self._static_k_rows = ar(k)
+        self._static_write_idx = (ar(lsz).view(lsz, 1, 1, 1), ar(2).view(1, 2, 1, 1),
+                                  ar(b).view(1, 1, b, 1), ar(h).view(1, 1, 1, h))
+        mark_static(self.work, self._static_source, self._static_gen_positions, self._static_k_rows,
+                    *self._static_write_idx)
 
     def load_static(self, idx: torch.Tensor) -> None:
         """A full gather of rows `idx` (B, G, k) into `work[..., :k, :]`, on the compute stream,
         as tensor operations only (no partial reload: sizing one reads a count on the host)."""
-        dst, src = self.work[..., : self.k, :], self._static_source
+        src = self._static_source
         b, g, _ = idx.shape
         if self.link or b > 1 or g > 1:  # whole-token reads (across the link), then per layer
-            dst.copy_(to_work_layout(gather_packed(src, idx)))
+            rows = to_work_layout(gather_packed(src, idx))
         else:  # `gather_into`'s one pass, without `out=` (dynamo cannot trace a strided out=)
-            dst.copy_(src.permute(2, 3, 1, 4, 0, 5).index_select(4, idx[0, 0]))
+            rows = src.permute(2, 3, 1, 4, 0, 5).index_select(4, idx[0, 0])
+        self.work.index_copy_(4, self._static_k_rows, rows)  # into `work` itself: see begin_static
         self.indices = idx
 
     def append_static(self, slot: int, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A static step's (B, H, 1, D) K/V of layer `slot`, written at slot k + pos - prompt
         length (`pos` a 0-d device tensor); returns all k + decode-capacity rows (B, H, n, D)."""
-        at = (pos - self.bank.length + self.k).view(1)
-        self.work[slot, 0].index_copy_(2, at, key)
-        self.work[slot, 1].index_copy_(2, at, value)
+        at = (pos - self.bank.length + self.k).view(1, 1, 1, 1)
+        layers, kv, batch, heads = self._static_write_idx
+        # (1, 2, B, H, D) rows written at [slot, {K, V}, b, h, at] of `work` itself (see begin_static)
+        rows = torch.stack([key[:, :, 0], value[:, :, 0]]).unsqueeze(0)
+        self.work.index_put_((layers[slot : slot + 1], kv, batch, heads, at), rows)
         return self.work[slot, 0], self.work[slot, 1]
 
     def static_positions(self) -> torch.Tensor:

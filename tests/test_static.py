@@ -168,21 +168,28 @@ def test_sdpa_attention_traced_packing_equals_transformers(mask_heads):
 
 
 @pytest.mark.parametrize("kind", ["full_prealloc", "omnikv"])
-def test_compiled_step_reads_kv_heads_without_repeating_them(models, kind):
-    """Traced, transformers' SDPA falls back to repeat_kv (a copy of every layer's whole K/V,
-    Hq/Hk times, per step); omnikv.attention.sdpa_attention keeps the single-query GQA packing
-    instead. No tensor of the traced step may hold Hq heads over more than one row."""
+def test_traced_step_reads_kv_heads_once_and_writes_buffers_in_place(models, kind):
+    """Two copies a traced step must not make (each cost more than the attention when profiled):
+    transformers' SDPA falls back to repeat_kv when traced (every layer's whole K/V copied Hq/Hk
+    times a step; omnikv.attention.sdpa_attention keeps the single-query GQA packing instead), and
+    an in-place write into a *view* of a buffer is functionalized into a rebuild of the whole
+    buffer. So: no tensor of the traced step holds Hq heads over more than one row, and every
+    in-place write targets a graph input itself."""
     model = models("llama", num_hidden_layers=4)
     hq, hk = model.config.num_attention_heads, model.config.num_key_value_heads
     d = model.config.hidden_size // hq
     assert hq > hk
     shapes: list[tuple[int, ...]] = []
+    writes: list[tuple[str, str]] = []  # (method, op of the node it writes into)
 
     def recording(gm, example_inputs):
         for node in gm.graph.nodes:
             val = node.meta.get("example_value")
             if isinstance(val, torch.Tensor):
                 shapes.append(tuple(val.shape))
+            name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+            if node.op in ("call_method", "call_function") and name.endswith("_") and not name.startswith("_"):
+                writes.append((name, node.args[0].op))
         return gm.forward
 
     ids = prompt_ids(1, 60, seed=9)
@@ -197,6 +204,9 @@ def test_compiled_step_reads_kv_heads_without_repeating_them(models, kind):
     repeated = [s for s in shapes if len(s) == 4 and s[1] == hq and s[2] > 1 and s[3] == d]
     assert kv_rows, "the traced step should read the cache's K/V rows"
     assert not repeated, f"K/V repeated to {hq} heads in the traced step: {sorted(set(repeated))}"
+    buffer_writes = [w for w in writes if w[0] in ("index_copy_", "index_put_", "copy_")]
+    assert buffer_writes, "the traced step should write the new K/V rows"
+    assert all(op == "placeholder" for _, op in buffer_writes), f"writes into views: {buffer_writes}"
 
 
 def test_compile_option_in_specs_and_session(models):
