@@ -9,7 +9,7 @@ inductor leaves to ATen (matrix products, SDPA) keep their names, its generated 
 `graph_*` / `cpp_fused_*` / `kernel_*` entries (with `TORCHINDUCTOR_CPP_ENABLE_KERNEL_PROFILE=1`,
 which this script sets). Both steps run on the same static cache, filled with synthetic KV, after
 warm-up (the compile is outside the profiled steps). Writes `profile-<method>-<context>.json`
-(top operators by self CPU time, per step) and prints the two tables side by side.
+(self CPU ms per step by operator group and the top operators) and prints them.
 """
 
 from __future__ import annotations
@@ -39,6 +39,27 @@ def _profile(fn, steps: int) -> tuple[float, list[dict]]:
                      "calls_per_step": e.count / steps})
     rows.sort(key=lambda r: -r["self_ms_per_step"])
     return 1e3 * wall, rows
+
+
+GROUPS = (  # (group, test on the profiler's op name), first match wins
+    ("matrix products", lambda op: op in ("aten::mm", "aten::bmm", "aten::addmm")),
+    ("SDPA kernel", lambda op: op.startswith("aten::_scaled_dot_product")),
+    ("inductor-generated kernels", lambda op: op.startswith(("graph_", "cpp_fused", "kernel_"))),
+    ("gathers and copies (ATen)", lambda op: op in ("aten::index_select", "aten::index_copy_", "aten::copy_",
+                                                    "aten::index_put_", "aten::gather", "aten::cat")),
+    ("compiled-graph call and guards", lambda op: op.startswith(("## Call CompiledFxGraph", "TorchDynamo",
+                                                                 "Torch-Compiled Region", "Pregraph bytecode"))),
+)
+
+
+def grouped(rows: list[dict]) -> dict[str, float]:
+    """Self ms per step summed by GROUPS; what no group takes is "other ATen ops and Python"."""
+    out = {name: 0.0 for name, _ in GROUPS}
+    out["other ATen ops"] = 0.0
+    for r in rows:
+        name = next((n for n, test in GROUPS if test(r["op"])), "other ATen ops")
+        out[name] += r["self_ms_per_step"]
+    return {k: round(v, 2) for k, v in out.items()}
 
 
 def main() -> int:
@@ -81,11 +102,13 @@ def main() -> int:
         ms, rows = _profile(step, args.steps)
         key = "compiled" if compiled else "eager"
         out[key] = {"ms_per_step_profiled": round(ms, 2), "compile_seconds": round(decoder.compile_seconds, 1),
-                    "top": rows[: args.top]}
+                    "groups": grouped(rows), "top": rows[: args.top]}
         print(f"\n{args.method} {key} at {context}: {ms:.1f} ms/step under the profiler"
               + (f" (compile {decoder.compile_seconds:.0f} s)" if compiled else ""))
         for r in rows[: args.top]:
             print(f"  {r['self_ms_per_step']:8.2f} ms  x{r['calls_per_step']:6.1f}  {r['op'][:90]}")
+        for name, value in out[key]["groups"].items():
+            print(f"  = {value:8.2f} ms  {name}")
         del cache, decoder
     if args.out:
         path = Path(args.out)
