@@ -127,18 +127,18 @@ def test_breakdown_probe_restores_everything(tiny):
     import omnikv.bank
     import omnikv.layers
 
-    before = (omnikv.layers.filter_scores, omnikv.layers.sdpa_attention_forward, omnikv.bank.Segment.load)
+    before = (omnikv.layers.filter_scores, omnikv.layers.sdpa_attention, omnikv.bank.Segment.load)
     cache = get_method("full_prealloc").make_cache(tiny)
     probe = StepBreakdown()
     probe.install([cache])
-    assert omnikv.layers.sdpa_attention_forward is not before[1]
+    assert omnikv.layers.sdpa_attention is not before[1]
     assert "update" in cache.__dict__
     synthetic_fill(tiny, cache, 50)
     decode_step(tiny, cache, first_token(tiny))
     parts = probe.take()
     probe.uninstall()
     assert parts["attention"] > 0 and parts["kv_update"] > 0 and parts["selection"] == 0
-    assert (omnikv.layers.filter_scores, omnikv.layers.sdpa_attention_forward, omnikv.bank.Segment.load) == before
+    assert (omnikv.layers.filter_scores, omnikv.layers.sdpa_attention, omnikv.bank.Segment.load) == before
     assert "update" not in cache.__dict__
 
 
