@@ -324,9 +324,11 @@ class Session:
 
     def _stats(self, compile_seconds: float) -> dict[str, Any]:
         stats = self.cache.stats() if hasattr(self.cache, "stats") else {}
-        if self.decoder is not None and self.decoder.compiled:
+        if self.decoder is not None and (self.decoder.compiled or self.decoder.eager_fallback):
             stats["compile_seconds"] = round(compile_seconds, 4)
             stats["compiles"] = self.decoder.compiles
+            if self.decoder.eager_fallback:  # torch's recompile limit: this request decoded eagerly
+                stats["compile_fallback"] = "eager"
         return stats
 
     def generate(
@@ -533,8 +535,8 @@ def teacher_forced_logits(
     if not cont:
         raise InputError("continuation is empty")
     session = _prompt_session(model, None, method, prompt_ids, prefill_chunk_size, shared)
-    if shared is None and session.decoder is not None:  # a static cache is sized before the prompt
-        session.cache.reserve(len(session.pending) + len(cont), decode_tokens=len(cont))
+    if session.decoder is not None:  # a static cache is sized before the (rest of the) prompt is fed
+        session.reserve(len(cont))
     rows = [session.feed()]
     for tok in cont[:-1]:
         rows.append(session._forward([tok]))

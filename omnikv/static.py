@@ -22,6 +22,7 @@ and then the captured forward, in which nothing reads a Python value that change
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -104,6 +105,7 @@ class StaticDecoder:
         self._ids: torch.Tensor | None = None
         self.compile_seconds = 0.0
         self.compiles = 0
+        self.eager_fallback = False  # True once torch's recompile limit sent this decoder to eager
 
     def _step(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
               attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -129,7 +131,19 @@ class StaticDecoder:
         self.cache.step_prepared = True
         before = _compile_count() if self.compiled else 0
         t0 = time.perf_counter()
-        logits = self._fn(input_ids, position_ids, attention_mask)
+        try:
+            logits = self._fn(input_ids, position_ids, attention_mask)
+        except Exception as exc:
+            if not (self.compiled and _is_recompile_limit(exc)):
+                raise
+            # Each new capacity (prompt length + tokens to generate) is a new graph of this one
+            # step function; past torch's recompile limit a fullgraph compile fails hard. The
+            # limit is checked before anything runs, so this step is simply run eagerly (same
+            # result), and so are the later steps of this decoder.
+            _warn_recompile_limit()
+            self._fn, self.compiled, self._cuda_graphs = self._step, False, False
+            self.eager_fallback = True
+            logits = self._step(input_ids, position_ids, attention_mask)
         if self._cuda_graphs:
             logits = logits.clone()  # a CUDA-graph output is overwritten by the next replay
         if self.compiled and _compile_count() != before:
@@ -138,6 +152,35 @@ class StaticDecoder:
             self.compile_seconds += time.perf_counter() - t0
             self.compiles += 1
         return logits
+
+
+def _is_recompile_limit(exc: BaseException) -> bool:
+    """Whether `exc` (or its cause) is dynamo's recompile-limit failure."""
+    limit_hit = getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", ())
+    while exc is not None:
+        if (limit_hit and isinstance(exc, limit_hit)) or "recompile limit" in str(exc).lower():
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+_warned_recompile_limit = False
+
+
+def _warn_recompile_limit() -> None:
+    global _warned_recompile_limit
+    if _warned_recompile_limit:
+        return
+    _warned_recompile_limit = True
+    limit = getattr(torch._dynamo.config, "recompile_limit", "?")
+    warnings.warn(
+        f"torch.compile: the static decode step reached torch's recompile limit ({limit} graphs, one per "
+        "distinct prompt length + generation budget); decoders that need a new graph now run eagerly "
+        "(same results, eager speed). Fewer distinct prompt lengths, or a higher "
+        "torch._dynamo.config.recompile_limit, keep them compiled.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def _compile_count() -> int:

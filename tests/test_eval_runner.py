@@ -250,3 +250,31 @@ def test_shared_prefill_gives_the_separate_runs_results(ckpt, tmp_path):
         assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-4)
     run = json.loads((tmp_path / "shared" / "run.json").read_text())
     assert run["prefill"]["shared"] and run["prefill"]["record_queries"] and run["prefill"]["tail"] >= 32
+
+
+def test_compile_flag_gives_the_eager_results(ckpt, tmp_path):
+    """`omnikv eval --compile`: methods with a static step run compiled (forked from the shared
+    prefill like the others, teacher-forced passes included) and score what the eager run scores.
+    aot_eager traces the whole step as inductor would, in seconds."""
+    import torch
+
+    torch._dynamo.reset()  # other tests' graphs count against torch's recompile limit
+    args = ["--methods", "full,full_prealloc,omnikv", "--tasks", "passkey", "--lengths", "300", "--samples", "2",
+            "--budget", "0.5", "--max-new-tokens", "3", "--no-progress", "--fidelity", "--perplexity"]
+    backend = ["--method-opt", "omnikv.compile_backend=aot_eager", "--method-opt", "full_prealloc.compile_backend=aot_eager"]
+    assert main(["eval", "--model", ckpt, "--output", str(tmp_path / "eager"), *args]) == 0
+    assert main(["eval", "--model", ckpt, "--output", str(tmp_path / "compiled"), "--compile", *backend, *args]) == 0
+    eager = {(r["method"], r["sample_id"]): r for r in read_predictions(tmp_path / "eager" / "predictions.jsonl")}
+    compiled = {(r["method"].removesuffix(":compile=true"), r["sample_id"]): r
+                for r in read_predictions(tmp_path / "compiled" / "predictions.jsonl")}
+    assert eager.keys() == compiled.keys() and len(eager) == 6
+    labels = {r["method"] for r in compiled.values()}
+    assert labels == {"full", "full_prealloc:compile=true", "omnikv:compile=true"}
+    for key, a in eager.items():
+        b = compiled[key]
+        assert (a["token_ids"], a["score"]) == (b["token_ids"], b["score"])
+        assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-4)
+        if key[0] != "full":
+            assert b["prefill_mode"] == "shared" and "compile_seconds" in b["stats"]
+    for label in ("full_prealloc:compile=true", "omnikv:compile=true"):  # compiled once, reused after
+        assert sum(r["stats"]["compiles"] for r in compiled.values() if r["method"] == label) >= 1

@@ -38,6 +38,14 @@ def make_cache(kind: str, model, static: bool, **kw):
     return OmniKVCache(model, omni_cfg(**kw), static=static)
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from an empty dynamo cache (the suite compiles many step shapes in one
+    process; torch's recompile limit counts them per code object)."""
+    torch._dynamo.reset()
+    yield
+
+
 def prompt_ids(batch: int, n: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 256, (batch, n), generator=torch.Generator().manual_seed(seed))
 
@@ -322,3 +330,30 @@ def test_static_offload_simulated_equals_inline(models):
     assert torch.equal(toks, ref_toks)
     torch.testing.assert_close(logits, ref_logits, atol=ATOL, rtol=0)
     assert st.offload and st.stats()["h2d_bytes_per_step"] > 0  # the gather is counted
+
+
+def test_past_the_recompile_limit_a_decoder_runs_eagerly(models, monkeypatch):
+    """A new prompt length is a new graph of the one step function; past torch's recompile limit a
+    fullgraph compile fails hard. The decoder then runs the step eagerly: same tokens, a warning,
+    and the session's stats say so."""
+    import omnikv.static
+
+    monkeypatch.setattr(omnikv.static, "_warned_recompile_limit", False)
+    model = models("llama", num_hidden_layers=4)
+    method = get_method("full_prealloc", compile=True, compile_backend="aot_eager")
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+
+    def run(m, ids):
+        session = Session(model, build_tokenizer(), m)
+        session.append(ids)
+        return session, session.generate(params)
+
+    first_ids, second_ids = (prompt_ids(1, n, seed=n)[0].tolist() for n in (70, 90))
+    with torch._dynamo.config.patch(recompile_limit=1):
+        first, res = run(method, first_ids)  # the one graph the limit allows
+        assert res.stats["compiles"] == 1 and "compile_fallback" not in res.stats
+        with pytest.warns(RuntimeWarning, match="recompile limit"):
+            second, got = run(method, second_ids)  # another capacity: a second graph, refused
+    _, ref = run(get_method("full_prealloc"), second_ids)
+    assert got.token_ids == ref.token_ids
+    assert got.stats["compile_fallback"] == "eager" and second.decoder.eager_fallback
