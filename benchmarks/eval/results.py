@@ -29,15 +29,16 @@ GROUPS = {
     "smollm2": ["smollm2-1k"],
     # Third pass (issue 14): one shared prefill per sample, 20-sample design in quarter shards; the
     # unsharded p3-gemma3-2k stage was stopped after its first passkey samples (same sample ids).
-    "gemma3-p3": ["p3-gemma3-2k"] + [f"p3-gemma3-{n}-q{q}" for n in ("2k", "4k") for q in range(4)],
+    "gemma3-p3": ["p3-gemma3-2k"] + [f"p3-gemma3-{n}-q{q}" for n in ("2k", "4k", "8k") for q in range(4)],
     "gemma3-p3-heldout": [f"p3-heldout-{n}-q{q}" for n in ("2k", "4k") for q in range(4)],
+    "gemma3-p3-16k": [f"p3-gemma3-16k-q{q}" for q in range(4)],
     "gemma3-p3-shared-context": ["p3-shared-context-2k"],
     "fidelity-gemma3": ["fid-gemma3-4k", "fid-gemma3-8k"],
     "fidelity-smollm2": ["fid-smollm2-4k", "fid-smollm2-8k"],
 }
 # Sliding-window layers and the rows transformers keeps in each (window - 1): they are the same for
 # every method, so the share of the *budgeted* (full-attention) layers is reported separately.
-SLIDING = {"gemma3-p3": (15, 511), "gemma3-p3-heldout": (15, 511), "gemma3-p3-shared-context": (15, 511),
+SLIDING = {"gemma3-p3": (15, 511), "gemma3-p3-16k": (15, 511), "gemma3-p3-heldout": (15, 511), "gemma3-p3-shared-context": (15, 511),
            "gemma3": (15, 511), "gemma3-more": (15, 511), "gemma3-more-16k": (15, 511), "fidelity-gemma3": (15, 511)}
 MAX_COPY = 2 * 1024 * 1024  # predictions.jsonl copied next to the tables only when this small
 

@@ -110,9 +110,15 @@ p3_speed() {  # prefill and wall seconds per sample of a six-method cell, shared
   PYTHONPATH=. $PY benchmarks/eval/shared_prefill_speed.py --model gemma3 --length 2k --samples 3 \
      --out benchmarks/eval/results/pass3/shared_prefill_speed.json
 }
-queue_p3_a() { for q in 0 1 2 3; do p3 p3-gemma3-2k 2k $q; done; for q in 0 1 2 3; do p3 p3-gemma3-4k 4k $q; done; }
-queue_p3_b() { p3_speed; for q in 0 1 2 3; do p3_heldout p3-heldout-2k 2k $q; done; p3_shared_context
-               for q in 0 1 2 3; do p3_heldout p3-heldout-4k 4k $q; done; }
+p3_16k() {  # p3_16k QUARTER: full attention, OmniKV and the two best baselines at 2K-4K (quest, snapkv), 3 tasks
+  ev "p3-gemma3-16k-q$1" --model gemma3 --methods full,omnikv,quest,snapkv --tasks passkey,number_string,niah_multivalue \
+     --lengths 16k --samples 12 --max-new-tokens 48 --shard $1/4
+}
+queue_p3_a() { for q in 0 1 2 3; do p3 p3-gemma3-2k 2k $q; done; for q in 0 1 2 3; do p3 p3-gemma3-4k 4k $q; done
+               for q in 0 1 2 3; do p3 p3-gemma3-8k 8k $q; done; }
+queue_p3_b() { [[ ${P3_SPEED:-1} == 1 ]] && p3_speed  # P3_SPEED=0: keep the speed measurement on record
+               for q in 0 1 2 3; do p3_heldout p3-heldout-2k 2k $q; done; p3_shared_context
+               for q in 0 1 2 3; do p3_heldout p3-heldout-4k 4k $q; done; for q in 0 1 2 3; do p3_16k $q; done; }
 
 case ${1:-run} in
   run) queue_gemma3 & q1=$!; queue_other & q2=$!; wait $q1 $q2
