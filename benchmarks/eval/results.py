@@ -1,6 +1,7 @@
 """Build the tables behind docs/results.md from the stage directories run_suite.sh writes.
 
     python benchmarks/eval/results.py runs/suite benchmarks/eval/results
+    python benchmarks/eval/results.py --seed runs/suite benchmarks/eval/results   # see seed_stages
 
 For each group of stages (gemma3, smollm2, fidelity-*), merges the predictions, writes
 metrics.json / summary.md / scores.png / run.json (the runner's own report code), plus budget.md
@@ -32,15 +33,17 @@ GROUPS = {
     "gemma3-p3": ["p3-gemma3-2k"] + [f"p3-gemma3-{n}-q{q}" for n in ("2k", "4k", "8k") for q in range(4)],
     "gemma3-p3-heldout": [f"p3-heldout-{n}-q{q}" for n in ("2k", "4k") for q in range(4)],
     "gemma3-p3-16k": [f"p3-gemma3-16k-q{q}" for q in range(4)],
+    "smollm2-p3": ["p3-smollm2-1k"],
+    "fidelity-gemma3-p3": ["p3-fid-gemma3-4k", "p3-fid-gemma3-8k"],
     "gemma3-p3-shared-context": ["p3-shared-context-2k"],
     "fidelity-gemma3": ["fid-gemma3-4k", "fid-gemma3-8k"],
     "fidelity-smollm2": ["fid-smollm2-4k", "fid-smollm2-8k"],
 }
 # Sliding-window layers and the rows transformers keeps in each (window - 1): they are the same for
 # every method, so the share of the *budgeted* (full-attention) layers is reported separately.
-SLIDING = {"gemma3-p3": (15, 511), "gemma3-p3-16k": (15, 511), "gemma3-p3-heldout": (15, 511), "gemma3-p3-shared-context": (15, 511),
+SLIDING = {"gemma3-p3": (15, 511), "gemma3-p3-16k": (15, 511), "fidelity-gemma3-p3": (15, 511), "gemma3-p3-heldout": (15, 511), "gemma3-p3-shared-context": (15, 511),
            "gemma3": (15, 511), "gemma3-more": (15, 511), "gemma3-more-16k": (15, 511), "fidelity-gemma3": (15, 511)}
-MAX_COPY = 2 * 1024 * 1024  # predictions.jsonl copied next to the tables only when this small
+MAX_COPY = 8 * 1024 * 1024  # predictions.jsonl copied next to the tables only when this small (resume seeds from it)
 
 
 def rle(values: list[int]) -> str:
@@ -197,5 +200,25 @@ def main(src: Path, dst: Path) -> None:
         print(f"{group}: {len(recs)} records -> {out}")
 
 
+def seed_stages(src: Path, dst: Path) -> None:
+    """Re-create missing stage directories under `src` from the merged predictions in `dst` (the
+    committed tables), so that `run_suite.sh` resumes where the tables stand when the raw
+    `runs/suite/` is gone: each missing stage of a group gets the group's records; `--resume`
+    skips what is there and the merge above drops the duplicates."""
+    for group, stages in GROUPS.items():
+        pred = dst / group / "predictions.jsonl"
+        if not pred.is_file():
+            continue
+        for st in stages:
+            d = src / st
+            if not (d / "predictions.jsonl").is_file():
+                d.mkdir(parents=True, exist_ok=True)
+                (d / "predictions.jsonl").write_bytes(pred.read_bytes())
+                print(f"seeded {d} from {pred}")
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    if sys.argv[1] == "--seed":  # results.py --seed runs/suite benchmarks/eval/results
+        seed_stages(Path(sys.argv[2]), Path(sys.argv[3]))
+    else:
+        main(Path(sys.argv[1]), Path(sys.argv[2]))

@@ -8,6 +8,7 @@
 #   benchmarks/eval/run_suite.sh queue1|queue2   # one of the two queues, then the tables
 #   benchmarks/eval/run_suite.sh more            # only the second pass (more tasks), then the tables
 #   benchmarks/eval/run_suite.sh pass3           # only the third pass (20 samples per cell), then the tables
+#   benchmarks/eval/run_suite.sh pass3c          # only the third pass's third queue (SmolLM2, fidelity)
 #
 # Raw outputs: runs/suite/<stage>/ (predictions.jsonl etc.); tables: benchmarks/eval/results/.
 set -uo pipefail
@@ -22,6 +23,9 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 common=(--budget "$BUDGET" --haystack narrative --max-new-tokens 16 --prefill-chunk-size 1024
         --method-opt omnikv.offload=true --resume --no-progress)
 mkdir -p "$OUT"
+# Raw outputs lost (a fresh machine)? Start the stages from the committed merged tables instead of
+# from zero: missing stage directories get their group's predictions, which --resume then skips.
+$PY benchmarks/eval/results.py --seed "$OUT" benchmarks/eval/results
 
 ev() {  # ev STAGE ARGS...: one resumable `omnikv eval` stage, logged to $OUT/STAGE.log
   local stage=$1; shift
@@ -114,6 +118,15 @@ p3_16k() {  # p3_16k QUARTER: full attention, OmniKV and the two best baselines 
   ev "p3-gemma3-16k-q$1" --model gemma3 --methods full,omnikv,quest,snapkv --tasks passkey,number_string,niah_multivalue \
      --lengths 16k --samples 12 --max-new-tokens 48 --shard $1/4
 }
+p3_smollm2() {  # SmolLM2 at its competent length, every method and the three selectors
+  ev p3-smollm2-1k --model smollm2 --methods $P3_METHODS --tasks passkey,niah_multikey_1 --lengths 1k --samples 20 \
+     --max-new-tokens 16
+}
+p3_fidelity() {  # p3_fidelity LENGTH SAMPLES: agreement / KL with full attention and gold-answer perplexity
+  ev "p3-fid-gemma3-$1" --model gemma3 --methods $METHODS,omnikv:selector=union --tasks niah_multikey_1 --lengths $1 \
+     --samples $2 --max-new-tokens 16 --fidelity --perplexity
+}
+queue_p3_c() { p3_smollm2; p3_fidelity 4k 10; p3_fidelity 8k 6; }
 queue_p3_a() { for q in 0 1 2 3; do p3 p3-gemma3-2k 2k $q; done; for q in 0 1 2 3; do p3 p3-gemma3-4k 4k $q; done
                for q in 0 1 2 3; do p3 p3-gemma3-8k 8k $q; done; }
 queue_p3_b() { [[ ${P3_SPEED:-1} == 1 ]] && p3_speed  # P3_SPEED=0: keep the speed measurement on record
@@ -124,11 +137,12 @@ case ${1:-run} in
   run) queue_gemma3 & q1=$!; queue_other & q2=$!; wait $q1 $q2
        queue_more_a & q1=$!; queue_more_b & q2=$!; wait $q1 $q2 ;;
   more) queue_more_a & q1=$!; queue_more_b & q2=$!; fid_smollm2_8k & q3=$!; wait $q1 $q2 $q3 ;;  # second pass alone
-  pass3) queue_p3_a & q1=$!; queue_p3_b & q2=$!; wait $q1 $q2 ;;  # third pass alone
+  pass3) queue_p3_a & q1=$!; queue_p3_b & q2=$!; queue_p3_c & q3=$!; wait $q1 $q2 $q3 ;;  # third pass alone
+  pass3c) queue_p3_c ;;  # its third queue alone (SmolLM2 1K, fidelity at 4K / 8K)
   queue1) queue_gemma3 ;;     # one queue alone (e.g. to restart it)
   queue2) queue_other ;;
   report) ;;
-  *) echo "usage: $0 [run|queue1|queue2|more|pass3|report]" >&2; exit 2 ;;
+  *) echo "usage: $0 [run|queue1|queue2|more|pass3|pass3c|report]" >&2; exit 2 ;;
 esac
 $PY benchmarks/eval/results.py "$OUT" benchmarks/eval/results
 for g in gemma3 smollm2 gemma3-more; do  # the plots docs/results.md shows
