@@ -9,6 +9,7 @@
 #   benchmarks/eval/run_suite.sh more            # only the second pass (more tasks), then the tables
 #   benchmarks/eval/run_suite.sh pass3           # only the third pass (20 samples per cell), then the tables
 #   benchmarks/eval/run_suite.sh pass3c          # only the third pass's third queue (SmolLM2, fidelity)
+#   benchmarks/eval/run_suite.sh pass3long       # only the third pass's 8K and 16K stages, on two queues
 #
 # Raw outputs: runs/suite/<stage>/ (predictions.jsonl etc.); tables: benchmarks/eval/results/.
 set -uo pipefail
@@ -116,7 +117,7 @@ p3_speed() {  # prefill and wall seconds per sample of a six-method cell, shared
 }
 p3_16k() {  # p3_16k QUARTER: full attention, OmniKV and the two best baselines at 2K-4K (quest, snapkv), 3 tasks
   ev "p3-gemma3-16k-q$1" --model gemma3 --methods full,omnikv,quest,snapkv --tasks passkey,number_string,niah_multivalue \
-     --lengths 16k --samples 12 --max-new-tokens 48 --shard $1/4
+     --lengths 16k --samples ${P3_16K_SAMPLES:-10} --max-new-tokens 48 --shard $1/4
 }
 p3_smollm2() {  # SmolLM2 at its competent length, every method and the three selectors
   ev p3-smollm2-1k --model smollm2 --methods $P3_METHODS --tasks passkey,niah_multikey_1 --lengths 1k --samples 20 \
@@ -133,16 +134,21 @@ queue_p3_b() { [[ ${P3_SPEED:-1} == 1 ]] && p3_speed  # P3_SPEED=0: keep the spe
                for q in 0 1 2 3; do p3_heldout p3-heldout-2k 2k $q; done; p3_shared_context
                for q in 0 1 2 3; do p3_heldout p3-heldout-4k 4k $q; done; for q in 0 1 2 3; do p3_16k $q; done; }
 
+# The long stages alone (8K every method, then 16K), split over two queues so both cores work on them.
+queue_p3_long_a() { p3 p3-gemma3-8k 8k 0; p3 p3-gemma3-8k 8k 1; p3_16k 0; p3_16k 1; }
+queue_p3_long_b() { p3 p3-gemma3-8k 8k 2; p3 p3-gemma3-8k 8k 3; p3_16k 2; p3_16k 3; }
+
 case ${1:-run} in
   run) queue_gemma3 & q1=$!; queue_other & q2=$!; wait $q1 $q2
        queue_more_a & q1=$!; queue_more_b & q2=$!; wait $q1 $q2 ;;
   more) queue_more_a & q1=$!; queue_more_b & q2=$!; fid_smollm2_8k & q3=$!; wait $q1 $q2 $q3 ;;  # second pass alone
   pass3) queue_p3_a & q1=$!; queue_p3_b & q2=$!; queue_p3_c & q3=$!; wait $q1 $q2 $q3 ;;  # third pass alone
   pass3c) queue_p3_c ;;  # its third queue alone (SmolLM2 1K, fidelity at 4K / 8K)
+  pass3long) queue_p3_long_a & q1=$!; queue_p3_long_b & q2=$!; wait $q1 $q2 ;;  # the 8K and 16K stages alone
   queue1) queue_gemma3 ;;     # one queue alone (e.g. to restart it)
   queue2) queue_other ;;
   report) ;;
-  *) echo "usage: $0 [run|queue1|queue2|more|pass3|pass3c|report]" >&2; exit 2 ;;
+  *) echo "usage: $0 [run|queue1|queue2|more|pass3|pass3c|pass3long|report]" >&2; exit 2 ;;
 esac
 $PY benchmarks/eval/results.py "$OUT" benchmarks/eval/results
 for g in gemma3 smollm2 gemma3-more; do  # the plots docs/results.md shows
