@@ -470,7 +470,7 @@ class Segment:
         self._static_k_rows = ar(k)
         self._static_write_idx = (ar(lsz).view(lsz, 1, 1, 1), ar(2).view(1, 2, 1, 1),
                                   ar(b).view(1, 1, b, 1), ar(h).view(1, 1, 1, h))
-        mark_static(self.work, self._static_source, self._static_gen_positions, self._static_k_rows,
+        mark_static(self.device, self.work, self._static_source, self._static_gen_positions, self._static_k_rows,
                     *self._static_write_idx)
 
     def load_static(self, idx: torch.Tensor) -> None:

@@ -130,10 +130,10 @@ class ManagedCache(Cache):
                 buf.reserve(st.capacity, buf.keys)
                 zero_tail(buf.keys, buf.length)
                 zero_tail(buf.values, buf.length)
-                mark_static(buf.keys, buf.values)
+                mark_static(buf.keys.device, buf.keys, buf.values)
                 if st.pos is None:
                     st.pos = torch.zeros((), dtype=torch.long, device=buf.keys.device)
-                    mark_static(st.pos)
+                    mark_static(st.pos.device, st.pos)
         if st.pos is None:
             raise ConfigError("static decoding needs at least one dense or filter layer")
         st.active = True

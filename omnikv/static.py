@@ -21,6 +21,7 @@ and then the captured forward, in which nothing reads a Python value that change
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from typing import Any
@@ -56,13 +57,30 @@ def zero_tail(buf: torch.Tensor, start: int, dim: int = -2) -> None:
     buf.narrow(dim, start, buf.shape[dim] - start).zero_()
 
 
-def mark_static(*tensors: torch.Tensor) -> None:
-    """Tell dynamo these buffers keep their address from step to step (as transformers' StaticCache
-    does): CUDA graphs then read and update them in place instead of copying them in as inputs
-    each replay (a KV buffer or a host bank is far too large for that) or skipping capture
-    because a mutated input has no fixed address."""
+def mark_static(device: torch.device, *tensors: torch.Tensor) -> None:
+    """On CUDA, tell dynamo these buffers keep their address from step to step (as transformers'
+    StaticCache does): CUDA graphs then read and update them in place instead of copying them in
+    as inputs each replay (a KV buffer or a host bank is far too large for that) or skipping
+    capture because a mutated input has no fixed address.
+
+    Not on CPU, where no graph is replayed by address, and where inductor's freezing
+    (`CPU_INDUCTOR_CONFIG`) treats a marked buffer like a weight and folds it into the graph as a
+    constant: the step would then read the KV as it was at compile time (measured: the greedy
+    tokens leave eager's at the second step, `benchmarks/compile_levers.py`)."""
+    if torch.device(device).type == "cpu":
+        return
     for t in tensors:
         torch._dynamo.mark_static_address(t)
+
+
+# Inductor settings for a decode step on CPU, where there are no CUDA graphs to capture: the weights
+# frozen into the graph and its matrix products autotuned against inductor's own C++ GEMM. A
+# one-token step's products are matrix-vector products bound by reading the weights, and inductor's
+# kernels over the frozen (pre-packed) weights read them faster than the ATen products plain
+# inductor calls: SmolLM2, 1 thread, 59 -> 41 ms a step at 4K, 74 -> 60 ms for OmniKV at 16K
+# (docs/performance.md). The price: longer compiles, and the frozen weights are constants of the
+# graph (a model whose weights change in place after compiling needs torch._dynamo.reset()).
+CPU_INDUCTOR_CONFIG: dict[str, Any] = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 
 
 def compile_backend(device: torch.device, backend: str | None = None, mode: str | None = None) -> dict[str, Any]:
@@ -71,6 +89,15 @@ def compile_backend(device: torch.device, backend: str | None = None, mode: str 
     if mode is None and backend == "inductor" and torch.device(device).type == "cuda":
         mode = "reduce-overhead"
     return {"backend": backend, "mode": mode}
+
+
+def inductor_config(device: torch.device, options: dict[str, Any]) -> dict[str, Any]:
+    """Inductor settings patched in around the compiled step (`options` from `compile_backend`):
+    `CPU_INDUCTOR_CONFIG` for inductor on CPU with no mode given, none otherwise
+    (`compile_mode="default"` is plain inductor)."""
+    if options.get("backend") == "inductor" and options.get("mode") is None and torch.device(device).type == "cpu":
+        return dict(CPU_INDUCTOR_CONFIG)
+    return {}
 
 
 class StaticDecoder:
@@ -95,12 +122,14 @@ class StaticDecoder:
         self.cache = cache
         self.compiled = compile
         self.options: dict[str, Any] = {}
+        self.inductor_config: dict[str, Any] = {}
         self._cuda_graphs = False
         self._fn = self._step
         if compile:
             device = next(model.parameters()).device
             self.options = compile_backend(device, backend, mode)
             self._cuda_graphs = self.options["mode"] in ("reduce-overhead", "max-autotune")
+            self.inductor_config = inductor_config(device, self.options)
             self._fn = torch.compile(self._step, dynamic=False, fullgraph=True, **self.options)
         self._ids: torch.Tensor | None = None
         self.compile_seconds = 0.0
@@ -132,7 +161,8 @@ class StaticDecoder:
         before = _compile_count() if self.compiled else 0
         t0 = time.perf_counter()
         try:
-            logits = self._fn(input_ids, position_ids, attention_mask)
+            with _inductor_patch(self.inductor_config):  # read when a step compiles
+                logits = self._fn(input_ids, position_ids, attention_mask)
         except Exception as exc:
             if not (self.compiled and _is_recompile_limit(exc)):
                 raise
@@ -152,6 +182,15 @@ class StaticDecoder:
             self.compile_seconds += time.perf_counter() - t0
             self.compiles += 1
         return logits
+
+
+def _inductor_patch(config: dict[str, Any]):
+    """A context with inductor's `config` patched in (a no-op context when empty)."""
+    if not config:
+        return contextlib.nullcontext()
+    import torch._inductor.config as inductor
+
+    return inductor.patch(config)
 
 
 def _is_recompile_limit(exc: BaseException) -> bool:

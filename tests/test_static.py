@@ -6,7 +6,8 @@ Static eager == dynamic eager: the same rows are attended, the static step only 
 are identical. Compiled tests use torch.compile's `aot_eager` backend: it traces the whole step
 with dynamo into one graph (fullgraph=True, so any graph break fails the test) and runs it through
 AOT autograd's functionalization, which is what inductor and CUDA graphs consume; inductor itself
-takes minutes to compile on the 2 shared test cores, so it is measured in the benchmark instead.
+takes minutes to compile a real model on the 2 shared test cores, so its speed is measured in the
+benchmark, and one test compiles a tiny model with it (CPU's frozen-weights settings).
 """
 
 import pytest
@@ -156,6 +157,29 @@ def test_compiled_equals_eager(models, kind):
     torch.testing.assert_close(logits, ref_logits, atol=COMPILED_ATOL, rtol=0)
     # One compile for the first step; the other steps reuse the graph (no per-step recompiles).
     assert dec.compiles == 1 and dec.compile_seconds > 0
+
+
+def test_inductor_on_cpu_freezes_the_weights_and_keeps_the_kv_live(models):
+    """compile=True on CPU runs inductor with the weights frozen into the graph
+    (`CPU_INDUCTOR_CONFIG`). Freezing folds every static-address-marked tensor as a constant, so
+    the KV buffers must stay unmarked on CPU: otherwise the step reads the KV of compile time and
+    the tokens leave eager's. The one inductor compile of the suite (a 4-layer tiny model)."""
+    from omnikv.static import CPU_INDUCTOR_CONFIG
+
+    model = models("llama", num_hidden_layers=4)
+    ids = prompt_ids(1, 80, seed=11)
+    with torch.inference_mode():
+        ref_toks, ref_logits = greedy(model, make_cache("omnikv", model, static=False, filter_layers=(1,)), ids, 6)
+        st = make_cache("omnikv", model, static=True, filter_layers=(1,))
+        dec = StaticDecoder(model, st, compile=True)
+        toks, logits = greedy(model, st, ids, 6, decoder=dec)
+    assert dec.inductor_config == CPU_INDUCTOR_CONFIG and dec.options["backend"] == "inductor"
+    assert torch.equal(toks, ref_toks)
+    # Inductor's C++ GEMM sums in another order than ATen's: rounding-level differences.
+    torch.testing.assert_close(logits, ref_logits, atol=1e-3, rtol=0)
+    assert dec.compiles == 1
+    buffers = [t for seg in st.all_segments() for t in (seg.work, seg._static_source)] + [st.static.pos]
+    assert not [t for t in buffers if hasattr(t, "_dynamo_static_input_type")]
 
 
 @pytest.mark.parametrize("mask_heads", [None, 1, 6])
