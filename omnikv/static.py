@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import types
 import warnings
 from typing import Any
 
@@ -77,8 +78,8 @@ def mark_static(device: torch.device, *tensors: torch.Tensor) -> None:
 # frozen into the graph and its matrix products autotuned against inductor's own C++ GEMM. A
 # one-token step's products are matrix-vector products bound by reading the weights, and inductor's
 # kernels over the frozen (pre-packed) weights read them faster than the ATen products plain
-# inductor calls: SmolLM2, 1 thread, 59 -> 41 ms a step at 4K, 74 -> 60 ms for OmniKV at 16K
-# (docs/performance.md). The price: longer compiles, and the frozen weights are constants of the
+# inductor calls: SmolLM2 at 4K, 54 -> 30 ms a compiled full-attention step (2 threads, idle),
+# OmniKV at 16K 74 -> 60 ms (1 thread, loaded; docs/performance.md). The price: longer compiles, and the frozen weights are constants of the
 # graph (a model whose weights change in place after compiling needs torch._dynamo.reset()).
 CPU_INDUCTOR_CONFIG: dict[str, Any] = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 
@@ -130,7 +131,8 @@ class StaticDecoder:
             self.options = compile_backend(device, backend, mode)
             self._cuda_graphs = self.options["mode"] in ("reduce-overhead", "max-autotune")
             self.inductor_config = inductor_config(device, self.options)
-            self._fn = torch.compile(self._step, dynamic=False, fullgraph=True, **self.options)
+            step = types.MethodType(_step_function(self.inductor_config), self)
+            self._fn = torch.compile(step, dynamic=False, fullgraph=True, **self.options)
         self._ids: torch.Tensor | None = None
         self.compile_seconds = 0.0
         self.compiles = 0
@@ -182,6 +184,25 @@ class StaticDecoder:
             self.compile_seconds += time.perf_counter() - t0
             self.compiles += 1
         return logits
+
+
+_STEP_FUNCTIONS: dict[str, Any] = {}
+
+
+def _step_function(config: dict[str, Any]):
+    """`StaticDecoder._step` under its own code object per inductor `config`: dynamo keys compiled
+    graphs by code object and guards, not by the inductor settings patched in while compiling, so
+    decoders with different settings in one process (e.g. `compile_mode=default` beside the CPU
+    default in one bench) would otherwise run whichever graph compiled first."""
+    key = repr(sorted(config.items()))
+    if key not in _STEP_FUNCTIONS:
+        f = StaticDecoder._step
+        if not config:
+            _STEP_FUNCTIONS[key] = f
+        else:
+            code = f.__code__.replace(co_name=f"_step_{len(_STEP_FUNCTIONS)}")
+            _STEP_FUNCTIONS[key] = types.FunctionType(code, f.__globals__, code.co_name, f.__defaults__, f.__closure__)
+    return _STEP_FUNCTIONS[key]
 
 
 def _inductor_patch(config: dict[str, Any]):

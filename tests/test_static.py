@@ -180,6 +180,13 @@ def test_inductor_on_cpu_freezes_the_weights_and_keeps_the_kv_live(models):
     assert dec.compiles == 1
     buffers = [t for seg in st.all_segments() for t in (seg.work, seg._static_source)] + [st.static.pos]
     assert not [t for t in buffers if hasattr(t, "_dynamo_static_input_type")]
+    # Plain inductor beside it in the same process compiles a graph of its own (dynamo does not key
+    # graphs by the inductor settings patched in, so each setting has its own step code object).
+    with torch.inference_mode():
+        st2 = make_cache("omnikv", model, static=True, filter_layers=(1,))
+        plain = StaticDecoder(model, st2, compile=True, mode="default")
+        toks2, _ = greedy(model, st2, ids, 6, decoder=plain)
+    assert plain.inductor_config == {} and plain.compiles == 1 and torch.equal(toks2, ref_toks)
 
 
 @pytest.mark.parametrize("mask_heads", [None, 1, 6])
