@@ -41,3 +41,12 @@ def test_a_named_preset_and_a_preset_file(tmp_path):
 def test_bad_settings_fail_with_the_setting_named(raw, match):
     with pytest.raises((ConfigError, TypeError), match=match):
         settings.resolve_config(SMOLLM2, {"OMNIKV_VLLM_CONFIG": raw})
+
+
+def test_cli_reports_a_user_error_in_one_line(capsys):
+    """The plugin's CLI shares omnikv's runner (omnikv.cli.run_command): one line, exit 2."""
+    from omnikv_vllm import cli
+
+    rc = cli.main(["generate", "--model", "smollm2", "--prompt-file", "/nonexistent/prompt.txt"])
+    assert rc == 2
+    assert capsys.readouterr().err.strip() == "omnikv_vllm generate: error: --prompt-file /nonexistent/prompt.txt does not exist"
