@@ -41,8 +41,15 @@ GROUPS = {
 }
 # Sliding-window layers and the rows transformers keeps in each (window - 1): they are the same for
 # every method, so the share of the *budgeted* (full-attention) layers is reported separately.
-SLIDING = {"gemma3-p3": (15, 511), "gemma3-p3-16k": (15, 511), "fidelity-gemma3-p3": (15, 511), "gemma3-p3-heldout": (15, 511), "gemma3-p3-shared-context": (15, 511),
-           "gemma3": (15, 511), "gemma3-more": (15, 511), "gemma3-more-16k": (15, 511), "fidelity-gemma3": (15, 511)}
+# Gemma 3 270M has 15 of them (window 512); SmolLM2 has none. Every Gemma 3 group names the model.
+GEMMA3_SLIDING = (15, 511)
+
+
+def sliding_layers(group: str) -> tuple[int, int]:
+    """(sliding-window layers, rows each keeps) of the model behind `group`."""
+    return GEMMA3_SLIDING if "gemma3" in group else (0, 0)
+
+
 MAX_COPY = 8 * 1024 * 1024  # predictions.jsonl copied next to the tables only when this small (resume seeds from it)
 
 
@@ -64,7 +71,7 @@ def mean(xs):
 
 
 def budget_table(group: str, records: list[dict]) -> str:
-    n_slide, win = SLIDING.get(group, (0, 0))
+    n_slide, win = sliding_layers(group)
     by = defaultdict(list)
     for r in records:
         by[(r["method"], int(r["length"]))].append(r)
