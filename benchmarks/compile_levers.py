@@ -62,15 +62,13 @@ def _forced_static_marks():
 
 
 def _own_compiled_step(decoder, name: str) -> None:
-    """Give `decoder` a compiled step of its own: dynamo caches graphs per code object, so variants
-    sharing `StaticDecoder._step` would share the first variant's graph."""
-    from omnikv.static import StaticDecoder
+    """Give `decoder` a compiled step of its own (`omnikv.static.step_function` keyed by variant):
+    variants sharing one code object would share the first variant's graph."""
+    from omnikv.static import step_function
 
-    f = StaticDecoder._step
-    code = f.__code__.replace(co_name=f"_step_{name}")
-    fn = types.FunctionType(code, f.__globals__, code.co_name)
+    fn = step_function(f"levers-{name}")
     decoder._fn = torch.compile(types.MethodType(fn, decoder), dynamic=False, fullgraph=True, **decoder.options)
-    decoder._lever_code = code  # for _guard_ms
+    decoder._lever_code = fn.__code__  # for _guard_ms
 
 
 def _guard_ms(decoder, reps: int = 200) -> float | None:

@@ -131,7 +131,8 @@ class StaticDecoder:
             self.options = compile_backend(device, backend, mode)
             self._cuda_graphs = self.options["mode"] in ("reduce-overhead", "max-autotune")
             self.inductor_config = inductor_config(device, self.options)
-            step = types.MethodType(_step_function(self.inductor_config), self)
+            key = repr(sorted(self.inductor_config.items())) if self.inductor_config else ""
+            step = types.MethodType(step_function(key), self)
             self._fn = torch.compile(step, dynamic=False, fullgraph=True, **self.options)
         self._ids: torch.Tensor | None = None
         self.compile_seconds = 0.0
@@ -189,15 +190,16 @@ class StaticDecoder:
 _STEP_FUNCTIONS: dict[str, Any] = {}
 
 
-def _step_function(config: dict[str, Any]):
-    """`StaticDecoder._step` under its own code object per inductor `config`: dynamo keys compiled
-    graphs by code object and guards, not by the inductor settings patched in while compiling, so
-    decoders with different settings in one process (e.g. `compile_mode=default` beside the CPU
-    default in one bench) would otherwise run whichever graph compiled first."""
-    key = repr(sorted(config.items()))
+def step_function(key: str = ""):
+    """`StaticDecoder._step` under a code object of its own per `key` ("" = `_step` itself).
+
+    Dynamo keys compiled graphs by code object and guards, not by the inductor settings patched in
+    while compiling, so decoders with different settings in one process (e.g. `compile_mode=default`
+    beside the CPU default in one bench) would otherwise run whichever graph compiled first.
+    `StaticDecoder` keys by its inductor settings; `benchmarks/compile_levers.py` by variant."""
     if key not in _STEP_FUNCTIONS:
         f = StaticDecoder._step
-        if not config:
+        if not key:
             _STEP_FUNCTIONS[key] = f
         else:
             code = f.__code__.replace(co_name=f"_step_{len(_STEP_FUNCTIONS)}")
