@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from omnikv._compat import CacheLayerMixin, DynamicSlidingWindowLayer, sliding_window
-from omnikv.attention import masked_softmax, sdpa_attention
+from omnikv.attention import grouped_logits, masked_softmax, sdpa_attention
 from omnikv.bank import Segment
 from omnikv.buffers import KVBuffer
 from omnikv.config import OmniKVConfig
@@ -205,7 +205,7 @@ class FilterLayer(DenseLayer):
         b, hq, _, d = query.shape
         hk, n = key.shape[1], key.shape[2]
         g = hq // hk
-        logits = torch.matmul(query.view(b, hk, g, d), key.transpose(-1, -2)) * scaling  # (B,Hk,g,N)
+        logits = grouped_logits(query.view(b, hk, g, d), key) * scaling  # (B, Hk, g, N)
         self.select_from_logits(logits[..., : self.state.prompt_len])
         mask = None if attention_mask is None else attention_mask[:, :, 0, :].view(b, 1, 1, n)
         probs = masked_softmax(logits, mask).to(value.dtype)

@@ -110,7 +110,7 @@ def run_metadata(command: list[str] | None = None, device: torch.device | None =
             "omnikv": getattr(omnikv, "__version__", "unknown"),
             "cuda": torch.version.cuda,
         },
-        "git": {"commit": _git("rev-parse", "HEAD"), "dirty": bool(_git("status", "--porcelain", "--", "omnikv"))},
+        "git": {"commit": _git("rev-parse", "HEAD"), "dirty": bool(_git("status", "--porcelain", "--", "."))},
         "device": str(device),
     }
     if device.type == "cuda":
