@@ -13,6 +13,10 @@ def _mb(x) -> str:
     return "-" if x is None else f"{x / 2**20:.0f}"
 
 
+def _ratio(x) -> str:
+    return "-" if x is None else f"{x:.2f}"  # None: the run had no `full` to compare with
+
+
 def render(path: str) -> str:
     data = json.load(open(path, encoding="utf-8"))
     meta, recs = data["metadata"], data["records"]
@@ -34,17 +38,18 @@ def render(path: str) -> str:
             continue
         lines.append(
             f"| {r['context']} | {r['method']} | {r['ms_per_token']:.1f} | {r['ms_p10']:.0f}-{r['ms_p90']:.0f} | "
-            f"{r['ratio_to_full']:.2f} | {r.get('ratio_to_full_paired') or 0:.2f} | {_mb(r['device_kv_bytes'])} | "
+            f"{_ratio(r['ratio_to_full'])} | {_ratio(r.get('ratio_to_full_paired'))} | {_mb(r['device_kv_bytes'])} | "
             f"{_mb(r['h2d_bytes_per_step'])} | {_mb(r.get('peak_rss_bytes'))} |"
         )
-    lines += ["", "Breakdown of a decode step (mean ms over the instrumented steps; rest = total - parts):", "",
-              "| context | method | selection | gather | attention | KV update | rest | total |",
-              "|---:|---|---:|---:|---:|---:|---:|---:|"]
-    for r in recs:
-        b = r.get("breakdown_ms")
-        if b:
-            lines.append(f"| {r['context']} | {r['method']} | {b['selection']:.1f} | {b['gather']:.1f} | "
-                         f"{b['attention']:.1f} | {b['kv_update']:.1f} | {b['rest']:.1f} | {b['total']:.1f} |")
+    broken_down = [r for r in recs if r.get("breakdown_ms")]
+    if broken_down:
+        lines += ["", "Breakdown of a decode step (mean ms over the instrumented steps; rest = total - parts):", "",
+                  "| context | method | selection | gather | attention | KV update | rest | total |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in broken_down:
+        b = r["breakdown_ms"]
+        lines.append(f"| {r['context']} | {r['method']} | {b['selection']:.1f} | {b['gather']:.1f} | "
+                     f"{b['attention']:.1f} | {b['kv_update']:.1f} | {b['rest']:.1f} | {b['total']:.1f} |")
     compiled = [r for r in recs if r.get("compile_seconds") is not None]
     if compiled:
         lines += ["", "Compiled methods: seconds spent in the decode calls that compiled (not in ms/token):", "",
