@@ -202,12 +202,14 @@ def test_fit_length_closes_gaps_with_pads():
 def test_exact_length_with_real_tokenizers(model):
     from transformers import AutoTokenizer
 
-    from omnikv.models import embedded_status
+    from omnikv.models.loading import EMBEDDED_MODELS, ensure_converted
 
-    status = {s["name"]: s for s in embedded_status()}.get(model)
-    if not status or not status.get("converted"):
-        pytest.skip(f"{model} is not installed and converted (scripts/setup.sh)")
-    tok = AutoTokenizer.from_pretrained(status["cache_path"])
+    embedded = EMBEDDED_MODELS[model]
+    if not embedded.installed():
+        pytest.skip(f"{model} is not installed: {embedded.pip_command} (or bash scripts/setup.sh)")
+    # Converted here if this machine never did (a fresh one): skipping would make the outcome
+    # depend on whether another test converted it first.
+    tok = AutoTokenizer.from_pretrained(ensure_converted(embedded))
     for task in sorted(TASKS):
         for s in TASKS[task](tok, 2000, 1, seed=0):
             assert count_tokens(tok, s.prompt) == 2000, task
