@@ -11,11 +11,11 @@ slows all of them alike. Variants:
 * `eager`: the static step without compiling (the reference for the greedy tokens);
 * `plain`: plain inductor (`compile_mode=default`);
 * `cpp_wrapper`: plain inductor with its C++ wrapper around the kernels instead of the Python one;
-* `cpu_default`: what `compile=true` runs on CPU (`omnikv.static.CPU_INDUCTOR_CONFIG`: weights
+* `cpu_default`: what `compile=true` runs on CPU (`omnikv.hf.static.CPU_INDUCTOR_CONFIG`: weights
   frozen into the graph, matrix products autotuned against inductor's C++ GEMM; KV buffers not
   marked static-address);
 * `freezing_marked`: the same with the KV buffers marked static-address, as CUDA graphs need them -
-  shows why `omnikv.static.mark_static` leaves them unmarked on CPU (freezing folds marked buffers
+  shows why `omnikv.hf.static.mark_static` leaves them unmarked on CPU (freezing folds marked buffers
   as constants: the tokens leave the reference).
 
 Also reports dynamo's guard evaluation for the `plain` graph, timed directly on its cache entry
@@ -46,25 +46,25 @@ VARIANTS = {  # name: (compiled, compile_mode, inductor config patched in, force
 @contextlib.contextmanager
 def _forced_static_marks():
     """Mark static-address buffers as on CUDA, whatever the device."""
-    import omnikv.bank
-    import omnikv.cache
+    import omnikv.hf.cache
+    import omnikv.offload.bank
 
     def mark(device, *tensors):
         for t in tensors:
             torch._dynamo.mark_static_address(t)
 
-    saved = omnikv.bank.mark_static, omnikv.cache.mark_static
-    omnikv.bank.mark_static = omnikv.cache.mark_static = mark
+    saved = omnikv.offload.bank.mark_static, omnikv.hf.cache.mark_static
+    omnikv.offload.bank.mark_static = omnikv.hf.cache.mark_static = mark
     try:
         yield
     finally:
-        omnikv.bank.mark_static, omnikv.cache.mark_static = saved
+        omnikv.offload.bank.mark_static, omnikv.hf.cache.mark_static = saved
 
 
 def _own_compiled_step(decoder, name: str) -> None:
-    """Give `decoder` a compiled step of its own (`omnikv.static.step_function` keyed by variant):
+    """Give `decoder` a compiled step of its own (`omnikv.hf.static.step_function` keyed by variant):
     variants sharing one code object would share the first variant's graph."""
-    from omnikv.static import step_function
+    from omnikv.hf.static import step_function
 
     fn = step_function(f"levers-{name}")
     decoder._fn = torch.compile(types.MethodType(fn, decoder), dynamic=False, fullgraph=True, **decoder.options)

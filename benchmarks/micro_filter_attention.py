@@ -5,13 +5,13 @@
 
 A filter layer needs the attention logits of its decode query (they are the selector's scores), so
 it cannot call SDPA alone; it computes logits, softmax and the weighted sum of the values itself
-(`FilterLayer._attend_and_select`). Compiled on CPU with `omnikv.static.CPU_INDUCTOR_CONFIG`
+(`FilterLayer._attend_and_select`). Compiled on CPU with `omnikv.hf.static.CPU_INDUCTOR_CONFIG`
 (max-autotune), the logits' matrix product against the key buffer becomes inductor's C++ GEMM
 template, which copies and re-packs the whole key buffer every step. This script times, on one
 layer of the model's shape (synthetic tensors, batch 1, one query):
 
 * `logits`: the logits alone as a matrix product (q @ K^T), as K @ q^T, and as the
-  multiply-and-sum of `omnikv.attention.grouped_logits` when traced;
+  multiply-and-sum of `omnikv.hf.attention.grouped_logits` when traced;
 * `values`: the weighted sum of the values as a product (P @ V) and as a multiply-and-sum;
 * `filter`: the whole filter attention + top-k as the library runs it (`grouped_logits`), as it ran
   before (q @ K^T), and SDPA alone (what a dense layer pays, without scores) for scale.
@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 import torch._inductor.config as inductor_config
 
-from omnikv.attention import grouped_logits, masked_softmax
-from omnikv.static import CPU_INDUCTOR_CONFIG
+from omnikv.hf.attention import grouped_logits, masked_softmax
+from omnikv.hf.static import CPU_INDUCTOR_CONFIG
 
 
 def forms(hk: int, g: int, d: int, prompt: int, k: int):

@@ -2,7 +2,7 @@
 
 The names below are what the README tells users to import (`omnikv.load_model`,
 `omnikv.generate`, `omnikv.OmniKVCache`, ...). They load lazily (PEP 562 `__getattr__`), so
-`import omnikv.selection` or `import omnikv.config` pulls in neither transformers nor the model
+`import omnikv.algorithm.selection` or `import omnikv.config` pulls in neither transformers nor the model
 code: the tensor core stays usable from environments that bring their own engine.
 """
 
@@ -17,29 +17,29 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _LAZY = {
-    "OmniKVCache": "omnikv.cache",
+    "OmniKVCache": "omnikv.algorithm.cache",
     "OmniKVConfig": "omnikv.config",
     "Budget": "omnikv.budget",
-    "preset_for_model": "omnikv.presets",
-    "resolve_preset": "omnikv.presets",
+    "preset_for_model": "omnikv.algorithm.presets",
+    "resolve_preset": "omnikv.algorithm.presets",
     "load_model": "omnikv.models",
-    "generate": "omnikv.generation",
-    "teacher_forced_logits": "omnikv.generation",
-    "Session": "omnikv.generation",
-    "SamplingParams": "omnikv.generation",
-    "GenerationResult": "omnikv.generation",
+    "generate": "omnikv.decoding.generation",
+    "teacher_forced_logits": "omnikv.decoding.generation",
+    "Session": "omnikv.decoding.generation",
+    "SamplingParams": "omnikv.decoding.generation",
+    "GenerationResult": "omnikv.decoding.generation",
     "get_method": "omnikv.methods",
     "available_methods": "omnikv.methods",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on first use
     from omnikv.budget import Budget
-    from omnikv.cache import OmniKVCache
+    from omnikv.algorithm.cache import OmniKVCache
     from omnikv.config import OmniKVConfig
-    from omnikv.generation import GenerationResult, SamplingParams, Session, generate, teacher_forced_logits
+    from omnikv.decoding.generation import GenerationResult, SamplingParams, Session, generate, teacher_forced_logits
     from omnikv.methods import available_methods, get_method
     from omnikv.models import load_model
-    from omnikv.presets import preset_for_model, resolve_preset
+    from omnikv.algorithm.presets import preset_for_model, resolve_preset
 
 
 def __getattr__(name: str) -> Any:

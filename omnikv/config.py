@@ -44,7 +44,7 @@ class OmniKVConfig:
             query, the paper's main setting), `softmax_last`, `uniform` / `exp` (per-head softmax
             over an observation window of the last `window_size` queries, summed with uniform or
             2^-age weights), `union` (the union of `last`'s and `uniform`'s best tokens, taken in
-            turn: see omnikv.selection.union_scores; not in the paper).
+            turn: see omnikv.algorithm.selection.union_scores; not in the paper).
         head_reduce: `max` over query heads (paper), `sum` over heads, or `per_kv_head` (one index
             set per KV head: max over the query heads of its group).
         window_size: observation window for `uniform` / `exp` / `union`.
@@ -56,7 +56,7 @@ class OmniKVConfig:
         partial_reload: when a new selection keeps most rows of the last one, move only the rows
             that changed into the working buffer (exact: the attended set is the same). False =
             gather all k rows at every selection, as the paper's code does.
-        prefill_chunk_size: default chunk size for chunked prefill in `omnikv.generation` (None =
+        prefill_chunk_size: default chunk size for chunked prefill in `omnikv.decoding.generation` (None =
             one pass). Results are identical; it bounds activation memory.
     """
 

@@ -1,6 +1,6 @@
 """Slow, obviously correct references for OmniKV (test-only).
 
-Nothing here shares code with the fast path except the layer-role plan (`omnikv.roles`), which
+Nothing here shares code with the fast path except the layer-role plan (`omnikv.algorithm.roles`), which
 has its own tests. Scores are computed per head with explicit dot products, top-k by sorting a
 Python list, the sparse set by list indexing, and attention as softmax(q.k) . v per head.
 """
@@ -14,9 +14,9 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from omnikv._compat import cache_kwargs, layer_types
+from omnikv.hf.compat import cache_kwargs, layer_types
 from omnikv.config import OmniKVConfig
-from omnikv.roles import Role, plan_layers
+from omnikv.algorithm.roles import Role, plan_layers
 
 REF_NAME = "omnikv_reference"
 

@@ -11,7 +11,7 @@ from omnikv.analysis.coverage import coverage_matrix
 from omnikv.analysis.layout import layer_layout, paper_style_filters, score_layout
 from omnikv.analysis.preset import PRESET_KEYS, make_preset, write_preset
 from omnikv.analysis.search import choose_filter_layers, default_max_dense
-from omnikv.telemetry import summarize_telemetry
+from omnikv.algorithm.telemetry import summarize_telemetry
 from omnikv.errors import ConfigError, InputError
 
 

@@ -59,7 +59,7 @@ def test_capture_does_not_change_generation():
 
 
 def test_topk_agrees_with_the_library_selector():
-    selection = pytest.importorskip("omnikv.selection")
+    selection = pytest.importorskip("omnikv.algorithm.selection")
     g = torch.Generator().manual_seed(4)
     hq, hk, t, d = 6, 2, 40, 8
     q = torch.randn(1, hq, 1, d, generator=g)

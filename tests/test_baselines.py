@@ -1,7 +1,7 @@
 """Baseline methods (streaming_llm, h2o, snapkv, quest, full_offload) on tiny random models.
 
 Invariants per method, equivalence to full attention where the method's definition allows it,
-agreement of `model.generate` and `omnikv.generation.generate`, batches with left padding (each
+agreement of `model.generate` and `omnikv.decoding.generation.generate`, batches with left padding (each
 row must decode exactly as it does alone), chunked prefill and multi-turn sessions.
 """
 
@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from omnikv.errors import ConfigError
-from omnikv.generation import SamplingParams, Session, generate, teacher_forced_logits
+from omnikv.decoding.generation import SamplingParams, Session, generate, teacher_forced_logits
 from omnikv.methods import available_methods, get_method
-from omnikv.layers import DenseLayer
+from omnikv.hf.layers import DenseLayer
 from omnikv.methods._lossy import LossyLayer
 from omnikv.methods.quest import QuestLayer, page_bounds, page_scores
 from omnikv.models.tiny import FAMILIES, build_tokenizer, tiny_model

@@ -13,7 +13,7 @@ from omnikv.bench.run import BenchSpec, add_ratios, parse_context, parse_context
 from omnikv.methods.spec import parse_method
 from omnikv.bench.fill import decode_step, first_token, synthetic_fill
 from omnikv.bench.probe import StepBreakdown
-from omnikv.layers import SparseLayer
+from omnikv.algorithm.layers import SparseLayer
 from omnikv.errors import ConfigError
 from omnikv.methods import get_method
 
@@ -124,21 +124,22 @@ def test_ratio_arithmetic():
 
 
 def test_breakdown_probe_restores_everything(tiny):
-    import omnikv.bank
-    import omnikv.layers
+    import omnikv.algorithm.layers
+    import omnikv.hf.layers
+    import omnikv.offload.bank
 
-    before = (omnikv.layers.filter_scores, omnikv.layers.sdpa_attention, omnikv.bank.Segment.load)
+    before = (omnikv.algorithm.layers.filter_scores, omnikv.hf.layers.sdpa_attention, omnikv.offload.bank.Segment.load)
     cache = get_method("full_prealloc").make_cache(tiny)
     probe = StepBreakdown()
     probe.install([cache])
-    assert omnikv.layers.sdpa_attention is not before[1]
+    assert omnikv.hf.layers.sdpa_attention is not before[1]
     assert "update" in cache.__dict__
     synthetic_fill(tiny, cache, 50)
     decode_step(tiny, cache, first_token(tiny))
     parts = probe.take()
     probe.uninstall()
     assert parts["attention"] > 0 and parts["kv_update"] > 0 and parts["selection"] == 0
-    assert (omnikv.layers.filter_scores, omnikv.layers.sdpa_attention, omnikv.bank.Segment.load) == before
+    assert (omnikv.algorithm.layers.filter_scores, omnikv.hf.layers.sdpa_attention, omnikv.offload.bank.Segment.load) == before
     assert "update" not in cache.__dict__
 
 

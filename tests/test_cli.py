@@ -53,7 +53,7 @@ def lm(ckpt):
 
 
 def reference(lm, ids, method="full", max_new_tokens=8, **opts):
-    from omnikv.generation import SamplingParams, generate
+    from omnikv.decoding.generation import SamplingParams, generate
     from omnikv.methods import get_method
 
     return generate(lm.model, lm.tokenizer, ids, get_method(method, **opts), SamplingParams(max_new_tokens=max_new_tokens))
@@ -208,7 +208,7 @@ def test_compare_prompt_text_report(ckpt):
 def test_models_lists_presets_and_embedded(capsys):
     from omnikv.methods import available_methods
     from omnikv.models import EMBEDDED_MODELS
-    from omnikv.presets import PRESETS
+    from omnikv.algorithm.presets import PRESETS
 
     assert main(["models", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

@@ -6,8 +6,8 @@ import warnings
 import pytest
 
 from omnikv import ConfigError, OmniKVCache, OmniKVConfig, UnsupportedModelError
-from omnikv.presets import PRESETS, fallback_config, find_preset, preset_for_model
-from omnikv.roles import Role, plan_layers
+from omnikv.algorithm.presets import PRESETS, fallback_config, find_preset, preset_for_model
+from omnikv.algorithm.roles import Role, plan_layers
 from omnikv.models.tiny import tiny_config
 
 
@@ -79,7 +79,7 @@ def test_int_budget_below_sink_plus_recent_shrinks_them_to_fit():
 
 
 def test_paper_preset_has_no_sink_or_recent_to_fit():
-    from omnikv.presets import PRESETS
+    from omnikv.algorithm.presets import PRESETS
 
     paper = next(p for p in PRESETS if p.name == "llama-3-8b-paper").config
     with warnings.catch_warnings():
@@ -90,7 +90,7 @@ def test_paper_preset_has_no_sink_or_recent_to_fit():
 
 def test_generate_with_a_small_int_budget_is_accepted(models):
     """`--method omnikv --budget 64` on a preset with 4 sink + 64 recent tokens runs (it was refused)."""
-    from omnikv.generation import Session
+    from omnikv.decoding.generation import Session
     from omnikv.methods import get_method
 
     model = models("llama")

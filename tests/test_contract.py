@@ -2,14 +2,14 @@
 
 import torch
 
-from omnikv import _compat
-from omnikv._compat import cache_kwargs, check_seams, version_note
-from omnikv.generation import Session
+from omnikv.hf import compat as _compat
+from omnikv.hf.compat import cache_kwargs, check_seams, version_note
+from omnikv.decoding.generation import Session
 
 
 def test_seams_exist():
     problems = check_seams()
-    assert not problems, f"{version_note()}: {problems}; update omnikv/_compat.py"
+    assert not problems, f"{version_note()}: {problems}; update omnikv/hf/compat.py"
 
 
 def test_version_in_tested_range():

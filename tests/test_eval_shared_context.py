@@ -12,8 +12,8 @@ from omnikv.errors import ConfigError
 from omnikv.eval.multiturn import ask_in_turn, encode_question
 from omnikv.eval.runner import read_predictions
 from omnikv.eval.tasks import count_tokens, generate_samples
-from omnikv.fork import SharedPrefill
-from omnikv.generation import SamplingParams
+from omnikv.decoding.fork import SharedPrefill
+from omnikv.decoding.generation import SamplingParams
 from omnikv.methods import get_method
 from omnikv.models.tiny import build_tokenizer, tiny_model
 
@@ -64,7 +64,7 @@ def test_questions_are_decode_steps_after_the_document():
     full = ask_in_turn(model, tok, get_method("full"), doc, qs, params)
     # Full attention: answer i = greedy continuation of doc + (q, answer)... + q_i as one prompt.
     history = list(doc)
-    from omnikv.generation import generate
+    from omnikv.decoding.generation import generate
     for q, res in zip(qs, full):
         history += q
         alone = generate(model, tok, history, "full", params)

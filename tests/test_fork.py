@@ -1,4 +1,4 @@
-"""Prefill once, decode many (omnikv.fork): every method forked from one shared prefill must decode
+"""Prefill once, decode many (omnikv.decoding.fork): every method forked from one shared prefill must decode
 the same greedy tokens as its own separate run, with teacher-forced logits within LOGITS_ATOL.
 
 Tolerance: a fork is the method's prefill in two chunks (prefix, tail) instead of one pass, so the
@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from omnikv.errors import InputError
-from omnikv.fork import SharedPrefill, plan_shared_prefill, prefill_needs
-from omnikv.generation import SamplingParams, generate, teacher_forced_logits
+from omnikv.decoding.fork import SharedPrefill, plan_shared_prefill, prefill_needs
+from omnikv.decoding.generation import SamplingParams, generate, teacher_forced_logits
 from omnikv.methods import get_method
 from omnikv.models.tiny import build_tokenizer, tiny_model
 

@@ -8,7 +8,7 @@ import pytest
 
 from omnikv import OmniKVConfig, ResourceError
 from omnikv.methods import memory
-from omnikv.generation import SamplingParams, generate
+from omnikv.decoding.generation import SamplingParams, generate
 from omnikv.methods import get_method
 from omnikv.models.tiny import tiny_config
 

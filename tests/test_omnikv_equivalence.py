@@ -7,8 +7,8 @@ import torch
 from transformers import DynamicCache
 
 from omnikv import OmniKVCache, OmniKVConfig
-from omnikv._compat import cache_kwargs
-from omnikv.generation import teacher_forced_logits
+from omnikv.hf.compat import cache_kwargs
+from omnikv.decoding.generation import teacher_forced_logits
 from omnikv.methods import get_method
 from reference import ReferenceOmniKV
 

@@ -4,9 +4,9 @@ import torch
 from transformers import DynamicCache
 
 from omnikv import OmniKVCache, OmniKVConfig
-from omnikv._compat import cache_kwargs
-from omnikv.layers import SparseLayer
-from omnikv.generation import SamplingParams, Session, generate
+from omnikv.hf.compat import cache_kwargs
+from omnikv.algorithm.layers import SparseLayer
+from omnikv.decoding.generation import SamplingParams, Session, generate
 from omnikv.methods import get_method
 
 CFG = OmniKVConfig(filter_layers=(1, 3), num_wait_layers=0, budget=24, sink_tokens=3, recent_tokens=5)

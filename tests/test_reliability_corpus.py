@@ -21,11 +21,11 @@ import httpx
 import pytest
 import torch
 
-from omnikv.cache import OmniKVCache
+from omnikv.algorithm.cache import OmniKVCache
 from omnikv.cli import main as cli_main
 from omnikv.config import OmniKVConfig
 from omnikv.errors import ConfigError, InputError, ModelLoadError, OmniKVError, ResourceError, UnsupportedModelError
-from omnikv.generation import SamplingParams, Session, generate, teacher_forced_logits
+from omnikv.decoding.generation import SamplingParams, Session, generate, teacher_forced_logits
 from omnikv.methods import available_methods, get_method
 from omnikv.models.tiny import build_tokenizer, make_tiny_checkpoint, make_tiny_gguf, tiny_model
 

@@ -29,10 +29,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache
 
-from omnikv.cache import OmniKVCache
-from omnikv.layers import SparseLayer
+from omnikv.algorithm.cache import OmniKVCache
+from omnikv.algorithm.layers import SparseLayer
 from omnikv.config import HEAD_REDUCTIONS, SELECTORS, OmniKVConfig
-from omnikv.roles import Role
+from omnikv.algorithm.roles import Role
 from omnikv.models.tiny import tiny_model
 
 _MODELS: dict[tuple, torch.nn.Module] = {}
@@ -95,7 +95,7 @@ def cases(draw, full_budget: bool = False) -> Case:
 
 
 def _sparse_sources(full: list[int], filters: list[int], wait: int) -> list[int | None]:
-    """Per full-attention layer: the filter a sparse layer follows, else None (omnikv.roles)."""
+    """Per full-attention layer: the filter a sparse layer follows, else None (omnikv.algorithm.roles)."""
     out: list[int | None] = []
     current, left = None, 0
     for i in full:

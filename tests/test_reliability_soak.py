@@ -1,7 +1,7 @@
 """Determinism (same seed + inputs -> same tokens, run after run) and a bounded soak test.
 
 Soak: one long request (300 decode steps) and several consecutive requests in one process, through
-`omnikv.generation` and the server engine. What must not grow:
+`omnikv.decoding.generation` and the server engine. What must not grow:
 * the cache's tensor storage beyond its own geometric growth (bytes allocated vs rows held);
 * process RSS beyond that, between the 50th and the 300th step and across requests (generous
   bounds: the tiny model's KV is ~1 KiB per token, the bounds are tens of MiB);
@@ -22,10 +22,10 @@ import weakref
 import pytest
 import torch
 
-from omnikv.cache import OmniKVCache
-from omnikv.layers import SparseLayer
+from omnikv.algorithm.cache import OmniKVCache
+from omnikv.algorithm.layers import SparseLayer
 from omnikv.config import OmniKVConfig
-from omnikv.generation import SamplingParams, Session, generate
+from omnikv.decoding.generation import SamplingParams, Session, generate
 from omnikv.methods import get_method
 from omnikv.models.tiny import build_tokenizer, make_tiny_checkpoint, tiny_model
 

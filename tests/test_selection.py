@@ -7,7 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from omnikv.selection import filter_scores, gather_rows, positions_mask, select_topk, selection_delta, select_topk_rows, union_scores
+from omnikv.algorithm.selection import filter_scores, gather_rows, select_topk, select_topk_rows, union_scores
+from omnikv.hf.masks import positions_mask
+from omnikv.offload.delta import selection_delta
 from reference import ref_reload, ref_scores, ref_select
 
 
@@ -143,7 +145,7 @@ def test_selection_delta_matches_reference(b, g, overlap):
 def test_reloads_keep_the_buffer_equal_to_a_full_gather(b, g, k, seed):
     """A chain of partial reloads into a packed buffer always holds exactly the rows a full gather
     of the current selection would, for shared and per-head selections."""
-    from omnikv.bank import scatter_rows as _scatter_rows
+    from omnikv.offload.bank import scatter_rows as _scatter_rows
 
     t, h = 24, 3
     k = min(k, t)

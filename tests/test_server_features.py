@@ -2,7 +2,7 @@
 
 Every expected value is computed here from the model itself: logprobs from a plain full-sequence
 forward pass (the slow, obviously-correct reference) or from `teacher_forced_logits` through the
-method's cache; sampled choices from `omnikv.generation.generate` with the same seed.
+method's cache; sampled choices from `omnikv.decoding.generation.generate` with the same seed.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from omnikv.config import OmniKVConfig
-from omnikv.generation import SamplingParams, generate, teacher_forced_logits
+from omnikv.decoding.generation import SamplingParams, generate, teacher_forced_logits
 from omnikv.methods import get_method
 from omnikv.models import load_model
 from omnikv.server import ChatMessage, Engine, ServerThread, create_app

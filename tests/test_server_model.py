@@ -1,6 +1,6 @@
 """The server on real models: a tiny random checkpoint (fast) and the embedded SmolLM2 (slow).
 
-Served answers are compared with `omnikv.generation.generate` called directly on the same token ids,
+Served answers are compared with `omnikv.decoding.generation.generate` called directly on the same token ids,
 so the HTTP path (templating, tokenization, sampling settings, stop strings, usage) is checked
 against the library, not against recorded outputs.
 """
@@ -21,7 +21,7 @@ import openai
 import pytest
 
 from omnikv.config import OmniKVConfig
-from omnikv.generation import SamplingParams, generate
+from omnikv.decoding.generation import SamplingParams, generate
 from omnikv.methods import get_method
 from omnikv.models import load_model
 from omnikv.server import Engine, EngineResult, GenRequest, ServerThread, create_app

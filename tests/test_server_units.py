@@ -15,7 +15,7 @@ from omnikv.server.protocol import EngineResult, GenRequest
 from omnikv.server.runner import is_loopback
 from omnikv.server.scheduler import Job, QueueFull, Scheduler
 from omnikv.server.schemas import ChatCompletionRequest, CompletionRequest, parse_body
-from omnikv.stops import StopMatcher
+from omnikv.decoding.stops import StopMatcher
 from omnikv.errors import InputError, ResourceError
 
 # -- stop strings --------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Static-shape decode steps (omnikv/static.py) against the default growing path, and compiled
+"""Static-shape decode steps (omnikv/hf/static.py) against the default growing path, and compiled
 steps against eager ones.
 
 Static eager == dynamic eager: the same rows are attended, the static step only adds masked rows
@@ -14,14 +14,14 @@ import pytest
 import torch
 
 from omnikv import OmniKVCache, OmniKVConfig
-from omnikv._compat import cache_kwargs
+from omnikv.hf.compat import cache_kwargs
 from omnikv.errors import ConfigError, InputError
-from omnikv.generation import Session, SamplingParams, teacher_forced_logits
+from omnikv.decoding.generation import Session, SamplingParams, teacher_forced_logits
 from omnikv.methods import get_method
 from omnikv.methods.full import PreallocatedCache
 from omnikv.methods.spec import parse_method
 from omnikv.models.tiny import build_tokenizer
-from omnikv.static import StaticDecoder
+from omnikv.hf.static import StaticDecoder
 
 ATOL = 1e-5
 COMPILED_ATOL = 1e-4  # aot_eager may fuse/reorder decompositions: rounding-level differences
@@ -164,7 +164,7 @@ def test_inductor_on_cpu_freezes_the_weights_and_keeps_the_kv_live(models):
     (`CPU_INDUCTOR_CONFIG`). Freezing folds every static-address-marked tensor as a constant, so
     the KV buffers must stay unmarked on CPU: otherwise the step reads the KV of compile time and
     the tokens leave eager's. The one inductor compile of the suite (a 4-layer tiny model)."""
-    from omnikv.static import CPU_INDUCTOR_CONFIG
+    from omnikv.hf.static import CPU_INDUCTOR_CONFIG
 
     model = models("llama", num_hidden_layers=4)
     ids = prompt_ids(1, 80, seed=11)
@@ -191,8 +191,8 @@ def test_inductor_on_cpu_freezes_the_weights_and_keeps_the_kv_live(models):
 
 @pytest.mark.parametrize("mask_heads", [None, 1, 6])
 def test_sdpa_attention_traced_packing_equals_transformers(mask_heads):
-    from omnikv._compat import sdpa_attention_forward
-    from omnikv.attention import sdpa_attention
+    from omnikv.hf.compat import sdpa_attention_forward
+    from omnikv.hf.attention import sdpa_attention
 
     class Attn(torch.nn.Module):
         num_key_value_groups = 3
@@ -210,7 +210,7 @@ def test_sdpa_attention_traced_packing_equals_transformers(mask_heads):
 def test_traced_step_reads_kv_heads_once_and_writes_buffers_in_place(models, kind):
     """Two copies a traced step must not make (each cost more than the attention when profiled):
     transformers' SDPA falls back to repeat_kv when traced (every layer's whole K/V copied Hq/Hk
-    times a step; omnikv.attention.sdpa_attention keeps the single-query GQA packing instead), and
+    times a step; omnikv.hf.attention.sdpa_attention keeps the single-query GQA packing instead), and
     an in-place write into a *view* of a buffer is functionalized into a rebuild of the whole
     buffer. So: no tensor of the traced step holds Hq heads over more than one row, and every
     in-place write targets a graph input itself."""
@@ -250,7 +250,7 @@ def test_traced_step_reads_kv_heads_once_and_writes_buffers_in_place(models, kin
 
 def test_traced_cpu_filter_step_makes_no_product_against_the_keys(models):
     """A filter layer's logits against its key buffer are a multiply-and-sum when traced for CPU
-    (omnikv.attention.grouped_logits): as a matrix product, inductor's max-autotune C++ GEMM
+    (omnikv.hf.attention.grouped_logits): as a matrix product, inductor's max-autotune C++ GEMM
     template copies and re-packs the whole key buffer every step (measured 4.5-14 ms against 0.5 ms
     at 16K, benchmarks/micro_filter_attention.py). The softmax-weighted sum of the values stays a
     product (the values are its row-major right operand: no re-pack). Greedy tokens as eager."""
@@ -278,7 +278,7 @@ def test_traced_cpu_filter_step_makes_no_product_against_the_keys(models):
 
 
 def test_grouped_logits_traced_equals_the_product():
-    from omnikv.attention import grouped_logits
+    from omnikv.hf.attention import grouped_logits
 
     g = torch.Generator().manual_seed(0)
     q, keys = torch.randn(2, 3, 4, 16, generator=g), torch.randn(2, 3, 50, 16, generator=g)
@@ -407,9 +407,9 @@ def test_past_the_recompile_limit_a_decoder_runs_eagerly(models, monkeypatch):
     """A new prompt length is a new graph of the one step function; past torch's recompile limit a
     fullgraph compile fails hard. The decoder then runs the step eagerly: same tokens, a warning,
     and the session's stats say so."""
-    import omnikv.static
+    import omnikv.hf.static
 
-    monkeypatch.setattr(omnikv.static, "_warned_recompile_limit", False)
+    monkeypatch.setattr(omnikv.hf.static, "_warned_recompile_limit", False)
     model = models("llama", num_hidden_layers=4)
     method = get_method("full_prealloc", compile=True, compile_backend="aot_eager")
     params = SamplingParams(max_new_tokens=4, ignore_eos=True)

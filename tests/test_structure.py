@@ -20,8 +20,8 @@ from omnikv.models.tiny import tiny_config
 
 def test_core_imports_do_not_pull_in_transformers():
     code = (
-        "import sys, omnikv.selection, omnikv.config, omnikv.budget, omnikv.roles\n"
-        "heavy = [m for m in ('transformers', 'omnikv.cache', 'omnikv.models', 'omnikv.generation') if m in sys.modules]\n"
+        "import sys, omnikv.algorithm.selection, omnikv.config, omnikv.budget, omnikv.algorithm.roles\n"
+        "heavy = [m for m in ('transformers', 'omnikv.algorithm.cache', 'omnikv.models', 'omnikv.decoding.generation') if m in sys.modules]\n"
         "print(heavy)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
@@ -35,7 +35,7 @@ def test_readme_names_are_importable_from_the_top_level():
                  "OmniKVCache", "OmniKVConfig", "preset_for_model", "teacher_forced_logits", "Budget"):
         assert name in omnikv.__all__ and name in dir(omnikv)
         assert getattr(omnikv, name) is not None
-    from omnikv.generation import Session
+    from omnikv.decoding.generation import Session
     from omnikv.models import load_model
 
     assert omnikv.Session is Session and omnikv.load_model is load_model
@@ -90,7 +90,7 @@ def test_plan_budget_one_means_the_whole_prompt():
 
 
 def test_get_method_takes_a_preset_name_or_a_file(tmp_path):
-    from omnikv.presets import PRESETS, resolve_preset
+    from omnikv.algorithm.presets import PRESETS, resolve_preset
 
     smol = next(p for p in PRESETS if p.name == "smollm2-135m")
     method = get_method("omnikv", preset="smollm2-135m")
@@ -205,7 +205,7 @@ def test_cli_refuses_flags_a_method_does_not_take():
 
 @pytest.mark.parametrize("pieces", [["ab", "c\nUs", "er: x"], ["abc\n", "User", ":", " x"], ["abc\nUser: x"]])
 def test_stop_matcher_streams_and_scans_alike(pieces):
-    from omnikv.stops import StopMatcher
+    from omnikv.decoding.stops import StopMatcher
 
     m = StopMatcher(["\nUser:"])
     streamed = "".join(m.feed(p) for p in pieces) + m.flush()
@@ -216,7 +216,7 @@ def test_stop_matcher_streams_and_scans_alike(pieces):
 
 
 def test_masked_softmax_matches_a_plain_reference():
-    from omnikv.attention import attention_probs, masked_softmax
+    from omnikv.hf.attention import attention_probs, masked_softmax
 
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 4, 3, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g)

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from omnikv import OmniKVCache, OmniKVConfig
-from omnikv._compat import cache_kwargs
-from omnikv.bank import Segment, gather_into, gather_packed, to_work_layout
+from omnikv.hf.compat import cache_kwargs
+from omnikv.offload.bank import Segment, gather_into, gather_packed, to_work_layout
 from omnikv.errors import ConfigError
-from omnikv.generation import teacher_forced_logits
+from omnikv.decoding.generation import teacher_forced_logits
 from omnikv.methods import get_method
-from omnikv.selection import gather_rows
-from omnikv.transfer import SimulatedTransfer, Transfer
+from omnikv.algorithm.selection import gather_rows
+from omnikv.offload.transfer import SimulatedTransfer, Transfer
 
 
 def cfg(**kw) -> OmniKVConfig:
@@ -162,7 +162,7 @@ def test_sync_counter_and_no_hidden_host_reads(models, monkeypatch):
         def wrapped(self, *a, **kw):
             frame = sys._getframe(1)
             mod = frame.f_globals.get("__name__", "")
-            if mod.startswith("omnikv") and mod not in ("omnikv.transfer",):
+            if mod.startswith("omnikv") and mod not in ("omnikv.offload.transfer",):
                 reads.append(f"{name} in {mod}:{frame.f_lineno}")
             return original(self, *a, **kw)
 

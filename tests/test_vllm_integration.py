@@ -66,7 +66,7 @@ def _omnikv_generate(lm, ids: list[int], *flags: str) -> list[int]:
     """Generated ids of `omnikv generate --json --max-new-tokens MAX_NEW <flags>`: its own parser,
     method builder and generation call (cli/cmd_generate.py), with the model loaded once."""
     from omnikv.cli import build_parser, common
-    from omnikv.generation import generate
+    from omnikv.decoding.generation import generate
 
     args = build_parser().parse_args(
         ["generate", "--model", MODEL, "--max-new-tokens", str(MAX_NEW), "--json", "--quiet", *flags, "unused"])
@@ -77,7 +77,7 @@ def _omnikv_generate(lm, ids: list[int], *flags: str) -> list[int]:
 
 def _reference() -> dict:
     from omnikv.cli import common
-    from omnikv.generation import eos_ids
+    from omnikv.decoding.generation import eos_ids
     from omnikv.models import load_model
 
     lm = load_model(MODEL)

@@ -15,11 +15,11 @@ import argparse
 import torch
 
 from omnikv import OmniKVCache
-from omnikv._compat import cache_kwargs
+from omnikv.hf.compat import cache_kwargs
 from omnikv.eval.tasks import generate_samples
 from omnikv.eval.tasks.base import encode_prompt
 from omnikv.models import load_model
-from omnikv.presets import preset_for_model
+from omnikv.algorithm.presets import preset_for_model
 
 
 def needle_positions(prompt_ids: list[int], answer_ids: list[int]) -> set[int]:

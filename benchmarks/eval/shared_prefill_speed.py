@@ -37,8 +37,8 @@ def main() -> None:
 
     from omnikv.eval.runner import parse_length
     from omnikv.eval.tasks import encode_prompt, generate_samples
-    from omnikv.fork import SharedPrefill, plan_shared_prefill
-    from omnikv.generation import SamplingParams, generate
+    from omnikv.decoding.fork import SharedPrefill, plan_shared_prefill
+    from omnikv.decoding.generation import SamplingParams, generate
     from omnikv.methods import get_method
     from omnikv.models import load_model
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fetch (from PyPI, here - the GPU machine has no network) the wheels run.sh installs there when
-# the machine's own transformers is outside omnikv's tested range (see omnikv/_compat.py).
+# the machine's own transformers is outside omnikv's tested range (see omnikv/hf/compat.py).
 # Then name .whl in the device call's `carry`. The GPU image has Python 3.12.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"

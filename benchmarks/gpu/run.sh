@@ -35,7 +35,7 @@ export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
 "$py" - <<'PY' 2>&1 | tee "$out/log.txt"
 import sys, torch, transformers
-from omnikv._compat import version_note
+from omnikv.hf.compat import version_note
 print(version_note())
 print(f"python {sys.version.split()[0]} torch {torch.__version__} transformers {transformers.__version__} "
       f"cuda {torch.cuda.is_available()} {torch.cuda.get_device_name(0) if torch.cuda.is_available() else ''}")

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from omnikv._compat import cache_kwargs
+from omnikv.hf.compat import cache_kwargs
 from omnikv.bench.run import BenchSpec, build_method, public_records, run_bench
 from omnikv.methods.spec import parse_method, parse_methods
 from omnikv.bench.fill import decode_step, first_token, synthetic_fill

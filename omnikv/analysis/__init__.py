@@ -4,7 +4,7 @@
 - `search`: `choose_filter_layers` (dp / greedy / exhaustive) under a dense-layer budget.
 - `capture`: record a real model's decode-step attention logits (no model-code changes).
 - `report`, `plots`: the `omnikv analyze` JSON report and PNGs; `preset`: calibrated preset files.
-- `summarize_telemetry` (from the core, `omnikv.telemetry`) for per-step selection records of real runs.
+- `summarize_telemetry` (from the core, `omnikv.algorithm.telemetry`) for per-step selection records of real runs.
 """
 
 from omnikv.analysis.coverage import (
@@ -17,7 +17,7 @@ from omnikv.analysis.coverage import (
 )
 from omnikv.analysis.layout import LayoutScore, layer_layout, paper_style_filters, score_layout
 from omnikv.analysis.search import choose_filter_layers
-from omnikv.telemetry import summarize_telemetry
+from omnikv.algorithm.telemetry import summarize_telemetry
 
 __all__ = [
     "LayoutScore",

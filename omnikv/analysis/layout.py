@@ -1,6 +1,6 @@
 """Layer roles for a filter set, and how well a coverage matrix says that set would do.
 
-Roles (as `omnikv.roles.plan_layers`; docs/how-it-works.md), for N layers, filters L0 < L1 < ... and w wait layers:
+Roles (as `omnikv.algorithm.roles.plan_layers`; docs/how-it-works.md), for N layers, filters L0 < L1 < ... and w wait layers:
 layers before L0 dense; each filter dense; the w layers after each filter dense; every other layer
 sparse, using the nearest preceding filter's selection.
 """

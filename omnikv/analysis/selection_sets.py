@@ -1,7 +1,7 @@
 """Which keys a sparse layer would attend, given another layer's selection scores.
 
 Pure tensor functions, no transformers import. They restate the library's selector
-(`omnikv.selection`) for analysis: head reduction, top-k over *prompt* positions with the sink /
+(`omnikv.algorithm.selection`) for analysis: head reduction, top-k over *prompt* positions with the sink /
 recent prompt tokens forced in (they count inside the budget k, as in `OmniKVConfig`), plus every
 generated token, which a sparse layer always attends.
 

@@ -43,10 +43,10 @@ def add_input_arguments(p, model_required: bool = True) -> None:
 
 
 def load_preset_settings(preset: str | None) -> dict[str, Any]:
-    """The OmniKV settings of a preset (built-in name or file: `omnikv.presets.resolve_preset`)."""
+    """The OmniKV settings of a preset (built-in name or file: `omnikv.algorithm.presets.resolve_preset`)."""
     if not preset:
         return {}
-    from omnikv.presets import resolve_preset
+    from omnikv.algorithm.presets import resolve_preset
 
     cfg, _ = resolve_preset(preset)
     return {k: (list(v) if k == "filter_layers" else v) for k, v in cfg.to_dict().items() if k in PRESET_SETTINGS}

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from omnikv._compat import cache_kwargs
+from omnikv.hf.compat import cache_kwargs
 from omnikv.errors import ConfigError
 
 def needs_real_prefill(method) -> bool:

@@ -35,14 +35,14 @@ _FUNCTION_TARGETS = {
     "page_scores": "selection",  # Quest's page scoring
     "gather_rows": "gather",
     "sdpa_attention_forward": "attention",
-    "sdpa_attention": "attention",  # omnikv.attention's wrapper (GQA packing kept when compiled)
+    "sdpa_attention": "attention",  # omnikv.hf.attention's wrapper (GQA packing kept when compiled)
 }
 # (module, class, method, category)
 _METHOD_TARGETS = (
-    ("omnikv.bank", "Segment", "load", "gather"),
-    ("omnikv.bank", "Segment", "load_static", "gather"),  # the static-shape step's full gather
+    ("omnikv.offload.bank", "Segment", "load", "gather"),
+    ("omnikv.offload.bank", "Segment", "load_static", "gather"),  # the static-shape step's full gather
     # A filter layer computes its decode attention itself (its logits double as selector scores).
-    ("omnikv.layers", "FilterLayer", "_attend_and_select", "attention"),
+    ("omnikv.algorithm.layers", "FilterLayer", "_attend_and_select", "attention"),
 )
 
 
@@ -103,7 +103,7 @@ class StepBreakdown:
         """Wrap the target functions and every cache's `update` (instance attribute)."""
         if self._saved:
             return
-        importlib.import_module("omnikv.cache")
+        importlib.import_module("omnikv.algorithm.cache")
         for mod_name, mod in list(sys.modules.items()):
             if mod is None or not mod_name.startswith("omnikv.") or mod_name.startswith("omnikv.bench"):
                 continue

@@ -84,12 +84,20 @@ def bandwidth_probe(device: torch.device, mib: int = 256) -> dict[str, float]:
     return out
 
 
+def package_version() -> str:
+    """The installed omnikv's version ("unknown" when it runs from a tree that was never installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("omnikv")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def run_metadata(command: list[str] | None = None, device: torch.device | None = None,
                  extra: dict[str, Any] | None = None, probe_bandwidth: bool = True) -> dict[str, Any]:
     """Hardware, versions, commit and command of this run."""
     import transformers
-
-    import omnikv
 
     device = device or torch.device("cpu")
     meta: dict[str, Any] = {
@@ -107,7 +115,7 @@ def run_metadata(command: list[str] | None = None, device: torch.device | None =
             "python": platform.python_version(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
-            "omnikv": getattr(omnikv, "__version__", "unknown"),
+            "omnikv": package_version(),
             "cuda": torch.version.cuda,
         },
         "git": {"commit": _git("rev-parse", "HEAD"), "dirty": bool(_git("status", "--porcelain", "--", "."))},

@@ -93,7 +93,7 @@ class _Run:
     h2d: list[int] = field(default_factory=list)
     breakdown: list[tuple[float, dict[str, float]]] = field(default_factory=list)
     note: str | None = None
-    decoder: Any = None  # omnikv.static.StaticDecoder for static / compile=true methods
+    decoder: Any = None  # omnikv.hf.static.StaticDecoder for static / compile=true methods
 
 
 COMPILED_MIN_WARMUP = 3  # compile on the first step; CUDA graphs record after a warm-up call

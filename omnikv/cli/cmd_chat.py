@@ -1,6 +1,6 @@
 """`omnikv chat`: multi-turn questions about one long document, which is read (prefilled) once.
 
-One `omnikv.generation.Session` holds the conversation: the first turn feeds the document and the
+One `omnikv.decoding.generation.Session` holds the conversation: the first turn feeds the document and the
 first question; every later turn feeds only the new text (the previous answer's end, the new
 question and the answer prompt). The per-turn stats line shows how many tokens each turn read.
 
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     chat = common.use_chat(args, lm)
     conv = Conversation(lm.tokenizer, document, chat)
 
-    from omnikv.generation import Session
+    from omnikv.decoding.generation import Session
 
     session = Session(lm.model, lm.tokenizer, method, prefill_chunk_size=args.prefill_chunk_size)
     device = str(next(lm.model.parameters()).device)

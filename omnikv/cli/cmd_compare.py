@@ -78,11 +78,11 @@ def run(args: argparse.Namespace) -> int:
     ids = common.encode_prompt(lm, text, chat)
     common.check_fits(lm, len(ids))
 
-    from omnikv.generation import generate
+    from omnikv.decoding.generation import generate
 
     # A short warm-up run, so that one-time costs (kernel selection, allocator growth) do not land
     # in whichever method happens to run first.
-    from omnikv.generation import SamplingParams
+    from omnikv.decoding.generation import SamplingParams
 
     generate(lm.model, lm.tokenizer, ids[:32], REFERENCE, SamplingParams(max_new_tokens=2, ignore_eos=True))
     results = []

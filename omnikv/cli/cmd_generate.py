@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     ids = common.encode_prompt(lm, text, chat)
     common.check_fits(lm, len(ids))
 
-    from omnikv.generation import generate
+    from omnikv.decoding.generation import generate
 
     stream = None
     if not args.json:

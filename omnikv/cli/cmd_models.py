@@ -22,7 +22,7 @@ def register(subparsers) -> None:
 
 
 def preset_rows() -> list[dict[str, Any]]:
-    from omnikv.presets import PRESETS
+    from omnikv.algorithm.presets import PRESETS
 
     return [{
         "name": p.name, "model_type": p.model_type, "layers": p.num_layers, "hidden_size": p.hidden_size,

@@ -191,7 +191,7 @@ def build_method(args: argparse.Namespace, name: str | None = None):
     """A configured Method from --method (or `name`), --budget, --preset and the method flags.
 
     A flag the method does not take fails here, naming the methods that do take it; a --preset
-    (built-in name or file) is resolved by `omnikv.presets.resolve_preset` inside the method."""
+    (built-in name or file) is resolved by `omnikv.algorithm.presets.resolve_preset` inside the method."""
     from omnikv.methods import get_method, method_class, methods_taking
 
     name = name or args.method
@@ -284,7 +284,7 @@ def check_fits(lm, n_prompt: int, what: str = "the prompt") -> None:
 
 
 def sampling_params(args: argparse.Namespace, *, max_new_tokens: int | None = None, stop: Sequence[str] = ()):
-    from omnikv.generation import SamplingParams
+    from omnikv.decoding.generation import SamplingParams
 
     return SamplingParams(
         max_new_tokens=max_new_tokens or args.max_new_tokens,

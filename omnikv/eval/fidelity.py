@@ -1,6 +1,6 @@
 """How closely a method follows full attention, from teacher-forced logits and greedy outputs.
 
-Both logit tensors come from `omnikv.generation.teacher_forced_logits(model, prompt_ids,
+Both logit tensors come from `omnikv.decoding.generation.teacher_forced_logits(model, prompt_ids,
 continuation_ids, method)` with the *same* continuation (full attention's greedy output), so row i
 of each is the next-token distribution after the same prefix. Pure tensor functions.
 """

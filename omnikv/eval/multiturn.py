@@ -1,6 +1,6 @@
 """Questions asked in turn about one prefilled document (the shared-context task).
 
-The document is prefilled once (or forked from a shared prefill, omnikv.fork). Each question then
+The document is prefilled once (or forked from a shared prefill, omnikv.decoding.fork). Each question then
 arrives token by token, as decode steps (`Session.step`), and its answer is decoded greedily; the
 answer stays in the cache and the next question follows it, as in a chat about a document. So a
 method that decides what to keep at the end of prefill (SnapKV's window, H2O's scores, StreamingLLM's
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from omnikv.errors import InputError
-from omnikv.generation import GenerationResult, SamplingParams, Session
+from omnikv.decoding.generation import GenerationResult, SamplingParams, Session
 from omnikv.methods import Method
 
 

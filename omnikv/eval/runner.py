@@ -74,7 +74,7 @@ class EvalConfig:
     max_new_tokens: int | None = None  # caps every sample's generation length when set
     progress: bool = True
     # One full-attention prefill per sample, every method (and fidelity / perplexity pass) forked
-    # from it (omnikv.fork); False = each pass prefills on its own, as before.
+    # from it (omnikv.decoding.fork); False = each pass prefills on its own, as before.
     shared_prefill: bool = True
 
     def __post_init__(self) -> None:
@@ -205,7 +205,7 @@ def _full_kv_bytes(model: Any, seq_len: int) -> int:
     full-attention layer, but only the last `sliding_window - 1` in a sliding-window layer, as
     transformers' DynamicCache does. Counting every layer at `seq_len` would make every method's
     device share look ~6x smaller than it is on Gemma 3 (15 of 18 layers slide over 512 tokens)."""
-    from omnikv._compat import layer_types, sliding_window
+    from omnikv.hf.compat import layer_types, sliding_window
 
     cfg = model.config.get_text_config()
     heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
@@ -280,8 +280,8 @@ def run_eval(config: EvalConfig, *, loaded: Any = None) -> dict[str, Any]:
 
     `loaded` is an already loaded model (an `omnikv.models.LoadedModel` or anything with `.model`,
     `.tokenizer`, `.max_context`); by default `config.model` is loaded."""
-    from omnikv.fork import DEFAULT_TAIL, SharedPrefill, prefill_needs
-    from omnikv.generation import SamplingParams, generate, teacher_forced_logits
+    from omnikv.decoding.fork import DEFAULT_TAIL, SharedPrefill, prefill_needs
+    from omnikv.decoding.generation import SamplingParams, generate, teacher_forced_logits
     from omnikv.methods import get_method
     from omnikv.methods.spec import parse_method
 
@@ -430,7 +430,7 @@ def _ask_questions(model: Any, tok: Any, name: str, method: Any, task: str, leng
     """The shared-context task: the document once, then each question in turn (see
     omnikv.eval.multiturn); one record per question, scored on its own answer."""
     from omnikv.eval.multiturn import ask_in_turn, encode_question
-    from omnikv.generation import SamplingParams
+    from omnikv.decoding.generation import SamplingParams
 
     questions = s.metadata["questions"]
     params = SamplingParams(max_new_tokens=mnt, temperature=0.0, stop=("\n",))

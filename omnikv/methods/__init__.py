@@ -90,11 +90,11 @@ def get_method(name: str | Method, *, budget: int | float | None = None, **optio
 
 
 def make_decoder(method: Method, model, cache):
-    """The `omnikv.static.StaticDecoder` that drives `cache` when `method` is static or
+    """The `omnikv.hf.static.StaticDecoder` that drives `cache` when `method` is static or
     compiled; None otherwise (the model's own forward is used)."""
     if not method.static:
         return None
-    from omnikv.static import StaticDecoder
+    from omnikv.hf.static import StaticDecoder
 
     return StaticDecoder(model, cache, compile=method.compile, backend=method.compile_backend,
                          mode=method.compile_mode, method=method.name)

@@ -27,16 +27,16 @@ from typing import Any, Callable
 
 import torch
 
-from omnikv._compat import sdpa_attention_forward
+from omnikv.hf.compat import sdpa_attention_forward
 from omnikv.budget import Budget
-from omnikv.buffers import grown_capacity
-from omnikv.cache import ManagedCache, check_supported, text_config
+from omnikv.hf.buffers import grown_capacity
+from omnikv.hf.cache import ManagedCache, check_supported, text_config
 from omnikv.errors import ConfigError
-from omnikv.layers import ManagedLayer, make_sliding_layer
+from omnikv.hf.layers import ManagedLayer, make_sliding_layer
 from omnikv.methods.base import DEFAULT_BUDGET, Method
 from omnikv.methods.memory import GiB, KVContext, KVPlan
 from omnikv.methods.rows import subset_mask
-from omnikv.selection import gather_rows
+from omnikv.algorithm.selection import gather_rows
 
 HEADROOM = 64  # spare rows after a compaction or growth (decode appends; buffers.grown_capacity)
 

@@ -54,7 +54,7 @@ class Method(ABC):
     # cache filled with synthetic KV through `cache.update` would time a different method.
     needs_real_prefill: ClassVar[bool] = False
     default_budget: ClassVar[int | float | None] = None  # used when no budget is given
-    supports_static: ClassVar[bool] = False  # has a static-shape decode step (omnikv/static.py)
+    supports_static: ClassVar[bool] = False  # has a static-shape decode step (omnikv/hf/static.py)
     # Not dataclass fields (no annotation): set by `get_method` from the options static= /
     # compile= / compile_backend= / compile_mode=, which every method accepts or refuses by name.
     static = False  # static-shape decode steps, eager

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from omnikv._compat import Cache, is_cuda
-from omnikv.cache import ManagedCache, check_supported, text_config
-from omnikv.layers import DenseLayer, make_sliding_layer
+from omnikv.hf.compat import Cache, is_cuda
+from omnikv.hf.cache import ManagedCache, check_supported, text_config
+from omnikv.hf.layers import DenseLayer, make_sliding_layer
 from omnikv.methods import register
 from omnikv.methods.base import Method
 from omnikv.methods.memory import KVContext, KVPlan
@@ -95,7 +95,7 @@ class PreallocatedCache(ManagedCache):
     method_name = "full_prealloc"
 
     def __init__(self, model: torch.nn.Module, static: bool = False) -> None:
-        """static: static-shape decode steps (omnikv/static.py; needs `reserve` before the prompt)."""
+        """static: static-shape decode steps (omnikv/hf/static.py; needs `reserve` before the prompt)."""
         types = check_supported(model, "full_prealloc")
         cfg = text_config(model)
         layers = [make_sliding_layer(cfg) if t == "sliding_attention" else DenseLayer() for t in types]

@@ -21,14 +21,14 @@ from typing import Any
 
 import torch
 
-from omnikv.attention import attention_probs, scaling_of
-from omnikv.buffers import grown_capacity
+from omnikv.hf.attention import attention_probs, scaling_of
+from omnikv.hf.buffers import grown_capacity
 from omnikv.errors import ConfigError
 from omnikv.methods import register
 from omnikv.methods._lossy import HEADROOM, LossyCache, LossyLayer, LossyMethod
 from omnikv.methods.base import check_int
 from omnikv.methods.rows import first_real, subset_mask
-from omnikv.selection import select_topk
+from omnikv.algorithm.selection import select_topk
 
 NEG_INF = float("-inf")
 POS_INF = float("inf")

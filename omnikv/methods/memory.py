@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from omnikv._compat import layer_types, sliding_window
+from omnikv.hf.compat import layer_types, sliding_window
 from omnikv.errors import ResourceError
 
 GiB = 1024**3

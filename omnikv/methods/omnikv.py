@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from omnikv.cache import OmniKVCache
+from omnikv.algorithm.cache import OmniKVCache
 from omnikv.config import OmniKVConfig
 from omnikv.errors import ConfigError
 from omnikv.methods import register
@@ -49,7 +49,7 @@ class OmniKV(Method):
         return cls(**own, overrides={k: v for k, v in options.items() if k in _FIELDS and k not in own})
 
     def validate(self) -> None:
-        from omnikv.presets import resolve_preset
+        from omnikv.algorithm.presets import resolve_preset
 
         unknown = sorted(set(self.overrides) - _FIELDS)
         if unknown:
@@ -71,11 +71,11 @@ class OmniKV(Method):
         """The config this method runs on `model` (a model or its config)."""
         if self.base is not None:
             if self.made_for:
-                from omnikv.presets import check_preset_model
+                from omnikv.algorithm.presets import check_preset_model
 
                 check_preset_model(self.made_for, model, where=f"preset file {self.preset}")
             return self.base
-        from omnikv.presets import preset_for_model
+        from omnikv.algorithm.presets import preset_for_model
 
         return preset_for_model(model, warn=warn).replace(**self.overrides)
 
@@ -102,7 +102,7 @@ class OmniKV(Method):
         """Dense and filter layers keep every row on the device; a sparse layer keeps its k
         selected rows + the generated ones there, and its full KV in the host bank (offload) or
         on the device."""
-        from omnikv.roles import Role, plan_layers
+        from omnikv.algorithm.roles import Role, plan_layers
 
         cfg = self.config_for(ctx.config, warn=False)
         plan = plan_layers(cfg, list(ctx.layer_types))

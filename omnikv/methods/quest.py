@@ -21,15 +21,15 @@ from typing import Any
 
 import torch
 
-from omnikv._compat import sdpa_attention_forward
+from omnikv.hf.compat import sdpa_attention_forward
 from omnikv.budget import Budget
-from omnikv.cache import ManagedCache, check_supported, text_config
-from omnikv.layers import DenseLayer, make_sliding_layer
+from omnikv.hf.cache import ManagedCache, check_supported, text_config
+from omnikv.hf.layers import DenseLayer, make_sliding_layer
 from omnikv.methods import register
 from omnikv.methods.base import DEFAULT_BUDGET, Method, check_int
 from omnikv.methods.memory import KVContext, KVPlan
 from omnikv.methods.rows import first_real, subset_mask
-from omnikv.selection import gather_rows
+from omnikv.algorithm.selection import gather_rows
 
 NEG_INF = float("-inf")
 POS_INF = float("inf")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from omnikv.selection import positions_mask
+from omnikv.hf.masks import positions_mask
 
 
 def subset_mask(

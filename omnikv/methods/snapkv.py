@@ -22,13 +22,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from omnikv.attention import attention_probs, scaling_of
+from omnikv.hf.attention import attention_probs, scaling_of
 from omnikv.errors import ConfigError
 from omnikv.methods import register
 from omnikv.methods._lossy import LossyCache, LossyLayer, LossyMethod
 from omnikv.methods.base import check_int
 from omnikv.methods.memory import KVContext
-from omnikv.selection import select_topk
+from omnikv.algorithm.selection import select_topk
 
 POOLINGS = ("max", "avg")
 HEAD_REDUCES = ("mean", "max")

@@ -21,7 +21,7 @@ from omnikv.methods import register
 from omnikv.methods._lossy import LossyCache, LossyLayer, LossyMethod
 from omnikv.methods.base import check_int
 from omnikv.methods.rows import first_real
-from omnikv.selection import select_topk
+from omnikv.algorithm.selection import select_topk
 
 NEG_INF = float("-inf")
 

@@ -33,7 +33,7 @@ DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_BODY_TIMEOUT_S = 30.0
 _FALLBACK_MAX_TOKENS_LIMIT = 4096  # when the model does not declare its context length
-GREEDY_BELOW_TEMPERATURE = 1e-5  # as omnikv.generation (kept here: this module imports no torch)
+GREEDY_BELOW_TEMPERATURE = 1e-5  # as omnikv.decoding.generation (kept here: this module imports no torch)
 
 Encode = Callable[[EngineLike], list[int]]
 

@@ -14,9 +14,9 @@ from typing import Any, Callable
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from omnikv._compat import cache_kwargs
+from omnikv.hf.compat import cache_kwargs
 from omnikv.server.protocol import EngineResult, GenRequest
-from omnikv.stops import StopMatcher
+from omnikv.decoding.stops import StopMatcher
 
 
 class _Row:
@@ -123,7 +123,7 @@ def generate_batch(
         do_sample=sample,
         temperature=first.temperature if sample else None,
         top_p=first.top_p if sample else None,
-        top_k=0 if sample else None,  # as omnikv.generation: no implicit top-k
+        top_k=0 if sample else None,  # as omnikv.decoding.generation: no implicit top-k
         pad_token_id=pad_id,
         eos_token_id=sorted(eos) or None,
     )

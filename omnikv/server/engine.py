@@ -1,6 +1,6 @@
 """The real engine: a loaded model + tokenizer + KV method behind `EngineLike`.
 
-Generation goes through `omnikv.generation.generate`, the same code path as the CLI and the eval,
+Generation goes through `omnikv.decoding.generation.generate`, the same code path as the CLI and the eval,
 so served outputs equal `omnikv generate` outputs for the same prompt and sampling settings.
 """
 
@@ -116,7 +116,7 @@ class Engine:
 
         Choice i samples with `request.choice_seed(i)`, so it equals a single request with that
         seed. Prompt logprobs come from the prefill, which is full attention for every method."""
-        from omnikv.generation import SamplingParams, Session
+        from omnikv.decoding.generation import SamplingParams, Session
 
         self._check_ids(request)
         ids = list(request.prompt_ids)
@@ -194,7 +194,7 @@ class Engine:
         return ("greedy",) if request.temperature == 0 else ("sample", request.temperature, request.top_p)
 
     def generate_batch(self, requests: list[GenRequest], on_tokens: list[Callable[[str], None]]) -> list[EngineResult | BaseException]:
-        from omnikv.generation import eos_ids
+        from omnikv.decoding.generation import eos_ids
         from omnikv.server.batching import generate_batch
 
         results: list[EngineResult | BaseException | None] = [None] * len(requests)

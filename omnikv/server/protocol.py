@@ -2,7 +2,7 @@
 
 The server never touches torch or transformers directly. Everything model-specific sits behind
 `EngineLike`, so the HTTP layer, the queue and the metrics can be tested with a fake engine, and the
-real `omnikv.server.engine.Engine` is a thin adapter over `omnikv.generation.generate`.
+real `omnikv.server.engine.Engine` is a thin adapter over `omnikv.decoding.generation.generate`.
 
 Threading contract: the scheduler calls every `EngineLike` method from one worker thread only, one
 request at a time, so an engine needs no locks of its own.

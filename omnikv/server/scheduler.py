@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from omnikv.server.api_errors import APIError, from_exception
 from omnikv.server.protocol import EngineLike, EngineResult, GenRequest
-from omnikv.stops import StopMatcher
+from omnikv.decoding.stops import StopMatcher
 
 log = logging.getLogger("omnikv.server")
 

@@ -1,10 +1,10 @@
 """The OmniKV attention backend for vLLM's CPU platform (a subclass of vLLM's CPU_ATTN).
 
-Per layer, with the library's roles (`omnikv.roles.plan_layers`):
+Per layer, with the library's roles (`omnikv.algorithm.roles.plan_layers`):
 
 * dense (and sliding-window) layers: the stock kernel, unchanged;
 * filter layers: the stock kernel for every row; then, for each decode row, the library's selector
-  (`omnikv.selection.filter_scores` + `select_topk`) scores the row's prompt keys, read from the
+  (`omnikv.algorithm.selection.filter_scores` + `select_topk`) scores the row's prompt keys, read from the
   paged cache, with the row's query, and keeps the top-k for the sparse layers of its segment;
 * sparse layers: prefill rows go through the stock kernel; each decode row attends to its selected
   prompt rows plus every generated row, gathered from the paged cache (`omnikv_vllm.paged`).
@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from omnikv.config import OmniKVConfig
-from omnikv.roles import LayerPlan, Role
-from omnikv.selection import filter_scores, select_topk
+from omnikv.algorithm.roles import LayerPlan, Role
+from omnikv.algorithm.selection import filter_scores, select_topk
 from omnikv_vllm import settings
 from omnikv_vllm.paged import TileLayout
 from omnikv_vllm.tracker import PromptTracker

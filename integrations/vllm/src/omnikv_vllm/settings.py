@@ -9,8 +9,8 @@ for the OpenAI server alike.
                                   model's preset (e.g. '{"budget": 128}'), a built-in preset name
                                   or a preset file written by `omnikv calibrate --output`
 
-The config is the library's own: `omnikv.config.OmniKVConfig`, `omnikv.presets` and
-`omnikv.roles.plan_layers`.
+The config is the library's own: `omnikv.config.OmniKVConfig`, `omnikv.algorithm.presets` and
+`omnikv.algorithm.roles.plan_layers`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 from omnikv.config import OmniKVConfig
 from omnikv.errors import ConfigError
-from omnikv.roles import LayerPlan, plan_layers
+from omnikv.algorithm.roles import LayerPlan, plan_layers
 
 ENABLE_ENV = "OMNIKV_VLLM"
 CONFIG_ENV = "OMNIKV_VLLM_CONFIG"
@@ -58,7 +58,7 @@ def overrides_from_env(environ: dict[str, str] | None = None) -> tuple[dict[str,
 def resolve_config(hf_config: Any, environ: dict[str, str] | None = None) -> OmniKVConfig:
     """The model's preset (or the preset named in OMNIKV_VLLM_CONFIG), with the JSON overrides
     applied, through the library's one preset resolver."""
-    from omnikv.presets import check_preset_model, preset_for_model, resolve_preset  # vLLM's transformers
+    from omnikv.algorithm.presets import check_preset_model, preset_for_model, resolve_preset  # vLLM's transformers
 
     overrides, preset = overrides_from_env(environ)
     if preset is not None:
@@ -83,6 +83,6 @@ def resolve_config(hf_config: Any, environ: dict[str, str] | None = None) -> Omn
 
 def layer_plan(config: OmniKVConfig, hf_config: Any) -> LayerPlan:
     """Roles of every layer, exactly as the library assigns them."""
-    from omnikv._compat import layer_types
+    from omnikv.hf.compat import layer_types
 
     return plan_layers(config, layer_types(hf_config))

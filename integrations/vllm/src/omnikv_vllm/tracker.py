@@ -4,7 +4,7 @@ The backend sees batch rows, not request ids, and vLLM passes prompt lengths to 
 some configurations. What it does pass (vLLM >= 0.32, v1 runner): per row the query length, the
 sequence length, the block table and `is_prefilling` (num_computed_tokens < num_prompt_tokens).
 
-Definitions, as in the library's HF path (omnikv.cache): a row is a *decode* row when it brings one
+Definitions, as in the library's HF path (omnikv.algorithm.cache): a row is a *decode* row when it brings one
 new token and is not prefilling; every other row (prefill, a chunk of it, a prompt recomputed after
 preemption) makes the prompt "every token seen so far", so its prompt length is its new sequence
 length. A decode row keeps the prompt length of its request.

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from omnikv import _context
-from omnikv._compat import AttentionInterface, AttentionMaskInterface, sdpa_attention_forward, sdpa_mask
+from omnikv.hf import context as _context
+from omnikv.hf.compat import AttentionInterface, AttentionMaskInterface, sdpa_attention_forward, sdpa_mask
 
 ATTN_NAME = "omnikv"
 
@@ -116,7 +116,7 @@ def grouped_logits(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 
     Eagerly a matrix product. Traced for CPU it is a multiply-and-sum instead, which inductor
     turns into one vectorised reduction that reads the keys once: with max-autotune
-    (`omnikv.static.CPU_INDUCTOR_CONFIG`) a product against the keys becomes inductor's C++ GEMM
+    (`omnikv.hf.static.CPU_INDUCTOR_CONFIG`) a product against the keys becomes inductor's C++ GEMM
     template, which first copies and re-packs the whole (non-constant) key buffer every step -
     measured on SmolLM2's shape at 16K, 4.5-14 ms for what the reduction does in 0.5 ms and
     ATen's product in ~1 ms (`benchmarks/micro_filter_attention.py`). Eagerly the multiply-and-sum would

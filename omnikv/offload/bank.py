@@ -11,7 +11,7 @@ Layouts (L sparse layers in the segment, B batch, H KV heads, D head dim):
 
 Generated tokens never leave the device during a decode run: they are attended from `work` and
 reach the bank in one copy when a later multi-token forward makes them part of the prompt. Every
-copy, stream and event goes through the cache's `Transfer` (omnikv/transfer.py).
+copy, stream and event goes through the cache's `Transfer` (omnikv/offload/transfer.py).
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import functools
 
 import torch
 
-from omnikv.buffers import KVBuffer, grown_capacity
+from omnikv.hf.buffers import KVBuffer, grown_capacity
 from omnikv.errors import ConfigError
-from omnikv.static import mark_static
-from omnikv.selection import selection_delta
-from omnikv.transfer import Transfer
+from omnikv.hf.static import mark_static
+from omnikv.offload.delta import selection_delta
+from omnikv.offload.transfer import Transfer
 
 _FLUSH_BLOCK = 4096  # tokens per packed device->host copy when prompt rows move to the bank
 
@@ -120,7 +120,7 @@ class Segment:
         self.stream = None
         self._host_indices: torch.Tensor | None = None  # host_gather: `indices` on the host
         self._reserved_total = 0
-        # Static decode (omnikv/static.py): the bank rows a load gathers from, and the logical
+        # Static decode (omnikv/hf/static.py): the bank rows a load gathers from, and the logical
         # positions (1, 1, decode capacity) of the generated-token slots of `work`.
         self._static_source: torch.Tensor | None = None
         self._static_gen_positions: torch.Tensor | None = None
@@ -441,7 +441,7 @@ class Segment:
         n = self.k + self.generated
         return self.work[slot, 0, :, :, :n], self.work[slot, 1, :, :, :n]
 
-    # -- static decode (omnikv/static.py) -----------------------------------------------------------
+    # -- static decode (omnikv/hf/static.py) -----------------------------------------------------------
     def begin_static(self, k: int, decode_rows: int) -> None:
         """Outside compiled code, before the first static step after a prompt: `work` sized
         exactly k + `decode_rows` and zeroed, the bank complete on the compute stream, the gather

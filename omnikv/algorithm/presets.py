@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omnikv._compat import layer_types
+from omnikv.hf.compat import layer_types
 from omnikv.config import OmniKVConfig
 from omnikv.errors import ConfigError
 

@@ -1,6 +1,6 @@
 """Every copy, stream and event of the Context Bank goes through one `Transfer` object.
 
-Three implementations share the interface, so the ordering logic of the bank (omnikv/bank.py) is
+Three implementations share the interface, so the ordering logic of the bank (omnikv/offload/bank.py) is
 the same code on every machine:
 
 * `InlineTransfer` - bank and working buffer on one device (a CPU run, or offload switched off):

@@ -205,40 +205,6 @@ def select_topk_rows(
     return torch.sort(best, dim=-1).values
 
 
-def selection_delta(prev: torch.Tensor, new: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows to reload when a working buffer holding selection `prev` must hold `new`.
-
-    Consecutive selections overlap heavily on real text (~75-80% at 4K on SmolLM2), so keeping the
-    rows that stay selected in their slots and rewriting only the stale slots moves a fraction of
-    the bytes of a full gather. Attention does not depend on the order of its KV rows, so the
-    buffer's slot order is free.
-
-    Args:
-        prev: (B, G, k) positions held by the k slots (distinct within each (b, g) row).
-        new: (B, G, k) the new selection (distinct within each row).
-        length: T, larger than every position.
-    Returns:
-        slots (B, G, M) and tokens (B, G, M): writing the row of position tokens[..., j] into slot
-        slots[..., j] turns `prev` into a permutation of `new`. M is the largest number of changed
-        slots over the rows; a row with fewer changes is padded with slots that are rewritten with
-        the position they already hold. M = 0 when nothing changed.
-    """
-    b, g, k = prev.shape
-    member = torch.zeros(2, b, g, length, dtype=torch.bool, device=prev.device)
-    member[0].scatter_(-1, new, True)
-    member[1].scatter_(-1, prev, True)
-    stale = ~member[0].gather(-1, prev)  # (B, G, k): this slot's position left the selection
-    fresh = ~member[1].gather(-1, new)  # (B, G, k): this position is not in the buffer yet
-    count = stale.sum(-1, keepdim=True)  # equals fresh.sum(-1): both sets have k distinct members
-    m = int(count.max())
-    # Stable sorts bring the stale slots / fresh positions first, each in its original order.
-    slots = torch.sort((~stale).to(torch.uint8), dim=-1, stable=True).indices[..., :m]
-    tokens = new.gather(-1, torch.sort((~fresh).to(torch.uint8), dim=-1, stable=True).indices[..., :m])
-    pad = torch.arange(m, device=prev.device) >= count  # (B, G, M)
-    tokens = torch.where(pad, prev.gather(-1, slots), tokens)
-    return slots, tokens
-
-
 def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Gather rows along the token axis, the same positions for every leading slice.
 
@@ -257,25 +223,3 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     hi = torch.arange(h, device=idx.device).view(1, h, 1)
     ti = idx.expand(b, h, k) if g == 1 else idx
     return x[..., bi, hi, ti, :]
-
-
-def positions_mask(
-    attention_mask: torch.Tensor | None, positions: torch.Tensor, num_q_heads: int
-) -> torch.Tensor | None:
-    """Adapt a (B, 1, q, N) bool mask over logical positions to a subset of KV rows.
-
-    Args:
-        attention_mask: (B, 1, q, N) bool (True = attend) or None (nothing masked).
-        positions: (B, G, n) logical position of each returned KV row (G = 1 or Hk).
-    Returns:
-        (B, 1 or Hq, q, n) bool mask, or None when `attention_mask` is None.
-    """
-    if attention_mask is None:
-        return None
-    b, g, n = positions.shape
-    q = attention_mask.shape[2]
-    mask = attention_mask[:, :1].expand(b, g, q, attention_mask.shape[-1])
-    out = mask.gather(-1, positions[:, :, None, :].expand(b, g, q, n))
-    if g > 1:
-        out = out.repeat_interleave(num_q_heads // g, dim=1)
-    return out

@@ -26,10 +26,10 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from omnikv._compat import cache_kwargs
+from omnikv.hf.compat import cache_kwargs
 from omnikv.errors import ConfigError, InputError
 from omnikv.methods import Method, get_method, make_decoder
-from omnikv.stops import StopMatcher
+from omnikv.decoding.stops import StopMatcher
 
 
 # Temperatures below this decode greedily (as vLLM does): dividing logits by 1e-40 overflows to
@@ -181,14 +181,14 @@ class Session:
         pending: Sequence[int] = (),
     ) -> None:
         """`cache` + `history`: a cache already holding `history` (a fork of a shared prefill,
-        see omnikv.fork); `pending`: tokens queued to feed first. Default: a fresh, empty cache."""
+        see omnikv.decoding.fork); `pending`: tokens queued to feed first. Default: a fresh, empty cache."""
         self.model = model
         self.tokenizer = tokenizer
         self.method = get_method(method)
         if cache is None and history:
             raise InputError("history given without the cache that holds it")
         self.cache = self.method.make_cache(model) if cache is None else cache
-        # static / compile=True: decode steps go through omnikv.static.StaticDecoder
+        # static / compile=True: decode steps go through omnikv.hf.static.StaticDecoder
         self.decoder = make_decoder(self.method, model, self.cache)
         self.device = next(model.parameters()).device
         self.history: list[int] = list(history)  # tokens already in the cache
@@ -500,7 +500,7 @@ def generate(
 ) -> GenerationResult:
     """Generate a continuation of `input_ids` with `method` (one request, one fresh cache).
 
-    `shared`: an `omnikv.fork.SharedPrefill` of `input_ids`: the method's cache is forked from it
+    `shared`: an `omnikv.decoding.fork.SharedPrefill` of `input_ids`: the method's cache is forked from it
     (only the shared prefill's tail is prefilled here; `prefill_seconds` counts that tail)."""
     session = _prompt_session(model, tokenizer, method, input_ids, prefill_chunk_size, shared)
     return session.generate(params, on_token=on_token, progress=progress)
@@ -508,7 +508,7 @@ def generate(
 
 def _prompt_session(model, tokenizer, method, input_ids, prefill_chunk_size: int | None, shared: Any) -> Session:
     """A Session with `input_ids` pending: a fresh cache, or one forked from `shared` (an
-    `omnikv.fork.SharedPrefill` of the same ids, whose tail is then what is pending)."""
+    `omnikv.decoding.fork.SharedPrefill` of the same ids, whose tail is then what is pending)."""
     if shared is None:
         session = Session(model, tokenizer, method, prefill_chunk_size=prefill_chunk_size)
         session.append(input_ids)
@@ -530,7 +530,7 @@ def teacher_forced_logits(
 ) -> torch.Tensor:
     """(N, V) float32: row i = next-token logits after prompt + continuation[:i], computed token
     by token through the method's cache (so sparse decoding is what is measured). `shared`: an
-    `omnikv.fork.SharedPrefill` of `prompt_ids` to fork the method's cache from."""
+    `omnikv.decoding.fork.SharedPrefill` of `prompt_ids` to fork the method's cache from."""
     cont = _as_ids(continuation_ids)
     if not cont:
         raise InputError("continuation is empty")

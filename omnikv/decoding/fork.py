@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from omnikv import _context
-from omnikv._compat import cache_kwargs
+from omnikv.hf import context as _context
+from omnikv.hf.compat import cache_kwargs
 from omnikv.errors import InputError
 from omnikv.methods import Method, get_method
 
@@ -42,7 +42,7 @@ def _seedable(cache: Any) -> bool:
     """Whether `cache` can take a prefix through `update` alone (no attention call needed)."""
     from transformers import DynamicCache
 
-    from omnikv.cache import ManagedCache
+    from omnikv.hf.cache import ManagedCache
 
     # transformers' own DynamicCache (full / full_offload): update stores, attention is SDPA.
     return isinstance(cache, (ManagedCache, DynamicCache))
@@ -51,8 +51,8 @@ def _seedable(cache: Any) -> bool:
 def prefill_needs(method: Method, model: torch.nn.Module) -> tuple[int, bool] | None:
     """(tail tokens the method must prefill itself, whether it needs the prefix's queries), or
     None when its cache cannot be forked from a shared prefill."""
-    from omnikv.cache import OmniKVCache
-    from omnikv.layers import FilterLayer
+    from omnikv.algorithm.cache import OmniKVCache
+    from omnikv.algorithm.layers import FilterLayer
     from omnikv.methods._lossy import LossyLayer
 
     cache = method.make_cache(model)
@@ -81,7 +81,7 @@ class _RecordingCache:
     @staticmethod
     def build(model: torch.nn.Module, record_queries: bool):
         from omnikv.methods.full import PreallocatedCache
-        from omnikv.layers import DenseLayer
+        from omnikv.hf.layers import DenseLayer
 
         class RecordingCache(PreallocatedCache):
             method_name = "shared_prefill"
@@ -187,7 +187,7 @@ class SharedPrefill:
     def session(self, tokenizer: Any, method: Method | str, *, prefill_chunk_size: int | None = None):
         """A `Session` of `method` whose cache holds the prefix and whose pending tokens are the
         tail: its `generate` / `feed` finish the method's own prefill, then decode."""
-        from omnikv.generation import Session
+        from omnikv.decoding.generation import Session
 
         method = get_method(method)
         return Session(self.model, tokenizer, method, prefill_chunk_size=prefill_chunk_size,

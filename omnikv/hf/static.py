@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from omnikv._compat import cache_kwargs
+from omnikv.hf.compat import cache_kwargs
 from omnikv.errors import ConfigError
 
 
