@@ -1,154 +1,233 @@
 """One-call GPU benchmark of OmniKV on a random-weight model with Llama-3-8B's shapes.
 
-Run through `benchmarks/gpu/run.sh` (which sets up paths and a wall-clock limit). Stages (`--stage
-NAME` runs one; the default runs all in ~4 minutes on an H200), each skipped with a note when the
-time budget runs short:
+Run through `benchmarks/gpu/run.sh` (paths, the transformers check, a hard time limit, the table
+even after a crash). The default run is planned to end within 4 minutes on an H100 or H200; the
+estimates below are from bytes, op counts and compile times reported elsewhere (no GPU run has
+measured them yet), and each stage starts only when its estimate fits in what is left of the
+budget (`--budget-seconds`, default 225 s from process start), otherwise it is recorded as
+skipped. Stages, in the order they run (L = largest context, 128K; S = smallest, 32K):
 
-1. correctness (small fp32 model): OmniKV at full budget == full attention, and OmniKV with offload
-   on == off at a real budget (both gather every row; tolerance 1e-4), with the transfer strategy
-   the cache picked (device gather from mapped host memory, or host gather) and its syncs per step;
-2. timing (bf16, 32K and 128K, synthetic KV): full vs full_prealloc vs OmniKV offload off/on, and
-   compiled (torch.compile, CUDA graphs) full_prealloc and OmniKV offload on, interleaved, through
-   `omnikv.bench.run_bench`, with each record's bytes/bandwidth bound and compile seconds;
-3. prefill: one real chunked prefill at 32K through OmniKV with offload (seconds, H2D/D2H bytes);
-4. trace: a torch.profiler trace of OmniKV decode steps with offload, and how much of the
-   host->device traffic (memcpys and side-stream gather kernels) overlaps compute kernels;
-5. throughput: decode tokens/s at 128K with the largest batch each method fits;
-6. a compact table, printed last; details in $OUT/summary.json, the plot and the trace.
+  stage                 est. s  what
+  bandwidths                10  HBM read, host->device copy from registered memory, a gather kernel
+                                over mapped host memory (after the child-process mapped-memory probe)
+  correctness               15  small fp32 model: OmniKV full budget == full; offload on == off (CUDA transfer)
+  timing L eager            30  random Llama-3-8B (bf16) built; offload on, host gather, stock full,
+                                full_prealloc, interleaved (32 steps)
+  timing L captured        120  static steps compiled with CUDA graphs (inductor, reduce-overhead):
+                                OmniKV offload and full_prealloc, beside stock full (two compiles)
+  trace S                   10  torch.profiler over 4 offload steps: host->device overlap
+  throughput L              35  largest batch each of full_prealloc and OmniKV offload fits
+  timing S eager            15
+  timing L offload_off      15  OmniKV offload off beside offload on
+  prefill S                 10  one real chunked prefill with offload: seconds, device peak
+  limits                     0  longest prompt each method fits (plan_memory; arithmetic)
+  timing S captured         90  (only when the compiles above were faster than estimated)
+  timing S offload_off      10
 
-`--tiny` runs every stage with tiny shapes (on CPU when there is no GPU) for the test suite.
+Groups are timed one at a time and every cache is freed between them (table: `group`), so 128K
+fits an H100 80GB; a method that fails (out of memory, not capturable) is recorded with its reason
+and the others go on. Every stage's result is written to $OUT/summary.json as soon as it ends.
+The last thing printed is the summary table (table.py): each target met / not met / not
+measurable, with the reason.
+
+`--tiny`: tiny shapes. `--device cpu` keeps every tensor on the CPU while torch.cuda is called as
+on a GPU: the CI rehearsal (tests/test_gpu_rehearsal.py), with a fake torch.cuda, prints the same
+table with "simulated" in place of numbers.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
-import warnings
-from pathlib import Path
 
-import torch
+_START = time.perf_counter()  # the budget counts the imports too
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import stages  # noqa: E402  (benchmarks/gpu/stages.py)
+import table  # noqa: E402  (benchmarks/gpu/table.py)
 
 LLAMA3_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                  intermediate_size=14336, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=1 << 20)
-STAGES = ("correctness", "timing", "prefill", "trace", "throughput")
 TINY = dict(hidden_size=64, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, vocab_size=512, rope_theta=500000.0, max_position_embeddings=1 << 20)
+STAGES = ("bandwidths", "correctness", "timing", "trace", "throughput", "prefill", "limits")
+# (stage, context: "L" | "S" | None, timing group, estimated seconds on an H100 / H200)
+PLAN = (
+    ("bandwidths", None, None, 10), ("correctness", None, None, 15),
+    ("timing", "L", "eager", 30), ("timing", "L", "captured", 120), ("trace", "S", None, 10),
+    ("throughput", "L", None, 35), ("timing", "S", "eager", 15), ("timing", "L", "offload_off", 15),
+    ("prefill", "S", None, 10), ("limits", None, None, 0), ("timing", "S", "captured", 90),
+    ("timing", "S", "offload_off", 10),
+)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="folder for summary.json, table.txt, the trace, bench.png")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes (the rehearsal; a quick smoke test on a GPU)")
+    p.add_argument("--device", default=None, help="where tensors live (default cuda; cpu = the rehearsal, with a fake torch.cuda)")
+    p.add_argument("--budget-seconds", type=float, default=None, help="wall-clock budget from process start (default 225)")
+    p.add_argument("--contexts", default=None, help="default 32k,128k (tiny 256)")
+    p.add_argument("--budget", type=int, default=2048, help="tokens per sparse layer (the paper's latency setting 2048)")
+    p.add_argument("--compile-backend", default=None,
+                   help="torch.compile backend of the captured rows (default inductor with CUDA graphs; the rehearsal: eager)")
+    p.add_argument("--stage", choices=STAGES, action="append", default=None, help="run only this stage (repeatable)")
+    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="folder for summary.json, bench.png, the trace")
-    p.add_argument("--tiny", action="store_true", help="tiny shapes, runs on CPU (test suite)")
-    p.add_argument("--budget-seconds", type=float, default=None, help="wall-clock budget (default 500, tiny 240)")
-    p.add_argument("--contexts", default=None, help="default 32k,64k,128k (tiny 256,512,1k)")
-    p.add_argument("--budget", type=int, default=2048, help="tokens per sparse/Quest layer (paper latency setting 2048)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 32, tiny 3)")
-    p.add_argument("--compiled", default=None, action=argparse.BooleanOptionalAction,
-                   help="also time compiled (torch.compile, CUDA graphs) full_prealloc and OmniKV offload on. "
-                   "Default: on with --tiny, off on a GPU, where inductor compiling at 8B shapes could use up "
-                   "the budget: run it as a second call, `run.sh --stage timing --compiled`")
-    p.add_argument("--stage", choices=STAGES, action="append", default=None,
-                   help="run only this stage (repeatable); default: all")
-    args = p.parse_args(argv)
-    from omnikv.bench.run import parse_contexts
+    args = parse_args(argv)
     from omnikv.bench.report import finish_metadata, run_metadata
+    from omnikv.bench.run import parse_contexts
 
+    if not torch.cuda.is_available():
+        print("error: no CUDA device; run this on a GPU machine (the CPU rehearsal of this script is "
+              "tests/test_gpu_rehearsal.py)", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tiny = args.tiny
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    clock = stages.Clock(args.budget_seconds or (240.0 if tiny else 230.0))
-    contexts = parse_contexts(args.contexts or ("256,512" if tiny else "32k,128k"))
-    steps = args.steps or (3 if tiny else 32)
-    wanted = set(args.stage or STAGES)
-    if tiny and device.type == "cpu":
-        torch.set_num_threads(1)  # tiny tensors: more threads only add contention on a shared machine
-    budget = min(args.budget, 96) if tiny else args.budget
-    log = stages.log
-    log(f"device {device}; torch {torch.__version__}; budget {clock.total:.0f} s; tiny={tiny}")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32 for the correctness stage
+    clock = stages.Clock(args.budget_seconds or 225.0)
+    clock.t0 = _START
+    rig = stages.Rig(torch.device(args.device or "cuda"), cuda=True, tiny=args.tiny, clock=clock, out=out,
+                     compile_backend=args.compile_backend)
+    contexts = sorted(set(parse_contexts(args.contexts or ("256" if args.tiny else "32k,128k"))))
+    budget = min(args.budget, 96) if args.tiny else args.budget
+    labels = stages.Labels.make(budget, args.compile_backend)
+    if rig.simulated:
+        torch.set_num_threads(1)  # tiny tensors on a shared CPU: more threads only add contention
+    torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32 for the correctness stage
+    warnings.filterwarnings("ignore", message="no OmniKV preset")
+    import transformers
 
-    meta = run_metadata(["benchmarks/gpu/run.sh", *sys.argv[1:]] if argv is None else ["benchmarks/gpu/run.sh", *argv], device)
-    summary: dict = {"metadata": meta, "notes": []}
+    from omnikv.hf.compat import version_note
+
+    stages.log(f"{version_note()}; python {sys.version.split()[0]}, torch {torch.__version__}, transformers "
+               f"{transformers.__version__}, {torch.cuda.get_device_name(rig.device)}")
+    stages.log(f"device {rig.device}; budget {clock.total:.0f} s; tiny={args.tiny}")
+
+    meta = run_metadata(["benchmarks/gpu/run.sh", *(sys.argv[1:] if argv is None else argv)], rig.device,
+                        probe_bandwidth=False)
+    props = torch.cuda.get_device_properties(rig.device)
+    meta["gpu"] = {"name": props.name, "memory_bytes": props.total_memory, "capability": f"{props.major}.{props.minor}"}
+    summary: dict[str, Any] = {"metadata": meta, "simulated": rig.simulated, "contexts": contexts,
+                               "labels": labels.__dict__, "stages": {}, "timing": [], "notes": []}
 
     def save() -> None:  # after every stage: a run cut short still leaves what it measured
+        summary["elapsed_seconds"] = round(clock.elapsed(), 1)
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n", encoding="utf-8")
 
-    warnings.filterwarnings("ignore", message="no OmniKV preset")
-
-    # 1. correctness --------------------------------------------------------------------------
-    summary["correctness"] = stages.correctness(device, tiny) if "correctness" in wanted else {}
-    for name, res in summary["correctness"].items():
-        log(f"correctness {name}: {'PASS' if res['passed'] else 'FAIL'} {res}")
     save()
-
-    # 2. timing ---------------------------------------------------------------------------------
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    t0 = time.perf_counter()
-    model = stages.random_llama(TINY if tiny else LLAMA3_8B, device, dtype)
-    log(f"built random {'tiny' if tiny else 'Llama-3-8B-shaped'} model in {time.perf_counter() - t0:.1f} s "
-        f"({stages.weight_gib(model):.2f} GiB of weights)")
-    meta["model"] = "random llama, " + ("tiny" if tiny else "Llama-3-8B shapes") + f", {dtype}"
-    # Without a GPU (--tiny on CPU) the offload run goes through the simulated transfer: the same
-    # ordering logic, streams and counters as on CUDA.
-    sim = ":transfer=simulated" if device.type == "cpu" else ""
-    on, off = f"omnikv:offload=true{sim}:budget={budget}", f"omnikv:offload=false:budget={budget}"
-    # The two CUDA gather strategies side by side (device gather from mapped host memory: no sync,
-    # every selected row each step; host gather: one sync per segment, only the changed rows).
-    host = f"omnikv:offload=true:transfer={'simulated_host_gather' if sim else 'cuda_host_gather'}:budget={budget}"
-    # Compiled static-shape steps (torch.compile; CUDA graphs on CUDA), compile time reported apart
-    # per record. --tiny on CPU traces with dynamo only (backend eager): inductor would take minutes.
-    cb = ":compile_backend=eager" if device.type == "cpu" else ""
-    compiled = [f"full_prealloc:compile=true{cb}", f"omnikv:offload=true{sim}:compile=true{cb}:budget={budget}"]
-    compiled = compiled if (args.compiled if args.compiled is not None else tiny) else []
-    methods = ["full", "full_prealloc", off, on, host]
-    summary["methods"] = methods
-    summary["compiled_methods"] = compiled
-    # --tiny: the compiled rows at the first context only (compiling is most of their cost there)
-    records = stages.timing(model, methods, contexts, steps, tiny, clock, summary["notes"], compiled,
-                            contexts[:1] if tiny else None) if "timing" in wanted else []
-    summary["timing"] = records
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    summary["bounds"] = stages.bounds(records, weights)
+    runner = _Runner(rig, args, labels, contexts, summary, save)
+    for stage, which, group, estimate in PLAN:
+        runner.run(stage, which, group, estimate)
+    finish_metadata(meta)
+    if runner.model is not None:
+        summary["bounds"] = table.bounds(summary["timing"], summary.get("bandwidths") or {}, summary["model"])
+    summary["targets"] = table.targets(summary)
+    _plot(summary, out)
     save()
-    if records:
+    text = table.render(summary)
+    (out / "table.txt").write_text(text + "\n", encoding="utf-8")
+    print(text, flush=True)
+    failed = [n for n, s in summary["stages"].items() if s["status"] == "failed"]
+    passed = all(v.get("passed") for v in (summary.get("correctness") or {}).values())
+    return 0 if passed and not failed else 1
+
+
+class _Runner:
+    """Runs the plan's stages in order: the time check, the model (built once, when first
+    needed), errors recorded per stage, the summary saved after each."""
+
+    def __init__(self, rig, args, labels, contexts, summary, save) -> None:
+        self.rig, self.args, self.labels, self.summary, self.save = rig, args, labels, summary, save
+        self.small, self.large = contexts[0], contexts[-1]
+        self.wanted = set(args.stage or STAGES)
+        self.model = None
+        self.done: set[str] = set()
+
+    def run(self, stage: str, which: str | None, group: str | None, estimate: float) -> None:
+        ctx = {"L": self.large, "S": self.small, None: None}[which]
+        name = " ".join(str(x) for x in (stage, ctx, group) if x is not None)
+        if stage not in self.wanted or name in self.done:  # one context: S and L name the same stage
+            return
+        self.done.add(name)
+        rig, st = self.rig, self.summary["stages"]
+        estimate = 1.0 if rig.tiny else estimate
+        if not rig.clock.fits(estimate):
+            st[name] = {"status": "skipped", "reason": f"{rig.clock.left():.0f} s of the budget left, needs ~{estimate:.0f} s"}
+            stages.log(f"{name}: skipped ({st[name]['reason']})")
+            self.save()
+            return
+        t0 = time.perf_counter()
+        stages.log(f"{name}: start ({rig.clock.left():.0f} s left)")
+        try:
+            self._stage(stage, ctx, group)
+            st[name] = {"status": "done"}
+        except Exception as exc:  # noqa: BLE001 - a stage that fails must not lose the others
+            st[name] = {"status": "failed", "reason": stages.first_line(exc)}
+            stages.log(f"{name}: FAILED\n{traceback.format_exc()}")
+        st[name]["seconds"] = round(time.perf_counter() - t0, 1)
+        self.save()
+
+    def _need_model(self):
+        if self.model is None:
+            rig = self.rig
+            dtype = torch.float32 if rig.simulated else torch.bfloat16
+            t0 = time.perf_counter()
+            self.model = stages.random_llama(TINY if rig.tiny else LLAMA3_8B, rig.device, dtype)
+            self.summary["model"] = {"weight_bytes": stages.weight_bytes(self.model),
+                                     "embedding_bytes": stages.embedding_bytes(self.model), "dtype": str(dtype)}
+            self.summary["metadata"]["model"] = f"random llama, {'tiny' if rig.tiny else 'Llama-3-8B shapes'}, {dtype}"
+            stages.log(f"built the model in {time.perf_counter() - t0:.1f} s "
+                       f"({self.summary['model']['weight_bytes'] / stages.GIB:.2f} GiB of weights)")
+        return self.model
+
+    def _stage(self, stage: str, ctx: int | None, group: str | None) -> None:
+        rig, labels, s = self.rig, self.labels, self.summary
+        if stage == "bandwidths":
+            s["bandwidths"] = stages.bandwidths(rig)
+        elif stage == "correctness":
+            s["correctness"] = stages.correctness(rig)
+            for name, res in s["correctness"].items():
+                stages.log(f"correctness {name}: {'PASS' if res['passed'] else 'FAIL'} {res}")
+        elif stage == "timing":
+            model = self._need_model()
+            group_labels = dict(stages.timing_groups(labels))[group]
+            s["timing"].extend(stages.time_group(model, rig, group, group_labels, ctx))
+            if group == "eager":
+                generated = 3 + 1 + 1 if rig.tiny else 32 + 8 + 6
+                s.setdefault("device_kv_target", {})[str(ctx)] = stages.device_kv_target(model, labels.on, ctx, generated)
+        elif stage == "trace":
+            s["trace"] = stages.trace(self._need_model(), rig, labels.on, ctx)
+        elif stage == "throughput":
+            s["throughput"] = stages.throughput(self._need_model(), rig, [labels.pre, labels.on], ctx)
+        elif stage == "prefill":
+            s["prefill"] = stages.real_prefill(self._need_model(), rig, labels.on, ctx, 64 if rig.tiny else 2048)
+        elif stage == "limits":
+            s["limits"] = stages.context_limits(self._need_model(), rig, labels, self.args.budget)
+
+
+def _plot(summary: dict[str, Any], out: Path) -> None:
+    """bench.png where matplotlib is installed (the GPU image may not have it: a note instead)."""
+    records = [r for r in summary["timing"] if r.get("ms_per_token")]
+    if not records:
+        return
+    try:
         from omnikv.bench.report import plot
 
-        plot([r for r in records if r.get("ms_per_token")], out / "bench.png", meta)
-
-    # 3. a real chunked prefill -----------------------------------------------------------------
-    if "prefill" in wanted:
-        summary["prefill"] = stages.real_prefill(model, on, contexts[0], 64 if tiny else 2048, clock)
-        log(f"prefill: {summary['prefill']}")
-        save()
-
-    # 4. profiler trace -------------------------------------------------------------------------
-    if "trace" in wanted:
-        trace_ctx = contexts[-1] if tiny else min(contexts[-1], 65536)
-        summary["trace"] = stages.trace(model, on, trace_ctx, out, clock)
-        log(f"trace: {summary['trace']}")
-        save()
-
-    # 5. throughput at the largest batch --------------------------------------------------------
-    if "throughput" in wanted:
-        summary["throughput"] = stages.throughput(model, ["full_prealloc", on], contexts[-1], clock, tiny)
-        save()
-
-    # 5. summary ---------------------------------------------------------------------------------
-    finish_metadata(meta)
-    summary["targets"] = stages.targets(summary, on)
-    summary["elapsed_seconds"] = round(clock.elapsed(), 1)
-    save()
-    print(stages.render(summary), flush=True)
-    ok = all(res["passed"] for res in summary["correctness"].values())  # empty when not run
-    return 0 if ok else 1
+        plot(records, out / "bench.png", summary["metadata"])
+    except ImportError as exc:
+        summary["notes"].append(f"bench.png not written: {exc}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,11 @@
-"""The stages of benchmarks/gpu/gpu_bench.py: model, correctness, timing, trace, max context, table."""
+"""The stages of benchmarks/gpu/gpu_bench.py: the rig, model, correctness, timing groups, trace,
+throughput, prefill, and the longest context each method fits. Targets and the table: table.py.
+
+Every CUDA call goes through `torch.cuda` with `rig.device`, the device tensors live on: a GPU, or
+the CPU in the CI rehearsal (tests/test_gpu_rehearsal.py), where `torch.cuda` is a fake that takes
+the CPU for cuda:0. Branches key on `rig.cuda` (CUDA calls) - never on the tensors' device type -
+so the rehearsal runs the lines the GPU will run.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +16,17 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from omnikv.hf.compat import cache_kwargs
-from omnikv.bench.run import BenchSpec, build_method, public_records, run_bench
-from omnikv.methods.spec import parse_method, parse_methods
-from omnikv.bench.fill import decode_step, first_token, synthetic_fill
+from omnikv.bench.fill import decode_step, first_token, prefill_fill, synthetic_fill
 from omnikv.bench.report import format_table
+from omnikv.bench.run import BenchSpec, build_method, public_records, run_bench
+from omnikv.hf.compat import cache_kwargs
+from omnikv.methods.spec import parse_method, parse_methods
 
 GIB = 2**30
 
@@ -28,7 +36,7 @@ def log(msg: str) -> None:
 
 
 class Clock:
-    """Wall-clock budget of the whole run; stages ask `left()` before starting work."""
+    """Wall-clock budget of the whole run; a stage starts only when its estimate fits."""
 
     def __init__(self, total: float) -> None:
         self.total = total
@@ -40,27 +48,72 @@ class Clock:
     def left(self) -> float:
         return self.total - self.elapsed()
 
-
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
+    def fits(self, estimate: float) -> bool:
+        return self.left() >= estimate
 
 
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, (MemoryError, getattr(torch.cuda, "OutOfMemoryError", MemoryError))) or (
-        "out of memory" in str(exc).lower()
-    )
+@dataclass
+class Rig:
+    """Where the run happens. `cuda`: torch.cuda answers (a GPU, or the rehearsal's fake);
+    `device`: where tensors live; `simulated`: the rehearsal (tensors on the CPU, numbers meaningless)."""
+
+    device: torch.device
+    cuda: bool
+    tiny: bool
+    clock: Clock
+    out: Path
+    compile_backend: str | None = None  # None: inductor with CUDA graphs (reduce-overhead) on a GPU
+
+    @property
+    def simulated(self) -> bool:
+        return self.device.type != "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def free(self) -> None:
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)) or "out of memory" in str(exc).lower()
+
+
+def first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:240]}"
+
+
+# -- the methods ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Labels:
+    """The method labels of a run (`omnikv.methods.spec` syntax)."""
+
+    on: str  # OmniKV, offload on, CUDA transfer, the strategy the machine allows (device gather first)
+    host: str  # offload on, gather on the host (one sync per segment, only the changed rows move)
+    off: str  # offload off: the bank on the device
+    full: str = "full"  # transformers' own dynamic cache
+    pre: str = "full_prealloc"  # full attention into preallocated buffers
+    on_captured: str = ""  # static step, compiled (CUDA graphs on a GPU)
+    pre_captured: str = ""
+
+    @classmethod
+    def make(cls, budget: int, compile_backend: str | None) -> Labels:
+        cb = f":compile_backend={compile_backend}" if compile_backend else ""
+        return cls(on=f"omnikv:offload=true:transfer=cuda:budget={budget}",
+                   host=f"omnikv:offload=true:transfer=cuda_host_gather:budget={budget}",
+                   off=f"omnikv:offload=false:budget={budget}",
+                   on_captured=f"omnikv:offload=true:transfer=cuda:compile=true{cb}:budget={budget}",
+                   pre_captured=f"full_prealloc:compile=true{cb}")
 
 
 # -- model -------------------------------------------------------------------------------------------
 def random_llama(shape: dict[str, Any], device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """A LlamaForCausalLM with random N(0, 0.02) weights built directly on `device` in `dtype`.
-
-    transformers' own initialisation is skipped (it would run twice over 8B parameters); the
-    weights are drawn in place afterwards, which takes well under a second on a GPU.
-    """
+    """A LlamaForCausalLM with random N(0, 0.02) weights built directly on `device` in `dtype`
+    (transformers' own initialisation skipped: it would run twice over 8B parameters)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     try:
@@ -89,8 +142,14 @@ def random_llama(shape: dict[str, Any], device: torch.device, dtype: torch.dtype
     return model.eval()
 
 
-def weight_gib(model) -> float:
-    return sum(p.numel() * p.element_size() for p in model.parameters()) / GIB
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def embedding_bytes(model) -> int:
+    """The input embedding table: one row of it is read per token, not the table."""
+    emb = model.get_input_embeddings().weight
+    return emb.numel() * emb.element_size()
 
 
 def sized_cache(model, label: str, ctx: int, decode_tokens: int):
@@ -101,7 +160,7 @@ def sized_cache(model, label: str, ctx: int, decode_tokens: int):
     return cache
 
 
-# -- 1. correctness ----------------------------------------------------------------------------------
+# -- correctness --------------------------------------------------------------------------------------
 SMALL = dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
              intermediate_size=512, vocab_size=1024, rope_theta=500000.0, max_position_embeddings=8192)
 
@@ -109,7 +168,6 @@ SMALL = dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=8, num_ke
 @torch.inference_mode()
 def greedy(model, method, prompt: torch.Tensor, n: int):
     """Prefill `prompt` (1, T) through the method's cache, then n greedy steps.
-
     Returns (tokens list, logits (n, V) float32, cache)."""
     cache = method.make_cache(model)
     out = model(input_ids=prompt, use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
@@ -129,69 +187,136 @@ def _compare(a, b, tol: float) -> dict[str, Any]:
             "passed": a[0] == b[0] and diff <= tol}
 
 
-def correctness(device: torch.device, tiny: bool) -> dict[str, Any]:
-    """Full-budget OmniKV == full attention; offload on == off at a real budget (fp32)."""
+def correctness(rig: Rig) -> dict[str, Any]:
+    """Full-budget OmniKV == full attention (offload off and on); offload on == off at a real
+    budget (fp32), through the CUDA transfer, with the strategy it ran and the bank's memory."""
     from omnikv.methods import get_method
 
-    shape = dict(SMALL, hidden_size=128, intermediate_size=256) if tiny else SMALL
-    model = random_llama(shape, device, torch.float32, seed=1)
-    n_prompt, n_new = (200, 6) if tiny else (1500, 16)
-    prompt = torch.randint(0, SMALL["vocab_size"], (1, n_prompt), generator=torch.Generator().manual_seed(3)).to(device)
+    shape = dict(SMALL, hidden_size=128, intermediate_size=256) if rig.tiny else SMALL
+    model = random_llama(shape, rig.device, torch.float32, seed=1)
+    n_prompt, n_new = (120, 4) if rig.tiny else (1500, 16)
+    prompt = torch.randint(0, SMALL["vocab_size"], (1, n_prompt), generator=torch.Generator().manual_seed(3))
+    prompt = prompt.to(rig.device)
     base = dict(filter_layers=(1, 4), num_wait_layers=1)
+    cuda = {"transfer": "cuda"} if rig.cuda else {}
     full = greedy(model, get_method("full"), prompt, n_new)
     res: dict[str, Any] = {}
     eq = {}
     for offload in (False, True):
-        m = get_method("omnikv", budget=1.0, sink_tokens=0, recent_tokens=0, offload=offload, **base)
+        m = get_method("omnikv", budget=1.0, sink_tokens=0, recent_tokens=0, offload=offload, **base,
+                       **(cuda if offload else {}))
         eq[f"offload={offload}"] = _compare(greedy(model, m, prompt, n_new), full, 1e-3)
     res["full_budget_equivalence"] = {"passed": all(v["passed"] for v in eq.values()), **eq}
+    # Both sides gather every selected row (partial_reload=False): the same rows in the same order;
+    # the tolerance covers kernel choice (fp32).
     runs = {}
-    # Both sides gather every selected row (partial_reload=False): the offload path's device gather
-    # lays the rows out in selection order like the on-device gather, so the attention inputs are
-    # the same rows in the same order; the tolerance covers kernel choice (fp32).
     for offload in (False, True):
-        sim = {"transfer": "simulated"} if offload and device.type == "cpu" else {}  # no GPU: simulate it
         m = get_method("omnikv", budget=64, sink_tokens=4, recent_tokens=16, offload=offload,
-                       partial_reload=False, **base, **sim)
+                       partial_reload=False, **base, **(cuda if offload else {}))
         runs[offload] = greedy(model, m, prompt, n_new)
     cmp = _compare(runs[True], runs[False], 1e-4)
-    stats = runs[True][2].stats()
+    cache = runs[True][2]
+    stats = cache.stats()
+    transfer = cache.transfer
     cmp.update(exact=cmp["max_abs_logit_diff"] == 0.0, host_kv_bytes=stats["host_kv_bytes"],
                h2d_bytes_per_step=stats["h2d_bytes_per_step"], host_syncs_per_step=stats.get("host_syncs_per_step"),
-               transfer=stats.get("transfer"), pinned_host_bytes=stats.get("pinned_host_bytes"))
-    if device.type == "cuda":  # the bank really is page-locked host memory and rows really move
-        banks = [seg.bank for seg in runs[True][2].all_segments() if seg.bank is not None and seg.bank.data is not None]
-        cmp["bank_pinned"] = all(b.data.is_pinned() and b.data.device.type == "cpu" for b in banks)
-        cmp["passed"] = cmp["passed"] and cmp["bank_pinned"] and stats["h2d_bytes_per_step"] > 0
+               transfer=stats.get("transfer"), pinned_host_bytes=stats.get("pinned_host_bytes"),
+               host_memory=getattr(transfer, "host_memory", None), gather_reason=getattr(transfer, "gather_reason", None))
+    if rig.cuda:  # the bank is page-locked host memory (unless the machine has none) and rows cross the link
+        banks = [seg.bank for seg in cache.all_segments() if seg.bank is not None and seg.bank.data is not None]
+        cmp["bank_pinned"] = bool(banks) and all(b.data.is_pinned() and b.data.device.type == "cpu" for b in banks)
+        moved = stats["h2d_bytes_per_step"] > 0 or rig.simulated  # rehearsal: bank and "device" share the CPU
+        cmp["passed"] = cmp["passed"] and (cmp["bank_pinned"] or cmp["host_memory"] == "pageable") and moved
     res["offload_on_equals_off"] = cmp
-    del model, runs, full
-    _free(device)
+    del model, runs, full, cache
+    rig.free()
     return res
 
 
-# -- 2. timing -----------------------------------------------------------------------------------
-def timing(model, methods: list[str], contexts: list[int], steps: int, tiny: bool, clock: Clock,
-           notes: list[str], compiled: list[str] = (), compiled_contexts: list[int] | None = None) -> list[dict[str, Any]]:
-    """Every method at every context; the `compiled` ones only at `compiled_contexts` (None: all)."""
-    records: list[dict[str, Any]] = []
-    device = next(model.parameters()).device
-    for ctx in contexts:
-        if clock.left() < (20 if tiny else 150):
-            notes.append(f"timing at {ctx} skipped: {clock.left():.0f} s left")
-            log(notes[-1])
-            break
-        labels = methods + [m for m in compiled if compiled_contexts is None or ctx in compiled_contexts]
-        spec = BenchSpec(methods=parse_methods(",".join(labels)), contexts=[ctx], synthetic_kv=True,
-                         steps=steps, warmup=1 if tiny else 8, breakdown_steps=1 if tiny else 6)
-        t0 = time.perf_counter()
-        recs = public_records(run_bench(model, spec, log=log))
-        records.extend(recs)
-        log(f"context {ctx} timed in {time.perf_counter() - t0:.1f} s\n" + format_table(recs))
-        _free(device)
-    return records
+# -- bandwidths of this card ----------------------------------------------------------------------------
+def bandwidths(rig: Rig) -> dict[str, Any]:
+    """GB/s measured here: HBM read (a reduction over 1 GiB), host->device copy from registered
+    host memory, and a gather kernel reading mapped host memory (what the device gather does).
+    The step bounds (table.py) are built from these, not from a data sheet."""
+    from omnikv.offload.mapped import mapped_memory
+    from omnikv.offload.transfer import CudaTransfer
+
+    mib = 16 if rig.tiny else 1024
+    out: dict[str, Any] = {}
+
+    def best(fn, reps: int = 5) -> float:
+        fn()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        return max(min(times), 1e-9)
+
+    x = torch.ones(mib * 2**20 // 2, dtype=torch.bfloat16, device=rig.device)
+    out["hbm_read_gbps"] = round(x.numel() * 2 / best(lambda: x.sum()) / 1e9, 1)
+    del x
+    transfer = CudaTransfer()
+    n = (mib // 2) * 2**20
+    host = transfer.host_empty((n,), torch.uint8, torch.device("cpu"))
+    host.fill_(1)
+    dev = torch.empty(n, dtype=torch.uint8, device=rig.device)
+    out["h2d_copy_gbps"] = round(n / best(lambda: dev.copy_(host, non_blocking=True)) / 1e9, 1)
+    out["host_memory"] = transfer.host_memory
+    answer = mapped_memory(rig.device)
+    out["mapped_memory"] = {"usable": answer.usable, "reason": answer.reason}
+    if answer.usable and transfer.host_memory == "registered":
+        row = 16 * 2**10  # one token of a 4-layer segment of Llama-3-8B (4 x 2 x 8 x 128 x 2 bytes)
+        view = transfer.gather_source(host, rig.device).view(-1, row)
+        picks = torch.randperm(view.shape[0], device=rig.device)[: view.shape[0] // 4]
+        sec = best(lambda: view.index_select(0, picks))
+        out["mapped_gather_gbps"] = round(picks.numel() * row / sec / 1e9, 1)
+    t = torch.empty(n, dtype=torch.uint8)
+    t0 = time.perf_counter()
+    t.copy_(host)
+    out["host_copy_gbps"] = round(n / max(time.perf_counter() - t0, 1e-9) / 1e9, 1)
+    del host, dev, t, transfer
+    rig.free()
+    return out
 
 
-# -- 3. trace -------------------------------------------------------------------------------------
+# -- timing: interleaved groups that fit the card ----------------------------------------------------------
+def timing_groups(labels: Labels) -> list[tuple[str, list[str]]]:
+    """(group, methods) in the order they run at each context. Methods in one group are timed
+    interleaved (their caches alive together): each group holds the pair a target compares, and
+    no more, so 128K fits an H100 80GB; between groups every cache is freed. Offload methods fill
+    first, while their fill peak (the sparse layers' rows stay on the device until decoding)
+    has the card to itself."""
+    return [
+        ("eager", [labels.on, labels.host, labels.full, labels.pre]),
+        ("captured", [labels.on_captured, labels.pre_captured, labels.full]),
+        ("offload_off", [labels.off, labels.on]),
+    ]
+
+
+def time_group(model, rig: Rig, group: str, labels: list[str], ctx: int) -> list[dict[str, Any]]:
+    """One interleaved run of `labels` at `ctx`; a method that fails is recorded and the others
+    go on (`keep_going`); a compiled method's failure is recorded as not capturable."""
+    steps, warmup, breakdown = (3, 1, 1) if rig.tiny else (32, 8, 6)
+    if group == "captured":
+        breakdown = 0  # compiled steps have none, and the eager reference does not need one here
+    spec = BenchSpec(methods=parse_methods(",".join(labels)), contexts=[ctx], synthetic_kv=True, steps=steps,
+                     warmup=warmup, breakdown_steps=breakdown, keep_going=True)
+    t0 = time.perf_counter()
+    recs = public_records(run_bench(model, spec, log=log))
+    for r in recs:
+        r["group"] = group
+        if r.get("options", {}).get("compile") and not r.get("ms_per_token"):
+            r["note"] = f"not capturable: {r.get('note')}"
+    log(f"{group} @ {ctx} timed in {time.perf_counter() - t0:.1f} s\n" + format_table(recs))
+    rig.free()
+    return recs
+
+
+# -- trace ----------------------------------------------------------------------------------------------
 def analyze_trace(events: list[dict[str, Any]], steps: int) -> dict[str, Any]:
     """Host->device traffic in a chrome trace and how much of its time overlaps kernels of the
     compute stream. Traffic = HtoD memcpys plus kernels on side streams (the device gather reads
@@ -224,7 +349,6 @@ def analyze_trace(events: list[dict[str, Any]], steps: int) -> dict[str, Any]:
         if "pageable" in str(c.get("name", "")).lower():
             pageable += c["dur"]
         nbytes += int((c.get("args") or {}).get("bytes", 0) or 0)
-    kernel_us = sum(k["dur"] for k in main)
     return {
         "h2d_copies": len(memcpys),
         "side_stream_kernels": len(side_kernels),
@@ -232,220 +356,185 @@ def analyze_trace(events: list[dict[str, Any]], steps: int) -> dict[str, Any]:
         "h2d_mb_per_step": round(nbytes / 2**20 / steps, 2) if nbytes else None,
         "overlapped_fraction": round(overlapped / total, 3) if total else None,
         "pageable_fraction": round(pageable / total, 3) if total else None,
-        "kernel_ms_per_step": round(kernel_us / 1e3 / steps, 3),
+        "kernel_ms_per_step": round(sum(k["dur"] for k in main) / 1e3 / steps, 3),
         "copy_streams": sorted({str(c.get("tid")) for c in moves}),
     }
 
 
-def trace(model, label: str, ctx: int, out: Path, clock: Clock, steps: int = 4) -> dict[str, Any]:
-    if clock.left() < 40:
-        return {"skipped": f"{clock.left():.0f} s left"}
+def trace(model, rig: Rig, label: str, ctx: int, steps: int = 4) -> dict[str, Any]:
+    """A torch.profiler trace of `steps` decode steps of `label` ($OUT/trace_omnikv_offload.json.gz)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    device = next(model.parameters()).device
     cache = sized_cache(model, label, ctx, 16)
     synthetic_fill(model, cache, ctx)
     tok = first_token(model)
     for _ in range(3):
         tok = decode_step(model, cache, tok)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if not rig.simulated else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
             with record_function("decode_step"):
                 tok = decode_step(model, cache, tok)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        rig.sync()
+    transfer = cache.stats().get("transfer")
     del cache
-    _free(device)
+    rig.free()
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(raw))
         data = json.loads(raw.read_text())
-        dest = out / "trace_omnikv_offload.json.gz"
+        dest = rig.out / "trace_omnikv_offload.json.gz"
         with raw.open("rb") as src, gzip.open(dest, "wb") as gz:
             shutil.copyfileobj(src, gz)
     events = data.get("traceEvents", data if isinstance(data, list) else [])
-    result = {"method": label, "context": ctx, "steps": steps, "file": dest.name, **analyze_trace(events, steps)}
-    if device.type != "cuda":
-        result["note"] = "no CUDA: CPU-only trace, nothing crosses a bus"
+    result = {"method": label, "context": ctx, "steps": steps, "transfer": transfer, "file": dest.name,
+              **analyze_trace(events, steps)}
+    if rig.simulated:
+        result["note"] = "rehearsal: CPU-only trace, nothing crosses a bus"
     return result
 
 
-# -- 5. targets and the table ------------------------------------------------------------------------
-def targets(summary: dict[str, Any], on_label: str) -> dict[str, Any]:
-    """The issue's targets at the largest timed context with offload: decode >= 1.7x stock full
-    attention and >= 1.3x full_prealloc at batch 1, device KV <= 25% of full, throughput >= 3x full
-    attention's (each at its largest batch), copies overlapped (trace)."""
-    recs = [r for r in summary.get("timing", []) if r.get("ms_per_token")]
-    t: dict[str, Any] = {}
-    if recs:
-        ctx = max(r["context"] for r in recs)
-        at = {r["method"]: r for r in recs if r["context"] == ctx}
-        on = at.get(on_label)
-        full, pre = at.get("full"), at.get("full_prealloc")
-        t["context"] = ctx
-        if on and full:
-            x = full["ms_per_token"] / on["ms_per_token"]
-            t["decode_vs_full_offload_on"] = {"value": round(x, 3), "target": 1.7, "met": x >= 1.7}
-            share = on["device_kv_bytes"] / full["device_kv_bytes"]
-            t["device_kv_share_offload_on"] = {"value": round(share, 4), "target": 0.25, "met": share <= 0.25}
-        if on and pre:
-            x = pre["ms_per_token"] / on["ms_per_token"]
-            t["decode_vs_full_prealloc_offload_on"] = {"value": round(x, 3), "target": 1.3, "met": x >= 1.3}
-    tp = (summary.get("throughput") or {}).get("methods", {})
-    a = (tp.get(on_label) or {}).get("tokens_per_second")
-    b = (tp.get("full_prealloc") or {}).get("tokens_per_second")
-    if a and b:
-        t["throughput_vs_full"] = {"value": round(a / b, 3), "target": 3.0, "met": a / b >= 3.0}
-    tr = summary.get("trace") or {}
-    if tr.get("overlapped_fraction") is not None:
-        t["h2d_overlap"] = {"value": tr["overlapped_fraction"], "target": 0.5, "met": tr["overlapped_fraction"] >= 0.5}
-    return t
+# -- throughput at the largest batch that fits --------------------------------------------------------------
+def throughput(model, rig: Rig, labels: list[str], ctx: int, steps: int = 4) -> dict[str, Any]:
+    """Decode tokens/s at `ctx` with the largest batch each method fits: batch 1 measures the
+    method's peak per sequence (device bytes above what was held, and page-locked host bytes);
+    the batch is sized from that peak against free device memory and MemAvailable (x0.9); one
+    retry at 0.6x that batch on out-of-memory, no more."""
+    from omnikv.methods.memory import host_available_bytes
 
-
-def render(summary: dict[str, Any]) -> str:
-    meta = summary["metadata"]
-    lines = ["", "=" * 100, f"SUMMARY  {meta.get('gpu', {}).get('name', meta['device'])} | {meta.get('model')} | "
-             f"torch {meta['versions']['torch']} | transformers {meta['versions']['transformers']} | "
-             f"commit {(meta['git'].get('commit') or '?')[:10]}"]
-    for name, res in summary["correctness"].items():
-        extra = res.get("max_abs_logit_diff")
-        lines.append(f"correctness {name}: {'PASS' if res['passed'] else 'FAIL'}" + (f" (max |dlogit| {extra:.2e})" if extra is not None else ""))
-    lines.append(f"{'context':>8}  {'method':<32} {'ms/tok':>8} {'x full':>7} {'dev KV GiB':>10} {'host KV GiB':>11} "
-                 f"{'H2D MB/step':>11} {'peak dev GiB':>12}")
-    for r in summary.get("timing", []):
-        if not r.get("ms_per_token"):
-            lines.append(f"{r['context']:>8}  {r['method']:<32} {r.get('note')}")
-            continue
-        peak = r.get("peak_device_bytes")
-        lines.append(f"{r['context']:>8}  {r['method']:<32} {r['ms_per_token']:>8.2f} {r['ratio_to_full'] or 0:>7.2f} "
-                     f"{r['device_kv_bytes'] / GIB:>10.3f} {r['host_kv_bytes'] / GIB:>11.3f} "
-                     f"{r['h2d_bytes_per_step'] / 2**20:>11.1f} {'-' if peak is None else f'{peak / GIB:.2f}':>12}")
-    tr = summary.get("trace") or {}
-    if tr.get("h2d_copies"):
-        lines.append(f"H2D overlap ({tr['method']} @ {tr['context']}): {tr['overlapped_fraction']:.0%} of "
-                     f"{tr['h2d_ms_per_step']} ms/step of host->device copies overlapped kernels on other streams; "
-                     f"pageable share {tr['pageable_fraction']:.0%}; trace {tr['file']}")
-    else:
-        lines.append(f"H2D overlap: {tr.get('note') or tr.get('skipped') or 'n/a'}")
-    pf = summary.get("prefill") or {}
-    if pf.get("prefill_seconds") is not None:
-        lines.append(f"prefill {pf['context']} tokens ({pf['method']}, chunk {pf['chunk']}): {pf['prefill_seconds']} s, "
-                     f"H2D {pf['h2d_bytes_prefill']} B, D2H {pf['d2h_bytes_prefill']} B, transfer {pf['transfer']}")
-    for label, e in ((summary.get("throughput") or {}).get("methods") or {}).items():
-        lines.append(f"throughput {label} @ {summary['throughput']['context']}: {e.get('tokens_per_second')} tok/s "
-                     f"(batch {(e.get('largest') or e.get('batch_1') or {}).get('batch')})")
-    for b in summary.get("bounds", []):
-        lines.append(f"bound {b['context']:>7} {b['method']:<32} measured {b['measured_ms']} ms, bound {b['bound_ms']} ms "
-                     f"({b['limited_by']}), {b['over_bound_x']}x over")
-    for name, t in summary.get("targets", {}).items():
-        if isinstance(t, dict):
-            lines.append(f"target {name}: {t['value']} (target {t['target']}) {'MET' if t['met'] else 'NOT MET'}")
-    lines += [f"notes: {n}" for n in summary.get("notes", [])]
-    lines.append(f"elapsed {summary.get('elapsed_seconds')} s; details in summary.json")
-    return "\n".join(lines)
-
-
-# -- 6. a real chunked prefill ------------------------------------------------------------------------
-def real_prefill(model, label: str, ctx: int, chunk: int, clock: Clock) -> dict[str, Any]:
-    """One real chunked prefill of random ids through `label`'s cache: seconds and the bytes the
-    transfer interface counted (host->device should be ~0, device->host the prompt's rows once)."""
-    if clock.left() < 30:
-        return {"skipped": f"{clock.left():.0f} s left"}
-    from omnikv.bench.fill import prefill_fill
-
-    device = next(model.parameters()).device
-    cache = sized_cache(model, label, ctx, 8)
-    seconds, tok = prefill_fill(model, cache, ctx, chunk=chunk)
-    tok = decode_step(model, cache, tok)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    st = cache.stats()
-    keys = ("h2d_bytes_prefill", "d2h_bytes_prefill", "host_kv_bytes", "pinned_host_bytes", "device_kv_bytes",
-            "host_syncs_per_step", "h2d_bytes_per_step", "transfer")
-    res = {"method": label, "context": ctx, "chunk": chunk, "prefill_seconds": round(seconds, 2),
-           **{k: st.get(k) for k in keys}}
-    del cache
-    _free(device)
-    return res
-
-
-# -- 7. throughput at the largest batch ---------------------------------------------------------------
-def throughput(model, labels: list[str], ctx: int, clock: Clock, tiny: bool, steps: int = 4) -> dict[str, Any]:
-    """Decode tokens/s at `ctx` with the largest batch each method fits: batch 1 first, then the
-    batch its measured device bytes per sequence predict (x0.9), halving on out-of-memory."""
-    device = next(model.parameters()).device
     out: dict[str, Any] = {"context": ctx, "methods": {}}
+    cap = 4 if rig.tiny else 64
     for label in labels:
-        if clock.left() < (10 if tiny else 40):
-            out["methods"][label] = {"skipped": f"{clock.left():.0f} s left"}
-            continue
-        one = _batch_run(model, label, ctx, 1, steps)
+        one = _batch_run(model, rig, label, ctx, 1, steps)
         entry: dict[str, Any] = {"batch_1": one}
-        if one.get("fits") and device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            per_seq = max(one["device_kv_bytes"], 1)
-            batch = max(1, int(0.9 * (free - 2 * GIB) / per_seq))
-            while batch > 1 and clock.left() > 30:
-                run = _batch_run(model, label, ctx, batch, steps)
+        if one.get("fits"):
+            free_dev, _ = torch.cuda.mem_get_info(rig.device)
+            by_dev = int(0.9 * free_dev / max(one["peak_device_bytes"], 1))
+            host_avail = host_available_bytes()
+            pinned = one.get("pinned_host_bytes") or 0
+            by_host = int(0.9 * host_avail / pinned) if pinned and host_avail else cap
+            batch = max(1, min(by_dev, by_host, cap))
+            entry["sized"] = {"by_device": by_dev, "by_host": by_host, "cap": cap, "batch": batch,
+                              "free_device_bytes": free_dev, "host_available_bytes": host_avail}
+            for attempt in range(2):
+                if batch <= 1:
+                    break
+                run = _batch_run(model, rig, label, ctx, batch, steps)
+                entry.setdefault("tries", []).append(run)
                 if run.get("fits"):
                     entry["largest"] = run
                     break
-                batch //= 2
+                batch = int(batch * 0.6)
         best = entry.get("largest") or one
+        entry["batch"] = best.get("batch")
         entry["tokens_per_second"] = best.get("tokens_per_second")
         out["methods"][label] = entry
-        log(f"throughput {label} @ {ctx}: {entry}")
+        log(f"throughput {label} @ {ctx}: batch {entry['batch']}, {entry['tokens_per_second']} tok/s")
     return out
 
 
-def _batch_run(model, label: str, ctx: int, batch: int, steps: int) -> dict[str, Any]:
-    device = next(model.parameters()).device
+def _batch_run(model, rig: Rig, label: str, ctx: int, batch: int, steps: int) -> dict[str, Any]:
     cache = None
     try:
+        rig.free()
+        held = torch.cuda.memory_allocated(rig.device)
+        torch.cuda.reset_peak_memory_stats(rig.device)
         cache = sized_cache(model, label, ctx, steps + 4)
         synthetic_fill(model, cache, ctx, batch=batch)
         tok = first_token(model).expand(batch, 1).contiguous()
         tok = decode_step(model, cache, tok)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        rig.sync()
         s = time.perf_counter()
         for _ in range(steps):
             tok = decode_step(model, cache, tok)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        rig.sync()
         dt = (time.perf_counter() - s) / steps
         st = cache.stats()
-        return {"batch": batch, "fits": True, "ms_per_step": round(1e3 * dt, 2),
-                "tokens_per_second": round(batch / dt, 1), "device_kv_bytes": st["device_kv_bytes"] // batch}
+        peak = torch.cuda.max_memory_allocated(rig.device) - held
+        return {"batch": batch, "fits": True, "ms_per_step": round(1e3 * dt, 2), "tokens_per_second": round(batch / dt, 1),
+                "peak_device_bytes": peak // batch, "pinned_host_bytes": (st.get("pinned_host_bytes") or 0) // batch,
+                "device_kv_bytes": st["device_kv_bytes"] // batch, "transfer": st.get("transfer")}
     except Exception as exc:  # noqa: BLE001 - only out-of-memory is an answer here
-        if not _is_oom(exc):
+        if not is_oom(exc):
             raise
-        return {"batch": batch, "fits": False, "error": str(exc).splitlines()[0][:160]}
+        return {"batch": batch, "fits": False, "error": first_line(exc)}
     finally:
         del cache
-        _free(device)
+        rig.free()
 
 
-# -- 8. bandwidth bounds --------------------------------------------------------------------------------
-# H200 SXM: HBM3e 4.8 TB/s; PCIe Gen5 x16 ~55 GB/s achievable host->device from page-locked memory.
-HBM_BYTES_PER_S = 4.8e12
-PCIE_BYTES_PER_S = 55e9
+# -- a real chunked prefill ----------------------------------------------------------------------------------
+def real_prefill(model, rig: Rig, label: str, ctx: int, chunk: int) -> dict[str, Any]:
+    """One real chunked prefill of random ids through `label`'s cache: seconds, the device peak
+    above what was held (the prefill peak), and the bytes the transfer counted (host->device ~0,
+    device->host the prompt's rows once)."""
+    rig.free()
+    held = torch.cuda.memory_allocated(rig.device)
+    torch.cuda.reset_peak_memory_stats(rig.device)
+    cache = sized_cache(model, label, ctx, 8)
+    seconds, tok = prefill_fill(model, cache, ctx, chunk=chunk)
+    peak = torch.cuda.max_memory_allocated(rig.device) - held
+    tok = decode_step(model, cache, tok)
+    rig.sync()
+    st = cache.stats()
+    keys = ("h2d_bytes_prefill", "d2h_bytes_prefill", "host_kv_bytes", "pinned_host_bytes", "device_kv_bytes",
+            "host_syncs_per_step", "h2d_bytes_per_step", "transfer")
+    res = {"method": label, "context": ctx, "chunk": chunk, "prefill_seconds": round(seconds, 2),
+           "prefill_peak_device_bytes": peak, **{k: st.get(k) for k in keys}}
+    del cache
+    rig.free()
+    return res
 
 
-def bounds(records: list[dict[str, Any]], weights_bytes: int) -> list[dict[str, Any]]:
-    """Per timed record: the step's lower bound from bytes and bandwidths (weights + device KV read
-    once at HBM speed; host->device bytes at PCIe speed, when not hidden) and how far the measured
-    step is above it, so a missed target names the part that is over its bound."""
-    out = []
-    for r in records:
-        if not r.get("ms_per_token"):
-            continue
-        hbm_ms = 1e3 * (weights_bytes + r["device_kv_bytes"]) / HBM_BYTES_PER_S
-        pcie_ms = 1e3 * r.get("h2d_bytes_per_step", 0) / PCIE_BYTES_PER_S
-        bound = max(hbm_ms, pcie_ms)
-        out.append({"method": r["method"], "context": r["context"], "measured_ms": r["ms_per_token"],
-                    "hbm_bound_ms": round(hbm_ms, 3), "pcie_bound_ms": round(pcie_ms, 3),
-                    "bound_ms": round(bound, 3), "over_bound_x": round(r["ms_per_token"] / bound, 2) if bound else None,
-                    "limited_by": "host->device link" if pcie_ms > hbm_ms else "HBM (weights + KV)"})
+# -- the longest context each method fits (the library's memory plan) -----------------------------------------
+def context_limits(model, rig: Rig, labels: Labels, budget: int) -> dict[str, Any]:
+    """Per method: the longest prompt `omnikv.methods.memory.plan_memory` says fits this card
+    (95% of its memory) and this machine's MemAvailable, batch 1, 256 new tokens, 2048-token
+    prefill chunks, with the weights measured. An estimate from the plan, not a measurement."""
+    from omnikv.methods.memory import host_available_bytes, plan_memory
+
+    _, total = torch.cuda.mem_get_info(rig.device)
+    dev_avail, host_avail = int(0.95 * total), host_available_bytes()
+    weights = weight_bytes(model)
+    dtype_bytes = next(model.parameters()).element_size()
+    out: dict[str, Any] = {"device_available_bytes": dev_avail, "host_available_bytes": host_avail, "methods": {}}
+    for label in (labels.full, labels.pre, labels.off, labels.on):
+        method = build_method(parse_method(label), None)
+
+        def fits(ctx: int) -> bool:
+            plan = plan_memory(model.config, ctx, method, device="cuda", dtype_bytes=dtype_bytes,
+                               prefill_chunk_size=2048, weights_bytes=weights)
+            return plan.device_total_bytes <= dev_avail and (host_avail is None or plan.host_total_bytes <= host_avail)
+
+        lo, hi = 0, 1 << 16  # in units of 1024 tokens: up to 64M
+        while lo < hi:  # the largest ctx (multiple of 1024) that fits
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid * 1024) else (lo, mid - 1)
+        out["methods"][label] = {"max_context": lo * 1024 if lo else None}
     return out
+
+
+def device_kv_target(model, label: str, ctx: int, generated: int) -> dict[str, Any]:
+    """The device-KV share OmniKV with offload should hold at `ctx` after `generated` decode
+    steps, from its preset: every row of the dense and filter layers, plus k selected + the
+    generated rows of each sparse layer (the working buffers), over full attention's rows:
+
+        share = (dense + sparse * (k + generated) / (ctx + generated)) / layers
+
+    (the method's own `kv_plan`, so the formula and the library's memory plan are one)."""
+    from omnikv.algorithm.roles import Role, plan_layers
+    from omnikv.hf.compat import layer_types
+    from omnikv.methods.memory import KVContext
+
+    method = build_method(parse_method(label), None)
+    dtype_bytes = next(model.parameters()).element_size()
+    kv = KVContext.of(model.config, ctx, generated, dtype_bytes, on_accelerator=True)
+    plan = method.kv_plan(kv)
+    cfg = method.config_for(model.config, warn=False)
+    roles = plan_layers(cfg, list(layer_types(model.config)))
+    sparse = len(roles.layers_with(Role.SPARSE))
+    layers = len(roles.roles)
+    k = cfg.resolve_budget(ctx)
+    return {"value": round(plan.device_kv_bytes / kv.full_kv_bytes, 4), "dense_layers": layers - sparse,
+            "sparse_layers": sparse, "k": k, "generated": generated,
+            "formula": f"({layers - sparse} + {sparse} x ({k} + {generated}) / {ctx + generated}) / {layers}"}

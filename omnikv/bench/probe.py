@@ -193,13 +193,16 @@ class MemoryWindow:
         self.rss_reset = reset_peak_rss()
         if self.cuda:
             torch.cuda.synchronize(self.device)
-            self.others_device = max(0, torch.cuda.memory_allocated(self.device) - self.baseline_device)
+            self.start_device = torch.cuda.memory_allocated(self.device)
+            self.others_device = max(0, self.start_device - self.baseline_device)
             torch.cuda.reset_peak_memory_stats(self.device)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.peak_rss = peak_rss() - (self.others_rss if self.rss_reset else 0)
-        self.peak_device = None
+        self.peak_device = self.resident_device = None
         if self.cuda:
             torch.cuda.synchronize(self.device)
             self.peak_device = torch.cuda.max_memory_allocated(self.device) - self.others_device
+            # what the method still holds once warm (its cache, buffers included), measured
+            self.resident_device = torch.cuda.memory_allocated(self.device) - self.start_device

@@ -53,6 +53,9 @@ class BenchSpec:
     budget: int | float | None = None  # passed to every method except the full-attention ones
     prefill_chunk: int | None = 2048
     seed: int = 0
+    # A method that fails (any error, not only out of memory) is recorded with its error, and the
+    # others go on: for one-shot runs such as benchmarks/gpu/, where a crash loses the whole call.
+    keep_going: bool = False
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -89,6 +92,8 @@ class _Run:
     prefill_seconds: float | None = None
     peak_rss: int | None = None
     peak_device: int | None = None
+    baseline_device: int = 0  # device bytes held before any cache of this context was built
+    resident_device: int | None = None  # device bytes the method holds once filled and warm
     times: list[float] = field(default_factory=list)
     h2d: list[int] = field(default_factory=list)
     breakdown: list[tuple[float, dict[str, float]]] = field(default_factory=list)
@@ -151,16 +156,44 @@ def _fill(model, run: _Run, spec: BenchSpec, context: int, baseline: tuple[int, 
         for _ in range(warmup):  # includes compiling (timed apart, in the decoder)
             run.tok = _step(model, run, run.tok)
     run.peak_rss, run.peak_device = mem.peak_rss, mem.peak_device
+    run.baseline_device, run.resident_device = baseline[1], mem.resident_device
 
 
-def _timed_rounds(model, runs: list[_Run], steps: int, device) -> None:
+def _failure(exc: BaseException, where: str, keep_going: bool) -> str:
+    """The note for a method that failed `where`; re-raises what is neither out of memory nor
+    tolerated (`keep_going`)."""
+    first = (str(exc).splitlines() or [""])[0][:200]
+    if _is_oom(exc):
+        return f"out of memory {where}: {first}"
+    if not keep_going:
+        raise exc
+    return f"failed {where}: {type(exc).__name__}: {first}"
+
+
+def _drop(run: _Run, note: str, device, log: Callable[[str], None]) -> None:
+    """Free a failed run's cache (its record keeps what was measured before, and the note)."""
+    run.note, run.cache, run.decoder, run.times, run.h2d = note, None, None, [], []
+    log(f"{run.spec.label}: {note}")
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _timed_rounds(model, runs: list[_Run], steps: int, device, keep_going: bool = False,
+                  log: Callable[[str], None] = lambda _m: None) -> None:
+    live = list(runs)
     for r in range(steps):
-        k = r % len(runs)
-        for run in runs[k:] + runs[:k]:  # rotate so no method always follows the same one
-            _sync(device)
-            t0 = time.perf_counter()
-            run.tok = _step(model, run, run.tok)
-            _sync(device)
+        k = r % len(live) if live else 0
+        for run in live[k:] + live[:k]:  # rotate so no method always follows the same one
+            try:
+                _sync(device)
+                t0 = time.perf_counter()
+                run.tok = _step(model, run, run.tok)
+                _sync(device)
+            except Exception as exc:  # noqa: BLE001 - one method failing must not lose the others
+                _drop(run, _failure(exc, f"at timed step {r}", keep_going), device, log)
+                live.remove(run)
+                continue
             run.times.append(time.perf_counter() - t0)
             stats = run.cache.stats() if hasattr(run.cache, "stats") else {}
             run.h2d.append(int(stats.get("h2d_bytes_per_step", 0) or 0))
@@ -171,7 +204,7 @@ def _breakdown_rounds(model, runs: list[_Run], steps: int, device) -> None:
         return
     # The probe wraps attention functions in timers: inside a compiled step that would force a
     # recompile with graph breaks, so compiled runs have no breakdown.
-    runs = [run for run in runs if run.decoder is None or not run.decoder.compiled]
+    runs = [run for run in runs if run.cache is not None and (run.decoder is None or not run.decoder.compiled)]
     if not runs:
         return
     probe = StepBreakdown(sync=device.type == "cuda")
@@ -231,6 +264,7 @@ def _record(model, run: _Run, context: int, spec: BenchSpec, weights: int) -> di
         return rec
     ms = [1e3 * t for t in run.times]
     stats = run.cache.stats() if hasattr(run.cache, "stats") else {}
+    rec["transfer"] = stats.get("transfer")  # the strategy that ran, e.g. "cuda/device_gather"
     attended = stats.get("attended_tokens_per_layer") or []
     kv_read = sum(attended) * _kv_token_bytes(model, 1) * spec.batch if attended else None
     med = statistics.median(ms)
@@ -252,6 +286,9 @@ def _record(model, run: _Run, context: int, spec: BenchSpec, weights: int) -> di
         weight_bytes=weights,
         peak_rss_bytes=run.peak_rss,
         peak_device_bytes=run.peak_device,
+        # what this method's fill + warm-up added on the device at its peak (a prefill's peak)
+        fill_peak_device_bytes=None if run.peak_device is None else run.peak_device - run.baseline_device,
+        resident_device_bytes=run.resident_device,  # allocated, measured (device_kv_bytes: counted)
         breakdown_ms=_breakdown_ms(run.breakdown),
         config=_jsonable(run.method.describe()),
         telemetry=stats.get("telemetry"),  # omnikv:telemetry=true: selection coverage per layer
@@ -324,21 +361,21 @@ def run_bench(model, spec: BenchSpec, log: Callable[[str], None] | None = None) 
             log(f"[{context}] {ms.label}: filling ({'synthetic KV' if spec.synthetic_kv else 'prefill'})")
             try:
                 _fill(model, run, spec, context, baseline, device)
-            except Exception as exc:  # one method out of memory must not lose the others
-                if not _is_oom(exc):
-                    raise
-                run.cache, run.note = None, f"out of memory at fill: {str(exc).splitlines()[0][:200]}"
-                log(f"[{context}] {ms.label}: {run.note}")
+            except Exception as exc:  # noqa: BLE001 - one method out of memory must not lose the others
+                _drop(run, _failure(exc, "at fill", spec.keep_going), device, lambda m: log(f"[{context}] {m}"))
                 ctx_records.append(_record(model, run, context, spec, weights))
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
                 continue
             runs.append(run)
         if runs:
             log(f"[{context}] timing {spec.steps} interleaved steps of {', '.join(r.spec.label for r in runs)}")
-            _timed_rounds(model, runs, spec.steps, device)
-            _breakdown_rounds(model, runs, spec.breakdown_steps, device)
+            _timed_rounds(model, runs, spec.steps, device, spec.keep_going, lambda m: log(f"[{context}] {m}"))
+            try:
+                _breakdown_rounds(model, runs, spec.breakdown_steps, device)
+            except Exception as exc:  # noqa: BLE001 - the timed steps above are kept
+                note = _failure(exc, "in the breakdown steps", spec.keep_going)
+                log(f"[{context}] {note}")
+                for run in runs:
+                    run.breakdown = []
         ctx_records.extend(_record(model, run, context, spec, weights) for run in runs)
         order = {ms.label: i for i, ms in enumerate(spec.methods)}
         ctx_records.sort(key=lambda r: order[r["method"]])

@@ -280,6 +280,7 @@ class Segment:
         """The first decode step after a prompt: the device prefix is no longer needed."""
         if self.prefix is not None:
             self.prefix = None  # its memory is kept alive for the side stream by keep_alive
+            self.pack = None  # so is the pack buffer's (~16 MiB per sparse layer, not KV: not counted)
 
     def _reset_decode(self) -> None:
         self.indices = None

@@ -24,14 +24,18 @@ silently route such a copy through a pageable temporary and block).
 from __future__ import annotations
 
 import math
+import mmap
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from omnikv.errors import ConfigError
+from omnikv.offload.mapped import mapped_memory, start_probe
 
 TRANSFER_KINDS = ("auto", "inline", "cuda", "cuda_device_gather", "cuda_host_gather", "simulated",
                   "simulated_host_gather")
@@ -154,7 +158,13 @@ class InlineTransfer(Transfer):
 
 
 class CudaTransfer(Transfer):
-    """Page-locked host bank, side stream per device, events; see the module docstring."""
+    """Page-locked host bank, side stream per device, events; see the module docstring.
+
+    `host_memory` says what the bank got: "registered" (exactly sized, mapped: the device gather
+    can read it), "pinned" (PyTorch's pinned allocator: this process could not register host
+    memory; host gather) or "pageable" (no page-locked memory at all; host gather, and each copy
+    blocks). `gather_reason` says why the gather strategy is what it is.
+    """
 
     kind = "cuda"
     offloads = True
@@ -164,41 +174,60 @@ class CudaTransfer(Transfer):
         if gather not in ("auto", "device_gather", "host_gather"):
             raise ConfigError(f"gather {gather!r} is unknown; choose auto, device_gather or host_gather")
         self.gather = gather
+        self.gather_reason = "asked for" if gather != "auto" else "not decided yet (first decode step)"
+        self.host_memory = "registered"
         self._streams: dict[int, torch.cuda.Stream] = {}
+        self._devices: set[int] = set()  # devices whose work may touch the bank (synced before unregistering)
 
     def host_empty(self, shape, dtype, device):
-        t = torch.empty(tuple(shape), dtype=dtype)
-        nbytes = t.numel() * t.element_size()
+        shape = tuple(shape)
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if nbytes == 0:
-            return t
-        # Register exactly these bytes: the caching pinned allocator (pin_memory=True) rounds every
-        # block up to a power of two and keeps freed blocks, which costs up to 2x at 128K.
-        # Flags: portable (1) | mapped (2), so that kernels can read it through UVA.
-        err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, 3)
-        if int(err) != 0:
-            t = torch.empty(tuple(shape), dtype=dtype, pin_memory=True)
-            self.counters.pinned_bytes += 1 << math.ceil(math.log2(max(nbytes, 1)))
-            self.gather = "host_gather" if self.gather == "auto" else self.gather
-            return t
-        self.counters.pinned_bytes += nbytes
-        ptr, counters = t.data_ptr(), self.counters
-        weakref.finalize(t, _unregister, ptr, nbytes, counters)
+            return torch.empty(shape, dtype=dtype)
+        t = _register_host(nbytes, self.counters, self._devices)
+        if t is not None:
+            return t.view(dtype).view(shape)
+        self._no_mapping("this process could not register (page-lock and map) host memory")
+        try:  # PyTorch's pinned allocator: page-locked, not mapped for our kernels
+            t = torch.empty(shape, dtype=dtype, pin_memory=True)
+        except RuntimeError as exc:
+            _clear_stale_cuda_error()
+            self.host_memory = "pageable"
+            _warn_once(f"omnikv: no page-locked host memory ({str(exc).splitlines()[0][:160]}); the Context "
+                       "Bank uses pageable memory, so every host<->device copy of it blocks")
+            return torch.empty(shape, dtype=dtype)
+        if self.host_memory == "registered":
+            self.host_memory = "pinned"
+        self.counters.pinned_bytes += 1 << math.ceil(math.log2(max(nbytes, 1)))  # the allocator's block
         return t
+
+    def _no_mapping(self, why: str) -> None:
+        if self.gather == "auto":
+            self.gather, self.gather_reason = "host_gather", why
+        elif self.gather == "device_gather":
+            raise ConfigError(f"transfer='cuda_device_gather' cannot run here: {why}; use 'cuda' or 'cuda_host_gather'")
 
     def gather_source(self, bank, device):
         if self.gather == "host_gather":
             return bank
-        view = _mapped_view(bank, device)
-        if view is None:
-            self.gather = "host_gather"
+        if self.host_memory != "registered":
+            self._no_mapping(f"the bank is {self.host_memory} host memory, not mapped")
             return bank
-        self.gather = "device_gather"
+        answer = mapped_memory(torch.device(device))
+        view = _mapped_view(bank, device) if answer.usable else None
+        if view is None:
+            self._no_mapping(answer.reason if not answer.usable else "PyTorch refused a tensor over mapped host memory")
+            return bank
+        self.gather, self.gather_reason = "device_gather", answer.reason
         return view
 
     def side_stream(self, device):
         idx = torch.device(device).index or 0
         if idx not in self._streams:
             self._streams[idx] = torch.cuda.Stream(device=device)
+            self._devices.add(idx)
+            if self.gather in ("auto", "device_gather") and self.host_memory == "registered":
+                start_probe(torch.device(device))  # answered by the first decode step's load
         return self._streams[idx]
 
     def after_compute(self, stream, device):
@@ -235,17 +264,84 @@ class CudaTransfer(Transfer):
         return t.device.type == "cpu"
 
 
-def _unregister(ptr: int, nbytes: int, counters: TransferCounters) -> None:
+# -- page-locked host memory of exactly the size asked for ---------------------------------------------
+_PAGE = mmap.PAGESIZE
+_CUDA_HOST_REGISTER_PORTABLE_MAPPED = 1 | 2  # kernels of every device can read it through UVA
+_deferred_unregister: list[tuple] = []  # finalizers that ran while a CUDA graph was being captured
+
+
+def _register_host(nbytes: int, counters: TransferCounters, devices: set[int]) -> torch.Tensor | None:
+    """`nbytes` of page-aligned host memory registered with CUDA (page-locked, mapped), as a uint8
+    tensor; None when the driver refuses (the stale error it leaves is cleared).
+
+    Exactly `nbytes` (PyTorch's pinned allocator rounds every block up to a power of two and keeps
+    freed blocks: up to 2x at 128K). The memory is a numpy buffer so that it is unregistered when
+    the *last* tensor over it dies, not the first (the bank's views, the mapped view and copies
+    still in flight on a side stream all share it): the finalizer watches the array the tensors
+    hold, and first waits for the devices that may still read or write it."""
+    _run_deferred_unregisters()
+    raw = np.empty(nbytes + 2 * _PAGE, dtype=np.uint8)  # slack: page-align the start, own the last page
+    start = (-raw.ctypes.data) % _PAGE
+    arr = raw[start : start + nbytes]
+    ptr = arr.ctypes.data
+    err = int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, _CUDA_HOST_REGISTER_PORTABLE_MAPPED))
+    if err != 0:
+        # PyTorch's binding hands the error code back but leaves it as the runtime's "last
+        # error", which the next unrelated kernel launch would raise: consume it here.
+        _clear_stale_cuda_error()
+        return None
+    counters.pinned_bytes += nbytes
+    weakref.finalize(arr, _unregister, raw, ptr, nbytes, counters, devices)
+    return torch.from_numpy(arr)
+
+
+def _unregister(raw, ptr: int, nbytes: int, counters: TransferCounters, devices: set[int]) -> None:
+    """Finalizer of a registered buffer (`raw` keeps its memory alive until this returns). Never
+    raises: it runs from the garbage collector, possibly at interpreter exit."""
     try:
-        torch.cuda.cudart().cudaHostUnregister(ptr)
-    finally:
-        counters.pinned_bytes -= nbytes
+        if torch.cuda.is_current_stream_capturing():  # a sync now would break the capture
+            _deferred_unregister.append((raw, ptr, nbytes, counters, devices))
+            return
+        for idx in sorted(devices):  # copies into it / gathers from it may still be running
+            torch.cuda.synchronize(idx)
+        if int(torch.cuda.cudart().cudaHostUnregister(ptr)) != 0:
+            _clear_stale_cuda_error()
+    except Exception:  # noqa: BLE001 - CUDA may be shut down already; the memory is freed either way
+        pass
+    counters.pinned_bytes -= nbytes
+
+
+def _run_deferred_unregisters() -> None:
+    while _deferred_unregister:
+        _unregister(*_deferred_unregister.pop())
+
+
+def _clear_stale_cuda_error() -> None:
+    """Consume the CUDA runtime's "last error" that a failed runtime call left behind.
+
+    PyTorch checks every kernel launch with cudaGetLastError, which returns and clears it: one
+    throwaway launch raises the stale error here, where it is expected, instead of in the next
+    unrelated kernel. A second failure means the context itself is broken: that is raised."""
+    for attempt in range(2):
+        try:
+            sleep = getattr(torch.cuda, "_sleep", None)
+            if sleep is not None:
+                sleep(0)  # one tiny kernel, launch-checked
+            else:
+                torch.zeros(1, device=torch.device("cuda", torch.cuda.current_device()))
+            return
+        except RuntimeError:
+            if attempt:
+                raise
 
 
 def _mapped_view(bank: torch.Tensor, device: torch.device) -> torch.Tensor | None:
-    """A CUDA tensor over the page-locked, mapped host `bank` (UVA: the device address of
-    registered host memory is its host address), or None when this driver/PyTorch refuses it.
-    Checked by reading a few rows back through it."""
+    """A CUDA tensor over the registered, mapped host `bank` (UVA: the device address of
+    registered host memory is its host address), or None when PyTorch refuses to build one.
+
+    Nothing is read through it here: whether kernels may read mapped memory at all was asked of a
+    child process (`omnikv.offload.mapped`), and reading the bank now would race with copies into
+    it still running on the side stream. The view keeps the bank alive: kernels read its memory."""
 
     class _Interface:
         __cuda_array_interface__ = {
@@ -254,16 +350,22 @@ def _mapped_view(bank: torch.Tensor, device: torch.device) -> torch.Tensor | Non
             "data": (bank.data_ptr(), False),
             "version": 3,
         }
+        owner = bank  # as_tensor keeps this object alive as long as the view
 
     try:
         raw = torch.as_tensor(_Interface(), device=device)
-        view = raw.view(bank.dtype).view(bank.shape)
-        probe = torch.arange(min(bank.shape[0], 4), device=device)
-        if not torch.equal(view.index_select(0, probe).cpu(), bank.index_select(0, probe.cpu())):
-            return None
-        return view
-    except Exception:  # noqa: BLE001 - any refusal means: gather on the host instead
+    except (RuntimeError, TypeError, ValueError):  # nothing ran on the device: a clean refusal
         return None
+    return raw.view(bank.dtype).view(bank.shape)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 class SimulatedTransfer(Transfer):
