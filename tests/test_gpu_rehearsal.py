@@ -91,14 +91,18 @@ def fake_cuda(monkeypatch):
 
     def install(scenario: str):
         monkeypatch.setenv("OMNIKV_FAKE_CUDA", scenario)
+        if _PROBED.get("scenario") != scenario:  # the probe's answer depends on the scenario
+            forget_probes()
+            _PROBED["scenario"] = scenario
         fc.install(scenario)
         return fc
 
-    forget_probes()
     yield install
     gc.collect()  # the banks' finalizers unregister through the fake
     fc.uninstall()
-    forget_probes()
+
+
+_PROBED: dict[str, str] = {}  # the scenario the cached mapped-memory answers were probed under
 
 
 def _rig(tmp_path):
@@ -206,3 +210,105 @@ def test_the_fake_is_strict_where_cuda_is():
     finally:
         fc.uninstall()
     assert not torch.cuda.is_available()
+
+
+# -- run.sh: transformers from pyproject's range, or a loud stop ---------------------------------------------
+def _run_sh(tmp_path, wheels: Path, pretend: str):
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable, OMNIKV_GPU_WHEELS=str(wheels),
+               OMNIKV_GPU_TRANSFORMERS_VERSION=pretend, CUDA_VISIBLE_DEVICES="")
+    return subprocess.run(["bash", str(ROOT / "benchmarks/gpu/run.sh"), "--tiny"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_run_sh_stops_when_transformers_is_outside_the_range_and_no_wheel_was_carried(tmp_path):
+    proc = _run_sh(tmp_path, tmp_path / "no-wheels", "5.17.0")
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "outside omnikv's range" in proc.stderr and "no wheel was carried" in proc.stderr
+    assert not (tmp_path / "out" / "summary.json").exists()  # the benchmark never ran on 5.17
+
+
+def test_run_sh_stops_when_the_carried_wheel_does_not_install(tmp_path):
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    (wheels / "transformers-9.9.9-py3-none-any.whl").write_bytes(b"not a zip")
+    proc = _run_sh(tmp_path, wheels, "5.17.0")
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "not falling back to the machine's transformers" in proc.stderr
+
+
+def test_the_transformers_range_is_read_from_pyproject(tmp_path, monkeypatch):
+    import transformers_range as tr
+
+    declared = tr.declared_range(ROOT / "pyproject.toml")
+    assert declared and declared in (ROOT / "pyproject.toml").read_text()
+    monkeypatch.setenv("OMNIKV_GPU_TRANSFORMERS_VERSION", "5.17.0")  # the GPU image's
+    assert tr.main([str(ROOT / "pyproject.toml")]) == 1
+    monkeypatch.delenv("OMNIKV_GPU_TRANSFORMERS_VERSION")
+    assert tr.main([str(ROOT / "pyproject.toml")]) == 0  # this venv's is inside (the suite runs on it)
+    other = tmp_path / "pyproject.toml"
+    other.write_text('[project]\nname = "x"\ndependencies = ["torch", "transformers[torch]>=99.0 ; python_version >= \'3.8\'"]\n')
+    assert tr.declared_range(other) == ">=99.0" and tr.main([str(other)]) == 1
+    other.write_text('[project]\nname = "x"\ndependencies = ["torch"]\n')
+    assert tr.main([str(other)]) == 2
+
+
+def test_mapped_memory_modes(monkeypatch):
+    from omnikv.errors import ConfigError
+    from omnikv.offload.mapped import forget_probes, mapped_memory
+
+    forget_probes()
+    monkeypatch.setenv("OMNIKV_MAPPED_MEMORY", "off")
+    assert mapped_memory(torch.device("cpu")).usable is False
+    monkeypatch.setenv("OMNIKV_MAPPED_MEMORY", "on")
+    assert mapped_memory(torch.device("cpu")).usable is True
+    monkeypatch.setenv("OMNIKV_MAPPED_MEMORY", "maybe")
+    with pytest.raises(ConfigError, match="probe, off or on"):
+        mapped_memory(torch.device("cpu"))
+    monkeypatch.delenv("OMNIKV_MAPPED_MEMORY")
+    answer = mapped_memory(torch.device("cpu"))  # a real child on a CPU-only torch: no CUDA, no mapping
+    assert answer.usable is False and "exit 12" in answer.reason
+    forget_probes()
+    _PROBED.clear()
+
+
+# -- the judgement: bounds and targets from what a run saved ---------------------------------------------------
+def test_bounds_add_the_serial_parts_and_skip_the_embedding_table():
+    import table
+
+    bw = {"hbm_read_gbps": 1000.0, "h2d_copy_gbps": 50.0, "mapped_gather_gbps": 10.0, "host_copy_gbps": 20.0}
+    model = {"weight_bytes": 10 * 10**9, "embedding_bytes": 2 * 10**9}
+    rec = dict(context=131072, method="m", ms_per_token=40.0, kv_read_bytes_per_step=10**9, h2d_bytes_per_step=10**8)
+    dev, host = table.bounds([dict(rec, transfer="cuda/device_gather"), dict(rec, transfer="cuda/host_gather")], bw, model)
+    assert dev["hbm_ms"] == 9.0 and dev["link_ms"] == 10.0 and dev["bound_ms"] == 19.0  # 8 GB + 1 GB at 1 TB/s, + 0.1 GB at 10 GB/s
+    assert host["link_ms"] == 2.0 and host["host_gather_ms"] == 5.0 and host["bound_ms"] == 16.0
+    assert dev["over_bound_x"] == round(40 / 19, 2)
+
+
+def test_the_table_from_a_run_cut_short_says_why_each_target_is_not_measurable(tmp_path, capsys):
+    import table
+
+    labels = {"on": "omnikv:on", "host": "omnikv:host", "off": "omnikv:off", "full": "full", "pre": "full_prealloc",
+              "on_captured": "omnikv:on:compile", "pre_captured": "full_prealloc:compile"}
+    rec = dict(context=131072, group="eager", ms_per_token=None, note=None)
+    summary = {
+        "simulated": False, "contexts": [32768, 131072], "labels": labels, "notes": [],
+        "stages": {"correctness": {"status": "done"}, "timing 131072 eager": {"status": "done"},
+                   "timing 131072 captured": {"status": "skipped", "reason": "80 s of the budget left, needs ~120 s"},
+                   "trace 32768": {"status": "failed", "reason": "RuntimeError: CUDA error: an illegal memory access"}},
+        "correctness": {"a": {"passed": True}},
+        "timing": [dict(rec, method="full", ms_per_token=30.0),
+                   dict(rec, method="omnikv:on", note="out of memory at fill: CUDA out of memory"),
+                   dict(rec, method="full_prealloc", ms_per_token=15.0)],
+    }
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps(summary))
+    assert table.main([str(path)]) == 0
+    text = capsys.readouterr().out
+    got = {t["key"]: t for t in table.targets(summary)}
+    assert got["correctness"]["status"] == "met"
+    assert got["decode_vs_full_eager"]["status"] == "not measurable"
+    assert "out of memory at fill" in got["decode_vs_full_eager"]["reason"]
+    assert "skipped: 80 s of the budget left" in got["decode_vs_full_captured"]["reason"]
+    assert "illegal memory access" in got["h2d_overlap"]["reason"]
+    assert got["throughput"]["status"] == "not measurable" and "did not run" in got["throughput"]["reason"]
+    assert "NOT MEASURABLE: omnikv offload: out of memory at fill" in text and "stage trace 32768: failed" in text

@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     clock = stages.Clock(args.budget_seconds or 225.0)
     clock.t0 = _START
-    rig = stages.Rig(torch.device(args.device or "cuda"), cuda=True, tiny=args.tiny, clock=clock, out=out,
+    device = torch.device(args.device) if args.device else torch.device("cuda", torch.cuda.current_device())
+    rig = stages.Rig(device, cuda=True, tiny=args.tiny, clock=clock, out=out,
                      compile_backend=args.compile_backend)
     contexts = sorted(set(parse_contexts(args.contexts or ("256" if args.tiny else "32k,128k"))))
     budget = min(args.budget, 96) if args.tiny else args.budget

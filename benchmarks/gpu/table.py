@@ -96,45 +96,45 @@ def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
     ctx = max(summary.get("contexts") or [0])
     out: list[dict[str, Any]] = []
 
-    def add(name: str, value: float | None, op: str, goal: float, reason: str = "", real: bool = False) -> None:
+    def add(key: str, name: str, value: float | None, op: str, goal: float, reason: str = "", real: bool = False) -> None:
         if value is None:
             status = "not measurable"
         elif summary.get("simulated") and not real:  # the rehearsal's correctness is real CPU arithmetic
             status = "simulated"
         else:
             status = "met" if (value >= goal if op == ">=" else value <= goal) else "not met"
-        out.append({"name": name, "value": None if value is None else round(value, 4), "target": f"{op} {goal:g}",
+        out.append({"key": key, "name": name, "value": None if value is None else round(value, 4), "target": f"{op} {goal:g}",
                     "status": status, "reason": reason if value is None else "", "real": real})
 
     corr = summary.get("correctness") or {}
     why = _stage_reason(summary, "correctness")
-    add("correctness (offload on == off, full budget == full)", None if why else float(all(v.get("passed") for v in corr.values())),
+    add("correctness", "correctness (offload on == off, full budget == full)", None if why else float(all(v.get("passed") for v in corr.values())),
         ">=", 1.0, why, real=True)
     for group, tag in (("eager", "eager"), ("captured", "captured")):
         on, pre = ("on", "pre") if group == "eager" else ("on_captured", "pre_captured")
         x, why = _ratio(summary, ctx, group, "full", on)
-        add(f"decode vs stock full, {tag}, batch 1, {_k(ctx)}", x, ">=", 1.7, why)
+        add(f"decode_vs_full_{tag}", f"decode vs stock full, {tag}, batch 1, {_k(ctx)}", x, ">=", 1.7, why)
         x, why = _ratio(summary, ctx, group, pre, on)
-        add(f"decode vs full_prealloc, {tag}, batch 1, {_k(ctx)}", x, ">=", 1.3, why)
+        add(f"decode_vs_prealloc_{tag}", f"decode vs full_prealloc, {tag}, batch 1, {_k(ctx)}", x, ">=", 1.3, why)
     on, why = _record(summary, ctx, "eager", "on")
     goal = (summary.get("device_kv_target") or {}).get(str(ctx))
     share = None
     if on is not None and goal is not None:
         held = on.get("resident_device_bytes") if on.get("resident_device_bytes") is not None else on["device_kv_bytes"]
         share = held / on["full_kv_bytes"]
-    add(f"device KV share with offload, {_k(ctx)} (formula: {goal['formula'] if goal else '?'})", share, "<=",
+    add("device_kv_share", f"device KV share with offload, {_k(ctx)} (formula: {goal['formula'] if goal else '?'})", share, "<=",
         round(goal["value"] * 1.02, 4) if goal else 0.0, why or ("" if goal else "no formula computed"))
     tp = summary.get("throughput") or {}
     labels = summary.get("labels", {})
     a = ((tp.get("methods") or {}).get(labels.get("on")) or {}).get("tokens_per_second")
     b = ((tp.get("methods") or {}).get(labels.get("pre")) or {}).get("tokens_per_second")
-    add(f"throughput vs full_prealloc, largest batch each, {_k(tp.get('context', ctx))}", a / b if a and b else None,
+    add("throughput", f"throughput vs full_prealloc, largest batch each, {_k(tp.get('context', ctx))}", a / b if a and b else None,
         ">=", 3.0, _stage_reason(summary, "throughput") or "a method fitted no batch")
     tr = summary.get("trace") or {}
     frac = tr.get("overlapped_fraction")
     if summary.get("simulated") and not _stage_reason(summary, "trace"):
         frac = 0.0  # the CPU trace has no device streams; the stage ran, which is what is checked
-    add("host->device traffic overlapping compute (trace)", frac, ">=", 0.5,
+    add("h2d_overlap", "host->device traffic overlapping compute (trace)", frac, ">=", 0.5,
         _stage_reason(summary, "trace") or tr.get("note") or "no host->device traffic in the trace")
     return out
 

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from omnikv.errors import ConfigError
+
 EXIT_OK, EXIT_REFUSED, EXIT_MISMATCH, EXIT_ERROR = 0, 10, 11, 12
 PROBE_TIMEOUT_S = 180.0  # CUDA start-up under a sandbox can take a minute
 
@@ -38,7 +40,9 @@ import torch
 
 def main(device):
     torch.cuda.synchronize(device)  # CUDA is up before anything is registered
-    host = torch.arange(1 << 16, dtype=torch.int32)  # 256 KiB of known values
+    buf = torch.arange((1 << 16) + 2048, dtype=torch.int32)  # 256 KiB of known values, page-aligned below
+    start = (-buf.data_ptr() % 4096) // 4
+    host = buf[start : start + (1 << 16)]
     ptr, nbytes = host.data_ptr(), host.numel() * host.element_size()
     err = int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 3))  # portable | mapped
     if err != 0:
@@ -125,20 +129,26 @@ _PROBES_LOCK = threading.Lock()
 def _mode() -> str:
     mode = os.environ.get("OMNIKV_MAPPED_MEMORY", "probe").strip().lower() or "probe"
     if mode not in ("probe", "off", "on"):
-        from omnikv.errors import ConfigError
-
         raise ConfigError(f"OMNIKV_MAPPED_MEMORY={mode!r} is unknown; use probe, off or on")
     return mode
+
+
+def _device(device: torch.device) -> torch.device:
+    """`cuda` and `cuda:<current>` are one device: one child, one answer."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def start_probe(device: torch.device) -> None:
     """Start the child for `device` (once per process) unless the answer is already known."""
     if _mode() != "probe":
         return
-    key = str(device)
+    device = _device(device)
     with _PROBES_LOCK:
-        if key not in _PROBES:
-            _PROBES[key] = _Probe(device)
+        if str(device) not in _PROBES:
+            _PROBES[str(device)] = _Probe(device)
 
 
 def mapped_memory(device: torch.device, timeout: float = PROBE_TIMEOUT_S) -> MappedMemory:
@@ -148,6 +158,7 @@ def mapped_memory(device: torch.device, timeout: float = PROBE_TIMEOUT_S) -> Map
         return MappedMemory(False, "OMNIKV_MAPPED_MEMORY=off")
     if mode == "on":
         return MappedMemory(True, "OMNIKV_MAPPED_MEMORY=on (not probed)")
+    device = _device(device)
     start_probe(device)
     return _PROBES[str(device)].wait(timeout)
 
