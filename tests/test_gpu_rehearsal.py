@@ -312,3 +312,20 @@ def test_the_table_from_a_run_cut_short_says_why_each_target_is_not_measurable(t
     assert "illegal memory access" in got["h2d_overlap"]["reason"]
     assert got["throughput"]["status"] == "not measurable" and "did not run" in got["throughput"]["reason"]
     assert "NOT MEASURABLE: omnikv offload: out of memory at fill" in text and "stage trace 32768: failed" in text
+
+
+def test_a_stage_that_overruns_the_budget_is_cut():
+    """A compile slower than its estimate must not run past the budget (run.sh's hard limit would
+    then kill the run before its table): the stage is cut by an exception the per-method error
+    handling does not swallow."""
+    import time
+
+    import gpu_bench
+
+    assert not issubclass(gpu_bench.StageTimeout, Exception)
+    t0 = time.perf_counter()
+    with pytest.raises(gpu_bench.StageTimeout, match="cut at the end of the time budget"):
+        with gpu_bench._deadline(1.0):
+            while time.perf_counter() - t0 < 10:
+                time.sleep(0.05)
+    assert time.perf_counter() - t0 < 5

@@ -26,7 +26,8 @@ skipped. Stages, in the order they run (L = largest context, 128K; S = smallest,
 
 Groups are timed one at a time and every cache is freed between them (table: `group`), so 128K
 fits an H100 80GB; a method that fails (out of memory, not capturable) is recorded with its reason
-and the others go on. Every stage's result is written to $OUT/summary.json as soon as it ends.
+and the others go on. A stage still running when the budget ends (a compile slower than its
+estimate) is cut and recorded as failed, and the table is printed. Every stage's result is written to $OUT/summary.json as soon as it ends.
 The last thing printed is the summary table (table.py): each target met / not met / not
 measurable, with the reason.
 
@@ -42,7 +43,9 @@ import time
 _START = time.perf_counter()  # the budget counts the imports too
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 import traceback  # noqa: E402
 import warnings  # noqa: E402
@@ -172,9 +175,10 @@ class _Runner:
         t0 = time.perf_counter()
         stages.log(f"{name}: start ({rig.clock.left():.0f} s left)")
         try:
-            self._stage(stage, ctx, group)
+            with _deadline(rig.clock.left() - 3):  # a stage that overruns is cut, and the table still printed
+                self._stage(stage, ctx, group)
             st[name] = {"status": "done"}
-        except Exception as exc:  # noqa: BLE001 - a stage that fails must not lose the others
+        except (Exception, StageTimeout) as exc:  # noqa: BLE001 - a stage that fails must not lose the others
             st[name] = {"status": "failed", "reason": stages.first_line(exc)}
             stages.log(f"{name}: FAILED\n{traceback.format_exc()}")
         st[name]["seconds"] = round(time.perf_counter() - t0, 1)
@@ -215,7 +219,28 @@ class _Runner:
         elif stage == "prefill":
             s["prefill"] = stages.real_prefill(self._need_model(), rig, labels.on, ctx, 64 if rig.tiny else 2048)
         elif stage == "limits":
-            s["limits"] = stages.context_limits(self._need_model(), rig, labels, self.args.budget)
+            s["limits"] = stages.context_limits(self._need_model(), rig, labels)
+
+
+class StageTimeout(BaseException):
+    """The run's budget ran out inside a stage (e.g. compiling took longer than estimated). A
+    BaseException, so that the bench's per-method error handling does not swallow it."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float):
+    """Raise StageTimeout in this (main) thread after `seconds`."""
+
+    def expire(signum, frame):
+        raise StageTimeout(f"cut at the end of the time budget, after {seconds:.0f} s in this stage")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 1.0))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _plot(summary: dict[str, Any], out: Path) -> None:

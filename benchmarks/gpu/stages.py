@@ -487,7 +487,7 @@ def real_prefill(model, rig: Rig, label: str, ctx: int, chunk: int) -> dict[str,
 
 
 # -- the longest context each method fits (the library's memory plan) -----------------------------------------
-def context_limits(model, rig: Rig, labels: Labels, budget: int) -> dict[str, Any]:
+def context_limits(model, rig: Rig, labels: Labels) -> dict[str, Any]:
     """Per method: the longest prompt `omnikv.methods.memory.plan_memory` says fits this card
     (95% of its memory) and this machine's MemAvailable, batch 1, 256 new tokens, 2048-token
     prefill chunks, with the weights measured. An estimate from the plan, not a measurement."""

@@ -9,9 +9,9 @@ buffer as mapped, reads it back through a device pointer and exits 0 when the by
 parent only reads the exit status and picks the gather strategy from it; a dead context dies with
 the child.
 
-The child starts when the first `CudaTransfer` that may map host memory is built (its start-up,
-a few seconds of importing torch and initialising CUDA, overlaps the prefill) and is waited for
-when the first decode step asks for the gather source.
+The child starts when a `CudaTransfer` that may map host memory first opens a side stream (the
+first prompt forward; its start-up, a few seconds of importing torch and initialising CUDA,
+overlaps the prefill) and is waited for when the first decode step asks for the gather source.
 
 `OMNIKV_MAPPED_MEMORY`: "probe" (default), "off" (never map: gather on the host), "on" (map
 without asking a child: for machines that cannot start one; a fault then ends the process).
@@ -35,7 +35,7 @@ PROBE_TIMEOUT_S = 180.0  # CUDA start-up under a sandbox can take a minute
 # The child: torch only (no omnikv import: it must start fast and must not depend on sys.path).
 # argv[1] is the device the parent computes on ("cuda:0").
 _CHILD = r"""
-import sys, traceback
+import sys
 import torch
 
 def main(device):
