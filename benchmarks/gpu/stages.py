@@ -416,7 +416,7 @@ def throughput(model, rig: Rig, labels: list[str], ctx: int, steps: int = 4) -> 
             batch = max(1, min(by_dev, by_host, cap))
             entry["sized"] = {"by_device": by_dev, "by_host": by_host, "cap": cap, "batch": batch,
                               "free_device_bytes": free_dev, "host_available_bytes": host_avail}
-            for attempt in range(2):
+            for _ in range(2):  # the sized batch, then one retry
                 if batch <= 1:
                     break
                 run = _batch_run(model, rig, label, ctx, batch, steps)
