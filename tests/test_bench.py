@@ -209,3 +209,23 @@ def test_bench_records_selection_telemetry():
     (rec,) = public_records(run_bench(tiny_model("llama"), spec))
     tel = rec["telemetry"]
     assert set(tel["layers"]) == {"2", "3"} and 0 < tel["mean_coverage"] <= 1
+
+
+def test_one_budget_for_every_budgeted_method():
+    """Without --budget every budgeted method gets BENCH_DEFAULT_BUDGET; a per-method budget is
+    kept but flagged in the table's first line."""
+    from omnikv.bench.report import budget_line
+    from omnikv.bench.run import BENCH_DEFAULT_BUDGET, budget_plan
+
+    spec = BenchSpec(methods=[parse_method(m) for m in ("full", "omnikv", "quest")], contexts=[64])
+    plan = budget_plan(spec)
+    assert plan.budgets == {"full": None, "omnikv": BENCH_DEFAULT_BUDGET, "quest": BENCH_DEFAULT_BUDGET}
+    assert not plan.unequal and plan.warning() is None
+    spec = BenchSpec(methods=[parse_method(m) for m in ("full", "omnikv", "quest:budget=64")], contexts=[64],
+                     budget=0.1)
+    plan = budget_plan(spec)
+    assert plan.budgets == {"full": None, "omnikv": 0.1, "quest:budget=64": 64} and plan.unequal
+    assert "DIFFERENT budgets" in plan.warning()
+    recs = [{"method": label, "budget": b} for label, b in plan.budgets.items()]
+    assert budget_line(recs).startswith("WARNING: methods ran at DIFFERENT budgets (omnikv 0.1, quest:budget=64 64)")
+    assert budget_line(recs[:2]).startswith("budget of every budgeted method: 0.1")

@@ -45,7 +45,10 @@ def register(subparsers) -> None:
     p.add_argument("--lengths", default="1k", help="comma-separated prompt lengths in tokens: 2048, 2k, 1.5k "
                    "(k = 1024); for dataset tasks the truncation limit (default 1k)")
     p.add_argument("--samples", type=int, default=5, help="samples per (task, length) (default 5)")
-    p.add_argument("--budget", type=parse_budget, default=None, help="tokens each sparse layer attends: int, or fraction of the prompt")
+    p.add_argument("--budget", type=parse_budget, default=None,
+                   help="the one budget of every budgeted method: prompt tokens a budgeted layer attends (int) "
+                   "or a fraction of the prompt (default 0.1 for all of them; a per-method budget such as "
+                   "omnikv:budget=1024 is flagged in every report)")
     p.add_argument("--output", help="output directory")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated samples (default 0)")
     p.add_argument("--shard", default=None,
