@@ -68,7 +68,8 @@ def test_outputs(full_run):
     assert run["args"]["methods"] == ["full", "omnikv"] and run["new_records"] == 4
     assert set(run["versions"]) >= {"torch", "transformers", "omnikv"}
     assert run["hardware"]["cpu_count"] >= 1 and "platform" in run["hardware"]
-    assert "git_commit" in run and set(run["methods"]) == {"full", "omnikv"}
+    # Run from this checkout: the commit; installed as a package: its version (tests/test_packaging.py).
+    assert run["code_version"] == f"git {run['git_commit']}" and set(run["methods"]) == {"full", "omnikv"}
 
 
 def test_resume_does_no_new_work(full_run, ckpt):

@@ -8,15 +8,15 @@ import sys
 import warnings
 from pathlib import Path
 
-from omnikv.cli.common import parse_budget
+from omnikv.cli.common import add_command, parse_budget
 from omnikv.errors import ConfigError
 
 DEFAULT_METHODS = "full,full_prealloc,omnikv"
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "bench",
+    p = add_command(
+        subparsers, "bench", run,
         help="time decode (ms/token) and measure KV memory per method and context length",
         description="For each context length, fill every method's cache (synthetic KV with "
         "--synthetic-kv, else a real prefill), then time decode steps with the methods interleaved "
@@ -53,7 +53,6 @@ def register(subparsers) -> None:
     p.add_argument("--output-dir", default="omnikv-bench", help="where bench.json and bench.png go (default ./omnikv-bench)")
     p.add_argument("--json", action="store_true", help="print the records as a JSON list on stdout")
     p.add_argument("--no-plot", action="store_true", help="do not write bench.png")
-    p.set_defaults(func=run)
 
 
 def command_of(args: argparse.Namespace) -> list[str]:

@@ -44,6 +44,7 @@ PLOT = "scores.png"
 
 # Keys from a sample's metadata worth keeping in each record (the rest can be regenerated).
 _META_DROP = ("needles",)
+SHARED_CONTEXT = "shared_context"
 
 
 @dataclasses.dataclass
@@ -76,6 +77,9 @@ class EvalConfig:
     # One full-attention prefill per sample, every method (and fidelity / perplexity pass) forked
     # from it (omnikv.decoding.fork); False = each pass prefills on its own, as before.
     shared_prefill: bool = True
+    # The shared-context task's documents and questions from this JSONL file instead of generated
+    # ones (omnikv.eval.tasks.user_documents).
+    documents: str | None = None
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
@@ -98,6 +102,12 @@ class EvalConfig:
             parse_method(label)
         # Canonical task names (aliases resolved); dataset tasks pass through.
         self.tasks = [t if is_dataset_task(t) else canonical_task_name(t) for t in self.tasks]
+        if self.documents is not None and SHARED_CONTEXT not in self.tasks:
+            raise ConfigError(f"--documents is the {SHARED_CONTEXT} task's input; add {SHARED_CONTEXT} to --tasks")
+        if self.documents is not None:  # a malformed file fails here, before a model loads
+            from omnikv.eval.tasks.user_documents import read_documents
+
+            read_documents(self.documents)
 
     def run_methods(self) -> list[str]:
         """Methods in run order: the reference ("full") first; added when fidelity needs it."""
@@ -164,17 +174,28 @@ def _rewrite(path: Path, records: list[dict[str, Any]]) -> None:
 # ---------------------------------------------------------------- metadata
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+        out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent,
                              capture_output=True, text=True, timeout=10)
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
 
 
+def _git_commit() -> str | None:
+    """HEAD of the git checkout this package runs from; None when it runs as an installed package
+    (whose site-packages may sit inside some other repository: that one's commit says nothing)."""
+    top = _git("rev-parse", "--show-toplevel")
+    checkout = Path(__file__).resolve().parents[2]  # omnikv/eval/runner.py -> the checkout's root
+    if top is None or Path(top).resolve() != checkout:
+        return None
+    return _git("rev-parse", "HEAD")
+
+
 def run_metadata(config: EvalConfig | None = None) -> dict[str, Any]:
-    """Git commit, package versions and hardware of this process."""
+    """Code version (git commit in a checkout, else the installed package's version), package
+    versions and hardware of this process."""
     import torch
     import transformers
 
@@ -184,10 +205,11 @@ def run_metadata(config: EvalConfig | None = None) -> dict[str, Any]:
         omnikv_version = version("omnikv")
     except Exception:  # not installed as a distribution
         omnikv_version = None
+    commit = _git_commit()
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {
+    meta = {
         "args": config.to_json() if config else None,
-        "git_commit": _git_commit(),
+        "code_version": f"git {commit}" if commit else f"omnikv {omnikv_version or 'unknown'} (installed package)",
         "versions": {"omnikv": omnikv_version, "torch": torch.__version__,
                      "transformers": transformers.__version__, "python": sys.version.split()[0]},
         "hardware": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "cuda_device": cuda,
@@ -195,6 +217,9 @@ def run_metadata(config: EvalConfig | None = None) -> dict[str, Any]:
         "chinese_tokenization": CHINESE_TOKENIZATION,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if commit:
+        meta["git_commit"] = commit
+    return meta
 
 
 # ---------------------------------------------------------------- work
@@ -241,6 +266,8 @@ def build_samples(config: EvalConfig, task: str, length: int, tokenizer: Any) ->
     options = dict(config.task_options)
     if config.haystack and takes_prose_haystack(task):
         options["haystack"] = config.haystack
+    if config.documents is not None and task == SHARED_CONTEXT:
+        options["documents"] = config.documents
     return generate_samples(task, tokenizer, length, config.samples, config.seed, **options)
 
 
@@ -262,7 +289,7 @@ def _check_resume(config: EvalConfig, pred_path: Path) -> list[dict[str, Any]]:
     run_file = config.output / RUN
     if existing and run_file.is_file():
         old = (json.loads(run_file.read_text()).get("args") or {})
-        for field in ("model", "budget", "seed", "shard"):
+        for field in ("model", "budget", "seed", "shard", "documents"):
             new = config.to_json()[field]
             if field in old and old[field] != new:
                 raise ConfigError(f"--resume: this run's {field}={new!r} differs from the previous run's "
