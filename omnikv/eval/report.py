@@ -320,6 +320,8 @@ def plot_scores(metrics: dict[str, Any], path: Path, meta: dict[str, Any] | None
         if len(lengths) > 1:
             ax.set_xscale("log", base=2)
             ax.minorticks_off()
+        else:  # one length: keep the per-method offsets small around it
+            ax.set_xlim(lengths[0] * 0.85, lengths[0] * 1.15)
         ax.set_xticks(lengths)
         ax.set_xticklabels([_length_label(n) for n in lengths], fontsize=8)
     for ax in list(axes.flat)[len(panels):]:
