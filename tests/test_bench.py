@@ -229,3 +229,8 @@ def test_one_budget_for_every_budgeted_method():
     recs = [{"method": label, "budget": b} for label, b in plan.budgets.items()]
     assert budget_line(recs).startswith("WARNING: methods ran at DIFFERENT budgets (omnikv 0.1, quest:budget=64 64)")
     assert budget_line(recs[:2]).startswith("budget of every budgeted method: 0.1")
+    from omnikv.bench.run import build_method
+
+    # Without a plan's budget (benchmarks/gpu/stages.py builds one cache this way) the spec's own counts.
+    assert build_method(parse_method("h2o:budget=64"), None).budget == 64
+    assert build_method(parse_method("h2o:budget=64"), 0.2).budget == 0.2

@@ -120,9 +120,11 @@ def budget_plan(spec: BenchSpec) -> BudgetPlan:
 
 
 def build_method(ms: MethodSpec, budget: int | float | None):
-    """The method of `ms` at `budget` (the plan's budget for it; None for exact methods)."""
-    options = {k: v for k, v in ms.options.items() if k != "budget"}
-    return get_method(ms.name, budget=budget, **options)
+    """The method of `ms` at `budget` (the plan's budget for it); None = the spec's own `budget=`
+    option, else the method's default."""
+    options = dict(ms.options)
+    own = options.pop("budget", None)
+    return get_method(ms.name, budget=budget if budget is not None else own, **options)
 
 
 def _sync(device: torch.device) -> None:
