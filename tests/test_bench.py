@@ -226,3 +226,28 @@ def test_a_method_that_fails_does_not_spoil_the_others(monkeypatch):
     with pytest.raises(RuntimeError, match="not capturable"):  # without keep_going: only out of memory is tolerated
         run_bench(tiny_model("llama"), BenchSpec(methods=parse_methods("full,omnikv"), contexts=[128], steps=1,
                                                  warmup=0, breakdown_steps=0))
+
+
+def test_one_budget_for_every_budgeted_method():
+    """Without --budget every budgeted method gets BENCH_DEFAULT_BUDGET; a per-method budget is
+    kept but flagged in the table's first line."""
+    from omnikv.bench.report import budget_line
+    from omnikv.bench.run import BENCH_DEFAULT_BUDGET, budget_plan
+
+    spec = BenchSpec(methods=[parse_method(m) for m in ("full", "omnikv", "quest")], contexts=[64])
+    plan = budget_plan(spec)
+    assert plan.budgets == {"full": None, "omnikv": BENCH_DEFAULT_BUDGET, "quest": BENCH_DEFAULT_BUDGET}
+    assert not plan.unequal and plan.warning() is None
+    spec = BenchSpec(methods=[parse_method(m) for m in ("full", "omnikv", "quest:budget=64")], contexts=[64],
+                     budget=0.1)
+    plan = budget_plan(spec)
+    assert plan.budgets == {"full": None, "omnikv": 0.1, "quest:budget=64": 64} and plan.unequal
+    assert "DIFFERENT budgets" in plan.warning()
+    recs = [{"method": label, "budget": b} for label, b in plan.budgets.items()]
+    assert budget_line(recs).startswith("WARNING: methods ran at DIFFERENT budgets (omnikv 0.1, quest:budget=64 64)")
+    assert budget_line(recs[:2]).startswith("budget of every budgeted method: 0.1")
+    from omnikv.bench.run import build_method
+
+    # Without a plan's budget (benchmarks/gpu/stages.py builds one cache this way) the spec's own counts.
+    assert build_method(parse_method("h2o:budget=64"), None).budget == 64
+    assert build_method(parse_method("h2o:budget=64"), 0.2).budget == 0.2

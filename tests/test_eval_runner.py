@@ -4,6 +4,7 @@ shards + merge; plus the pure helpers (length / shard parsing, aggregation, summ
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -67,7 +68,8 @@ def test_outputs(full_run):
     assert run["args"]["methods"] == ["full", "omnikv"] and run["new_records"] == 4
     assert set(run["versions"]) >= {"torch", "transformers", "omnikv"}
     assert run["hardware"]["cpu_count"] >= 1 and "platform" in run["hardware"]
-    assert "git_commit" in run and set(run["methods"]) == {"full", "omnikv"}
+    # Run from this checkout: the commit; installed as a package: its version (tests/test_packaging.py).
+    assert run["code_version"] == f"git {run['git_commit']}" and set(run["methods"]) == {"full", "omnikv"}
 
 
 def test_resume_does_no_new_work(full_run, ckpt):
@@ -278,3 +280,67 @@ def test_compile_flag_gives_the_eager_results(ckpt, tmp_path):
             assert b["prefill_mode"] == "shared" and "compile_seconds" in b["stats"]
     for label in ("full_prealloc:compile=true", "omnikv:compile=true"):  # compiled once, reused after
         assert sum(r["stats"]["compiles"] for r in compiled.values() if r["method"] == label) >= 1
+
+
+def test_one_budget_for_every_budgeted_method_by_default(ckpt, tmp_path, capsys):
+    """Without --budget every budgeted method runs at EVAL_DEFAULT_BUDGET (not OmniKV's preset and
+    SnapKV's own default), and summary.md, run.json and metrics.json state the model, the lengths,
+    the samples, each method's budget (resolved) and its measured attended share."""
+    from omnikv.eval.runner import EVAL_DEFAULT_BUDGET
+
+    out = tmp_path / "fair"
+    assert main(["eval", "--model", ckpt, "--output", str(out), "--methods", "full,omnikv,snapkv",
+                 "--tasks", "passkey", "--lengths", "300", "--samples", "1", "--max-new-tokens", "2",
+                 "--no-progress"]) == 0
+    assert "DIFFERENT" not in capsys.readouterr().err
+    recs = {r["method"]: r for r in read_predictions(out / "predictions.jsonl")}
+    assert recs["full"]["budget"] is None
+    assert recs["omnikv"]["budget"] == recs["snapkv"]["budget"] == EVAL_DEFAULT_BUDGET
+    assert recs["omnikv"]["config"]["budget"] == EVAL_DEFAULT_BUDGET  # the cache really ran with it
+    run = json.loads((out / "run.json").read_text())
+    assert run["budgets"]["per_method"] == {"full": None, "omnikv": 0.1, "snapkv": 0.1}
+    assert not run["budgets"]["unequal"] and run["budgets"]["common_source"] == "default"
+    assert "preset" not in run["methods"]["omnikv"] and run["methods"]["omnikv"]["filter_layers"]  # resolved
+    metrics = json.loads((out / "metrics.json").read_text())
+    budgets = {b["method"]: b for b in metrics["budgets"]}
+    assert budgets["snapkv"]["budget_tokens"] == 30 and budgets["full"]["budget_tokens"] is None  # ceil(0.1 * 300)
+    for m in ("omnikv", "snapkv"):
+        share = budgets[m]["attended_fraction"]
+        assert share == pytest.approx(recs[m]["budget_report"]["attended_fraction"]) and 0 < share < 1
+    summary = (out / "summary.md").read_text()
+    assert f"Model **{Path(ckpt).name}**; task lengths 300 tokens; samples per cell 1 (seed 0)" in summary
+    assert "Every budgeted method ran at one budget: 0.1 of the prompt." in summary
+    assert f"| snapkv | 300 | 0.1 of the prompt | 30 | {budgets['snapkv']['attended_fraction']:.3f}" in summary
+    assert "| full | 300 | none (exact) | all | 1.000 (1.000-1.000)" in summary
+    assert report.plot_title(metrics, run).startswith(f"{Path(ckpt).name}, budget 0.1 of the prompt, n = 1")
+
+
+def test_per_method_budget_is_flagged_everywhere(ckpt, tmp_path, capsys):
+    out = tmp_path / "unfair"
+    assert main(["eval", "--model", ckpt, "--output", str(out), "--methods", "omnikv:budget=100,snapkv",
+                 "--tasks", "passkey", "--lengths", "300", "--samples", "1", "--max-new-tokens", "2",
+                 "--budget", "0.2", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "WARNING: methods run at DIFFERENT budgets (omnikv:budget=100 100, snapkv 0.2)" in captured.err
+    recs = {r["method"]: r for r in read_predictions(out / "predictions.jsonl")}
+    assert recs["omnikv:budget=100"]["budget"] == 100 and recs["snapkv"]["budget"] == 0.2
+    run = json.loads((out / "run.json").read_text())
+    assert run["budgets"]["unequal"] and run["budgets"]["own"] == {"omnikv:budget=100": 100}
+    summary = (out / "summary.md").read_text()
+    assert "**WARNING: the methods ran at DIFFERENT budgets** (omnikv:budget=100: 100 tokens, snapkv: 0.2 of the prompt)" in summary
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "DIFFERENT budgets per method" in report.plot_title(metrics, run)
+    with pytest.raises(ConfigError, match="takes no budget"):
+        from omnikv.eval.runner import build_methods
+
+        build_methods(EvalConfig(model="m", methods=["full:budget=0.1"], tasks=["passkey"], lengths=[100],
+                                 output=tmp_path))
+
+
+def test_intervals_carry_no_float_noise():
+    from omnikv.eval.stats import paired_comparison, score_interval
+
+    # Wilson's lower bound at 0 successes is 5.55e-15 before rounding.
+    assert score_interval([0.0] * 3)["low"] == 0.0 and score_interval([1.0] * 7)["high"] == 100.0
+    p = paired_comparison([0.0, 1.0, 1.0], [1.0, 1.0, 0.0])
+    assert all(v == round(v, 6) for v in (p["mean_diff"], p["diff_low"], p["diff_high"]))

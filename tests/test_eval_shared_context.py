@@ -102,3 +102,85 @@ def test_runner_scores_every_question_and_reports_per_index(tmp_path):
     assert "per question index" in (out / "summary.md").read_text()
     assert main(args + ["--resume"]) == 0  # nothing left to do
     assert json.loads((out / "run.json").read_text())["new_records"] == 0
+
+
+def _write_documents(path, lines):
+    path.write_text("\n".join(json.dumps(x) if not isinstance(x, str) else x for x in lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_user_documents_run_with_their_questions_in_order(tmp_path):
+    """--documents: each document is one sample, its questions asked in the file's order after it
+    (as ask_in_turn asks them), each scored against its own answers."""
+    from omnikv.eval.metrics import score_sample
+    from omnikv.eval.tasks import encode_prompt
+    from omnikv.eval.tasks.user_documents import QUESTION_TEMPLATE
+    from omnikv.models import load_model
+    from omnikv.models.tiny import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt")
+    (tmp_path / "story.txt").write_text("Ada wrote the manual in 1843 near the river. " * 6, encoding="utf-8")
+    docs = _write_documents(tmp_path / "docs.jsonl", [
+        "# my documents",
+        {"id": "manual", "document_file": "story.txt",
+         "questions": [{"question": "Who wrote it?", "answers": ["Ada"]}, {"question": "When?", "answers": ["1843"]}]},
+        {"document": "The key is blue. " * 10, "questions": [{"question": "Which colour?", "answers": "blue"}],
+         "question_template": " Q: {question} A:"},
+    ])
+    out = tmp_path / "run"
+    assert main(["eval", "--model", str(ckpt), "--output", str(out), "--methods", "full,snapkv",
+                 "--documents", str(docs), "--lengths", "400", "--samples", "5", "--max-new-tokens", "3",
+                 "--no-progress"]) == 0
+    recs = read_predictions(out / "predictions.jsonl")
+    assert len(recs) == 2 * 3  # methods x questions of both documents
+    full = {r["sample_id"]: r for r in recs if r["method"] == "full"}
+    assert set(full) == {"shared_context-file-manual/q0", "shared_context-file-manual/q1", "shared_context-file-line3/q0"}
+    assert full["shared_context-file-manual/q1"]["answers"] == ["1843"]
+    assert full["shared_context-file-line3/q0"]["answers"] == ["blue"]
+    for r in recs:
+        assert r["score"] == score_sample(r["metric"], r["prediction"], r["answers"])
+    lm = load_model(ckpt)
+    doc = (tmp_path / "story.txt").read_text(encoding="utf-8")
+    qs = [encode_question(lm.tokenizer, QUESTION_TEMPLATE.format(question=q)) for q in ("Who wrote it?", "When?")]
+    ref = ask_in_turn(lm.model, lm.tokenizer, get_method("full"), encode_prompt(lm.tokenizer, doc), qs,
+                      SamplingParams(max_new_tokens=3, temperature=0.0, stop=("\n",)))
+    assert [full[f"shared_context-file-manual/q{i}"]["prediction"] for i in (0, 1)] == [r.text for r in ref]
+
+
+@pytest.mark.parametrize("lines, message", [
+    (["{not json"], r"docs.jsonl:1: not valid JSON"),
+    ([[1, 2]], r"docs.jsonl:1: a line must hold one JSON object"),
+    ([{"questions": [{"question": "q", "answers": ["a"]}]}], "exactly one of `document`"),
+    ([{"document": "d", "questions": []}], "`questions` must be a non-empty list"),
+    ([{"document": "d", "questions": [{"question": "q"}]}], "needs `answers`"),
+    ([{"document": "d", "questions": [{"question": "q", "answers": ["a"], "hint": 1}]}], "keys question and answers"),
+    ([{"document": "d", "text": "x", "questions": [{"question": "q", "answers": ["a"]}]}], "unknown key"),
+    ([{"document_file": "missing.txt", "questions": [{"question": "q", "answers": ["a"]}]}], "missing.txt does not exist"),
+    ([{"document": "d", "question_template": "no slot", "questions": [{"question": "q", "answers": ["a"]}]}],
+     "must be a string containing"),
+    ([{"id": "x", "document": "d", "questions": [{"question": "q", "answers": ["a"]}]},
+      {"id": "x", "document": "e", "questions": [{"question": "q", "answers": ["a"]}]}], "docs.jsonl:2: id 'x' is used twice"),
+    (["", "# only a comment"], "holds no document"),
+])
+def test_bad_documents_files_say_what_to_fix(tmp_path, lines, message):
+    from omnikv.errors import InputError
+    from omnikv.eval.tasks.user_documents import read_documents
+
+    path = _write_documents(tmp_path / "docs.jsonl", lines)
+    with pytest.raises(InputError, match=message):
+        read_documents(path)
+
+
+def test_documents_cli_errors(tmp_path, capsys):
+    from omnikv.models.tiny import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt")
+    docs = _write_documents(tmp_path / "docs.jsonl", [{"document": "word " * 300,
+                                                        "questions": [{"question": "q", "answers": ["a"]}]}])
+    base = ["eval", "--model", str(ckpt), "--documents", str(docs), "--no-progress"]
+    assert main(base + ["--output", str(tmp_path / "a"), "--lengths", "100"]) == 2
+    assert "is 1500 tokens, longer than the length 100; pass --lengths 1500 or more" in capsys.readouterr().err  # bytes
+    assert main(base + ["--output", str(tmp_path / "b"), "--tasks", "passkey"]) == 2
+    assert "add shared_context to --tasks" in capsys.readouterr().err
+    assert main(base + ["--output", str(tmp_path / "c"), "--documents", str(tmp_path / "nope.jsonl")]) == 2
+    assert "nope.jsonl does not exist" in capsys.readouterr().err

@@ -145,6 +145,17 @@ def _num(x: Any, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def budget_line(records: list[dict[str, Any]]) -> str:
+    """One line on the budgets: the one budget of every budgeted method, or a loud warning."""
+    given = {r["method"]: r.get("budget") for r in records if r.get("budget") is not None}
+    if len(set(map(str, given.values()))) > 1:
+        return ("WARNING: methods ran at DIFFERENT budgets (" + ", ".join(f"{m} {b}" for m, b in given.items())
+                + "): their speeds are not a comparison at equal cost")
+    if given:
+        return f"budget of every budgeted method: {next(iter(given.values()))} (prompt tokens per budgeted layer; a float is a share of the prompt)"
+    return "no budgeted method"
+
+
 def format_table(records: list[dict[str, Any]]) -> str:
     """A fixed-width table: one row per (context, method)."""
     head = ["context", "method", "ms/tok", "tok/s", "x full", "prefill s", "dev KV MB", "host KV MB",
@@ -164,6 +175,7 @@ def format_table(records: list[dict[str, Any]]) -> str:
              for row in rows]
     lines.insert(1, "-" * len(lines[0]))
     notes = [f"  {r['context']} {r['method']}: {r['note']}" for r in records if r.get("note")]
+    lines.insert(0, budget_line(records))
     tail = ["breakdown columns: mean ms per step in instrumented steps (selection, gather/transfer, "
             "attention, KV update, rest = total - parts; none for compiled methods); x full = full's ms/tok / "
             "this method's; compile s = seconds of the decode calls that compiled (not in ms/tok)"]
@@ -193,6 +205,7 @@ def plot(records: list[dict[str, Any]], path: Path, meta: dict[str, Any] | None 
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
+    fig.suptitle(budget_line(records), fontsize=9)
     if meta:
         host = meta.get("host", {})
         commit = (meta.get("git", {}).get("commit") or "?")[:10]

@@ -36,7 +36,7 @@ from omnikv.bench.fill import (
 from omnikv.bench.probe import CATEGORIES, MemoryWindow, StepBreakdown, current_rss
 from omnikv.errors import ConfigError
 from omnikv.methods import REFERENCE, get_method, make_decoder  # ratio_to_full compares every method with REFERENCE
-from omnikv.methods.spec import MethodSpec
+from omnikv.methods.spec import BudgetPlan, MethodSpec, plan_budgets
 from omnikv.budget import parse_token_count
 
 
@@ -112,12 +112,24 @@ def _step(model, run: _Run, tok: torch.Tensor) -> torch.Tensor:
         return run.decoder(tok)[:, -1].argmax(-1, keepdim=True)
 
 
+# Budget of every budgeted method in `omnikv bench` when --budget is not given: a token count, not a
+# share, so that every context length times the same work per budgeted layer (the paper's latency
+# setting); it is also the embedded models' preset budget, so OmniKV's documented timings hold.
+BENCH_DEFAULT_BUDGET = 1024
+
+
+def budget_plan(spec: BenchSpec) -> BudgetPlan:
+    """One budget for every budgeted method (spec.budget, else BENCH_DEFAULT_BUDGET); a method
+    spec's own `budget=` option differs and is flagged (see omnikv.methods.spec.plan_budgets)."""
+    return plan_budgets(spec.methods, spec.budget, BENCH_DEFAULT_BUDGET)
+
+
 def build_method(ms: MethodSpec, budget: int | float | None):
+    """The method of `ms` at `budget` (the plan's budget for it); None = the spec's own `budget=`
+    option, else the method's default."""
     options = dict(ms.options)
-    if budget is not None and ms.takes_budget:
-        options.setdefault("budget", budget)
-    opt_budget = options.pop("budget", None)
-    return get_method(ms.name, budget=opt_budget, **options)
+    own = options.pop("budget", None)
+    return get_method(ms.name, budget=budget if budget is not None else own, **options)
 
 
 def _sync(device: torch.device) -> None:
@@ -249,6 +261,7 @@ def _record(model, run: _Run, context: int, spec: BenchSpec, weights: int) -> di
     rec: dict[str, Any] = {
         "method": run.spec.label,
         "method_name": run.spec.name,
+        "budget": run.method.budget,
         "options": {k: list(v) if isinstance(v, tuple) else v for k, v in run.spec.options.items()},
         "context": context,
         "batch": spec.batch,
@@ -345,7 +358,15 @@ def run_bench(model, spec: BenchSpec, log: Callable[[str], None] | None = None) 
     model.eval()
     weights = weight_bytes(model)
     records: list[dict[str, Any]] = []
-    methods = [build_method(ms, spec.budget) for ms in spec.methods]  # bad options fail before any work
+    plan = budget_plan(spec)
+    if plan.warning():
+        log(plan.warning())
+    # Bad options fail before any work; so does a model the methods do not support (one cache each),
+    # except under `keep_going` (the one-shot GPU run), where such a method is recorded at fill.
+    methods = [build_method(ms, plan.budgets[ms.label]) for ms in spec.methods]
+    if not spec.keep_going:
+        for method in methods:
+            method.make_cache(model)
     for context in spec.contexts:
         gc.collect()
         baseline = (current_rss(), torch.cuda.memory_allocated(device) if device.type == "cuda" else 0)

@@ -17,6 +17,7 @@ _COMMAND_MODULES = (
     "generate",
     "chat",
     "compare",
+    "demo",
     "models",
     "eval",
     "bench",

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from omnikv.cli.common import add_command
 from omnikv.config import ANALYSIS_SELECTORS, HEAD_REDUCTIONS
 from omnikv.errors import ConfigError
 
@@ -13,8 +14,8 @@ from omnikv.errors import ConfigError
 def register(subparsers) -> None:
     from omnikv.analysis.session import add_input_arguments
 
-    p = subparsers.add_parser(
-        "analyze",
+    p = add_command(
+        subparsers, "analyze", run,
         help="measure how well each layer's top-k covers every other layer's attention",
         description="Run full attention over real prompts and report, for every pair of layers (i, j), "
         "the share of layer j's attention mass on layer i's top-k set; its decay with layer distance; "
@@ -31,7 +32,6 @@ def register(subparsers) -> None:
     p.add_argument("--selector", choices=ANALYSIS_SELECTORS, default=None, help="selection scores (default last)")
     p.add_argument("--output-dir", default="omnikv-analysis", help="where report.json and the PNGs go")
     p.add_argument("--no-plots", action="store_true", help="write the JSON report only")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,15 +8,15 @@ import sys
 import warnings
 from pathlib import Path
 
-from omnikv.cli.common import parse_budget
+from omnikv.cli.common import add_command, parse_budget
 from omnikv.errors import ConfigError
 
 DEFAULT_METHODS = "full,full_prealloc,omnikv"
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "bench",
+    p = add_command(
+        subparsers, "bench", run,
         help="time decode (ms/token) and measure KV memory per method and context length",
         description="For each context length, fill every method's cache (synthetic KV with "
         "--synthetic-kv, else a real prefill), then time decode steps with the methods interleaved "
@@ -38,7 +38,9 @@ def register(subparsers) -> None:
     p.add_argument("--breakdown-steps", type=int, default=16,
                    help="extra instrumented steps for the selection/gather/attention/rest breakdown (0: none)")
     p.add_argument("--budget", type=parse_budget, default=None,
-                   help="budget for every budgeted method: tokens (int) or prompt fraction (default: each method's/preset's)")
+                   help="the one budget of every budgeted method: prompt tokens (int) or prompt fraction "
+                   "(default 1024 tokens for all of them; a per-method budget such as omnikv:budget=2048 "
+                   "is flagged in the table)")
     p.add_argument("--compile", action="store_true",
                    help="add compile=true to every method that has a static-shape step (full_prealloc, omnikv); "
                    "to compare compiled and eager in one run, list both, e.g. omnikv,omnikv:compile=true")
@@ -51,7 +53,6 @@ def register(subparsers) -> None:
     p.add_argument("--output-dir", default="omnikv-bench", help="where bench.json and bench.png go (default ./omnikv-bench)")
     p.add_argument("--json", action="store_true", help="print the records as a JSON list on stdout")
     p.add_argument("--no-plot", action="store_true", help="do not write bench.png")
-    p.set_defaults(func=run)
 
 
 def command_of(args: argparse.Namespace) -> list[str]:
@@ -68,7 +69,7 @@ def command_of(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from omnikv.bench.run import BenchSpec, parse_contexts, public_records, run_bench
+    from omnikv.bench.run import BenchSpec, budget_plan, parse_contexts, public_records, run_bench
     from omnikv.methods.spec import parse_methods, with_compile
     from omnikv.bench.report import finish_metadata, format_table, plot, run_metadata, write_results
     from omnikv.models import load_model
@@ -110,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
                 spec={"methods": [m.label for m in spec.methods], "contexts": spec.contexts,
                       "fill": "synthetic" if spec.synthetic_kv else "prefill", "steps": spec.steps,
                       "warmup": spec.warmup, "breakdown_steps": spec.breakdown_steps, "batch": spec.batch,
-                      "budget": spec.budget, "prefill_chunk": spec.prefill_chunk, "seed": spec.seed})
+                      "budget": spec.budget, "budgets": budget_plan(spec).to_json(),
+                      "prefill_chunk": spec.prefill_chunk, "seed": spec.seed})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the preset fallback warning, once per cache
         records = public_records(run_bench(model, spec, log=log))

@@ -20,6 +20,7 @@ import sys
 from typing import Any
 
 from omnikv.cli import common
+from omnikv.cli.common import add_command
 from omnikv.errors import ConfigError
 
 EXIT_COMMANDS = ("/exit", "/quit")
@@ -27,14 +28,13 @@ BASE_STOPS = ("\n\n", "\nQuestion:")
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "chat",
+    p = add_command(
+        subparsers, "chat", run,
         help="ask several questions about a long document without re-reading it",
         description="Prefill --context-file once, then answer questions read from stdin (one per line; "
         "works with piped input). Every turn reads only its new tokens; the stats line after each answer "
         "says how many. Exit with /exit or end of input (Ctrl-D).",
     )
-    common.one_line_errors(p)
     p.add_argument("--context-file", required=True, metavar="FILE", help="the document (UTF-8 text)")
     p.add_argument("--chat", default=None, action=argparse.BooleanOptionalAction,
                    help="use the model's chat template (default: on when the tokenizer has one)")
@@ -44,7 +44,6 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per turn (question, answer, prefill_tokens, timings, KV bytes)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no stats lines on stderr")
-    p.set_defaults(func=run)
 
 
 class Conversation:

@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from omnikv.cli import common
+from omnikv.cli.common import add_command
 from omnikv.errors import ConfigError
 from omnikv.methods import REFERENCE
 
@@ -24,15 +25,14 @@ PROMPT_MAX_NEW_TOKENS = 128
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "compare",
+    p = add_command(
+        subparsers, "compare", run,
         help="run a prompt (default: a long demo document with a hidden pass key) through full attention and OmniKV",
         description="Run the same prompt through full attention and through --method (default omnikv), greedy by "
         "default, and print both answers, whether they agree, and both timings and KV memory. With no prompt, "
         "the prompt is a generated story of --demo-tokens tokens with a pass key hidden in it, and the report "
         "says whether each answer finds the key.",
     )
-    common.one_line_errors(p)
     common.add_prompt_arguments(p, required=False)
     common.add_model_arguments(p, default=DEFAULT_MODEL)
     common.add_method_arguments(p)
@@ -45,7 +45,6 @@ def register(subparsers) -> None:
     g.add_argument("--demo-seed", type=int, default=0, help="seed of the story and the key (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object with both results")
     p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

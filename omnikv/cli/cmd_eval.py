@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from omnikv.cli.common import parse_budget
+from omnikv.cli.common import add_command, parse_budget
 from omnikv.errors import ConfigError
 
 
@@ -28,8 +28,8 @@ def method_labels(args: argparse.Namespace) -> list[str]:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "eval",
+    p = add_command(
+        subparsers, "eval", run,
         help="evaluate methods on synthetic (RULER, InfiniteBench, 2StageRetr) or local benchmark tasks",
         description="Run each method on each (task, length, sample), score the greedy output, and write "
         "predictions.jsonl, metrics.json, run.json, summary.md and scores.png to --output. "
@@ -41,11 +41,19 @@ def register(subparsers) -> None:
     p.add_argument("--methods", default="full,omnikv",
                    help="comma-separated methods, variants as name:key=value, e.g. "
                    "'full,omnikv,omnikv:selector=uniform' (default full,omnikv)")
-    p.add_argument("--tasks", default="passkey", help="comma-separated tasks; see --list-tasks (default passkey)")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated tasks; see --list-tasks (default passkey; shared_context with --documents)")
+    p.add_argument("--documents", default=None, metavar="FILE",
+                   help="your own documents and questions for the shared_context task: a JSONL file, one "
+                   '{"document": ..., "questions": [{"question": ..., "answers": [...]}]} per line '
+                   "(docs/evaluation.md, \"Your own documents\")")
     p.add_argument("--lengths", default="1k", help="comma-separated prompt lengths in tokens: 2048, 2k, 1.5k "
                    "(k = 1024); for dataset tasks the truncation limit (default 1k)")
     p.add_argument("--samples", type=int, default=5, help="samples per (task, length) (default 5)")
-    p.add_argument("--budget", type=parse_budget, default=None, help="tokens each sparse layer attends: int, or fraction of the prompt")
+    p.add_argument("--budget", type=parse_budget, default=None,
+                   help="the one budget of every budgeted method: prompt tokens a budgeted layer attends (int) "
+                   "or a fraction of the prompt (default 0.1 for all of them; a per-method budget such as "
+                   "omnikv:budget=1024 is flagged in every report)")
     p.add_argument("--output", help="output directory")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated samples (default 0)")
     p.add_argument("--shard", default=None,
@@ -78,7 +86,6 @@ def register(subparsers) -> None:
     p.add_argument("--merge", nargs="+", metavar="DIR", default=None, help="same as `merge DIR...`")
     p.add_argument("--list-tasks", action="store_true", help="list the built-in tasks and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
 
 
 def _parse_value(text: str) -> Any:
@@ -136,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         method_options.setdefault(method if dot else "*", {})[opt] = value
     if args.preset:
         method_options.setdefault("omnikv", {})["preset"] = args.preset
-    tasks = _split(args.tasks)
+    tasks = _split(args.tasks or ("shared_context" if args.documents else "passkey"))
     output, shard, device = Path(args.output), parse_shard(args.shard or "0/1"), args.device
     launched = launcher_rank() if args.shard is None else None
     if launched is not None:  # accelerate launch / torchrun: one shard per process
@@ -158,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume, fidelity=args.fidelity, perplexity=args.perplexity, task_options=task_options,
         haystack=args.haystack, method_options=method_options, data_dir=args.data_dir, dtype=args.dtype, device=device,
         prefill_chunk_size=args.prefill_chunk_size, max_new_tokens=args.max_new_tokens,
-        progress=not args.no_progress, shared_prefill=not args.separate_prefill,
+        progress=not args.no_progress, shared_prefill=not args.separate_prefill, documents=args.documents,
     )
     metrics = run_eval(config)
     if launched is not None:

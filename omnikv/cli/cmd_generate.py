@@ -7,24 +7,23 @@ import json
 import sys
 
 from omnikv.cli import common
+from omnikv.cli.common import add_command
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "generate",
+    p = add_command(
+        subparsers, "generate", run,
         help="generate a continuation of a prompt with OmniKV (or any other KV method)",
         description="Read a prompt (argument, --prompt-file or stdin), prefill it in chunks and decode with "
         "the chosen KV method. Tokens stream to stdout; a stats line (prompt tokens, prefill time, decode "
         "speed, device and host KV bytes) goes to stderr. --json prints one JSON object instead.",
     )
-    common.one_line_errors(p)
     common.add_prompt_arguments(p)
     common.add_model_arguments(p)
     common.add_method_arguments(p)
     common.add_sampling_arguments(p, max_new_tokens=256)
     p.add_argument("--json", action="store_true", help="print one JSON object (text, timings, KV bytes, config)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no stats line on stderr")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

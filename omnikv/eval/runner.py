@@ -44,6 +44,7 @@ PLOT = "scores.png"
 
 # Keys from a sample's metadata worth keeping in each record (the rest can be regenerated).
 _META_DROP = ("needles",)
+SHARED_CONTEXT = "shared_context"
 
 
 @dataclasses.dataclass
@@ -76,6 +77,9 @@ class EvalConfig:
     # One full-attention prefill per sample, every method (and fidelity / perplexity pass) forked
     # from it (omnikv.decoding.fork); False = each pass prefills on its own, as before.
     shared_prefill: bool = True
+    # The shared-context task's documents and questions from this JSONL file instead of generated
+    # ones (omnikv.eval.tasks.user_documents).
+    documents: str | None = None
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
@@ -98,6 +102,12 @@ class EvalConfig:
             parse_method(label)
         # Canonical task names (aliases resolved); dataset tasks pass through.
         self.tasks = [t if is_dataset_task(t) else canonical_task_name(t) for t in self.tasks]
+        if self.documents is not None and SHARED_CONTEXT not in self.tasks:
+            raise ConfigError(f"--documents is the {SHARED_CONTEXT} task's input; add {SHARED_CONTEXT} to --tasks")
+        if self.documents is not None:  # a malformed file fails here, before a model loads
+            from omnikv.eval.tasks.user_documents import read_documents
+
+            read_documents(self.documents)
 
     def run_methods(self) -> list[str]:
         """Methods in run order: the reference ("full") first; added when fidelity needs it."""
@@ -164,17 +174,28 @@ def _rewrite(path: Path, records: list[dict[str, Any]]) -> None:
 # ---------------------------------------------------------------- metadata
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+        out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent,
                              capture_output=True, text=True, timeout=10)
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
 
 
+def _git_commit() -> str | None:
+    """HEAD of the git checkout this package runs from; None when it runs as an installed package
+    (whose site-packages may sit inside some other repository: that one's commit says nothing)."""
+    top = _git("rev-parse", "--show-toplevel")
+    checkout = Path(__file__).resolve().parents[2]  # omnikv/eval/runner.py -> the checkout's root
+    if top is None or Path(top).resolve() != checkout:
+        return None
+    return _git("rev-parse", "HEAD")
+
+
 def run_metadata(config: EvalConfig | None = None) -> dict[str, Any]:
-    """Git commit, package versions and hardware of this process."""
+    """Code version (git commit in a checkout, else the installed package's version), package
+    versions and hardware of this process."""
     import torch
     import transformers
 
@@ -184,10 +205,11 @@ def run_metadata(config: EvalConfig | None = None) -> dict[str, Any]:
         omnikv_version = version("omnikv")
     except Exception:  # not installed as a distribution
         omnikv_version = None
+    commit = _git_commit()
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {
+    meta = {
         "args": config.to_json() if config else None,
-        "git_commit": _git_commit(),
+        "code_version": f"git {commit}" if commit else f"omnikv {omnikv_version or 'unknown'} (installed package)",
         "versions": {"omnikv": omnikv_version, "torch": torch.__version__,
                      "transformers": transformers.__version__, "python": sys.version.split()[0]},
         "hardware": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "cuda_device": cuda,
@@ -195,6 +217,9 @@ def run_metadata(config: EvalConfig | None = None) -> dict[str, Any]:
         "chinese_tokenization": CHINESE_TOKENIZATION,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if commit:
+        meta["git_commit"] = commit
+    return meta
 
 
 # ---------------------------------------------------------------- work
@@ -241,6 +266,8 @@ def build_samples(config: EvalConfig, task: str, length: int, tokenizer: Any) ->
     options = dict(config.task_options)
     if config.haystack and takes_prose_haystack(task):
         options["haystack"] = config.haystack
+    if config.documents is not None and task == SHARED_CONTEXT:
+        options["documents"] = config.documents
     return generate_samples(task, tokenizer, length, config.samples, config.seed, **options)
 
 
@@ -262,7 +289,7 @@ def _check_resume(config: EvalConfig, pred_path: Path) -> list[dict[str, Any]]:
     run_file = config.output / RUN
     if existing and run_file.is_file():
         old = (json.loads(run_file.read_text()).get("args") or {})
-        for field in ("model", "budget", "seed", "shard"):
+        for field in ("model", "budget", "seed", "shard", "documents"):
             new = config.to_json()[field]
             if field in old and old[field] != new:
                 raise ConfigError(f"--resume: this run's {field}={new!r} differs from the previous run's "
@@ -275,44 +302,52 @@ def _generation_length(sample: Any, config: EvalConfig) -> int:
     return min(sample.max_new_tokens, config.max_new_tokens or sample.max_new_tokens)
 
 
-def run_eval(config: EvalConfig, *, loaded: Any = None) -> dict[str, Any]:
-    """Run the evaluation described by `config`; return the aggregated metrics.
+# Budget of every budgeted method in `omnikv eval` when --budget is not given: one share of the
+# prompt for all of them (see docs/evaluation.md, "One budget for every method").
+EVAL_DEFAULT_BUDGET = 0.1
 
-    `loaded` is an already loaded model (an `omnikv.models.LoadedModel` or anything with `.model`,
-    `.tokenizer`, `.max_context`); by default `config.model` is loaded."""
-    from omnikv.decoding.fork import DEFAULT_TAIL, SharedPrefill, prefill_needs
-    from omnikv.decoding.generation import SamplingParams, generate, teacher_forced_logits
+
+def build_methods(config: EvalConfig) -> tuple[dict[str, Any], Any]:
+    """label -> configured Method in run order, and the BudgetPlan behind their budgets: one budget
+    (--budget, or `--method-opt budget=B` for all, else EVAL_DEFAULT_BUDGET) for every budgeted
+    method; only a per-method budget (`omnikv:budget=B`, `--method-opt omnikv.budget=B`) differs."""
     from omnikv.methods import get_method
-    from omnikv.methods.spec import parse_method
+    from omnikv.methods.spec import MethodSpec, parse_method, plan_budgets
 
-    config.output.mkdir(parents=True, exist_ok=True)
-    pred_path = config.output / PREDICTIONS
-    existing = _check_resume(config, pred_path)
-    if existing:
-        _rewrite(pred_path, existing)  # drops a torn last line before appending
-    done = {record_key(r) for r in existing}
-    full_tokens = {record_key(r)[1:]: r.get("token_ids") or [] for r in existing if r["method"] == REFERENCE}
-
-    meta = run_metadata(config)
-    if loaded is None:
-        from omnikv.models import load_model
-
-        loaded = load_model(config.model, dtype=config.dtype, device=config.device)
-    model, tok = loaded.model, loaded.tokenizer
-    meta["model"] = {"name": getattr(loaded, "name", config.model), "source": str(getattr(loaded, "source", "")),
-                     "max_context": getattr(loaded, "max_context", None)}
-
-    methods = {}
+    every = dict(config.method_options.get("*", {}))
+    common = every.pop("budget", None)
+    if common is not None and config.budget is not None and common != config.budget:
+        raise ConfigError(f"--budget {config.budget} and --method-opt budget={common} disagree; give one")
+    specs = []
     for label in config.run_methods():
         # A label is a method spec: `omnikv` or a variant such as `omnikv:selector=uniform`.
         spec = parse_method(label)
-        options = dict(config.method_options.get("*", {})) if spec.takes_budget else {}
+        options = dict(every) if spec.takes_budget else {}
         options.update(config.method_options.get(spec.name, {}))
         options.update(spec.options)
-        budget = options.pop("budget", config.budget if spec.takes_budget else None)
-        methods[label] = get_method(spec.name, budget=budget, **options)
-    meta["methods"] = {name: m.describe() for name, m in methods.items()}
-    # Which methods fork from the shared prefill, and how long a tail each prefills itself.
+        specs.append(MethodSpec(label, spec.name, options))
+    plan = plan_budgets(specs, config.budget if config.budget is not None else common, EVAL_DEFAULT_BUDGET)
+    methods = {}
+    for spec in specs:
+        options = {k: v for k, v in spec.options.items() if k != "budget"}
+        methods[spec.label] = get_method(spec.name, budget=plan.budgets[spec.label], **options)
+    return methods, plan
+
+
+def check_methods_on_model(methods: dict[str, Any], model: Any) -> None:
+    """Build one cache per method before any sample runs, so that an unsupported architecture, a
+    preset file made for another model or a static step on sliding layers fails up front with its
+    own message (not after full attention has run); OmniKV's describe() then shows the resolved
+    config instead of "per model"."""
+    for method in methods.values():
+        method.make_cache(model)
+
+
+def _prefill_plan(config: EvalConfig, methods: dict[str, Any], model: Any) -> dict[str, Any]:
+    """Which methods fork from the shared prefill (`alone`: those that prefill themselves), the
+    tail every fork prefills itself, and whether the shared prefill records queries (H2O)."""
+    from omnikv.decoding.fork import DEFAULT_TAIL, prefill_needs
+
     tail, record_queries, alone = DEFAULT_TAIL, False, set()
     if config.shared_prefill:
         for name, m in methods.items():
@@ -321,9 +356,13 @@ def run_eval(config: EvalConfig, *, loaded: Any = None) -> dict[str, Any]:
                 alone.add(name)
             else:
                 tail, record_queries = max(tail, need[0]), record_queries or need[1]
-    meta["prefill"] = {"shared": config.shared_prefill, "tail": tail if config.shared_prefill else None,
-                       "record_queries": record_queries, "own_prefill_methods": sorted(alone)}
+    return {"shared": config.shared_prefill, "tail": tail if config.shared_prefill else None,
+            "record_queries": record_queries, "own_prefill_methods": sorted(alone)}
 
+
+def _shard_units(config: EvalConfig, loaded: Any) -> list[tuple[str, int, Sample]]:
+    """This shard's (task, length, sample) units; ConfigError when one does not fit the model."""
+    tok = loaded.tokenizer
     shard_i, shard_n = config.shard
     units = [(task, length, s) for k, task, length, s in work_units(config, tok) if k % shard_n == shard_i]
     max_context = getattr(loaded, "max_context", None)
@@ -332,65 +371,71 @@ def run_eval(config: EvalConfig, *, loaded: Any = None) -> dict[str, Any]:
         if max_context and need > max_context:
             raise ConfigError(f"{task} at length {length} needs {need} tokens (prompt + generation) but the "
                               f"model handles {max_context}; drop that length")
-    todo = sum(1 for task, length, s in units for m in methods for i in record_ids(s) if (m, task, length, i) not in done)
+    return units
+
+
+def _chinese_note(units: list[tuple[str, int, Sample]], meta: dict[str, Any]) -> None:
     if CHINESE_TOKENIZATION == "characters" and any(s.metric in ("qa_f1_zh", "rouge_l_zh") for _, _, s in units):
         note = ("jieba is not installed: Chinese F1 / ROUGE-L are computed on characters, not LongBench's "
                 "jieba words (pip install jieba for comparable numbers)")
         meta.setdefault("notes", []).append(note)
         print(f"note: {note}", file=sys.stderr)
 
+
+@dataclasses.dataclass
+class _Work:
+    """What every unit of one run_eval call shares."""
+
+    config: EvalConfig
+    model: Any
+    tok: Any
+    methods: dict[str, Any]
+    prefill: dict[str, Any]  # _prefill_plan
+    done: set[tuple[str, str, int, str]]  # record keys already in predictions.jsonl (--resume)
+    full_tokens: dict[tuple[str, int, str], list[int]]  # full attention's greedy tokens per unit
+
+    def missing(self, method: str, task: str, length: int, sample: Sample) -> bool:
+        return any((method, task, length, i) not in self.done for i in record_ids(sample))
+
+
+def run_eval(config: EvalConfig, *, loaded: Any = None) -> dict[str, Any]:
+    """Run the evaluation described by `config`; return the aggregated metrics.
+
+    `loaded` is an already loaded model (an `omnikv.models.LoadedModel` or anything with `.model`,
+    `.tokenizer`, `.max_context`); by default `config.model` is loaded."""
+    config.output.mkdir(parents=True, exist_ok=True)
+    pred_path = config.output / PREDICTIONS
+    existing = _check_resume(config, pred_path)
+    if existing:
+        _rewrite(pred_path, existing)  # drops a torn last line before appending
+    meta = run_metadata(config)
+    methods, budgets = build_methods(config)  # bad options and budgets fail before the model loads
+    if loaded is None:
+        from omnikv.models import load_model
+
+        loaded = load_model(config.model, dtype=config.dtype, device=config.device)
+    meta["model"] = {"name": getattr(loaded, "name", config.model), "source": str(getattr(loaded, "source", "")),
+                     "max_context": getattr(loaded, "max_context", None)}
+    check_methods_on_model(methods, loaded.model)
+    meta["methods"] = {name: m.describe() for name, m in methods.items()}
+    meta["budgets"] = budgets.to_json()
+    if budgets.warning():
+        print(budgets.warning(), file=sys.stderr)
+    work = _Work(config, loaded.model, loaded.tokenizer, methods, _prefill_plan(config, methods, loaded.model),
+                 done={record_key(r) for r in existing},
+                 full_tokens={record_key(r)[1:]: r.get("token_ids") or [] for r in existing if r["method"] == REFERENCE})
+    meta["prefill"] = work.prefill
+    units = _shard_units(config, loaded)
+    todo = sum(1 for task, length, s in units for m in methods for i in record_ids(s)
+               if (m, task, length, i) not in work.done)
+    _chinese_note(units, meta)
+
     from tqdm.auto import tqdm
 
     bar = tqdm(total=todo, desc="eval", unit="gen", disable=not config.progress)
     with pred_path.open("a", encoding="utf-8") as out:
         for task, length, s in units:
-            ids = encode_prompt(tok, s.prompt)
-            full_logits = None
-            unit_key = (task, length, s.id)
-            shared = None
-            rids = record_ids(s)
-            if config.shared_prefill and len(ids) >= 2 and any((m, task, length, i) not in done
-                                                               for m in methods for i in rids):
-                shared = SharedPrefill.run(model, ids, tail=tail, record_queries=record_queries,
-                                           prefill_chunk_size=config.prefill_chunk_size)
-            full_shared = shared if REFERENCE not in alone else None
-            for name, method in methods.items():
-                if all((name, task, length, i) in done for i in rids):
-                    continue
-                bar.set_postfix_str(f"{name} {task} {length}")
-                mnt = _generation_length(s, config)
-                own = shared if name not in alone else None
-                if "questions" in s.metadata:  # shared-context task: one record per question
-                    for rec in _ask_questions(model, tok, name, method, task, length, s, ids, mnt, own, config):
-                        out.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                        bar.update(1)
-                    out.flush()
-                    continue
-                res = generate(model, tok, ids, method, SamplingParams(max_new_tokens=mnt, temperature=0.0),
-                               prefill_chunk_size=config.prefill_chunk_size, shared=own)
-                rec: dict[str, Any] = {
-                    "method": name, "task": task, "length": length, "sample_id": s.id,
-                    "prediction": res.text, "answers": s.answers, "metric": s.metric,
-                    "score": score_sample(s.metric, res.text, s.answers, s.metadata),
-                    **_result_fields(res, method, model, len(ids), own),
-                    "metadata": {k: v for k, v in s.metadata.items() if k not in _META_DROP},
-                }
-                if name == REFERENCE:
-                    full_tokens[unit_key] = list(res.token_ids)
-                ref = full_tokens.get(unit_key)
-                if config.fidelity and name != REFERENCE and ref:
-                    if full_logits is None:
-                        full_logits = teacher_forced_logits(model, ids, ref, methods[REFERENCE], shared=full_shared,
-                                                            prefill_chunk_size=config.prefill_chunk_size)
-                    method_logits = teacher_forced_logits(model, ids, ref, method, shared=own,
-                                                          prefill_chunk_size=config.prefill_chunk_size)
-                    rec["fidelity"] = fidelity_report(full_logits, method_logits, ref, res.token_ids)
-                if config.perplexity:
-                    gold = list(tok(" " + ", ".join(s.answers), add_special_tokens=False)["input_ids"])
-                    if gold:
-                        logits = teacher_forced_logits(model, ids, gold, method, shared=own,
-                                                       prefill_chunk_size=config.prefill_chunk_size)
-                        rec["perplexity"] = perplexity(logits, gold)
+            for rec in _run_unit(work, task, length, s, bar):
                 out.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 out.flush()
                 bar.update(1)
@@ -398,7 +443,69 @@ def run_eval(config: EvalConfig, *, loaded: Any = None) -> dict[str, Any]:
     meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     meta["new_records"] = todo
     (config.output / RUN).write_text(json.dumps(meta, indent=2, default=str))
-    return write_reports(config.output, read_predictions(pred_path))
+    return write_reports(config.output, read_predictions(pred_path), meta=meta)
+
+
+def _run_unit(work: _Work, task: str, length: int, s: Sample, bar: Any) -> Iterator[dict[str, Any]]:
+    """Every method's records on one (task, length, sample), full attention first; the prompt is
+    prefilled once for all of them unless the run says otherwise."""
+    from omnikv.decoding.fork import SharedPrefill
+
+    config = work.config
+    ids = encode_prompt(work.tok, s.prompt)
+    shared = None
+    if config.shared_prefill and len(ids) >= 2 and any(work.missing(m, task, length, s) for m in work.methods):
+        shared = SharedPrefill.run(work.model, ids, tail=work.prefill["tail"],
+                                   record_queries=work.prefill["record_queries"],
+                                   prefill_chunk_size=config.prefill_chunk_size)
+    alone = set(work.prefill["own_prefill_methods"])
+    full_logits: list[Any] = []  # full attention's teacher-forced logits, computed once per unit
+    for name, method in work.methods.items():
+        if not work.missing(name, task, length, s):
+            continue
+        bar.set_postfix_str(f"{name} {task} {length}")
+        own = shared if name not in alone else None
+        mnt = _generation_length(s, config)
+        if "questions" in s.metadata:  # shared-context task: one record per question
+            yield from _ask_questions(work.model, work.tok, name, method, task, length, s, ids, mnt, own, config)
+            continue
+        yield _run_sample(work, name, method, task, length, s, ids, own,
+                          shared if REFERENCE not in alone else None, full_logits)
+
+
+def _run_sample(work: _Work, name: str, method: Any, task: str, length: int, s: Sample, ids: list[int],
+                own: Any, full_shared: Any, full_logits: list[Any]) -> dict[str, Any]:
+    """One method's record on one sample: greedy output and score, plus fidelity against full
+    attention and the reference answer's perplexity when asked."""
+    from omnikv.decoding.generation import SamplingParams, generate, teacher_forced_logits
+
+    config, model, tok = work.config, work.model, work.tok
+    chunk = config.prefill_chunk_size
+    res = generate(model, tok, ids, method, SamplingParams(max_new_tokens=_generation_length(s, config),
+                                                          temperature=0.0), prefill_chunk_size=chunk, shared=own)
+    rec: dict[str, Any] = {
+        "method": name, "task": task, "length": length, "sample_id": s.id,
+        "prediction": res.text, "answers": s.answers, "metric": s.metric,
+        "score": score_sample(s.metric, res.text, s.answers, s.metadata),
+        **_result_fields(res, method, model, len(ids), own),
+        "metadata": {k: v for k, v in s.metadata.items() if k not in _META_DROP},
+    }
+    unit_key = (task, length, s.id)
+    if name == REFERENCE:
+        work.full_tokens[unit_key] = list(res.token_ids)
+    ref = work.full_tokens.get(unit_key)
+    if config.fidelity and name != REFERENCE and ref:
+        if not full_logits:
+            full_logits.append(teacher_forced_logits(model, ids, ref, work.methods[REFERENCE], shared=full_shared,
+                                                     prefill_chunk_size=chunk))
+        method_logits = teacher_forced_logits(model, ids, ref, method, shared=own, prefill_chunk_size=chunk)
+        rec["fidelity"] = fidelity_report(full_logits[0], method_logits, ref, res.token_ids)
+    if config.perplexity:
+        gold = list(tok(" " + ", ".join(s.answers), add_special_tokens=False)["input_ids"])
+        if gold:
+            logits = teacher_forced_logits(model, ids, gold, method, shared=own, prefill_chunk_size=chunk)
+            rec["perplexity"] = perplexity(logits, gold)
+    return rec
 
 
 def record_ids(sample: Any) -> list[str]:
@@ -449,13 +556,17 @@ def _ask_questions(model: Any, tok: Any, name: str, method: Any, task: str, leng
     return recs
 
 
-def write_reports(out_dir: Path, records: list[dict[str, Any]], title: str = "omnikv eval") -> dict[str, Any]:
-    """metrics.json, summary.md and scores.png from the records; returns the metrics."""
+def write_reports(out_dir: Path, records: list[dict[str, Any]], title: str = "omnikv eval",
+                  meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """metrics.json, summary.md and scores.png from the records; returns the metrics. `meta` (the
+    run.json contents; read from `out_dir` when not given) names the model and the seed."""
+    if meta is None and (out_dir / RUN).is_file():
+        meta = json.loads((out_dir / RUN).read_text())
     metrics = report.aggregate(records)
     (out_dir / METRICS).write_text(json.dumps(metrics, indent=2))
-    (out_dir / SUMMARY).write_text(report.summary_markdown(metrics, title))
+    (out_dir / SUMMARY).write_text(report.summary_markdown(metrics, title, meta))
     if records:
-        report.plot_scores(metrics, out_dir / PLOT)
+        report.plot_scores(metrics, out_dir / PLOT, meta)
     return metrics
 
 
@@ -480,5 +591,7 @@ def merge_outputs(dirs: list[Path], output: Path) -> dict[str, Any]:
     _rewrite(output / PREDICTIONS, records)
     meta = run_metadata()
     meta.update(merged_from=[str(d) for d in dirs], shards=runs)
+    if runs:  # the model and the arguments the shards ran with (they differ only in --shard)
+        meta.update(model=runs[0].get("model"), args=runs[0].get("args"), budgets=runs[0].get("budgets"))
     (output / RUN).write_text(json.dumps(meta, indent=2, default=str))
-    return write_reports(output, records)
+    return write_reports(output, records, meta=meta)

@@ -60,7 +60,13 @@ def score_interval(scores: Sequence[float]) -> dict[str, Any]:
     else:
         lo, hi = bootstrap_mean_interval(list(scores))
         kind = "bootstrap"
-    return {"low": 100.0 * lo, "high": 100.0 * hi, "interval": kind}
+    return {"low": _points(lo), "high": _points(hi), "interval": kind}
+
+
+def _points(fraction: float) -> float:
+    """A share in [0, 1] as points x100, rounded to 1e-6 so that float noise (a Wilson bound of
+    5.55e-15 instead of 0) never reaches a report."""
+    return round(100.0 * fraction, 6) + 0.0  # + 0.0 turns -0.0 into 0.0
 
 
 def sign_test(better: int, worse: int) -> float:
@@ -91,5 +97,5 @@ def paired_comparison(method: Sequence[float], reference: Sequence[float]) -> di
     return {
         "n": len(diffs), "same": len(diffs) - better - worse, "better": better, "worse": worse,
         "sign_p": sign_test(better, worse),
-        "mean_diff": 100.0 * sum(diffs) / len(diffs), "diff_low": 100.0 * lo, "diff_high": 100.0 * hi,
+        "mean_diff": _points(sum(diffs) / len(diffs)), "diff_low": _points(lo), "diff_high": _points(hi),
     }

@@ -8,6 +8,7 @@ Also the model checks every method shares: `check_supported`, `text_config`, `mo
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -232,20 +233,56 @@ def text_config(model: torch.nn.Module):
     return model.config.get_text_config(decoder=True)
 
 
+# Model types the managed caches are tested on (tiny random checkpoints of each family in tests/,
+# plus the embedded SmolLM2 (llama) and Gemma 3).
+TESTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+
+SUPPORTED_MODELS = (
+    "decoder-only causal LMs in the Llama style: rotary positions, grouped-query heads declared by "
+    "num_key_value_heads, full or sliding-window attention layers, attention through transformers' "
+    f"attention interface (tested: {', '.join(TESTED_MODEL_TYPES)})"
+)
+_untested_warned: set[str] = set()
+
+
 def check_supported(model: torch.nn.Module, method: str) -> list[str]:
-    """Layer types of `model`, or a clear error when it has no full-attention layer we can manage."""
-    types = layer_types(model.config)
+    """Layer types of `model` (a model or its config), or one clear UnsupportedModelError saying
+    what is supported and why, before anything else touches the model.
+
+    The managed caches (OmniKV and every baseline but `full` / `full_offload`) replace each
+    attention layer's KV cache and attention function, and size their buffers from the config's
+    KV heads and head size; they are written for Llama-style decoders. A model type outside
+    TESTED_MODEL_TYPES that has that structure runs, with one warning."""
+    config = getattr(model, "config", model)
+    cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    kind = getattr(cfg, "model_type", None) or type(cfg).__name__
+
+    def refuse(why: str) -> UnsupportedModelError:
+        return UnsupportedModelError(
+            f"{method} does not support {kind} models: {why}. It supports {SUPPORTED_MODELS}, because its "
+            "caches replace each attention layer's KV cache and attention function and size them from "
+            "those fields. Use --method full (transformers' own cache) for this model")
+
+    if getattr(config, "is_encoder_decoder", False):
+        raise refuse("it is an encoder-decoder model")
+    missing = [f for f in ("num_key_value_heads", "rope_parameters") if getattr(cfg, f, None) is None]
+    if missing:
+        raise refuse(f"its config has no {' and no '.join(missing)} (no grouped-query KV heads / rotary "
+                     "positions to build the cache for)")
+    if isinstance(model, torch.nn.Module) and not getattr(model, "_supports_attention_backend", False):
+        raise refuse("its attention does not call transformers' attention interface")
+    types = layer_types(config)
     unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
     if unknown:
-        raise UnsupportedModelError(
-            f"{method} supports decoder models with full and sliding-window attention layers; "
-            f"{model.config.model_type} has layer types {unknown} (linear/chunked attention or "
-            f"KV sharing). Use --method full for this model."
-        )
-    if getattr(text_config(model), "kv_sharing_modes", None):
-        raise UnsupportedModelError(f"{model.config.model_type} shares KV between layers; use --method full")
+        raise refuse(f"it has layer types {unknown} (linear/chunked attention or KV sharing)")
+    if getattr(cfg, "kv_sharing_modes", None):
+        raise refuse("it shares KV between layers")
+    if kind not in TESTED_MODEL_TYPES and kind not in _untested_warned:
+        _untested_warned.add(kind)
+        warnings.warn(f"{method} has not been tested on {kind} models (tested: {', '.join(TESTED_MODEL_TYPES)}); "
+                      "it has the supported structure, so it runs: compare with --method full before trusting it",
+                      stacklevel=2)
     return types
-
 
 
 def layer_devices(model: torch.nn.Module, num_layers: int) -> list[torch.device]:

@@ -68,7 +68,11 @@ class OmniKV(Method):
             self.base = self.base.replace(**self.overrides)
 
     def config_for(self, model, *, warn: bool = True) -> OmniKVConfig:
-        """The config this method runs on `model` (a model or its config)."""
+        """The config this method runs on `model` (a model or its config); an unsupported
+        architecture is refused first (omnikv.hf.cache.check_supported), before any preset lookup."""
+        from omnikv.hf.cache import check_supported
+
+        check_supported(model, self.name)
         if self.base is not None:
             if self.made_for:
                 from omnikv.algorithm.presets import check_preset_model

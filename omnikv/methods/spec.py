@@ -80,3 +80,55 @@ def with_compile(spec: MethodSpec) -> MethodSpec:
 def parse_methods(text: str) -> list[MethodSpec]:
     """Comma-separated specs."""
     return [parse_method(x) for x in text.split(",") if x.strip()]
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """The budget each spec of a multi-method run gets (what `omnikv eval` / `omnikv bench` pass
+    to `get_method`): one `common` budget for every budgeted method, except the specs whose own
+    options set a budget (`own`, label -> budget). Unbudgeted methods (full attention) get None."""
+
+    budgets: dict[str, int | float | None]
+    common: int | float
+    common_source: str  # "--budget" or "default"
+    own: dict[str, int | float]
+
+    @property
+    def unequal(self) -> bool:
+        """True when budgeted methods run at different budgets (a per-method budget differs)."""
+        used = {b for label, b in self.budgets.items() if b is not None}
+        return len(used) > 1
+
+    def warning(self) -> str | None:
+        """The loud line every report prints when the budgets differ; None when they are equal."""
+        if not self.unequal:
+            return None
+        parts = ", ".join(f"{label} {b}" for label, b in self.budgets.items() if b is not None)
+        return (f"WARNING: methods run at DIFFERENT budgets ({parts}): their scores and speeds are not "
+                f"comparable at equal cost; drop the per-method budget options for one budget ({self.common})")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"common": self.common, "common_source": self.common_source, "own": dict(self.own),
+                "per_method": dict(self.budgets), "unequal": self.unequal}
+
+
+def plan_budgets(specs: list[MethodSpec], budget: int | float | None, default: int | float) -> BudgetPlan:
+    """One budget for every budgeted spec: `budget` (the command's --budget) or else `default`;
+    a spec whose options hold `budget` keeps its own (and the plan says the budgets differ).
+    A spec's own budget on a method that takes none is refused."""
+    from omnikv.budget import Budget
+
+    common = Budget(budget if budget is not None else default).value
+    budgets: dict[str, int | float | None] = {}
+    own: dict[str, int | float] = {}
+    for spec in specs:
+        value = spec.options.get("budget")
+        if not spec.takes_budget:
+            if value is not None:
+                raise ConfigError(f"{spec.label}: {spec.name} is exact full attention and takes no budget")
+            budgets[spec.label] = None
+        elif value is not None:
+            own[spec.label] = budgets[spec.label] = Budget(value).value
+        else:
+            budgets[spec.label] = common
+    return BudgetPlan(budgets, common, "--budget" if budget is not None else "default", own)

@@ -9,6 +9,7 @@ from omnikv.models.loading import (
     embedded_status,
     ensure_converted,
     ensure_gguf_converted,
+    install_embedded,
     load_model,
 )
 
@@ -20,5 +21,6 @@ __all__ = [
     "embedded_status",
     "ensure_converted",
     "ensure_gguf_converted",
+    "install_embedded",
     "load_model",
 ]

