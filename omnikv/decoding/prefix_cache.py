@@ -199,6 +199,16 @@ class PrefixCache:
         return [(e.tokens.tolist(), e.nbytes) for e in list(self._entries.values())]
 
 
+def default_max_bytes() -> int:
+    """`omnikv serve`'s default bound: 1/8 of the machine's physical memory (1 GiB if unknown)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 8
+    except (AttributeError, OSError, ValueError):  # not a POSIX system
+        return 2**30
+
+
 def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
     """Length of the longest common prefix of two 1-D int tensors."""
     n = min(a.numel(), b.numel())
