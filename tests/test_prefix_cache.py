@@ -36,20 +36,13 @@ SPECS = [
 PARAMS = SamplingParams(max_new_tokens=NEW, ignore_eos=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @functools.lru_cache(maxsize=None)
 def model_of(family: str):
     return tiny_model(family)
 
 
 def tokens(n: int, seed: int) -> list[int]:
+    """n random byte tokens, the same for a given seed."""
     return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 

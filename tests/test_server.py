@@ -177,6 +177,13 @@ def test_stop_string_excluded_and_ends_generation(client: httpx.Client) -> None:
         assert finish == "stop"
 
 
+def test_many_stop_strings_as_lm_eval_sends_them(client: httpx.Client) -> None:
+    stops = ["q1", "q2", "q3", "q4", "q5", "<|im_end|>", "z "]  # a task's `until` + the EOS string
+    r = client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 20, "temperature": 0, "stop": stops})
+    assert r.status_code == 200
+    assert r.json()["choices"][0]["text"] == "xy" and r.json()["choices"][0]["finish_reason"] == "stop"
+
+
 def test_seed_makes_sampling_deterministic(client: httpx.Client) -> None:
     def run(seed: int) -> str:
         r = client.post("/v1/completions", json={"prompt": "s", "max_tokens": 30, "temperature": 1.0, "seed": seed})
@@ -385,6 +392,11 @@ def test_api_key_required_when_configured() -> None:
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         assert c.get("/v1/models").status_code == 401
         assert c.get("/metrics").status_code == 401
+        assert c.get("/tokenizer_info").status_code == 401
+        assert c.get("/version").status_code == 200
+        # The key is checked before the body is read: an oversized body without it gets 401, not 413.
+        r = c.post("/v1/completions", content=b"x" * (9 << 20), headers={"content-type": "application/json"})
+        assert r.status_code == 401
         ok = c.post("/v1/completions", json={"prompt": "a", "max_tokens": 1}, headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200
         good = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0, timeout=20)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from _side_venv import side_venv_python
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,16 +50,7 @@ PROMPTS = ["Question: What is the capital of Italy?\nAnswer:", "List three colou
 
 def _lmeval_python() -> Path:
     """The lm-eval venv's python, setting the venv up when allowed; skip (with the reason) if not."""
-    allowed = os.environ.get("CI", "").lower() == "true" or os.environ.get("OMNIKV_LMEVAL_SETUP") == "1"
-    if not LMEVAL_PY.exists() and not allowed:
-        msg = (f"lm-eval test SKIPPED: {LMEVAL_PY} does not exist. Run `bash {SETUP.relative_to(ROOT)}` "
-               "(or set OMNIKV_LMEVAL_SETUP=1) to set it up and run it")
-        print(msg, file=sys.stderr)
-        pytest.skip(msg)
-    proc = subprocess.run(["nice", "-n", "5", "bash", str(SETUP), "--quiet"], capture_output=True, text=True, timeout=3000)
-    if proc.returncode != 0:
-        pytest.fail(f"{SETUP.relative_to(ROOT)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return LMEVAL_PY
+    return side_venv_python(SETUP, LMEVAL_PY, "OMNIKV_LMEVAL_SETUP", "lm-eval test")
 
 
 def _write_tasks(folder: Path) -> None:
