@@ -238,8 +238,9 @@ class Session:
             raise InputError(f"token id {bad[0]} is outside the model's vocabulary (0..{vocab - 1})")
         self.pending.extend(ids)
 
-    def _check_memory(self, max_new_tokens: int = 0) -> None:
-        """Refuse, before any work, a request that cannot fit (see omnikv.methods.memory)."""
+    def check_memory(self, max_new_tokens: int = 0) -> None:
+        """Refuse, before any work, a request that cannot fit (see omnikv.methods.memory); `feed`
+        checks the pending tokens itself."""
         from omnikv.methods.memory import check_fits, guard_enabled, plan_memory
 
         if not guard_enabled() or len(self.pending) < 1024:
@@ -303,7 +304,7 @@ class Session:
                 f"prompt + history is {self.total_tokens} tokens but the model's context is "
                 f"{self.limit}; shorten the prompt"
             )
-        self._check_memory(max_new_tokens)
+        self.check_memory(max_new_tokens)
         ids, self.pending = self.pending, []
         bounds = prefill_chunks(len(ids), self.prefill_chunk_size)
         if progress and len(bounds) > 1:

@@ -24,6 +24,7 @@ prefix cannot disturb each other. The store is not thread-safe: one worker uses 
 from __future__ import annotations
 
 import collections
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,7 @@ class PrefixCacheStats:
 
 @dataclass(eq=False)
 class _Entry:
+    key: int
     prefill: SharedPrefill
     tokens: torch.Tensor  # (split,) int64: the prompt tokens whose keys and values are held
     salt: str | None
@@ -94,8 +96,10 @@ class PrefixCache:
         self.tail = max(tail, MIN_TAIL)
         self._entries: collections.OrderedDict[int, _Entry] = collections.OrderedDict()  # oldest first
         self._bytes_per_token: float | None = None  # learnt from the first entry
-        self._counts = collections.Counter()
+        self._counts: collections.Counter[str] = collections.Counter()
         self._next_key = 0
+        # The worker changes the store; /metrics reads it from another thread: both under the lock.
+        self._lock = threading.Lock()
 
     @property
     def enabled(self) -> bool:
@@ -123,29 +127,32 @@ class PrefixCache:
 
     # -- serving a request ------------------------------------------------------------------------
     def session(self, tokenizer: Any, ids: Sequence[int], *, salt: str | None = None,
-                on_chunk: Callable[[], None] | None = None) -> tuple[Any, int]:
+                on_chunk: Callable[[], None] | None = None, max_new_tokens: int = 0) -> tuple[Any, int]:
         """(a `Session` of the method with `ids` fed up to its tail, reused tokens).
 
         The prompt's prefix comes from the longest stored match; the rest of it up to the tail is
         prefilled here (calling `on_chunk` before each chunk: an exception it raises aborts, and
         the store is left as it was), then stored for later requests. The session's pending
-        tokens are the tail: its `feed` / `generate` finish the method's own prefill."""
+        tokens are the tail: its `feed` / `generate` finish the method's own prefill.
+        max_new_tokens: what the request will generate, for the memory check made first."""
         from omnikv.decoding.generation import Session
 
         ids = [int(t) for t in ids]
+        plain = Session(self.model, tokenizer, self.method, prefill_chunk_size=self.prefill_chunk_size)
+        plain.append(ids)
         entry, reused = self._best(ids, salt)
         if not self.enabled or len(ids) - self.tail < 1 or (entry is None and not self._fits(len(ids) - self.tail)):
-            session = Session(self.model, tokenizer, self.method, prefill_chunk_size=self.prefill_chunk_size)
-            session.append(ids)
-            return session, 0
+            return plain, 0
+        plain.check_memory(max_new_tokens)  # a prompt that cannot fit is refused before any work
         prefill = SharedPrefill.run(
             self.model, ids, tail=self.tail, record_queries=self.record_queries,
             prefill_chunk_size=self.prefill_chunk_size, start=entry.prefill if entry else None,
             reuse=reused, on_chunk=on_chunk, keep_on="cpu")
-        self._counts["hits" if reused else "misses"] += 1
-        self._counts["cached_tokens"] += reused
-        if entry is not None:
-            self._entries.move_to_end(self._key_of(entry))
+        with self._lock:
+            self._counts["hits" if reused else "misses"] += 1
+            self._counts["cached_tokens"] += reused
+        if entry is not None and entry.key in self._entries:
+            self._entries.move_to_end(entry.key)
         # The new entry extends the one it reused whole: keeping both would hold that prefix twice.
         self._add(prefill, salt, replaces=entry if entry is not None and reused == entry.tokens.numel() else None)
         session = prefill.session(tokenizer, self.method, prefill_chunk_size=self.prefill_chunk_size)
@@ -162,41 +169,44 @@ class PrefixCache:
         self._bytes_per_token = nbytes / max(prefill.split, 1)
         if nbytes > self.max_bytes:  # larger than the whole store: not kept, the store unchanged
             return
-        if replaces is not None:
-            self._remove(replaces)
-        while self._entries and self.bytes + nbytes > self.max_bytes:
-            self._entries.popitem(last=False)
-            self._counts["evictions"] += 1
         host = sum(t.numel() * t.element_size() for t in prefill.tensors() if t.device.type == "cpu")
         tokens = torch.tensor(prefill.ids[: prefill.split], dtype=torch.long)
-        self._entries[self._next_key] = _Entry(prefill, tokens, salt, nbytes, host)
-        self._next_key += 1
-
-    def _key_of(self, entry: _Entry) -> int:
-        return next(k for k, e in self._entries.items() if e is entry)
-
-    def _remove(self, entry: _Entry) -> None:
-        del self._entries[self._key_of(entry)]
+        with self._lock:
+            if replaces is not None:
+                self._entries.pop(replaces.key, None)
+            while self._entries and self._held() + nbytes > self.max_bytes:
+                self._entries.popitem(last=False)
+                self._counts["evictions"] += 1
+            self._entries[self._next_key] = _Entry(self._next_key, prefill, tokens, salt, nbytes, host)
+            self._next_key += 1
 
     def clear(self) -> None:
-        self._entries.clear()
+        with self._lock:
+            self._entries.clear()
 
     # -- reporting --------------------------------------------------------------------------------
-    @property
-    def bytes(self) -> int:
+    def _held(self) -> int:
         return sum(e.nbytes for e in self._entries.values())
 
+    @property
+    def bytes(self) -> int:
+        with self._lock:
+            return self._held()
+
     def stats(self) -> PrefixCacheStats:
-        entries = list(self._entries.values())  # a snapshot: /metrics reads from another thread
+        with self._lock:
+            entries = list(self._entries.values())
+            c = dict(self._counts)
         total = sum(e.nbytes for e in entries)
         host = sum(e.host_bytes for e in entries)
-        c = self._counts
-        return PrefixCacheStats(c["hits"], c["misses"], c["evictions"], c["cached_tokens"], len(entries),
-                                total, host, total - host, self.max_bytes)
+        return PrefixCacheStats(c.get("hits", 0), c.get("misses", 0), c.get("evictions", 0), c.get("cached_tokens", 0),
+                                len(entries), total, host, total - host, self.max_bytes)
 
     def entries(self) -> list[tuple[list[int], int]]:
         """(stored tokens, bytes) per entry, least recently used first."""
-        return [(e.tokens.tolist(), e.nbytes) for e in list(self._entries.values())]
+        with self._lock:
+            entries = list(self._entries.values())
+        return [(e.tokens.tolist(), e.nbytes) for e in entries]
 
 
 def default_max_bytes() -> int:

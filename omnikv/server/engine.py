@@ -211,7 +211,8 @@ class Engine:
         check = lambda: probe("")  # noqa: E731
         # Prompt logprobs need every prompt position's logits, which a reused prefix has not kept.
         if self.prefix_cache is not None and request.prompt_logprobs is None:
-            session, cached = self.prefix_cache.session(self.tokenizer, ids, salt=request.cache_salt, on_chunk=check)
+            session, cached = self.prefix_cache.session(self.tokenizer, ids, salt=request.cache_salt, on_chunk=check,
+                                                        max_new_tokens=request.max_tokens)
         else:
             session, cached = Session(self.model, self.tokenizer, self.method, prefill_chunk_size=self.prefill_chunk_size), 0
             session.append(ids)
