@@ -28,6 +28,7 @@ _LAZY = {
     "Session": "omnikv.decoding.generation",
     "SamplingParams": "omnikv.decoding.generation",
     "GenerationResult": "omnikv.decoding.generation",
+    "PrefixCache": "omnikv.decoding.prefix_cache",
     "get_method": "omnikv.methods",
     "available_methods": "omnikv.methods",
 }
@@ -37,6 +38,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     from omnikv.algorithm.cache import OmniKVCache
     from omnikv.config import OmniKVConfig
     from omnikv.decoding.generation import GenerationResult, SamplingParams, Session, generate, teacher_forced_logits
+    from omnikv.decoding.prefix_cache import PrefixCache
     from omnikv.methods import available_methods, get_method
     from omnikv.models import load_model
     from omnikv.algorithm.presets import preset_for_model, resolve_preset

@@ -137,7 +137,10 @@ def test_chat_reads_the_document_once(ckpt, lm, tmp_path):
     tok = lm.tokenizer
     first_ids = tok(chatml(f"Document:\n{document}\n\nQuestion: What colour is the door?"),
                     add_special_tokens=False)["input_ids"]
-    assert first["prefill_tokens"] == first["prompt_tokens"] == len(first_ids)
+    # The document (up to "Question:") was prefilled before the question was read.
+    doc_ids = tok(chatml(f"Document:\n{document}\n\n").split("<|im_end|>")[0], add_special_tokens=False)["input_ids"]
+    assert first["document_tokens"] == len(doc_ids) and first_ids[: len(doc_ids)] == doc_ids
+    assert first["prefill_tokens"] == len(first_ids) - len(doc_ids) and first["prompt_tokens"] == len(first_ids)
     # Turn 2 reads only the end of turn 1 and the new question, not the document again. A turn cut by
     # max_new_tokens leaves its last sampled token to be fed with the next turn.
     new_ids = tok("<|im_end|>\n" + chatml("Who painted it?"), add_special_tokens=False)["input_ids"]
@@ -157,10 +160,12 @@ def test_chat_base_model_format_and_stats(ckpt, tmp_path):
     proc = run_cli("chat", "--model", ckpt, "--context-file", str(doc), "--no-chat", "--max-new-tokens", "3",
                    stdin="First?\nSecond?\n")
     assert proc.returncode == 0, proc.stderr.decode()
-    stats = [ln for ln in proc.stderr.decode().splitlines() if ln.startswith("[turn")]
+    lines = proc.stderr.decode().splitlines()
+    stats = [ln for ln in lines if ln.startswith("[turn")]
     assert len(stats) == 2
-    n_doc = len(f"Document:\n{'A short note about apples. ' * 8}\n\nQuestion: First?\nAnswer:".encode())
-    assert f"read {n_doc} new tokens" in stats[0]
+    n_doc = len(f"Document:\n{'A short note about apples. ' * 8}\n\n".encode())
+    assert any(ln.startswith(f"[document] read {n_doc} tokens") for ln in lines)  # before any question
+    assert f"read {len('Question: First?' + chr(10) + 'Answer:')} new tokens" in stats[0]
     m = re.search(r"read (\d+) new tokens \(document not re-read", stats[1])
     assert m, stats[1]
     # "\n\nQuestion: Second?\nAnswer:" (27 bytes; fewer newlines when the answer already ended in

@@ -102,6 +102,11 @@ def chat_text(messages: list[ChatMessage]) -> str:
     return "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:"
 
 
+def usage(prompt: int, completion: int, cached: int = 0) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
 def greedy(n: int) -> str:
     return "".join(GREEDY_SEQ[i % 4] for i in range(n))
 
@@ -146,7 +151,7 @@ def test_completion_greedy_usage_and_length(client: httpx.Client) -> None:
     assert body["object"] == "text_completion" and body["model"] == MODEL
     assert body["choices"][0]["text"] == greedy(7)
     assert body["choices"][0]["finish_reason"] == "length"
-    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
+    assert body["usage"] == usage(5, 7)
 
 
 def test_chat_eos_finish_reason_stop(client: httpx.Client) -> None:
@@ -170,6 +175,13 @@ def test_stop_string_excluded_and_ends_generation(client: httpx.Client) -> None:
             text, finish = r.json()["choices"][0]["text"], r.json()["choices"][0]["finish_reason"]
         assert text == "xy"
         assert finish == "stop"
+
+
+def test_many_stop_strings_as_lm_eval_sends_them(client: httpx.Client) -> None:
+    stops = ["q1", "q2", "q3", "q4", "q5", "<|im_end|>", "z "]  # a task's `until` + the EOS string
+    r = client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 20, "temperature": 0, "stop": stops})
+    assert r.status_code == 200
+    assert r.json()["choices"][0]["text"] == "xy" and r.json()["choices"][0]["finish_reason"] == "stop"
 
 
 def test_seed_makes_sampling_deterministic(client: httpx.Client) -> None:
@@ -198,7 +210,7 @@ def test_stream_chat_chunks_and_usage(client: httpx.Client) -> None:
     assert content == greedy(6)
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
     prompt_tokens = len(chat_text([ChatMessage("user", "hi")]).encode())
-    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 6, "total_tokens": prompt_tokens + 6}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == usage(prompt_tokens, 6)
     assert len({c["id"] for c in chunks}) == 1
 
 
@@ -206,10 +218,12 @@ def test_token_id_prompt_and_default_max_tokens_capped_by_context(client: httpx.
     ids = list(b"abc" * 40)  # 120 tokens > max_prompt_tokens=100
     r = client.post("/v1/completions", json={"prompt": ids})
     assert r.status_code == 400 and r.json()["error"]["code"] == "prompt_too_long"
-    ids = list(b"a" * 100)  # default max_tokens 256 is capped to CONTEXT - 100 = 28
-    r = client.post("/v1/completions", json={"prompt": ids, "temperature": 0})
+    ids = list(b"a" * 100)  # chat's default max_tokens 256 is capped to CONTEXT - 100 = 28
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "a" * 83}], "temperature": 0})
     assert r.status_code == 200
-    assert r.json()["usage"] == {"prompt_tokens": 100, "completion_tokens": CONTEXT - 100, "total_tokens": CONTEXT}
+    assert r.json()["usage"] == usage(100, CONTEXT - 100)
+    r = client.post("/v1/completions", json={"prompt": ids, "temperature": 0})  # completions: 16, as OpenAI
+    assert r.status_code == 200 and r.json()["usage"] == usage(100, 16)
 
 
 def test_models_health_metrics(client: httpx.Client) -> None:
@@ -284,7 +298,15 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", json.dumps({**CHAT_OK, "stream": "yes"}).encode(), 400, "stream", "boolean"),
     ("/v1/chat/completions", json.dumps({**CHAT_OK, "seed": 1.5}).encode(), 400, "seed", "integer"),
     ("/v1/chat/completions", json.dumps({**CHAT_OK, "seed": 2**64}).encode(), 400, "seed", "less than or equal"),
-    ("/v1/chat/completions", json.dumps({**CHAT_OK, "stop": ["a", "b", "c", "d", "e"]}).encode(), 400, "stop", "at most 4"),
+    ("/v1/chat/completions", json.dumps({**CHAT_OK, "stop": [str(i) for i in range(65)]}).encode(), 400, "stop", "at most 64"),
+    ("/v1/chat/completions", json.dumps({**CHAT_OK, "stop": ["x" * 513]}).encode(), 400, "stop", "at most 512 characters"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, "temperature", "finite number"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "top_p": Infinity}', 400, "top_p", "finite number"),
+    ("/v1/chat/completions", json.dumps({**CHAT_OK, "continue_final_message": True}).encode(), 400, "continue_final_message", "add_generation_prompt: false"),
+    ("/v1/chat/completions", json.dumps({**CHAT_OK, "chat_template_kwargs": {"tokenize": True}}).encode(), 400, "chat_template_kwargs", "'tokenize'"),
+    ("/v1/chat/completions", json.dumps({**CHAT_OK, "chat_template": "{{ x }}"}).encode(), 400, "chat_template", "not supported"),
+    ("/v1/chat/completions", json.dumps({**CHAT_OK, "spaces_between_special_tokens": False}).encode(), 400, "spaces_between_special_tokens", "not supported"),
+    ("/v1/chat/completions", json.dumps({**CHAT_OK, "priority": 5}).encode(), 400, "priority", "not supported"),
     ("/v1/chat/completions", json.dumps({**CHAT_OK, "stop": [""]}).encode(), 400, "stop", "non-empty"),
     ("/v1/chat/completions", json.dumps({**CHAT_OK, "n": 17}).encode(), 400, "n", "less than or equal to 16"),
     ("/v1/chat/completions", json.dumps({**CHAT_OK, "n": 0}).encode(), 400, "n", "greater than or equal to 1"),
@@ -294,7 +316,6 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", json.dumps({**CHAT_OK, "tool_choice": "auto"}).encode(), 400, "tool_choice", "not supported"),
     ("/v1/chat/completions", json.dumps({**CHAT_OK, "top_logprobs": 3}).encode(), 400, "top_logprobs", "needs logprobs"),
     ("/v1/chat/completions", json.dumps({**CHAT_OK, "logprobs": True, "top_logprobs": 21}).encode(), 400, "top_logprobs", "less than or equal to 20"),
-    ("/v1/chat/completions", json.dumps({**CHAT_OK, "logprobs": True, "stream": True}).encode(), 400, "logprobs", "stream"),
     ("/v1/chat/completions", json.dumps({**CHAT_OK, "min_tokens": 9, "max_tokens": 3}).encode(), 400, "min_tokens", "must not exceed"),
     ("/v1/chat/completions", json.dumps({**CHAT_OK, "repetition_penalty": 0}).encode(), 400, "repetition_penalty", "greater than 0"),
     ("/v1/chat/completions", json.dumps({**CHAT_OK, "min_p": 1.5}).encode(), 400, "min_p", ""),
@@ -305,7 +326,6 @@ BAD_REQUESTS = [
     ("/v1/completions", json.dumps({"prompt": [[1], []]}).encode(), 400, "prompt[1]", "must not be empty"),
     ("/v1/completions", json.dumps({"prompt": [[1, -2]]}).encode(), 400, "prompt", "token id -2"),
     ("/v1/completions", json.dumps({"prompt": "a", "echo": True, "stream": True}).encode(), 400, "echo", "stream"),
-    ("/v1/completions", json.dumps({"prompt": "a", "logprobs": 2, "stream": True}).encode(), 400, "logprobs", "stream"),
     ("/v1/completions", json.dumps({"prompt": "a", "max_tokens": 0}).encode(), 400, "max_tokens", "between 1 and 64"),
     ("/v1/completions", json.dumps({"prompt": "a", "best_of": 3}).encode(), 400, "best_of", "must equal n"),
     ("/v1/completions", json.dumps({"prompt": "a", "stop_token_ids": [3]}).encode(), 400, "stop_token_ids", "not supported"),
@@ -372,6 +392,11 @@ def test_api_key_required_when_configured() -> None:
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         assert c.get("/v1/models").status_code == 401
         assert c.get("/metrics").status_code == 401
+        assert c.get("/tokenizer_info").status_code == 401
+        assert c.get("/version").status_code == 200
+        # The key is checked before the body is read: an oversized body without it gets 401, not 413.
+        r = c.post("/v1/completions", content=b"x" * (9 << 20), headers={"content-type": "application/json"})
+        assert r.status_code == 401
         ok = c.post("/v1/completions", json={"prompt": "a", "max_tokens": 1}, headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200
         good = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0, timeout=20)

@@ -90,6 +90,80 @@ def test_echo_max_tokens_zero_scores_prompt_only(served) -> None:
     assert comp.usage.completion_tokens == 0
 
 
+def test_scoring_request_whose_next_token_is_eos_returns_the_eos(served, tiny) -> None:
+    """lm-eval's loglikelihood: echo + logprobs + max_tokens 1, then it drops the last logprob as the
+    generated token's. When the greedy next token is EOS, that EOS must be the returned output
+    token, or a real prompt token would be dropped instead (a silently wrong score)."""
+    oai, engine, _ = served
+    ids = engine.encode_prompt(PROMPT)
+    ref = full_forward_logprobs(engine, ids)
+    eos = int(ref[-1].argmax())  # make the model's greedy continuation of this prompt its EOS
+    saved = (tiny.model.generation_config.eos_token_id, tiny.tokenizer.eos_token_id)
+    tiny.model.generation_config.eos_token_id = eos
+    try:
+        tiny.tokenizer.eos_token_id = eos
+        comp = oai.completions.create(model=engine.name, prompt=ids, max_tokens=1, temperature=0, logprobs=1, echo=True)
+    finally:
+        tiny.model.generation_config.eos_token_id, tiny.tokenizer.eos_token_id = saved
+    choice, n = comp.choices[0], len(ids)
+    lp = choice.logprobs
+    assert choice.finish_reason == "stop" and comp.usage.completion_tokens == 1
+    assert choice.text == engine.tokenizer.decode(ids, skip_special_tokens=True)  # the EOS adds no text
+    assert len(lp.token_logprobs) == n + 1 and lp.tokens[-1] == engine.tokenizer.decode([eos])
+    assert lp.token_logprobs[-1] == pytest.approx(float(ref[-1, eos]), abs=1e-4)
+    # What lm-eval computes for the continuation ids[ctx:]: exactly the offline forward pass.
+    ctx = n - 5
+    assert sum(lp.token_logprobs[ctx:-1]) == pytest.approx(sum(float(ref[j - 1, ids[j]]) for j in range(ctx, n)), abs=1e-3)
+
+
+def test_streamed_logprobs_are_the_non_streamed_ones(served) -> None:
+    oai, engine, _ = served
+    messages = [{"role": "user", "content": "Name a colour."}]
+    kw = dict(model=engine.name, max_tokens=6, temperature=0, stop=["zz"])
+    whole = oai.chat.completions.create(messages=messages, logprobs=True, top_logprobs=2, **kw)
+    chunks = list(oai.chat.completions.create(messages=messages, logprobs=True, top_logprobs=2, stream=True, **kw))
+    streamed = [c for ch in chunks if ch.choices and ch.choices[0].logprobs for c in ch.choices[0].logprobs.content]
+    assert [(c.token, c.logprob) for c in streamed] == [(c.token, c.logprob) for c in whole.choices[0].logprobs.content]
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == whole.choices[0].message.content
+    ids = engine.encode_prompt(PROMPT)
+    whole = oai.completions.create(prompt=ids, logprobs=2, **kw)
+    chunks = list(oai.completions.create(prompt=ids, logprobs=2, stream=True, **kw))
+    parts = [ch.choices[0].logprobs for ch in chunks if ch.choices and ch.choices[0].logprobs]
+    assert [t for p in parts for t in p.tokens] == whole.choices[0].logprobs.tokens
+    assert [x for p in parts for x in p.token_logprobs] == whole.choices[0].logprobs.token_logprobs
+    assert [x for p in parts for x in p.text_offset] == whole.choices[0].logprobs.text_offset
+
+
+def test_assistant_prefill_continues_the_final_message(served) -> None:
+    """vLLM's continue_final_message + add_generation_prompt false: the last (assistant) message
+    stays open and the model continues it; with echo the answer starts with it."""
+    oai, engine, _ = served
+    turns = [ChatMessage("user", "Name a colour."), ChatMessage("assistant", "The colour is")]
+    ids = engine.encode_chat(turns, add_generation_prompt=False, continue_final_message=True)
+    closed = engine.encode_chat(turns, add_generation_prompt=False)
+    assert closed[: len(ids)] == ids and len(closed) > len(ids)  # open: no end of turn after the prefill
+    messages = [{"role": m.role, "content": m.content} for m in turns]
+    extra = {"add_generation_prompt": False, "continue_final_message": True}
+    chat = oai.chat.completions.create(model=engine.name, messages=messages, max_tokens=5, temperature=0, extra_body=extra)
+    assert chat.choices[0].message.content == direct(engine, ids, max_new_tokens=5).text
+    assert chat.usage.prompt_tokens == len(ids)
+    echoed = oai.chat.completions.create(model=engine.name, messages=messages, max_tokens=5, temperature=0, extra_body={**extra, "echo": True})
+    assert echoed.choices[0].message.content == "The colour is" + chat.choices[0].message.content
+
+
+def test_tokenizer_info_and_token_id_names(served) -> None:
+    oai, engine, url = served
+    info = httpx.get(url + "/tokenizer_info").json()
+    tok = engine.tokenizer
+    assert info["eos_token"] == tok.eos_token and info["bos_token"] == tok.bos_token
+    assert info["chat_template"] == tok.chat_template and info["model_max_length"] == engine.max_context
+    ids = engine.encode_prompt(PROMPT)
+    comp = oai.completions.create(model=engine.name, prompt=ids, max_tokens=3, temperature=0, logprobs=1,
+                                  extra_body={"return_tokens_as_token_ids": True})
+    out = direct(engine, ids, max_new_tokens=3)
+    assert comp.choices[0].logprobs.tokens == [f"token_id:{t}" for t in out.token_ids]
+
+
 def test_chat_logprobs_and_top_logprobs(served) -> None:
     oai, engine, _ = served
     messages = [{"role": "user", "content": "Name a colour."}]
@@ -184,7 +258,7 @@ def test_min_tokens_and_ignore_eos(served, tiny) -> None:
             c = oai.completions.create(model=engine.name, prompt=ids, max_tokens=6, temperature=0, extra_body=extra)
             return c.usage.completion_tokens, c.choices[0].finish_reason
 
-        assert usage() == (0, "stop")
+        assert usage() == (1, "stop")  # the EOS is the one output token (as vLLM counts it), no text
         n, _ = usage(min_tokens=3)
         assert n >= 3
         assert usage(ignore_eos=True) == (6, "length")

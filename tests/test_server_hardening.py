@@ -140,6 +140,7 @@ def test_sigterm_answers_queued_with_503_json_and_ends_streams_cleanly() -> None
             srv.signal_exit()  # what SIGTERM does
             q = queued.result(timeout=20)
             assert q.status_code == 503 and q.json()["error"]["code"] == "shutting_down"
+            assert q.headers["retry-after"] == "10"  # when to come back (a restarted server)
             status, events = running.result(timeout=20)
             assert status == 200
             assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "shutting_down"

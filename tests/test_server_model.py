@@ -24,7 +24,7 @@ from omnikv.config import OmniKVConfig
 from omnikv.decoding.generation import SamplingParams, generate
 from omnikv.methods import get_method
 from omnikv.models import load_model
-from omnikv.server import Engine, EngineResult, GenRequest, ServerThread, create_app
+from omnikv.server import ChatMessage, Engine, EngineResult, GenRequest, ServerThread, create_app
 from omnikv.models.tiny import make_tiny_checkpoint
 
 TIMEOUT = httpx.Timeout(60.0)
@@ -171,6 +171,33 @@ def test_cli_rejects_bad_limits_before_loading(capsys: pytest.CaptureFixture[str
     assert "--max-queue must be >= 1" in capsys.readouterr().err
     assert main(["serve", "--model", "/nonexistent", "--method", "full", "--preset", "x.json"]) == 2
     assert "omnikv method only" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # an argparse error: usage + message, exit code 2
+        main(["serve", "--model", "/nonexistent", "--prefix-cache-bytes", "lots"])
+    assert exit_info.value.code == 2 and "is not a size" in capsys.readouterr().err
+
+
+def test_serve_defaults_chunk_the_prefill_and_keep_prefixes() -> None:
+    from omnikv.cli import build_parser
+    from omnikv.cli.cmd_serve import parse_bytes
+    from omnikv.decoding.prefix_cache import default_max_bytes
+
+    args = build_parser().parse_args(["serve", "--model", "x"])
+    assert args.prefill_chunk_size == 512  # a client that leaves frees the server within a chunk
+    assert args.prefix_cache_bytes is None and default_max_bytes() > 0
+    assert args.default_max_tokens is None  # per endpoint: 16 for completions, 256 for chat
+    assert [parse_bytes(t) for t in ("0", "4GiB", "512MB", "1.5KiB", "2_000")] == [0, 4 << 30, 512 * 10**6, 1536, 2000]
+
+
+def test_chat_template_kwargs_reach_the_template(tiny) -> None:
+    engine = Engine.from_loaded(tiny, get_method("full"))
+    saved = engine.tokenizer.chat_template
+    engine.tokenizer.chat_template = "{% for m in messages %}{{ greeting | default('') }}{{ m['content'] }}{% endfor %}"
+    try:
+        plain = engine.encode_chat([ChatMessage("user", "x")])
+        kw = engine.encode_chat([ChatMessage("user", "x")], template_kwargs={"greeting": "hi "})
+    finally:
+        engine.tokenizer.chat_template = saved
+    assert engine.tokenizer.decode(kw) == "hi x" and engine.tokenizer.decode(plain) == "x"
 
 
 @pytest.mark.slow

@@ -13,10 +13,10 @@ import json
 import os
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from _side_venv import side_venv_python
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_DIR = ROOT / "integrations" / "vllm"
@@ -31,19 +31,7 @@ pytestmark = pytest.mark.slow
 
 def _vllm_python() -> Path:
     """The vLLM venv's python, setting the venv up when allowed; skip (with the reason) if not."""
-    setup = VLLM_DIR / "setup.sh"
-    allowed = os.environ.get("CI", "").lower() == "true" or os.environ.get("OMNIKV_VLLM_SETUP") == "1"
-    if not VLLM_PY.exists() and not allowed:
-        msg = (f"vLLM integration tests SKIPPED: {VLLM_PY} does not exist. Run `bash {setup.relative_to(ROOT)}` "
-               "(or set OMNIKV_VLLM_SETUP=1) to set it up and run them")
-        print(msg, file=sys.stderr)
-        pytest.skip(msg)
-    # Idempotent: a no-op (seconds) when the venv is up to date.
-    proc = subprocess.run(["nice", "-n", "5", "bash", str(setup), "--quiet"], capture_output=True, text=True,
-                          timeout=3000)
-    if proc.returncode != 0:
-        pytest.fail(f"integrations/vllm/setup.sh failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return VLLM_PY
+    return side_venv_python(VLLM_DIR / "setup.sh", VLLM_PY, "OMNIKV_VLLM_SETUP", "vLLM integration tests")
 
 
 def _prompts() -> list[tuple[str, str]]:

@@ -2,16 +2,16 @@
 # lm-evaluation-harness against `omnikv serve`, on loopback only, with a small local task file:
 # one generate_until task (greedy generation + stop strings) and one multiple_choice task
 # (loglikelihood: echo + logprobs on token-id prompts), both with lm-eval's default settings for
-# `local-completions` (tokenized_requests=True, batch_size 1, one request at a time).
+# `local-completions` (tokenizer_backend=auto: the server's /tokenizer_info and /tokenize, no hub;
+# tokenized_requests=True, batch_size 1, one request at a time).
 #
 #   benchmarks/server/lm_eval_smoke.sh [OUTPUT_DIR]
 #   MODEL=smollm2 (embedded; default) METHOD=omnikv PORT=8765 PYTHON=<omnikv env python>
-#   LMEVAL_VENV=<dir>: where lm-eval is installed (created on first use, reused after; outside
-#   the repo by default). TOKENIZER=<dir with tokenizer.json>: what lm-eval tokenizes with; by
-#   default the embedded model's converted directory under ~/.cache/omnikv/models.
+#   LMEVAL_VENV=<dir>: where lm-eval is installed (default benchmarks/server/.venv, made by
+#   benchmarks/server/lm_eval_setup.sh on first use, reused after).
 #
-# lm-eval is not a test dependency: installing it (datasets, evaluate, scikit-learn, ...) takes
-# minutes, so this is a script, not part of the test suite. Results: docs/server.md.
+# lm-eval is not a dependency of omnikv (datasets, evaluate, scikit-learn, ...: minutes to install);
+# tests/test_server_lm_eval.py runs it from the same venv. Results: docs/server.md.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 out="${1:-$root/benchmarks/results/server-lm-eval}"
@@ -19,17 +19,11 @@ model="${MODEL:-smollm2}"
 method="${METHOD:-omnikv}"
 port="${PORT:-8765}"
 py="${PYTHON:-$root/.venv/bin/python}"
-venv="${LMEVAL_VENV:-$HOME/.cache/omnikv-lmeval-venv}"
-lmeval_version="0.4.13"
+export LMEVAL_VENV="${LMEVAL_VENV:-$root/benchmarks/server/.venv}"
+venv="$LMEVAL_VENV"
 
 # -- lm-eval in its own venv (idempotent) -------------------------------------------------------
-if ! "$venv/bin/python" -c "import lm_eval, transformers" 2>/dev/null; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install -q "lm-eval[api]==$lmeval_version" transformers
-fi
-
-tok="${TOKENIZER:-$(ls -d "$HOME"/.cache/omnikv/models/"$model"-* 2>/dev/null | sort | tail -1)}"
-[[ -f "$tok/tokenizer.json" ]] || { echo "no tokenizer for $model (set TOKENIZER=<dir>)" >&2; exit 2; }
+bash "$root/benchmarks/server/lm_eval_setup.sh" --quiet
 
 # -- the local tasks ------------------------------------------------------------------------------
 tasks="$out/tasks"
@@ -61,7 +55,7 @@ output_type: generate_until
 doc_to_text: "{{text}}"
 doc_to_target: "{{answer}}"
 generation_kwargs:
-  until: ["\n", "Question:"]
+  until: ["\n", "Question:", "Answer:", "###", "</s>"]
   do_sample: false
   temperature: 0
   max_gen_toks: 16
@@ -112,6 +106,6 @@ done
 # -- lm-eval, default settings ----------------------------------------------------------------------
 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
   "$venv/bin/lm_eval" --model local-completions \
-  --model_args "model=$model,base_url=http://127.0.0.1:$port/v1/completions,tokenizer=$tok" \
+  --model_args "model=$model,base_url=http://127.0.0.1:$port/v1/completions" \
   --tasks omnikv_smoke_gen,omnikv_smoke_mc --include_path "$tasks" \
   --output_path "$out/results" --log_samples 2>&1 | tee "$out/lm_eval.log"

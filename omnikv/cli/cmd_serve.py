@@ -11,6 +11,26 @@ from omnikv.cli.common import add_command, build_method, parse_budget
 from omnikv.errors import ConfigError
 
 API_KEY_ENV = "OMNIKV_API_KEY"
+# Prefill in chunks by default: a client that disconnects during a long prefill frees the worker at
+# the next chunk, and activation memory stays bounded. Chunked prefill equals one pass up to float
+# rounding (tests/test_omnikv_equivalence.py, tests/test_prefix_cache.py).
+DEFAULT_PREFILL_CHUNK = 512
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'4GiB', '512MB', '1e9', '0' -> bytes (binary units: KiB, MiB, GiB; decimal: KB, MB, GB)."""
+    value = text.strip().lower().replace("_", "")
+    unit = value.lstrip("0123456789.e+")
+    number = value[: len(value) - len(unit)]
+    try:
+        n = float(number) * _UNITS[unit.strip()]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: give bytes or a number with KiB/MiB/GiB (or KB/MB/GB), e.g. 4GiB") from None
+    if n < 0 or n != n:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size must be >= 0")
+    return int(n)
 
 
 def register(subparsers: Any) -> None:
@@ -43,7 +63,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="largest request body (default 8 MiB)")
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest accepted prompt (default: model context)")
     p.add_argument("--max-tokens-limit", type=int, default=None, help="largest accepted max_tokens (default: model context)")
-    p.add_argument("--default-max-tokens", type=int, default=256, help="completion length when a request omits max_tokens")
+    p.add_argument("--default-max-tokens", type=int, default=None,
+                   help="completion length when a request omits max_tokens (default: 16 for /v1/completions as OpenAI, 256 for chat)")
     p.add_argument(
         "--max-batch-size",
         type=int,
@@ -51,7 +72,12 @@ def register(subparsers: Any) -> None:
         help="decode up to this many waiting requests together when their sampling settings match "
         "(default: 4 on CUDA, 1 on CPU, where decoding is compute-bound and batching gains little)",
     )
-    p.add_argument("--prefill-chunk-size", type=int, default=None, help="prefill in chunks of this many tokens")
+    p.add_argument("--prefill-chunk-size", type=int, default=DEFAULT_PREFILL_CHUNK,
+                   help=f"prefill in chunks of this many tokens (default {DEFAULT_PREFILL_CHUNK}); a client that disconnects "
+                   "frees the server at the next chunk")
+    p.add_argument("--prefix-cache-bytes", type=parse_bytes, default=None, metavar="SIZE",
+                   help="host memory for the prompt prefixes kept for reuse (e.g. 4GiB; 0 = off; default: 1/8 of the "
+                   "machine's memory): a request that begins like an earlier one prefills only the rest")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -59,10 +85,10 @@ def register(subparsers: Any) -> None:
 
 def check_args(args: argparse.Namespace) -> str | None:
     """Validate limits before loading anything; return the API key to use (flag wins over env)."""
-    for name in ("max_queue", "max_body_bytes", "default_max_tokens"):
+    for name in ("max_queue", "max_body_bytes"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("max_prompt_tokens", "max_tokens_limit", "prefill_chunk_size", "max_batch_size"):
+    for name in ("max_prompt_tokens", "max_tokens_limit", "prefill_chunk_size", "max_batch_size", "default_max_tokens"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -101,8 +127,12 @@ def run(args: argparse.Namespace) -> int:
     batch = args.max_batch_size
     if batch is None:
         batch = 4 if next(loaded.model.parameters()).device.type == "cuda" else 1
+    from omnikv.decoding.prefix_cache import default_max_bytes
+
+    store = args.prefix_cache_bytes if args.prefix_cache_bytes is not None else default_max_bytes()
     engine = Engine.from_loaded(
-        loaded, method, name=args.served_model_name, prefill_chunk_size=args.prefill_chunk_size, max_batch_size=batch
+        loaded, method, name=args.served_model_name, prefill_chunk_size=args.prefill_chunk_size, max_batch_size=batch,
+        prefix_cache_bytes=store,
     )
     app = create_app(
         engine,
@@ -115,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
         allowed_hosts=allowed_hosts,
     )
     port = sock.getsockname()[1]
-    print(f"omnikv serve: {engine.name} with method {args.method} on http://{args.host}:{port}/v1", file=sys.stderr)
+    reuse = f"prefix cache {store / 2**30:.2f} GiB" if engine.prefix_cache is not None and engine.prefix_cache.enabled else "prefix cache off"
+    print(f"omnikv serve: {engine.name} with method {args.method} on http://{args.host}:{port}/v1 ({reuse})", file=sys.stderr)
     serve_forever(app, args.host, port, log_level=args.log_level, sock=sock)
     return 0

@@ -24,7 +24,7 @@ What methods decide at the end of prefill they decide on their own cache:
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,6 +125,15 @@ class SharedPrefill:
     def tail(self) -> list[int]:
         return self.ids[self.split :]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the recorded keys, values and queries."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor this prefill holds (keys, values, recorded queries)."""
+        return [t for kv in self.kv for t in kv] + [q for _, q, _ in (self.queries or {}).values()]
+
     @classmethod
     @torch.inference_mode()
     def run(
@@ -135,9 +144,22 @@ class SharedPrefill:
         tail: int = DEFAULT_TAIL,
         record_queries: bool = False,
         prefill_chunk_size: int | None = None,
+        start: "SharedPrefill | None" = None,
+        reuse: int = 0,
+        on_chunk: Callable[[], None] | None = None,
+        keep_on: torch.device | str | None = None,
     ) -> "SharedPrefill":
         """Prefill ids[:-tail] once (at least one token stays in the tail: its logits start decoding).
-        `ids`: token ids, or a tensor of one sequence ([T] or [1, T], as a tokenizer returns them)."""
+        `ids`: token ids, or a tensor of one sequence ([T] or [1, T], as a tokenizer returns them).
+
+        start, reuse: take the first `reuse` tokens' keys, values (and queries) from `start`, a
+            shared prefill whose ids begin with the same `reuse` tokens, and run only the rest
+            through the model (prefix reuse across requests, omnikv.decoding.prefix_cache). The
+            result owns its tensors: `start` is read, never written.
+        on_chunk: called before each prefill chunk; an exception it raises aborts the prefill.
+        keep_on: where the recorded tensors are kept (e.g. "cpu": host memory); default the model's
+            device. `cache_for` moves them to the model's device as it seeds a method's cache.
+        """
         if isinstance(ids, torch.Tensor):
             if ids.dim() == 2 and ids.shape[0] != 1:
                 raise InputError(f"a shared prefill runs one sequence; got a batch of {ids.shape[0]}")
@@ -151,16 +173,24 @@ class SharedPrefill:
         device = next(model.parameters()).device
         cache = _RecordingCache.build(model, record_queries)
         t0 = time.perf_counter()
+        done = 0
+        if start is not None:
+            done = min(reuse, split)
+            _seed(cache, start, ids, done, record_queries)
         chunk = prefill_chunk_size or split
-        for s in range(0, split, chunk):
+        for s in range(done, split, chunk):
+            if on_chunk is not None:
+                on_chunk()
             x = torch.tensor([ids[s : min(split, s + chunk)]], dtype=torch.long, device=device)
             model(input_ids=x, use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
         seconds = time.perf_counter() - t0
-        kv = [(torch.cat([k for k, _ in parts], dim=-2), torch.cat([v for _, v in parts], dim=-2))
+        # torch.cat copies: the new prefill shares no storage with `start`.
+        keep = torch.device(keep_on) if keep_on is not None else device
+        kv = [(torch.cat([k for k, _ in parts], dim=-2).to(keep), torch.cat([v for _, v in parts], dim=-2).to(keep))
               for parts in cache.kv]
         queries = None
         if record_queries:
-            queries = {i: (cache.modules[i][0], torch.cat(q, dim=2), cache.modules[i][1])
+            queries = {i: (cache.modules[i][0], torch.cat(q, dim=2).to(keep), cache.modules[i][1])
                        for i, q in cache.queries.items()}
         return cls(model=model, ids=ids, split=split, kv=kv, queries=queries, seconds=seconds)
 
@@ -175,8 +205,9 @@ class SharedPrefill:
         if not _seedable(cache):
             raise InputError(f"{method.name}'s cache ({type(cache).__name__}) cannot be forked from a shared "
                              "prefill; run it with its own prefill (generate())")
+        device = next(self.model.parameters()).device
         for i, (k, v) in enumerate(self.kv):
-            cache.update(k, v, i)
+            cache.update(k.to(device), v.to(device), i)
             _context.take(i)  # no attention call follows this update: clear the hand-off slot
         for i, layer in enumerate(getattr(cache, "layers", [])):
             if isinstance(layer, LossyLayer) and type(layer).observe_prefill is not LossyLayer.observe_prefill \
@@ -185,7 +216,7 @@ class SharedPrefill:
                     raise InputError(f"{method.name} scores the prompt with every prompt query; run the shared "
                                      "prefill with record_queries=True")
                 module, query, kwargs = self.queries[i]
-                layer.observe_prefill(module, query, None, **kwargs)
+                layer.observe_prefill(module, query.to(device), None, **kwargs)
         self.forks += 1
         return cache
 
@@ -197,6 +228,23 @@ class SharedPrefill:
         method = get_method(method)
         return Session(self.model, tokenizer, method, prefill_chunk_size=prefill_chunk_size,
                        cache=self.cache_for(method), history=self.ids[: self.split], pending=self.tail)
+
+
+def _seed(cache: Any, start: SharedPrefill, ids: list[int], reuse: int, record_queries: bool) -> None:
+    """Put `start`'s first `reuse` tokens into the recording `cache`, as its own prefill of them would."""
+    if not 0 < reuse <= start.split or start.ids[:reuse] != ids[:reuse]:
+        raise InputError(f"cannot reuse {reuse} tokens of a shared prefill of {start.split} tokens that "
+                         "does not begin with them")
+    if record_queries and start.queries is None:
+        raise InputError("the reused prefill has no recorded queries; run it with record_queries=True")
+    device = next(start.model.parameters()).device
+    for i, (k, v) in enumerate(start.kv):
+        cache.update(k[:, :, :reuse].to(device), v[:, :, :reuse].to(device), i)
+        _context.take(i)  # no attention call follows this update: clear the hand-off slot
+    for i, (module, query, kwargs) in (start.queries or {}).items():
+        if record_queries:
+            cache.queries[i] = [query[:, :, :reuse].to(device)]
+            cache.modules[i] = (module, kwargs)
 
 
 def plan_shared_prefill(methods: Iterable[Method], model: torch.nn.Module) -> tuple[int, bool, set[str]]:

@@ -46,6 +46,8 @@ class SamplingParams:
         applied when greedy). min_tokens: EOS cannot end the output before this many tokens.
     logprobs: None = no logprobs; k >= 0 = record each output token's log-probability under the
         model (raw logits, before temperature and penalties) and the k most likely alternatives.
+    skip_special_tokens: leave special tokens (other than the final EOS, never in the text) out of
+        the text, as transformers' decode does by default.
     """
 
     max_new_tokens: int = 64
@@ -59,6 +61,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     min_tokens: int = 0
     logprobs: int | None = None
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
@@ -121,6 +124,10 @@ class GenerationResult:
     method: str = ""
     config: dict[str, Any] = field(default_factory=dict)
     logprobs: list[TokenLogprob] | None = None  # one per token_ids entry when params.logprobs is set
+    # The EOS token that ended the output (finish_reason "stop"; not in token_ids or the text) and,
+    # when params.logprobs is set, its log-probability: clients that score text (lm-eval) count it.
+    eos_token_id: int | None = None
+    eos_logprob: TokenLogprob | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -166,8 +173,24 @@ def max_context(model) -> int | None:
     return getattr(cfg, "max_position_embeddings", None)
 
 
+def prefill_chunks(n: int, chunk: int | None) -> list[tuple[int, int]]:
+    """[start, end) bounds of `n` prompt tokens fed `chunk` at a time (None: one chunk). A last
+    chunk of one token joins the one before: after cached tokens, a one-token forward is a decode
+    step for the methods (OmniKV selects, Quest and the lossy caches evict), not a prefill."""
+    chunk = chunk or n
+    bounds = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
+
+
 class Session:
-    """A conversation with one cache. Not thread-safe: one session per worker."""
+    """A conversation with one cache. Not thread-safe: one session per worker.
+
+    A session continues after `generate`: `append` the next turn's tokens and `generate` again;
+    only the new tokens are prefilled. The cache then holds the prompt and every generated token
+    but a final EOS (the token that completed a stop string included): `tokens` lists them.
+    """
 
     def __init__(
         self,
@@ -200,6 +223,11 @@ class Session:
     def total_tokens(self) -> int:
         return len(self.history) + len(self.pending)
 
+    @property
+    def tokens(self) -> list[int]:
+        """The conversation so far: tokens in the cache, then those queued to feed next."""
+        return self.history + self.pending
+
     def append(self, ids: Sequence[int] | torch.Tensor) -> None:
         ids = _as_ids(ids)
         if not ids:
@@ -210,8 +238,9 @@ class Session:
             raise InputError(f"token id {bad[0]} is outside the model's vocabulary (0..{vocab - 1})")
         self.pending.extend(ids)
 
-    def _check_memory(self, max_new_tokens: int = 0) -> None:
-        """Refuse, before any work, a request that cannot fit (see omnikv.methods.memory)."""
+    def check_memory(self, max_new_tokens: int = 0) -> None:
+        """Refuse, before any work, a request that cannot fit (see omnikv.methods.memory); `feed`
+        checks the pending tokens itself."""
         from omnikv.methods.memory import check_fits, guard_enabled, plan_memory
 
         if not guard_enabled() or len(self.pending) < 1024:
@@ -275,20 +304,19 @@ class Session:
                 f"prompt + history is {self.total_tokens} tokens but the model's context is "
                 f"{self.limit}; shorten the prompt"
             )
-        self._check_memory(max_new_tokens)
+        self.check_memory(max_new_tokens)
         ids, self.pending = self.pending, []
-        chunk = self.prefill_chunk_size or len(ids)
-        starts = range(0, len(ids), chunk)
-        if progress and len(starts) > 1:
+        bounds = prefill_chunks(len(ids), self.prefill_chunk_size)
+        if progress and len(bounds) > 1:
             from tqdm.auto import tqdm
 
-            starts = tqdm(starts, desc="prefill", unit="chunk", leave=False)
+            bounds = tqdm(bounds, desc="prefill", unit="chunk", leave=False)
         logits = None
         rows: list[TokenLogprob] = []
-        for s in starts:
+        for s, e in bounds:
             if on_chunk is not None:
                 on_chunk()
-            part = ids[s : s + chunk]
+            part = ids[s:e]
             if prompt_logprobs is None:
                 logits = self._forward(part)
                 continue
@@ -296,9 +324,8 @@ class Session:
             # (never the whole (T, V) matrix).
             all_logits = self._forward(part, all_logits=True)
             rows += token_logprobs(all_logits[:-1], part[1:], prompt_logprobs)
-            nxt = ids[s + chunk] if s + chunk < len(ids) else None
-            if nxt is not None:
-                rows += token_logprobs(all_logits[-1:], [nxt], prompt_logprobs)
+            if e < len(ids):
+                rows += token_logprobs(all_logits[-1:], [ids[e]], prompt_logprobs)
             logits = all_logits[-1]
         if prompt_logprobs is not None:
             self.prompt_logprobs = rows
@@ -363,27 +390,36 @@ class Session:
         on_token: Callable[[str], None] | None = None,
         prompt_tokens: int | None = None,
         prefill_seconds: float = 0.0,
+        on_logprob: Callable[[TokenLogprob], None] | None = None,
     ) -> GenerationResult:
-        """Decode from `logits` (V,), the next-token logits after everything fed (see `feed`)."""
+        """Decode from `logits` (V,), the next-token logits after everything fed (see `feed`).
+
+        on_logprob: with params.logprobs set, called with each output token's `TokenLogprob` (the
+        ending EOS's too) as soon as it is sampled, before its text reaches `on_token`."""
         prompt_tokens = len(self.history) if prompt_tokens is None else prompt_tokens
         prefill_s = prefill_seconds
         sampler = _Sampler(params, self.device)
         stops = eos_ids(self.model, self.tokenizer) if not params.ignore_eos else set()
-        streamer = _TextStream(self.tokenizer, params.stop, on_token)
+        streamer = _TextStream(self.tokenizer, params.stop, on_token, params.skip_special_tokens)
         out: list[int] = []
         logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         finish = "length"
+        eos: int | None = None
+        eos_lp: TokenLogprob | None = None
         compiled_before = self.decoder.compile_seconds if self.decoder is not None else 0.0
         t1 = time.perf_counter()
         while True:
             # EOS may not end the output before min_tokens.
             tok = sampler(logits, self.history, banned=stops if len(out) < params.min_tokens else ())
+            lp = token_logprobs(logits[None], [tok], params.logprobs or 0)[0] if logprobs is not None else None
+            if lp is not None and on_logprob is not None:
+                on_logprob(lp)
             if tok in stops:
-                finish = "stop"
+                finish, eos, eos_lp = "stop", tok, lp
                 break
             out.append(tok)
-            if logprobs is not None:
-                logprobs += token_logprobs(logits[None], [tok], params.logprobs or 0)
+            if lp is not None:
+                logprobs.append(lp)
             if streamer.push(out):
                 finish = "stop"
                 break
@@ -395,8 +431,9 @@ class Session:
         decode_s = time.perf_counter() - t1
         compile_s = (self.decoder.compile_seconds - compiled_before) if self.decoder is not None else 0.0
         decode_s -= compile_s  # compiling is not decoding: reported apart, as stats["compile_seconds"]
-        # The last sampled token is not in the cache yet: it starts the next turn.
-        if out and finish == "length":
+        # The last sampled token is not in the cache yet: it starts the next turn (unless EOS
+        # ended the output: a chat template's next turn starts with its own end-of-turn text).
+        if out and eos is None:
             self.pending.append(out[-1])
         streamer.flush()
         steps = max(len(out) - 1, 0)
@@ -413,6 +450,8 @@ class Session:
             method=self.method.name,
             config=self.method.describe(),
             logprobs=logprobs,
+            eos_token_id=eos,
+            eos_logprob=eos_lp,
         )
 
 
@@ -457,8 +496,10 @@ class _Sampler:
 class _TextStream:
     """Incremental detokenisation with stop strings; emits only text that is final."""
 
-    def __init__(self, tokenizer, stop: tuple[str, ...], on_token: Callable[[str], None] | None) -> None:
+    def __init__(self, tokenizer, stop: tuple[str, ...], on_token: Callable[[str], None] | None,
+                 skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self.stops = StopMatcher(stop)
         self.on_token = on_token
         self.text = ""
@@ -466,7 +507,7 @@ class _TextStream:
 
     def push(self, ids: list[int]) -> bool:
         """Update with all generated ids; True when a stop string was reached."""
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        text = self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
         cut, _ = self.stops.scan(text)
         if cut is not None:
             self.text = text[:cut]

@@ -32,6 +32,7 @@ class _Row:
         self.emitted = 0
         self.stops = StopMatcher(request.stop)  # only to know when to stop; the scheduler cuts the text
         self.finish: str | None = None
+        self.ended_by_eos = False  # the EOS counts as an output token, as in omnikv.server.engine
         self.error: BaseException | None = None
 
     @property
@@ -43,6 +44,7 @@ class _Row:
             return  # finished rows keep receiving padding until the whole batch ends
         if token in self.eos:
             self.finish = "stop"
+            self.ended_by_eos = True
             return
         self.ids.append(token)
         self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
@@ -145,5 +147,6 @@ def generate_batch(
         if row.error is not None:
             results.append(row.error)
         else:
-            results.append(EngineResult(row.text, len(r.prompt_ids), len(row.ids), "stop" if row.finish == "stop" else "length", dict(stats)))
+            tokens = len(row.ids) + row.ended_by_eos
+            results.append(EngineResult(row.text, len(r.prompt_ids), tokens, "stop" if row.finish == "stop" else "length", dict(stats)))
     return results

@@ -31,7 +31,10 @@ class Engine:
         has_chat_template: bool | None = None,
         prefill_chunk_size: int | None = None,
         max_batch_size: int = 1,
+        prefix_cache_bytes: int = 0,
     ) -> None:
+        """prefix_cache_bytes > 0: keep the prefill of recent prompts (host memory, at most this
+        many bytes) and reuse it for later prompts that begin the same way (omnikv.decoding.prefix_cache)."""
         if max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model = model
@@ -57,10 +60,18 @@ class Engine:
         # their own copy of the tokenizer (fast tokenizers are not safe to share between threads).
         self._aux_tokenizer: Any = None
         self._aux_lock = threading.Lock()
+        self.prefix_cache: Any = None
+        if prefix_cache_bytes:
+            from omnikv.decoding.prefix_cache import PrefixCache
+
+            self.prefix_cache = PrefixCache(model, method, prefix_cache_bytes, prefill_chunk_size=prefill_chunk_size)
+            if not self.prefix_cache.supported:
+                log.warning("method %s cannot reuse prefixes (its cache cannot be seeded); prefix cache off", getattr(method, "name", method))
 
     @classmethod
     def from_loaded(
-        cls, loaded: Any, method: Any, *, name: str | None = None, prefill_chunk_size: int | None = None, max_batch_size: int = 1
+        cls, loaded: Any, method: Any, *, name: str | None = None, prefill_chunk_size: int | None = None, max_batch_size: int = 1,
+        prefix_cache_bytes: int = 0,
     ) -> "Engine":
         """From an `omnikv.models.LoadedModel` and a method (instance or registry name)."""
         return cls(
@@ -72,23 +83,58 @@ class Engine:
             has_chat_template=loaded.has_chat_template,
             prefill_chunk_size=prefill_chunk_size,
             max_batch_size=max_batch_size,
+            prefix_cache_bytes=prefix_cache_bytes,
         )
 
     def encode_prompt(self, prompt: str, *, tokenizer: Any = None, add_special_tokens: bool = True) -> list[int]:
         tok = tokenizer or self.tokenizer
         return list(tok(prompt, add_special_tokens=add_special_tokens)["input_ids"])
 
-    def encode_chat(self, messages: list[ChatMessage], *, tokenizer: Any = None, add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(
+        self,
+        messages: list[ChatMessage],
+        *,
+        tokenizer: Any = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        template_kwargs: dict[str, Any] | None = None,
+        add_special_tokens: bool = False,
+    ) -> list[int]:
+        """Token ids of a chat. continue_final_message: the last message stays open (no end of
+        turn), so the model continues it: an assistant prefill. template_kwargs: extra variables
+        for the chat template (vLLM's `chat_template_kwargs`). add_special_tokens: the tokenizer's
+        BOS on top of the template's (vLLM's chat `add_special_tokens`)."""
         tok = tokenizer or self.tokenizer
         if self.has_chat_template:
             turns = [{"role": m.role, "content": m.content} for m in messages]
             # Render to text, then tokenize without extra specials: the template already places BOS
             # and turn markers where the model was trained to see them.
-            text = tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=add_generation_prompt)
-            return list(tok(text, add_special_tokens=False)["input_ids"])
+            text = tok.apply_chat_template(
+                turns, tokenize=False, add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+                **(template_kwargs or {}),
+            )
+            return list(tok(text, add_special_tokens=add_special_tokens)["input_ids"])
+        if template_kwargs:
+            raise InputError("chat_template_kwargs: this model has no chat template to pass them to")
         # No template (base models): a plain transcript that ends where the assistant speaks.
-        text = "".join(f"{m.role}: {m.content}\n" for m in messages) + ("assistant:" if add_generation_prompt else "")
+        lines = [f"{m.role}: {m.content}" for m in messages]
+        if continue_final_message:  # the last line stays open: the model continues it
+            text = "".join(f"{line}\n" for line in lines[:-1]) + lines[-1]
+        else:
+            text = "".join(f"{line}\n" for line in lines) + ("assistant:" if add_generation_prompt else "")
         return self.encode_prompt(text, tokenizer=tok)
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        """What vLLM's GET /tokenizer_info serves and lm-eval's remote tokenizer reads: the special
+        tokens and the chat template (lm-eval then tokenizes through /tokenize, no hub needed)."""
+        tok = self.tokenizer
+        info: dict[str, Any] = {"tokenizer_class": type(tok).__name__, "model_max_length": self.max_context}
+        for name in ("eos_token", "bos_token", "pad_token", "unk_token"):
+            value = getattr(tok, name, None)
+            info[name] = value if isinstance(value, str) else None
+        template = getattr(tok, "chat_template", None)
+        info["chat_template"] = template if isinstance(template, str) else None
+        return info
 
     # -- /tokenize, /detokenize (any thread) -------------------------------------------------------
     def _aux(self) -> Any:
@@ -115,21 +161,11 @@ class Engine:
         every choice but the last (a cache that cannot be copied is prefilled again instead).
 
         Choice i samples with `request.choice_seed(i)`, so it equals a single request with that
-        seed. Prompt logprobs come from the prefill, which is full attention for every method."""
-        from omnikv.decoding.generation import SamplingParams, Session
-
+        seed. Prompt logprobs come from the prefill, which is full attention for every method.
+        With a prefix cache, the prompt's longest stored prefix is reused (`cached_tokens`)."""
         self._check_ids(request)
         ids = list(request.prompt_ids)
-
-        def prefill() -> tuple[Session, Any]:
-            session = Session(self.model, self.tokenizer, self.method, prefill_chunk_size=self.prefill_chunk_size)
-            session.append(ids)
-            session.reserve(request.max_tokens)
-            # Between prefill chunks: stop here if the client already left.
-            logits = session.feed(max_new_tokens=request.max_tokens, prompt_logprobs=request.prompt_logprobs, on_chunk=lambda: on_tokens[0](""))
-            return session, logits
-
-        base, logits = prefill()
+        base, logits, cached = self._prefill(request, on_tokens[0])
         prompt_lp = None
         if request.prompt_logprobs is not None:
             first = LogprobEntry(self._token_text(ids[0]), ids[0], None)
@@ -140,37 +176,70 @@ class Engine:
             if request.max_tokens == 0:  # score the prompt only (echo)
                 stats = base.cache.stats() if hasattr(base.cache, "stats") else {}
                 lps = () if request.logprobs is not None else None
-                results.append(EngineResult("", len(ids), 0, "length", dict(stats), lps, prompt_lp, prompt_text))
+                results.append(EngineResult("", len(ids), 0, "length", dict(stats), lps, prompt_lp, prompt_text, cached))
                 continue
             last = i == len(on_tokens) - 1
-            session, start = (base, logits) if last else self._fork(base, logits, prefill)
-            params = SamplingParams(
-                max_new_tokens=request.max_tokens,
-                temperature=request.temperature,
-                top_p=request.top_p,
-                top_k=request.top_k,
-                min_p=request.min_p,
-                repetition_penalty=request.repetition_penalty,
-                min_tokens=request.min_tokens,
-                ignore_eos=request.ignore_eos,
-                seed=request.choice_seed(i),
-                stop=request.stop,
-                logprobs=request.logprobs,
-            )
-            res = session.decode(start, params, on_token=on_token, prompt_tokens=len(ids))
+            session, start = (base, logits) if last else self._fork(base, logits, lambda: self._prefill(request, on_tokens[0])[:2])
+            res = self._decode(session, start, request, i, on_token)
+            logprobs = None
+            if res.logprobs is not None:
+                # The EOS that ended the output is an output token too (as vLLM returns it): a
+                # client scoring "prompt + 1 generated token" (lm-eval's loglikelihood) drops it.
+                ended = [res.eos_logprob] if res.eos_logprob is not None else []
+                logprobs = self._entries([*res.logprobs, *ended])
             results.append(
                 EngineResult(
                     text=res.text,
                     prompt_tokens=int(res.prompt_tokens),
-                    completion_tokens=int(res.generated_tokens),
+                    completion_tokens=int(res.generated_tokens) + (res.eos_token_id is not None),
                     finish_reason="stop" if res.finish_reason == "stop" else "length",
                     stats=dict(res.stats or {}),
-                    logprobs=self._entries(res.logprobs) if res.logprobs is not None else None,
+                    logprobs=logprobs,
                     prompt_logprobs=prompt_lp,
                     prompt_text=prompt_text,
+                    cached_tokens=cached,
                 )
             )
         return results
+
+    def _prefill(self, request: GenRequest, probe: Callable[[str], None]) -> tuple[Any, Any, int]:
+        """(session with the prompt fed, next-token logits, prompt tokens reused). `probe("")`
+        runs between prefill chunks: it raises (and so stops the prefill) once the client left."""
+        from omnikv.decoding.generation import Session
+
+        ids = list(request.prompt_ids)
+        check = lambda: probe("")  # noqa: E731
+        # Prompt logprobs need every prompt position's logits, which a reused prefix has not kept.
+        if self.prefix_cache is not None and request.prompt_logprobs is None:
+            session, cached = self.prefix_cache.session(self.tokenizer, ids, salt=request.cache_salt, on_chunk=check,
+                                                        max_new_tokens=request.max_tokens)
+        else:
+            session, cached = Session(self.model, self.tokenizer, self.method, prefill_chunk_size=self.prefill_chunk_size), 0
+            session.append(ids)
+        session.reserve(request.max_tokens)
+        logits = session.feed(max_new_tokens=request.max_tokens, prompt_logprobs=request.prompt_logprobs, on_chunk=check)
+        return session, logits, cached
+
+    def _decode(self, session: Any, logits: Any, request: GenRequest, choice: int, on_token: Callable[[str], None]) -> Any:
+        from omnikv.decoding.generation import SamplingParams
+
+        params = SamplingParams(
+            max_new_tokens=request.max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k,
+            min_p=request.min_p,
+            repetition_penalty=request.repetition_penalty,
+            min_tokens=request.min_tokens,
+            ignore_eos=request.ignore_eos,
+            seed=request.choice_seed(choice),
+            stop=request.stop,
+            logprobs=request.logprobs,
+            skip_special_tokens=request.skip_special_tokens,
+        )
+        sink = getattr(on_token, "logprob", None)  # streamed logprobs (a scheduler's TokenSink)
+        on_logprob = (lambda lp: sink(self._entries([lp])[0])) if sink is not None and request.logprobs is not None else None
+        return session.decode(logits, params, on_token=on_token, prompt_tokens=len(request.prompt_ids), on_logprob=on_logprob)
 
     @staticmethod
     def _fork(base: Any, logits: Any, prefill: Callable[[], tuple[Any, Any]]) -> tuple[Any, Any]:
@@ -191,6 +260,8 @@ class Engine:
     def batch_key(self, request: GenRequest) -> Hashable | None:
         if self.max_batch_size <= 1 or not request.plain or (request.temperature > 0 and request.seed is not None):
             return None  # a seeded answer must not depend on its batch neighbours
+        if self.prefix_cache is not None and self.prefix_cache.match(request.prompt_ids, request.cache_salt):
+            return None  # reusing a stored prefix beats batching it with a full prefill
         return ("greedy",) if request.temperature == 0 else ("sample", request.temperature, request.top_p)
 
     def generate_batch(self, requests: list[GenRequest], on_tokens: list[Callable[[str], None]]) -> list[EngineResult | BaseException]:

@@ -8,6 +8,7 @@ disconnects still reach the endpoint.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
 from typing import Any, Awaitable, Callable, Iterable
 
@@ -21,7 +22,11 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # Label values for the request counter; anything else is "other" (bounded label cardinality).
-KNOWN_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/tokenize", "/detokenize", "/version")
+KNOWN_ENDPOINTS = (
+    "/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/tokenize", "/detokenize", "/tokenizer_info", "/version",
+)
+# Paths answered without the API key: probes that reveal nothing about the model or its users.
+OPEN_PATHS = ("/health", "/version")
 MODEL_ENDPOINT = "/v1/models/{id}"  # one label for every /v1/models/<id>
 
 # Host names a loopback server answers to (with any port). A web page that rebinds its own DNS
@@ -82,6 +87,30 @@ class RequestGuardMiddleware:
             scope = {**scope, "path": path.rstrip("/") or "/"}
             if "raw_path" in scope and scope["raw_path"]:
                 scope["raw_path"] = scope["raw_path"].rstrip(b"/") or b"/"
+        await self.app(scope, receive, send)
+
+
+class AuthMiddleware:
+    """With an API key set, every path but OPEN_PATHS needs `Authorization: Bearer <key>`: 401
+    before the request body is read (an unauthenticated client cannot make the server buffer
+    megabytes, nor learn the body limit)."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+        self.app = app
+        self.key = api_key.encode() if api_key is not None else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.key is None or scope.get("path", "") in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        header = next((v for k, v in scope.get("headers", []) if k.lower() == b"authorization"), b"")
+        scheme, _, token = header.decode("latin-1").partition(" ")
+        # compare_digest on bytes: constant time in the token's content (not in its length).
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode("latin-1"), self.key):
+            err = APIError(401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+            await _send_error(send, err)
+            return
         await self.app(scope, receive, send)
 
 

@@ -32,6 +32,8 @@ class GenRequest:
     logprobs: None = none; k >= 0 = each output token's logprob plus the k most likely tokens.
     prompt_logprobs: the same for the prompt tokens (from the prefill); echo: return the prompt
     text in front of the output. max_tokens may be 0 only with echo (score the prompt only).
+    cache_salt: prefix reuse only between requests with the same salt (vLLM's `cache_salt`).
+    skip_special_tokens: leave special tokens out of the output text (the default).
     """
 
     prompt_ids: list[int]
@@ -49,6 +51,8 @@ class GenRequest:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     echo: bool = False
+    cache_salt: str | None = None
+    skip_special_tokens: bool = True
 
     def choice_seed(self, i: int) -> int | None:
         """The seed of choice i: seed + i, wrapped into the range torch generators accept."""
@@ -60,9 +64,8 @@ class GenRequest:
     @property
     def plain(self) -> bool:
         """Only the settings `model.generate` batching honours (temperature, top_p, stop, max_tokens)."""
-        return (self.top_k, self.min_p, self.repetition_penalty, self.min_tokens, self.ignore_eos, self.n, self.logprobs, self.prompt_logprobs, self.echo) == (
-            0, 0.0, 1.0, 0, False, 1, None, None, False
-        )
+        return (self.top_k, self.min_p, self.repetition_penalty, self.min_tokens, self.ignore_eos, self.n, self.logprobs,
+                self.prompt_logprobs, self.echo, self.skip_special_tokens) == (0, 0.0, 1.0, 0, False, 1, None, None, False, True)
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,7 @@ class EngineResult:
     logprobs: tuple[LogprobEntry, ...] | None = None  # one per completion token, when asked for
     prompt_logprobs: tuple[LogprobEntry, ...] | None = None  # one per prompt token, when asked for
     prompt_text: str | None = None  # the prompt as text, when echo was asked for
+    cached_tokens: int = 0  # prompt tokens whose prefill was reused from an earlier request
 
 
 @runtime_checkable
@@ -112,7 +116,20 @@ class EngineLike(Protocol):
     def generate(self, request: GenRequest, on_token: Callable[[str], None]) -> EngineResult:
         """Generate one continuation (the scheduler calls it with n = 1), calling `on_token` with each
         new text piece; an exception it raises aborts. `on_token("")` is a liveness probe an engine
-        may call at any time (between prefill chunks, say): it raises if the client went away."""
+        may call at any time (between prefill chunks, say): it raises if the client went away.
+        The scheduler's `on_token` is a `TokenSink`: an engine may also hand it each output
+        token's logprobs as they come (streamed logprobs); else they come with the result."""
+        ...
+
+
+class TokenSink(Protocol):
+    """What the scheduler passes as `on_token`: a callable, plus `logprob` for streamed logprobs."""
+
+    def __call__(self, piece: str) -> None:
+        ...
+
+    def logprob(self, entry: LogprobEntry) -> None:
+        """One output token's logprob entry (in order, the ending EOS's included)."""
         ...
 
 

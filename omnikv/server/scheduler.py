@@ -9,8 +9,9 @@ it; otherwise one request runs at a time.
 A job holds one or more prompts (a completion request may send several), each with `n` choices;
 choice index = prompt index x n + i. Events flow back to the asyncio side through `Job.events` (an
 `asyncio.Queue` fed with `call_soon_threadsafe`): ("start", [GenRequest]), then ("text", (index,
-str)) and ("finish", (index, EngineResult)) per choice, then ("done", [EngineResult] by index) or
-("error", APIError).
+str, logprobs)) and ("finish", (index, EngineResult, logprobs)) per choice, then ("done",
+[EngineResult] by index) or ("error", APIError). `logprobs` are the output tokens' entries not yet
+sent (streamed logprobs), a tuple, empty unless the engine hands them to its `TokenSink`.
 
 Shutdown (`begin_shutdown`): waiting requests are answered 503 at once; running ones get a grace
 period to finish, then stop at their next token with a 503 error (a stream's last event).
@@ -27,7 +28,7 @@ from dataclasses import replace
 from typing import Any, Callable
 
 from omnikv.server.api_errors import APIError, from_exception
-from omnikv.server.protocol import EngineLike, EngineResult, GenRequest
+from omnikv.server.protocol import EngineLike, EngineResult, GenRequest, LogprobEntry
 from omnikv.decoding.stops import StopMatcher
 
 log = logging.getLogger("omnikv.server")
@@ -41,8 +42,15 @@ class QueueFull(Exception):
     """The waiting queue already holds `max_queue` requests."""
 
 
+# Seconds a client refused during shutdown is told to wait: a restarted server takes about this long.
+SHUTDOWN_RETRY_AFTER_S = 10
+
+
 def _shutting_down() -> APIError:
-    return APIError(503, "The server is shutting down; retry on another instance or later.", code="shutting_down")
+    return APIError(
+        503, "The server is shutting down; retry on another instance or later.", code="shutting_down",
+        headers={"Retry-After": str(SHUTDOWN_RETRY_AFTER_S)},
+    )
 
 
 class Job:
@@ -291,7 +299,7 @@ class Scheduler:
         result = out.finish(result)
         if self._on_result is not None:  # a prompt's tokens count once, however many choices
             self._on_result(result if first_of_prompt else replace(result, prompt_tokens=0))
-        out.job.emit("finish", (out.index, result))
+        out.job.emit("finish", (out.index, result, out.take_logprobs()))
         return result
 
     @staticmethod
@@ -307,7 +315,11 @@ def _batchable(job: Job) -> bool:
 
 
 class _Output:
-    """One choice's text on its way out: stop strings applied, pieces forwarded as events."""
+    """One choice's text on its way out: stop strings applied, pieces forwarded as events.
+
+    `on_token` is the engine's `TokenSink`: callable with text pieces, and `on_token.logprob`
+    takes the output tokens' logprob entries, which leave with the next text piece (or with the
+    finish event): concatenated over a stream they are the non-streamed list."""
 
     def __init__(self, job: Job, index: int, stop: tuple[str, ...]) -> None:
         self.job = job
@@ -315,8 +327,10 @@ class _Output:
         self.matcher = StopMatcher(stop)
         self.parts: list[str] = []
         self.fed = False
+        self.logprobs: list[LogprobEntry] = []  # not sent yet
+        self.on_token = _Sink(self)
 
-    def on_token(self, piece: str) -> None:
+    def _piece(self, piece: str) -> None:
         if self.job.cancelled.is_set():
             raise JobCancelled()
         if not piece:  # a liveness probe (e.g. between prefill chunks)
@@ -324,10 +338,14 @@ class _Output:
         self.fed = True
         self._emit(self.matcher.feed(piece))
 
+    def take_logprobs(self) -> tuple[LogprobEntry, ...]:
+        out, self.logprobs = tuple(self.logprobs), []
+        return out
+
     def _emit(self, text: str) -> None:
         if text:
             self.parts.append(text)
-            self.job.emit("text", (self.index, text))
+            self.job.emit("text", (self.index, text, self.take_logprobs()))
 
     def finish(self, result: EngineResult) -> EngineResult:
         if not self.fed and result.text:  # an engine that does not stream: release its text at once
@@ -335,3 +353,16 @@ class _Output:
         self._emit(self.matcher.flush())
         # The streamed text is authoritative: it already has stop strings removed.
         return replace(result, text="".join(self.parts), finish_reason="stop" if self.matcher.stopped else result.finish_reason)
+
+
+class _Sink:
+    """`_Output.on_token` as the engine sees it (a `TokenSink`)."""
+
+    def __init__(self, out: _Output) -> None:
+        self._out = out
+
+    def __call__(self, piece: str) -> None:
+        self._out._piece(piece)
+
+    def logprob(self, entry: LogprobEntry) -> None:
+        self._out.logprobs.append(entry)

@@ -15,14 +15,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from omnikv.server.api_errors import APIError
 
-MAX_STOP_STRINGS = 4
+# vLLM has no limit; lm-eval sends a task's `until` strings plus the EOS string. Bounded so that
+# matching stays cheap per token (it scans every stop string's prefixes).
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 512  # characters per stop string
 MAX_N = 16  # continuations per prompt
 MAX_PROMPTS = 64  # prompts in one completion request
 MAX_LOGPROBS = 20  # alternatives per token (vLLM's default cap)
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # allow_inf_nan=False: NaN / Infinity (which Python's JSON accepts) are refused as "not a
+    # finite number" instead of failing a range check with a misleading message.
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
 class TextPart(_Strict):
@@ -53,11 +58,23 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+# Values of refused parameters that ask for nothing beyond their None / false / {} / [] forms.
+_ALSO_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "response_format": ({"type": "text"},),
+    "length_penalty": (1, 1.0),  # beam search only
+    "priority": (0,),
+}
+# Parameters whose default is true: only that (or null) is neutral, false asks for something.
+_NEUTRAL_ONLY: dict[str, tuple[Any, ...]] = {"spaces_between_special_tokens": (None, True)}
+
+
 def _neutral(name: str, v: Any) -> bool:
     """True when an unsupported parameter's value asks for nothing (so it can be accepted)."""
+    if name in _NEUTRAL_ONLY:
+        return any(v is x for x in _NEUTRAL_ONLY[name])
     if v is None or v is False or v == {} or v == []:
         return True
-    return name == "response_format" and v == {"type": "text"}
+    return any(v == x and type(v) is type(x) for x in _ALSO_NEUTRAL.get(name, ()))
 
 
 # OpenAI and vLLM parameters this server does not implement; a non-neutral value is refused.
@@ -84,6 +101,28 @@ _REFUSED = (
     "prompt_logprobs",
     "truncate_prompt_tokens",
     "include_stop_str_in_output",
+    # vLLM request fields beyond sampling
+    "chat_template",
+    "tools_in_template",
+    "documents",
+    "mm_processor_kwargs",
+    "logits_processors",
+    "length_penalty",
+    "spaces_between_special_tokens",
+    "priority",
+    "prompt_embeds",
+    "return_token_ids",
+    "kv_transfer_params",
+    "vllm_xargs",
+    "guided_decoding_backend",
+    "guided_whitespace_pattern",
+)
+
+# chat_template_kwargs keys that would change how the server renders or tokenizes, not the template.
+_RESERVED_TEMPLATE_KWARGS = (
+    "conversation", "messages", "tokenize", "add_generation_prompt", "continue_final_message", "return_dict",
+    "return_assistant_tokens_mask", "tools", "documents", "chat_template", "padding", "truncation", "max_length",
+    "return_tensors", "tokenizer_kwargs",
 )
 
 
@@ -105,6 +144,10 @@ class _Sampling(_Strict):
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     min_tokens: int = Field(default=0, ge=0)
     ignore_eos: bool = False
+    # vLLM's output and caching fields
+    skip_special_tokens: bool = True
+    return_tokens_as_token_ids: bool = False
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=1024)
 
     @model_validator(mode="before")
     @classmethod
@@ -124,6 +167,8 @@ class _Sampling(_Strict):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(items)}")
         if any(s == "" for s in items):
             raise ValueError("stop strings must be non-empty")
+        if any(len(s) > MAX_STOP_CHARS for s in items):
+            raise ValueError(f"a stop string may have at most {MAX_STOP_CHARS} characters")
         return v
 
     @field_validator("presence_penalty", "frequency_penalty")
@@ -154,19 +199,40 @@ class _Sampling(_Strict):
         raise NotImplementedError
 
 
+JSONScalar = str | int | float | bool | None
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = None  # newer name of max_tokens
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    # vLLM's chat fields
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False  # the last message stays open: an assistant prefill
+    echo: bool = False  # put the open last message in front of the answer
+    add_special_tokens: bool = False  # the tokenizer's BOS on top of the template's
+    chat_template_kwargs: dict[str, JSONScalar | list[JSONScalar]] | None = None
 
     @model_validator(mode="after")
-    def _check_logprobs(self) -> "ChatCompletionRequest":
+    def _check_chat_options(self) -> "ChatCompletionRequest":
         if self.top_logprobs and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true.", param="top_logprobs", code="invalid_value")
-        if self.logprobs and self.stream:
-            raise APIError(400, "logprobs are not supported with stream: true.", param="logprobs", code="invalid_value")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise APIError(
+                400, "continue_final_message needs add_generation_prompt: false (the last message is continued, no new turn starts).",
+                param="continue_final_message", code="invalid_value",
+            )
+        for key in self.chat_template_kwargs or {}:
+            if key in _RESERVED_TEMPLATE_KWARGS:
+                raise APIError(400, f"chat_template_kwargs may not set '{key}'; use the request field of that name if there is one.",
+                               param="chat_template_kwargs", code="invalid_value")
         return self
+
+    def echo_text(self) -> str:
+        """vLLM's chat echo: the answer starts with the last message when it is the assistant's own."""
+        last = self.messages[-1]
+        return last.text() if self.echo and last.role == "assistant" else ""
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -211,11 +277,12 @@ class CompletionRequest(_Sampling):
             raise ValueError("suffix (insertion) is not supported")
         return v
 
+    add_special_tokens: bool = True  # the tokenizer's BOS in front of a text prompt
+
     @model_validator(mode="after")
     def _check_stream(self) -> "CompletionRequest":
-        for name in ("logprobs", "echo"):
-            if getattr(self, name) not in (None, False) and self.stream:
-                raise APIError(400, f"{name} is not supported with stream: true.", param=name, code="invalid_value")
+        if self.echo and self.stream:
+            raise APIError(400, "echo is not supported with stream: true.", param="echo", code="invalid_value")
         return self
 
     def requested_max_tokens(self) -> int | None:

@@ -59,8 +59,8 @@ async def sse_stream(
             if kind == "text":
                 yield _sse_line(fmt.stream_text(*value), include_usage)
             elif kind == "finish":
-                index, result = value
-                yield _sse_line(fmt.stream_end(index, result.finish_reason), include_usage)
+                index, result, logprobs = value
+                yield _sse_line(fmt.stream_end(index, result.finish_reason, logprobs), include_usage)
             elif kind == "error":
                 yield b"data: " + json.dumps(value.body()).encode() + b"\n\n"
                 finished = True
