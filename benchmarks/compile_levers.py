@@ -46,19 +46,22 @@ VARIANTS = {  # name: (compiled, compile_mode, inductor config patched in, force
 @contextlib.contextmanager
 def _forced_static_marks():
     """Mark static-address buffers as on CUDA, whatever the device."""
-    import omnikv.hf.cache
-    import omnikv.offload.bank
+    import importlib
 
     def mark(device, *tensors):
         for t in tensors:
             torch._dynamo.mark_static_address(t)
 
-    saved = omnikv.offload.bank.mark_static, omnikv.hf.cache.mark_static
-    omnikv.offload.bank.mark_static = omnikv.hf.cache.mark_static = mark
+    # every module that marks buffers of a static run (they call `mark_static` as a module global)
+    modules = [importlib.import_module(f"omnikv.{m}") for m in ("hf.static", "hf.layers", "offload.segment", "offload.gathers")]
+    saved = [m.mark_static for m in modules]
+    for m in modules:
+        m.mark_static = mark
     try:
         yield
     finally:
-        omnikv.offload.bank.mark_static, omnikv.hf.cache.mark_static = saved
+        for m, original in zip(modules, saved):
+            m.mark_static = original
 
 
 def _own_compiled_step(decoder, name: str) -> None:
