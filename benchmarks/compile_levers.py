@@ -84,7 +84,7 @@ def _guard_ms(decoder, reps: int = 200) -> float | None:
         st = decoder.cache.static
         f_locals = {"self": decoder, "input_ids": decoder._ids,
                     "position_ids": st.pos.view(1, 1).expand(decoder._ids.shape[0], 1), "attention_mask": None}
-        decoder.cache.step_prepared = True  # as during a step
+        st.prepared = True  # as during a step
         if not gm.check(f_locals):
             return None
         t0 = time.perf_counter()

@@ -155,15 +155,15 @@ def test_the_static_run_lifecycle():
     assert state.active and not state.step_coming()
     state.prepared = True
     assert state.step_coming()
-    state.forward_start(1, 11)  # the prepared forward starts: consumed
+    state.forward_start(1, lambda: 11)  # the prepared forward starts: consumed
     assert not state.prepared
     log.clear()
     assert state.prepare(layers, 11) and log == ["advance a", "advance b"]  # the run goes on
     with pytest.raises(InputError, match="reserve"):
         state.prepare(layers, 12)  # past the reserved capacity
     with pytest.raises(ConfigError, match="StaticDecoder"):
-        state.forward_start(1, 12)  # a decode step nobody prepared
-    state.forward_start(5, 12)  # a prompt forward ends the run
+        state.forward_start(1, lambda: 12)  # a decode step nobody prepared
+    state.forward_start(5, lambda: 12)  # a prompt forward ends the run
     assert not state.active
     alone = [_Layer(log, "c", False)]
     no_pos = StaticState(alone, "toy")

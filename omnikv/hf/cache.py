@@ -52,7 +52,7 @@ class ManagedCache(Cache):
     def _forward_start(self, key_states: torch.Tensor, kwargs: dict[str, Any]) -> None:
         """Layer 0 of every forward."""
         if self.static is not None:
-            self.static.forward_start(key_states.shape[-2], self.layers[0].get_seq_length())
+            self.static.forward_start(key_states.shape[-2], self.layers[0].get_seq_length)
         if self.static is None or not self.static.active:
             self._check_forward(key_states, kwargs)
 

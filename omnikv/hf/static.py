@@ -72,14 +72,15 @@ class StaticState:
     def reserve(self, total: int) -> None:
         self.capacity = max(self.capacity, total)
 
-    def forward_start(self, q: int, seen: int) -> None:
-        """Layer 0 of a forward of `q` tokens on a cache holding `seen`. Under torch.compile the
-        driver has already prepared the step (`prepared`), so nothing here reads per-step state."""
+    def forward_start(self, q: int, seen: Callable[[], int]) -> None:
+        """Layer 0 of a forward of `q` tokens; `seen()` = the tokens the cache holds. Under
+        torch.compile the driver has already prepared the step (`prepared`), so nothing here reads
+        per-step state (`seen` is called only for a step nobody prepared)."""
         if q != 1:
             self.active = False  # a prompt forward: the eager, growing path
         elif self.prepared:
             self.prepared = False
-        elif seen > 0:
+        elif seen() > 0:
             # The step must be prepared before the forward: the model builds its mask (from
             # `get_query_offset`) and positions before the first layer's update.
             raise ConfigError(
