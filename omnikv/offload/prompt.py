@@ -114,6 +114,7 @@ class PromptWriter:
         """Decoding starts: the device prefix is no longer needed (its memory is kept alive for
         the side stream's pending copies by `keep_alive`)."""
         self.prefix = None
+        self.pack = None  # so is the pack buffer's (~16 MiB per sparse layer, not KV: not counted)
 
     def device_bytes(self) -> int:
         return 0 if self.prefix is None else sum(buf.used_bytes() for buf in self.prefix)
