@@ -53,7 +53,7 @@ def _forced_static_marks():
             torch._dynamo.mark_static_address(t)
 
     # every module that marks buffers of a static run (they call `mark_static` as a module global)
-    modules = [importlib.import_module(f"omnikv.{m}") for m in ("hf.static", "hf.layers", "offload.segment", "offload.gathers")]
+    modules = [importlib.import_module(f"omnikv.{m}") for m in ("hf.static", "hf.layers", "offload.bank", "offload.gathers")]
     saved = [m.mark_static for m in modules]
     for m in modules:
         m.mark_static = mark

@@ -9,10 +9,9 @@ import torch
 
 from omnikv.errors import ConfigError, InputError
 from omnikv.hf.static import StaticState
-from omnikv.offload.bank import PackedBank
+from omnikv.offload.bank import PackedBank, WorkBuffer
 from omnikv.offload.gathers import GATHERS, GatherContext, choose_gather
 from omnikv.offload.transfer import SimulatedTransfer, Transfer
-from omnikv.offload.segment import WorkBuffer
 
 CPU = torch.device("cpu")
 

@@ -17,18 +17,16 @@ prompt rows or the generated rows. See docs/internals.md, "A new transfer strate
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
 from omnikv.errors import ConfigError
 from omnikv.hf.static import mark_static
-from omnikv.offload.bank import PackedBank
+from omnikv.offload.bank import PackedBank, StaticWork, WorkBuffer
 from omnikv.offload.delta import selection_delta
 from omnikv.offload.transfer import Transfer
 
-if TYPE_CHECKING:  # the working buffers (omnikv/offload/segment.py) are what a strategy fills
-    from omnikv.offload.segment import StaticWork, WorkBuffer
 
 STATIC_NEEDS_DEVICE_GATHER = (
     "static / compile decoding gathers on the device; the host_gather transfer reads the indices on "

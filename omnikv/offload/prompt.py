@@ -12,16 +12,14 @@ through the segment's `Transfer` (omnikv/offload/transfer.py).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from omnikv.hf.buffers import KVBuffer
-from omnikv.offload.bank import PackedBank
+from omnikv.offload.bank import PackedBank, WorkBuffer
 from omnikv.offload.transfer import Transfer
 
-if TYPE_CHECKING:  # the segment's working buffer, whose generated rows a new prompt forward flushes
-    from omnikv.offload.segment import WorkBuffer
 
 FLUSH_BLOCK = 4096  # tokens per packed device->host copy when prompt rows move to the bank
 
