@@ -46,19 +46,22 @@ VARIANTS = {  # name: (compiled, compile_mode, inductor config patched in, force
 @contextlib.contextmanager
 def _forced_static_marks():
     """Mark static-address buffers as on CUDA, whatever the device."""
-    import omnikv.hf.cache
-    import omnikv.offload.bank
+    import importlib
 
     def mark(device, *tensors):
         for t in tensors:
             torch._dynamo.mark_static_address(t)
 
-    saved = omnikv.offload.bank.mark_static, omnikv.hf.cache.mark_static
-    omnikv.offload.bank.mark_static = omnikv.hf.cache.mark_static = mark
+    # every module that marks buffers of a static run (they call `mark_static` as a module global)
+    modules = [importlib.import_module(f"omnikv.{m}") for m in ("hf.static", "hf.layers", "offload.bank", "offload.gathers")]
+    saved = [m.mark_static for m in modules]
+    for m in modules:
+        m.mark_static = mark
     try:
         yield
     finally:
-        omnikv.offload.bank.mark_static, omnikv.hf.cache.mark_static = saved
+        for m, original in zip(modules, saved):
+            m.mark_static = original
 
 
 def _own_compiled_step(decoder, name: str) -> None:
@@ -81,7 +84,7 @@ def _guard_ms(decoder, reps: int = 200) -> float | None:
         st = decoder.cache.static
         f_locals = {"self": decoder, "input_ids": decoder._ids,
                     "position_ids": st.pos.view(1, 1).expand(decoder._ids.shape[0], 1), "attention_mask": None}
-        decoder.cache.step_prepared = True  # as during a step
+        st.prepared = True  # as during a step
         if not gm.check(f_locals):
             return None
         t0 = time.perf_counter()

@@ -1,6 +1,7 @@
 """Micro-benchmark behind docs/performance.md ("why 16K falls short"): gathering k selected tokens
 of one Context Bank segment from the current layer-major layout (L x 2 x H, T, D) - what
-`omnikv.offload.bank._gather_into` does - against a token-major layout (T, L x 2 x H x D), where each
+the layer-major bank's `_gather_into` did when this was measured (the bank is token-major since:
+`omnikv.offload.bank.gather_packed`) - against a token-major layout (T, L x 2 x H x D), where each
 selected token is one contiguous block. SmolLM2 shapes, fp32, one thread.
 
     .venv/bin/python benchmarks/micro_gather_layout.py [--layers 10] [--k 1024] [--tokens 32768]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Union
 
 from omnikv.errors import ConfigError
 
@@ -70,15 +69,6 @@ class Budget:
             )
         return cls(value)
 
-    @classmethod
-    def of(cls, value: BudgetLike) -> Budget:
-        """A Budget from a Budget, an int, a float or the text of one."""
-        if isinstance(value, Budget):
-            return value
-        if isinstance(value, str):
-            return cls.parse(value)
-        return cls(value)
-
     def tokens(self, prompt_len: int, *, floor: int = 1, clip: bool = True) -> int:
         """Rows kept for a prompt of `prompt_len` tokens: an int as is, a fraction of the prompt
         rounded up; never below `floor` (always-kept tokens counted inside the budget) and, when
@@ -91,11 +81,14 @@ class Budget:
         k = max(k, floor, 1)
         return min(k, prompt_len) if clip else k
 
+    def selected(self, prompt_len: int, *, sink: int = 0, recent: int = 0) -> int:
+        """Prompt rows a selecting layer attends (OmniKV's sparse layers, the analysis of their
+        selection): the sink and recent tokens are always kept and count inside the budget, so it
+        never goes below sink + recent, nor above the prompt."""
+        return self.tokens(prompt_len, floor=sink + recent)
+
     def __str__(self) -> str:
         return str(self.value)
-
-
-BudgetLike = Union[Budget, int, float, str]
 
 
 def parse_budget(text: str) -> int | float:

@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from omnikv.budget import Budget
-from omnikv.errors import ConfigError
+from omnikv.errors import ConfigError, check_int
 
-# The vocabulary of token selection, in one place: the config, the CLI flags and the analysis
-# (which supports the selectors that need no observation window) all read these.
-SELECTORS = ("last", "softmax_last", "uniform", "exp", "union")
-ANALYSIS_SELECTORS = ("last", "softmax_last")  # scored from one decode query's logits
+# The vocabulary of token selection, in one place: the config, the layers, the CLI flags, the
+# analysis and the vLLM plugin all read these.
+QUERY_SELECTORS = ("last", "softmax_last")  # scored from the current decode query's logits alone
+WINDOW_SELECTORS = ("uniform", "exp", "union")  # scored with an observation window of recent queries
+SELECTORS = QUERY_SELECTORS + WINDOW_SELECTORS
+ANALYSIS_SELECTORS = QUERY_SELECTORS  # what the analysis scores (one decode query's logits)
 HEAD_REDUCTIONS = ("max", "sum", "per_kv_head")
 
 _FITTED: set[tuple[int, int, int]] = set()  # (budget, sink, recent) already warned about
@@ -39,7 +41,7 @@ class OmniKVConfig:
         budget: prompt tokens each sparse layer attends to (int), or a fraction of the prompt
             (float in (0, 1]). Sink and recent tokens count inside the budget: an int budget
             smaller than sink_tokens + recent_tokens shrinks both proportionally to fit (with a
-            warning, once).
+            warning, once). A `Budget` is taken as it is and stored as its value.
         selector: how a filter layer scores prompt tokens: `last` (raw scaled logits of the current
             query, the paper's main setting), `softmax_last`, `uniform` / `exp` (per-head softmax
             over an observation window of the last `window_size` queries, summed with uniform or
@@ -87,31 +89,34 @@ class OmniKVConfig:
         if not layers:
             raise ConfigError("filter_layers is empty: give at least one filter layer, e.g. (2,)")
         for idx in layers:
-            if not isinstance(idx, int) or isinstance(idx, bool) or idx < 0:
-                raise ConfigError(f"filter_layers must hold non-negative ints; got {idx!r}")
+            check_int("filter_layers entries", idx, 0)
         if list(layers) != sorted(set(layers)):
             raise ConfigError(
                 f"filter_layers must be sorted and distinct; got {layers}, "
                 f"use {tuple(sorted(set(layers)))}"
             )
-        _check_int("num_wait_layers", self.num_wait_layers, minimum=0)
-        Budget(self.budget)  # ConfigError naming the budget and the fix
+        check_int("num_wait_layers", self.num_wait_layers, 0)
+        # The one check of the budget on its way to `k` (ConfigError naming it and the fix); a
+        # `Budget` (from a method, already checked) is taken as it is. `resolve_budget` uses it.
+        rule = self.budget if isinstance(self.budget, Budget) else Budget(self.budget)
+        object.__setattr__(self, "budget", rule.value)
+        object.__setattr__(self, "_budget", rule)
         if self.selector not in SELECTORS:
             raise ConfigError(f"selector {self.selector!r} is unknown; choose one of {SELECTORS}")
         if self.head_reduce not in HEAD_REDUCTIONS:
             raise ConfigError(
                 f"head_reduce {self.head_reduce!r} is unknown; choose one of {HEAD_REDUCTIONS}"
             )
-        _check_int("window_size", self.window_size, minimum=1)
-        _check_int("sink_tokens", self.sink_tokens, minimum=0)
-        _check_int("recent_tokens", self.recent_tokens, minimum=0)
-        _check_int("refresh_every", self.refresh_every, minimum=1)
+        check_int("window_size", self.window_size, 1)
+        check_int("sink_tokens", self.sink_tokens, 0)
+        check_int("recent_tokens", self.recent_tokens, 0)
+        check_int("refresh_every", self.refresh_every, 1)
         if not isinstance(self.partial_reload, bool):
             raise ConfigError(f"partial_reload must be true or false; got {self.partial_reload!r}")
         if self.offload is not None and not isinstance(self.offload, bool):
             raise ConfigError(f"offload must be true, false or null (auto); got {self.offload!r}")
         if self.prefill_chunk_size is not None:
-            _check_int("prefill_chunk_size", self.prefill_chunk_size, minimum=1)
+            check_int("prefill_chunk_size", self.prefill_chunk_size, 1)
         if isinstance(self.budget, int) and self.budget < self.sink_tokens + self.recent_tokens:
             self._fit_sink_recent()
 
@@ -137,11 +142,17 @@ class OmniKVConfig:
     def resolve_budget(self, prompt_len: int) -> int:
         """Number of prompt rows a sparse layer attends to for a prompt of `prompt_len` tokens.
 
-        `Budget.tokens`: a float budget is a fraction of the prompt (rounded up). The result never
-        goes below the always-kept sink + recent tokens (so they are never crowded out) nor above
-        the prompt.
+        `Budget.selected`: a float budget is a fraction of the prompt (rounded up). The result
+        never goes below the always-kept sink + recent tokens (so they are never crowded out) nor
+        above the prompt.
         """
-        return Budget(self.budget).tokens(prompt_len, floor=self.sink_tokens + self.recent_tokens)
+        return self._budget.selected(prompt_len, sink=self.sink_tokens, recent=self.recent_tokens)
+
+    @property
+    def uses_query_window(self) -> bool:
+        """The selector scores with an observation window of recent queries (filter layers keep
+        one; static steps and the analysis cannot)."""
+        return self.selector in WINDOW_SELECTORS
 
     # ------------------------------------------------------------------ model checks
     def validate_for_model(self, num_layers: int, full_attention_layers: list[int]) -> None:
@@ -201,13 +212,10 @@ class OmniKVConfig:
         return cls.from_dict(data, source=str(p)), metadata
 
     def replace(self, **changes: Any) -> OmniKVConfig:
+        changes.setdefault("budget", self._budget)  # checked once already: carried, not re-checked
         return dataclasses.replace(self, **changes)
 
 
 # Keys a preset file may carry besides the config fields: what model it was made for.
 _PRESET_METADATA_KEYS = frozenset({"model_type", "num_layers", "name", "notes", "coverage"})
 
-
-def _check_int(name: str, value: Any, *, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"{name} must be an int >= {minimum}; got {value!r}")

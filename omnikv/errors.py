@@ -6,6 +6,8 @@ The CLI prints them as one line (no traceback); the server turns them into OpenA
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class OmniKVError(Exception):
     """Base class for every error this package raises on purpose."""
@@ -29,3 +31,11 @@ class ModelLoadError(OmniKVError, RuntimeError):
 
 class ResourceError(OmniKVError, RuntimeError):
     """The request does not fit in the available device or host memory."""
+
+
+def check_int(name: str, value: Any, minimum: int) -> int:
+    """`value` if it is an int >= `minimum` (a bool is not), else a ConfigError naming the option:
+    the one integer check of configs, method options and sampling settings."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an int >= {minimum}; got {value!r}")
+    return value

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from omnikv.analysis.coverage import coverage_decay, coverage_matrix, mass_distribution, topk_jaccard
-from omnikv.analysis.selection_sets import reduce_heads, resolve_k, topk_indices
+from omnikv.analysis.selection_sets import reduce_heads, topk_indices
+from omnikv.budget import Budget
 from omnikv.errors import ConfigError, InputError
 
 
@@ -92,14 +93,14 @@ def test_full_budget_covers_everything_and_more_budget_never_hurts():
     assert bool((big >= small - 1e-12).all())
 
 
-def test_resolve_k_matches_config_rules():
-    assert resolve_k(0.1, 95) == 10  # rounded up
-    assert resolve_k(8, 100, sink=4, recent=64) == 68  # never below the always-kept tokens
-    assert resolve_k(500, 100) == 100
+def test_selected_budget_matches_config_rules():
+    assert Budget(0.1).selected(95) == 10  # rounded up
+    assert Budget(8).selected(100, sink=4, recent=64) == 68  # never below the always-kept tokens
+    assert Budget(500).selected(100) == 100
     with pytest.raises(ConfigError):
-        resolve_k(1.5, 100)
+        Budget(1.5)
     with pytest.raises(ConfigError):
-        resolve_k(0, 100)
+        Budget(0)
 
 
 def test_bad_shapes_and_head_counts_are_clear_errors():

@@ -18,7 +18,7 @@ from omnikv.errors import ConfigError
 from omnikv.decoding.generation import SamplingParams, Session, generate, teacher_forced_logits
 from omnikv.methods import available_methods, get_method
 from omnikv.hf.layers import DenseLayer
-from omnikv.methods._lossy import LossyLayer
+from omnikv.methods.lossy import LossyLayer
 from omnikv.methods.quest import QuestLayer, page_bounds, page_scores
 from omnikv.models.tiny import FAMILIES, build_tokenizer, tiny_model
 

@@ -1,8 +1,6 @@
 """`omnikv bench`: parsing, synthetic fill, the interleaved run, records, CLI output, GPU script."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -126,9 +124,9 @@ def test_ratio_arithmetic():
 def test_breakdown_probe_restores_everything(tiny):
     import omnikv.algorithm.layers
     import omnikv.hf.layers
-    import omnikv.offload.bank
+    import omnikv.offload.segment
 
-    before = (omnikv.algorithm.layers.filter_scores, omnikv.hf.layers.sdpa_attention, omnikv.offload.bank.Segment.load)
+    before = (omnikv.algorithm.layers.filter_scores, omnikv.hf.layers.sdpa_attention, omnikv.offload.segment.Segment.load)
     cache = get_method("full_prealloc").make_cache(tiny)
     probe = StepBreakdown()
     probe.install([cache])
@@ -139,7 +137,7 @@ def test_breakdown_probe_restores_everything(tiny):
     parts = probe.take()
     probe.uninstall()
     assert parts["attention"] > 0 and parts["kv_update"] > 0 and parts["selection"] == 0
-    assert (omnikv.algorithm.layers.filter_scores, omnikv.hf.layers.sdpa_attention, omnikv.offload.bank.Segment.load) == before
+    assert (omnikv.algorithm.layers.filter_scores, omnikv.hf.layers.sdpa_attention, omnikv.offload.segment.Segment.load) == before
     assert "update" not in cache.__dict__
 
 

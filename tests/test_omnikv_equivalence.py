@@ -222,7 +222,7 @@ def test_half_precision_on_cpu(dtype):
     with torch.inference_mode():
         model(input_ids=torch.tensor([ids]), **cache_kwargs(cache))
         model(input_ids=torch.tensor([[cont[0]]]), **cache_kwargs(cache))
-    assert all(seg.work.dtype == dtype and seg.bank.data.dtype == dtype for seg in cache.segments.values())
+    assert all(seg.work.data.dtype == dtype and seg.bank.data.dtype == dtype for seg in cache.segments.values())
 
 
 @pytest.mark.parametrize("selector", ["last", "union"])

@@ -136,8 +136,9 @@ def storage_bytes(cache: OmniKVCache) -> int:
             add(buf.values)
     for seg in cache.segments.values():
         add(seg.bank.data if seg.bank is not None else None)
-        add(seg.work)
-        add(seg.staging)
+        add(seg.work.data)
+        for gather in seg._gathers.values():  # the host gather's pinned staging
+            add(getattr(gather, "staging", None))
     return sum(seen.values())
 
 

@@ -178,7 +178,7 @@ def test_inductor_on_cpu_freezes_the_weights_and_keeps_the_kv_live(models):
     # Inductor's C++ GEMM sums in another order than ATen's: rounding-level differences.
     torch.testing.assert_close(logits, ref_logits, atol=1e-3, rtol=0)
     assert dec.compiles == 1
-    buffers = [t for seg in st.all_segments() for t in (seg.work, seg._static_source)] + [st.static.pos]
+    buffers = [t for seg in st.all_segments() for t in (seg.work.data, seg.static_gather.source)] + [st.static.pos]
     assert not [t for t in buffers if hasattr(t, "_dynamo_static_input_type")]
     # Plain inductor beside it in the same process compiles a graph of its own (dynamo does not key
     # graphs by the inductor settings patched in, so each setting has its own step code object).

@@ -63,12 +63,11 @@ def test_budget_one_rule_for_ints_and_fractions():
 
 
 def test_every_budget_consumer_uses_the_same_rule():
-    from omnikv.analysis.selection_sets import resolve_k
     from omnikv.config import OmniKVConfig
 
     cfg = OmniKVConfig(budget=0.3, sink_tokens=2, recent_tokens=3)
     for n in (1, 7, 100, 1001):
-        assert cfg.resolve_budget(n) == resolve_k(0.3, n, 2, 3) == Budget(0.3).tokens(n, floor=5)
+        assert cfg.resolve_budget(n) == Budget(0.3).selected(n, sink=2, recent=3) == Budget(0.3).tokens(n, floor=5)
 
 
 def test_plan_budget_one_means_the_whole_prompt():
@@ -135,6 +134,77 @@ def test_method_capabilities_are_declared_by_the_methods():
     }
     assert methods_taking("filter_layers") == ["omnikv"]
     assert methods_taking("sink_tokens") == ["h2o", "omnikv", "streaming_llm"]
+
+
+def test_the_registry_finds_every_method_module():
+    """No list of modules to keep in step: every module of omnikv/methods that registers a method
+    is imported by the registry, and every registered method comes from one of them."""
+    import ast
+    from pathlib import Path
+
+    import omnikv.methods as registry
+
+    folder = Path(registry.__file__).parent
+    registering = set()
+    for path in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "register":
+                registering.add(f"omnikv.methods.{path.stem}")
+    assert registering and registering <= set(registry.method_modules())
+    assert {method_class(n).__module__ for n in available_methods()} == registering
+
+
+def test_a_new_method_module_needs_no_other_edit(tmp_path, monkeypatch):
+    import omnikv.methods as registry
+
+    (tmp_path / "toy_method.py").write_text(
+        "from dataclasses import dataclass\n"
+        "from omnikv.methods import register\n"
+        "from omnikv.methods.base import Method\n\n\n"
+        "@register('toy')\n@dataclass(eq=False)\nclass Toy(Method):\n"
+        "    takes_budget = False\n\n    def make_cache(self, model):\n        raise NotImplementedError\n"
+    )
+    monkeypatch.setattr(registry, "__path__", [*registry.__path__, str(tmp_path)])
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_loaded", False)
+    try:
+        assert "toy" in available_methods() and get_method("toy").name == "toy"
+        with pytest.raises(ConfigError, match="registered twice"):
+            registry.register("full")(method_class("toy"))
+    finally:
+        sys.modules.pop("omnikv.methods.toy_method", None)
+
+
+def test_static_and_compile_are_method_fields():
+    for name in available_methods():
+        assert {"static", "compile", "compile_backend", "compile_mode"} <= method_class(name).option_names()
+    m = get_method("full_prealloc", compile_backend="aot_eager")
+    assert (m.static, m.compile, m.compile_backend) == (True, True, "aot_eager")
+    assert not get_method("full_prealloc").static
+    with pytest.raises(ConfigError, match="static must be true or false"):
+        get_method("omnikv", static="yes")
+
+
+def test_each_small_concept_has_one_owner():
+    """What the package decides in one place stays there (the scattered copies these replaced
+    had drifted: some config lookups without decoder=True, some scaling lookups without a
+    default)."""
+    from pathlib import Path
+
+    import omnikv
+
+    root = Path(omnikv.__file__).parent
+    sources = {str(p.relative_to(root)): p.read_text() for p in root.rglob("*.py")}
+
+    def where(needle: str) -> list[str]:
+        return sorted(name for name, text in sources.items() if needle in text)
+
+    assert where("get_text_config(") == ["hf/compat.py"]  # text_config / text_shape
+    assert where("def check_int") == ["errors.py"]
+    assert where('kwargs.get("scaling")') == ["hf/attention.py"]  # scaling_of
+    assert where('("last", "softmax_last")') == ["config.py"]  # QUERY_SELECTORS
+    assert where("def keys(") == ["hf/layers.py"]  # ManagedLayer.keys over kv_view()
+    assert where("floor=") == ["budget.py"]  # Budget.selected: the floor rule
 
 
 def test_methods_validate_their_fields():

@@ -8,7 +8,8 @@ import torch
 
 from omnikv import OmniKVCache, OmniKVConfig
 from omnikv.hf.compat import cache_kwargs
-from omnikv.offload.bank import Segment, gather_into, gather_packed, to_work_layout
+from omnikv.offload.gathers import gather_into, gather_packed, to_work_layout
+from omnikv.offload.segment import Segment
 from omnikv.errors import ConfigError
 from omnikv.decoding.generation import teacher_forced_logits
 from omnikv.methods import get_method
@@ -243,9 +244,9 @@ def test_memory_plan_matches_allocated_bytes(models):
                        max_new_tokens=new, weights_bytes=0)
     pinned = cache.stats()["pinned_host_bytes"]
     assert abs(plan.host_kv_bytes - pinned) <= 0.05 * pinned
-    work = sum(seg.allocated_device_bytes() for seg in cache.all_segments())
     full_layers = sum(layer.buffer.allocated_bytes() for layer in cache.layers if hasattr(layer, "buffer"))
-    allocated = work + full_layers
+    allocated = cache.stats()["device_kv_allocated_bytes"]  # the full layers' buffers + the working buffers
+    assert allocated == full_layers + sum(seg.work.allocated_bytes() for seg in cache.all_segments())
     assert abs(plan.device_kv_bytes - allocated) <= 0.05 * allocated
     # while the prompt runs the sparse layers' rows are on the device too: the guard plans for it
     sparse_rows = sum(len(seg.layers) for seg in cache.all_segments()) * prompt

@@ -23,12 +23,13 @@ import torch
 
 from omnikv.algorithm.layers import FilterLayer, SharedState, SparseLayer
 from omnikv.algorithm.roles import LayerPlan, Role, plan_layers
-from omnikv.config import OmniKVConfig
+from omnikv.config import QUERY_SELECTORS, OmniKVConfig
 from omnikv.errors import ConfigError
-from omnikv.hf.cache import ManagedCache, check_supported, layer_devices, text_config
-from omnikv.hf.compat import is_cuda
+from omnikv.hf.cache import ManagedCache, check_supported, layer_devices
+from omnikv.hf.compat import is_cuda, text_config
 from omnikv.hf.layers import DenseLayer, make_sliding_layer
-from omnikv.offload.bank import Segment
+from omnikv.offload.gathers import STATIC_NEEDS_DEVICE_GATHER
+from omnikv.offload.segment import Segment
 from omnikv.offload.transfer import Transfer, make_transfer
 
 
@@ -80,17 +81,31 @@ class OmniKVCache(ManagedCache):
         self.plan: LayerPlan = plan_layers(config, types)
         self.state = SharedState(config)
         self.state.telemetry = [] if telemetry else None
-        devices = layer_devices(model, len(types))
-        # filter layer -> its segments, one per device its sparse layers live on (one without a
-        # device_map); `segments` names the first, `all_segments()` lists every one.
+        layers = self._build_layers(model, layer_devices(model, len(types)))
+        if static:
+            _check_static(config, telemetry, self.transfer, model)
+        super().__init__(model, layers, static=static)
+        self._first_full = self.plan.layers_with(Role.DENSE) + self.plan.layers_with(Role.FILTER)
+        self._first_full = min(self._first_full) if self._first_full else None
+        self._step_mark = self.transfer.counters.snapshot()
+        self._step_figures = {"host_syncs": 0, "h2d_bytes": 0, "d2h_bytes": 0}
+        self._prefill_mark = self._step_mark
+        self._prefill_figures = dict(self._step_figures)
+        self._in_prompt = False
+
+    def _build_layers(self, model: torch.nn.Module, devices: list[torch.device]) -> list:
+        """One layer per role of `self.plan`; the segments of each filter layer, one per device
+        its sparse layers live on (one without a device_map): `segment_groups` (filter layer ->
+        its segments), `segments` names the first of each, `all_segments()` lists every one."""
+        config = self.config
         self.segment_groups: dict[int, list[Segment]] = {}
         sparse_segment: dict[int, Segment] = {}
         for f in self.plan.layers_with(Role.FILTER):
             groups: dict[torch.device, list[int]] = {}
             for layer in self.plan.segment(f):  # a segment spanning devices splits, one per device
                 groups.setdefault(devices[layer], []).append(layer)
-            segs = [Segment(f, layers, offload, config.partial_reload, self.transfer) for layers in groups.values()]
-            self.segment_groups[f] = segs or [Segment(f, [], offload, config.partial_reload, self.transfer)]
+            segs = [Segment(f, layers, self.offload, config.partial_reload, self.transfer) for layers in groups.values()]
+            self.segment_groups[f] = segs or [Segment(f, [], self.offload, config.partial_reload, self.transfer)]
             for seg in segs:
                 for layer in seg.layers:
                     sparse_segment[layer] = seg
@@ -104,35 +119,10 @@ class OmniKVCache(ManagedCache):
                 layers.append(SparseLayer(i, self.state, sparse_segment[i]))
             else:
                 layers.append(DenseLayer())
-        if static:
-            _check_static(config, telemetry, self.transfer, model)
-        super().__init__(model, layers, static=static)
-        self._first_full = self.plan.layers_with(Role.DENSE) + self.plan.layers_with(Role.FILTER)
-        self._first_full = min(self._first_full) if self._first_full else None
-        self._step_mark = self.transfer.counters.snapshot()
-        self._step_figures = {"host_syncs": 0, "h2d_bytes": 0, "d2h_bytes": 0}
-        self._prefill_mark = self._step_mark
-        self._prefill_figures = dict(self._step_figures)
-        self._in_prompt = False
+        return layers
 
-    def _begin_static_run(self) -> None:
-        super()._begin_static_run()
-        p = self.state.prompt_len
-        k = min(self.config.resolve_budget(p), p)
-        for seg in self.all_segments():
-            if seg.layers:
-                seg.begin_static(k, self.static.capacity - p)
-
-    def _advance_static(self) -> None:
+    def _on_static_step(self) -> None:
         self._begin_forward(1)  # phase bookkeeping and transfer figures, as an eager step
-        super()._advance_static()
-        for seg in self.all_segments():
-            if seg.layers:
-                seg.generated += 1
-                seg.loaded_step = self.state.decode_steps
-                if seg.link:  # the step's gather reads k rows of every sequence across the link
-                    seg.h2d_bytes = seg.work.shape[2] * seg.k * seg._row_bytes()
-                    self.transfer.count(h2d=seg.h2d_bytes)
 
     @property
     def segments(self) -> dict[int, Segment]:
@@ -166,8 +156,7 @@ class OmniKVCache(ManagedCache):
                 self._in_prompt = True
             else:
                 self._prefill_figures = counters.since(self._prefill_mark)
-            st.prompt_len = seen + q
-            st.decode_steps = 0
+            st.begin_prompt(seen + q)
             self._extending = True
             for seg in self.all_segments():
                 seg.begin_prompt()
@@ -201,6 +190,7 @@ class OmniKVCache(ManagedCache):
     def stats(self) -> dict[str, Any]:
         s = super().stats()
         s["device_kv_bytes"] += int(sum(seg.device_bytes() for seg in self.all_segments()))
+        s["device_kv_allocated_bytes"] += int(sum(seg.allocated_device_bytes() for seg in self.all_segments()))
         s["host_kv_bytes"] = int(sum(seg.host_bytes() for seg in self.all_segments()))
         figures = self.transfer_figures()
         s["host_syncs_per_step"] = figures["step"]["host_syncs"]
@@ -211,7 +201,7 @@ class OmniKVCache(ManagedCache):
         s["pinned_host_bytes"] = self.transfer.counters.pinned_bytes
         s["transfer"] = f"{self.transfer.kind}/{self.transfer.gather}"
         s["prompt_tokens"] = self.state.prompt_len
-        s["selected_tokens"] = self.config.resolve_budget(self.state.prompt_len)
+        s["selected_tokens"] = self.state.k
         s["layer_roles"] = [r.value for r in self.plan.roles]
         s["offload"] = self.offload
         if self.state.telemetry is not None:
@@ -222,7 +212,7 @@ class OmniKVCache(ManagedCache):
         """Per sparse layer: mean share of its true attention mass on the attended set
         (`coverage`) and mean recall of its own top-k by the filter's selection (`recall`), as
         {"layers": {"<layer>": {"coverage", "recall", "steps"}}, "mean_coverage", "mean_recall"}
-        (the means over all records; `omnikv.analysis.summarize_telemetry` does the counting)."""
+        (the means over all records; `omnikv.algorithm.telemetry.summarize_telemetry` does the counting)."""
         from omnikv.algorithm.telemetry import summarize_telemetry
 
         summary = summarize_telemetry(self.state.telemetry or [])
@@ -258,14 +248,14 @@ def _check_static(config: OmniKVConfig, telemetry: bool, transfer: Transfer, mod
     """What a static-shape OmniKV step cannot do, as errors that say what to change."""
     if telemetry:
         raise ConfigError("telemetry reads values on the host every step; it cannot run with static=True / compile=True")
-    if config.selector not in ("last", "softmax_last"):
+    if config.uses_query_window:
         raise ConfigError(
             f"static=True / compile=True selects from the decode query's logits; selector "
-            f"{config.selector!r} keeps a growing query window. Use selector=last or softmax_last"
+            f"{config.selector!r} keeps a growing query window. Use selector={' or '.join(QUERY_SELECTORS)}"
         )
     if config.refresh_every != 1:
         raise ConfigError("static=True / compile=True re-selects every step; set refresh_every=1")
     if getattr(text_config(model), "attn_logit_softcapping", None):
         raise ConfigError("static=True / compile=True does not support attention logit soft-capping models")
-    if getattr(transfer, "gather", None) == "host_gather":
-        raise ConfigError("this transfer gathers on the host (host_gather); static decoding needs a device gather")
+    if transfer.gather == "host_gather":
+        raise ConfigError(STATIC_NEEDS_DEVICE_GATHER)

@@ -1,6 +1,6 @@
 """OmniKV's two layer roles over the managed layers of omnikv/hf/layers.py: `FilterLayer` (full
 attention + the Context Selector of one segment) and `SparseLayer` (attends to the selected prompt
-rows + every generated token, held by its segment, omnikv/offload/bank.py). `SharedState` is what
+rows + every generated token, held by its segment, omnikv/offload/segment.py). `SharedState` is what
 every layer of one OmniKV cache agrees on. omnikv/algorithm/cache.py puts them together.
 """
 
@@ -9,16 +9,15 @@ from __future__ import annotations
 import torch
 
 from omnikv.algorithm.selection import (
-    WINDOW_SELECTORS,
     filter_scores,
     scores_from_logits,
     select_topk,
     select_topk_rows,
 )
 from omnikv.config import OmniKVConfig
-from omnikv.hf.attention import grouped_logits, masked_softmax
+from omnikv.hf.attention import grouped_logits, masked_softmax, scaling_of
 from omnikv.hf.layers import DenseLayer, ManagedLayer
-from omnikv.offload.bank import Segment
+from omnikv.offload.segment import Segment
 
 
 class SharedState:
@@ -27,9 +26,16 @@ class SharedState:
     def __init__(self, config: OmniKVConfig) -> None:
         self.config = config
         self.prompt_len = 0  # tokens scored by the selector (everything before the decode run)
+        self.k = 0  # prompt rows a sparse layer attends for this prompt: config.resolve_budget(prompt_len)
         self.valid: torch.Tensor | None = None  # (B, N) bool, False = padding; None = no padding
         self.decode_steps = 0  # steps since the last prompt extension
         self.telemetry: list[dict[str, float]] | None = None  # per (step, sparse layer) records
+
+    def begin_prompt(self, prompt_len: int) -> None:
+        """A prompt forward makes the prompt `prompt_len` tokens long (a new one, or a new turn)."""
+        self.prompt_len = prompt_len
+        self.k = self.config.resolve_budget(prompt_len)
+        self.decode_steps = 0
 
 
 class FilterLayer(DenseLayer):
@@ -42,25 +48,25 @@ class FilterLayer(DenseLayer):
         self.segment = segments[0]
         self.query_window: torch.Tensor | None = None  # (B, Hq, <=W, D) newest last
         self.selected: torch.Tensor | None = None  # (B, G, k) last selection
+        self.windowed = state.config.uses_query_window  # the selector keeps a window of queries
         self._row_budget: tuple[torch.Tensor, torch.Tensor] | None = None  # (valid, (B,) k per row)
 
     def attend(self, module, query, key, value, attention_mask, **kwargs):
         cfg = self.state.config
-        if cfg.selector in WINDOW_SELECTORS:
+        if self.windowed:
             window = query if self.query_window is None else torch.cat([self.query_window, query], dim=2)
             self.query_window = window[:, :, -cfg.window_size :].detach()
-        if self.static is not None and self.static.active:
+        if self.static_step:
             if not self.segment.layers:
                 return super().attend(module, query, key, value, attention_mask, **kwargs)
             # Static step: select every step from the attention logits (selector `last` /
             # `softmax_last`; the cache refuses the others in static mode).
-            scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
-            return self._attend_and_select(query, key, value, attention_mask, scaling)
+            return self._attend_and_select(query, key, value, attention_mask, scaling_of(module, query, kwargs))
         decoding = query.shape[2] == 1 and self.state.prompt_len > 0 and self.seq_length > self.state.prompt_len
         if not (decoding and self.segment.layers and self._due()):
             return super().attend(module, query, key, value, attention_mask, **kwargs)
-        scaling = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
-        if cfg.selector in WINDOW_SELECTORS or getattr(module, "attn_logit_softcapping", None):
+        scaling = scaling_of(module, query, kwargs)
+        if self.windowed or getattr(module, "attn_logit_softcapping", None):
             self.select(self.query_window, scaling)
             return super().attend(module, query, key, value, attention_mask, **kwargs)
         return self._attend_and_select(query, key, value, attention_mask, scaling)
@@ -78,6 +84,9 @@ class FilterLayer(DenseLayer):
         out = torch.matmul(probs, value)  # (B, Hk, g, D)
         self.last_attended = n
         return out.view(b, hq, 1, d).transpose(1, 2), None
+
+    def prefill_window(self) -> int:
+        return self.state.config.window_size if self.windowed else 0
 
     def _due(self) -> bool:
         every = self.state.config.refresh_every
@@ -110,20 +119,30 @@ class FilterLayer(DenseLayer):
                 self._row_budget = (st.valid, torch.tensor(ks, device=scores.device))
             idx = select_topk_rows(scores, self._row_budget[1], valid, sink=cfg.sink_tokens, recent=cfg.recent_tokens)
         else:
-            k = cfg.resolve_budget(st.prompt_len)
-            idx = select_topk(scores, k, valid=valid, sink=cfg.sink_tokens, recent=cfg.recent_tokens)
+            idx = select_topk(scores, st.k, valid=valid, sink=cfg.sink_tokens, recent=cfg.recent_tokens)
         self.selected = idx
-        static = self.static is not None and self.static.active
         for seg in self.segments:
-            if static:
-                seg.load_static(idx)
-            else:
-                seg.load(idx, st.decode_steps)
+            seg.load(idx, st.decode_steps)
         return idx
+
+    # -- static-shape decode (omnikv/hf/static.py): the segments follow the filter layer ----------
+    def begin_static(self, state) -> None:
+        super().begin_static(state)
+        for seg in self.segments:
+            if seg.layers:
+                seg.begin_static(self.state.k, state.capacity - self.state.prompt_len)
+
+    def advance_static(self) -> None:
+        super().advance_static()
+        for seg in self.segments:
+            if seg.layers:
+                seg.advance_static(self.state.decode_steps)
 
 
 class SparseLayer(ManagedLayer):
     """Attends to the selected prompt rows + every generated token (rows live in its segment)."""
+
+    supports_static = True
 
     def __init__(self, layer_idx: int, state: SharedState, segment: Segment) -> None:
         super().__init__()
@@ -137,7 +156,7 @@ class SparseLayer(ManagedLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
             seg.attach(key_states)
-        if self.static is not None and self.static.active:
+        if self.static_step:
             # Static step: the new row goes to slot k + (pos - prompt_len) of the working buffer;
             # all k + decode-capacity rows come back (the cache advanced `seq_length` already).
             return seg.append_static(self.slot, key_states, value_states, self.static.pos)
@@ -160,13 +179,13 @@ class SparseLayer(ManagedLayer):
 
     def attend(self, module, query, key, value, attention_mask, **kwargs):
         seg = self.segment
-        if self.static is not None and self.static.active:
+        if self.static_step:
             # Rows not generated yet sit at positions >= the current one: the causal mask,
             # gathered at the rows' positions, hides them (and the padding of the selection).
             return super().attend(module, query, key, value, attention_mask, positions=seg.static_positions(), **kwargs)
         decoding = query.shape[2] == 1 and seg.generated > 0 and key.shape[-2] == seg.k + seg.generated
         if decoding and self.state.telemetry is not None:
-            self._record_telemetry(query, attention_mask, kwargs.get("scaling") or module.scaling)
+            self._record_telemetry(query, attention_mask, scaling_of(module, query, kwargs))
         if not decoding or attention_mask is None:  # no padding: every returned row is attended
             return super().attend(module, query, key, value, attention_mask, **kwargs)
         return super().attend(module, query, key, value, attention_mask, positions=self.positions(), **kwargs)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omnikv.hf.compat import layer_types
+from omnikv.hf.compat import layer_types, text_config
 from omnikv.config import OmniKVConfig
 from omnikv.errors import ConfigError
 
@@ -96,8 +96,7 @@ def resolve_preset(name_or_path: str | os.PathLike) -> tuple[OmniKVConfig, dict[
 
 
 def find_preset(model_or_config) -> Preset | None:
-    cfg = getattr(model_or_config, "config", model_or_config)
-    cfg = cfg.get_text_config(decoder=True)
+    cfg = text_config(model_or_config)
     for p in PRESETS:
         if (
             cfg.model_type == p.model_type
@@ -143,7 +142,7 @@ def check_preset_model(made_for: dict, model_or_config, where: str = "preset") -
     `omnikv calibrate` writes them): its filter layers would be wrong, or out of range, for this one.
     Keys the file does not have are not checked."""
     cfg = getattr(model_or_config, "config", model_or_config)
-    text = cfg.get_text_config(decoder=True)
+    text = text_config(cfg)
     types = {cfg.model_type, text.model_type}
     want_type, want_layers = made_for.get("model_type"), made_for.get("num_layers")
     if want_type is not None and want_type not in types:

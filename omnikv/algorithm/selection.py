@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from omnikv.config import QUERY_SELECTORS, WINDOW_SELECTORS  # noqa: F401 - the selector vocabulary
+
 NEG_INF = float("-inf")
 POS_INF = float("inf")
-# Selectors that score with an observation window of recent queries (the filter layer keeps one).
-WINDOW_SELECTORS = ("uniform", "exp", "union")
 
 
 def window_weights(selector: str, window: int, device: torch.device) -> torch.Tensor:
@@ -46,7 +46,7 @@ def filter_scores(
     b, hq, _, d = queries.shape
     hk = keys.shape[1]
     g = hq // hk
-    if selector in ("last", "softmax_last"):
+    if selector in QUERY_SELECTORS:
         queries = queries[:, :, -1:, :]
     w = queries.shape[2]
     # (B, Hk, g*W, D) @ (B, Hk, D, T) -> (B, Hk, g, W, T); matmul per KV head avoids repeat_kv.

@@ -9,7 +9,6 @@ The previous attention implementation is restored on exit.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -61,7 +60,8 @@ _RECORDER: _Recorder | None = None  # set only inside `capturing()`; the attenti
 
 
 def _capture_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from omnikv.hf.attention import scaling_of
+    from omnikv.hf.compat import sdpa_attention_forward
 
     rec = _RECORDER
     if rec is not None and rec.active and query.shape[2] == 1 and module.layer_idx in rec.layers:
@@ -70,7 +70,7 @@ def _capture_attention(module, query, key, value, attention_mask, scaling=None, 
         # query (B, H, 1, D), key (B, H_kv, T, D): expand KV heads to their query heads
         group = query.shape[1] // key.shape[1]
         k = key[0].float().repeat_interleave(group, dim=0)  # (H, T, D)
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        scale = scaling_of(module, query, {"scaling": scaling})
         logits = (query[0, :, 0, :].float().unsqueeze(1) @ k.transpose(1, 2)).squeeze(1) * scale  # (H, T)
         if attention_mask is not None:  # sliding-window layers mask old keys even at decode
             m = attention_mask[0, 0, -1, -logits.shape[-1] :]
@@ -100,16 +100,9 @@ def capturing(model, layers: list[int]) -> Iterator[_Recorder]:
 
 def full_attention_layers(config) -> list[int]:
     """Layers OmniKV can make sparse: all, except sliding-window layers (e.g. Gemma 3)."""
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    types = getattr(cfg, "layer_types", None)
-    if types:
-        return [i for i, t in enumerate(types) if t == "full_attention"]
-    return list(range(cfg.num_hidden_layers))
+    from omnikv.hf.compat import layer_types
 
-
-def _cache_kwarg(model) -> str:
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.24
+    return [i for i, t in enumerate(layer_types(config)) if t == "full_attention"]
 
 
 @torch.no_grad()
@@ -121,31 +114,31 @@ def record_decode_attention(model, input_ids: torch.Tensor | list[int], steps: i
     """
     from transformers import DynamicCache
 
+    from omnikv.hf.compat import cache_kwargs, text_shape
+
     ids = torch.as_tensor(input_ids, dtype=torch.long)
     ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
     if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] < 2:
         raise InputError("analysis needs one prompt of at least 2 tokens (batch 1)")
     if steps < 1:
         raise InputError(f"decode steps must be >= 1, got {steps}")
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     layers = full_attention_layers(model.config)
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    shape = text_shape(model)
+    heads, kv_heads = shape.heads, shape.kv_heads
     prompt_len = ids.shape[1]
     total = prompt_len + steps
     logits = torch.full((steps, len(layers), heads, total), float("-inf"))
     device = next(model.parameters()).device
     cache = DynamicCache(config=model.config)
-    kw = _cache_kwarg(model)
     generated: list[int] = []
     with capturing(model, layers) as rec:
-        out = model(input_ids=ids.to(device), use_cache=True, **{kw: cache})
+        out = model(input_ids=ids.to(device), use_cache=True, **cache_kwargs(cache))
         token = int(out.logits[0, -1].argmax())
         rec.active = True
         for s in range(steps):
             generated.append(token)
             rec.step_logits.clear()
-            out = model(input_ids=torch.tensor([[token]], device=device), use_cache=True, **{kw: cache})
+            out = model(input_ids=torch.tensor([[token]], device=device), use_cache=True, **cache_kwargs(cache))
             for row, layer in enumerate(layers):
                 step = rec.step_logits.get(layer)
                 if step is None:

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from omnikv.analysis.selection_sets import resolve_k, topk_indices
+from omnikv.analysis.selection_sets import topk_indices
+from omnikv.budget import Budget
 from omnikv.errors import InputError
 
 
@@ -68,7 +69,7 @@ def coverage_matrices(
     steps, layers, heads, total = probs.shape
     prompt_len = scores.shape[-1]
     kv = heads if num_kv_heads is None else num_kv_heads
-    sizes = [resolve_k(k, prompt_len, sink, recent) for k in ks]
+    sizes = [Budget(k).selected(prompt_len, sink=sink, recent=recent) for k in ks]
     # Sorted top-k: the top-k' for k' < k is a prefix (forced sink/recent come first, at +inf).
     idx = topk_indices(scores, max(sizes), head_reduce, kv, sink, recent)  # (S, L, R, kmax)
     sets = idx.shape[-2]
@@ -117,7 +118,7 @@ def topk_jaccard(
         raise InputError("Jaccard stability needs scores (S, L, H, P) with at least 2 decode steps")
     heads, prompt_len = scores.shape[-2], scores.shape[-1]
     kv = heads if num_kv_heads is None else num_kv_heads
-    idx = topk_indices(scores, resolve_k(k, prompt_len), head_reduce, kv)  # (S, L, R, k)
+    idx = topk_indices(scores, Budget(k).selected(prompt_len), head_reduce, kv)  # (S, L, R, k)
     sets = torch.zeros(*idx.shape[:-1], prompt_len, dtype=torch.bool).scatter_(-1, idx, True)
     inter = (sets[1:] & sets[:-1]).sum(-1).double()
     union = (sets[1:] | sets[:-1]).sum(-1).double()

@@ -16,15 +16,8 @@ import math
 
 import torch
 
-from omnikv.budget import Budget
 from omnikv.config import HEAD_REDUCTIONS
 from omnikv.errors import ConfigError, InputError
-
-
-def resolve_k(k: int | float, prompt_len: int, sink: int = 0, recent: int = 0) -> int:
-    """Budget -> number of prompt tokens kept: `Budget.tokens`, the rule of
-    `OmniKVConfig.resolve_budget` (never below sink + recent, never above the prompt)."""
-    return Budget(k).tokens(prompt_len, floor=sink + recent)
 
 
 def reduce_heads(scores: torch.Tensor, head_reduce: str, num_kv_heads: int) -> torch.Tensor:

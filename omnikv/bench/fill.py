@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from omnikv.hf.compat import cache_kwargs
+from omnikv.hf.compat import cache_kwargs, text_shape
 from omnikv.errors import ConfigError
 
 def needs_real_prefill(method) -> bool:
@@ -30,11 +30,8 @@ def needs_real_prefill(method) -> bool:
 
 def kv_shapes(model: torch.nn.Module) -> tuple[int, int, int]:
     """(num_layers, num_key_value_heads, head_dim) of the model's text decoder."""
-    cfg = model.config.get_text_config(decoder=True)
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return cfg.num_hidden_layers, kv_heads, head_dim
+    shape = text_shape(model)
+    return shape.layers, shape.kv_heads, shape.head_dim
 
 
 def model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -70,7 +67,7 @@ def prefill_fill(
     if context < 1:
         raise ConfigError(f"context must be >= 1 token; got {context}")
     device, _ = model_device_dtype(model)
-    vocab = model.config.get_text_config(decoder=True).vocab_size
+    vocab = text_shape(model).vocab
     gen = torch.Generator(device="cpu").manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, context), generator=gen).to(device)
     step = chunk or context
@@ -88,7 +85,7 @@ def prefill_fill(
 def first_token(model: torch.nn.Module, batch: int = 1, seed: int = 0) -> torch.Tensor:
     """(B, 1) a fixed token id to start decoding from after a synthetic fill."""
     device, _ = model_device_dtype(model)
-    vocab = model.config.get_text_config(decoder=True).vocab_size
+    vocab = text_shape(model).vocab
     gen = torch.Generator(device="cpu").manual_seed(seed + 1)
     return torch.randint(0, vocab, (batch, 1), generator=gen).to(device)
 

@@ -39,8 +39,7 @@ _FUNCTION_TARGETS = {
 }
 # (module, class, method, category)
 _METHOD_TARGETS = (
-    ("omnikv.offload.bank", "Segment", "load", "gather"),
-    ("omnikv.offload.bank", "Segment", "load_static", "gather"),  # the static-shape step's full gather
+    ("omnikv.offload.segment", "Segment", "load", "gather"),  # every gather strategy, the static one too
     # A filter layer computes its decode attention itself (its logits double as selector scores).
     ("omnikv.algorithm.layers", "FilterLayer", "_attend_and_select", "attention"),
 )

@@ -103,11 +103,12 @@ def run(args: argparse.Namespace) -> int:
         log(f"note: {longest} tokens exceed {lm.name}'s trained context ({limit}); timings are still "
             "valid, outputs would not be")
     meta = run_metadata(command_of(args), device)
-    cfg = model.config.get_text_config(decoder=True)
+    from omnikv.hf.compat import text_config, text_shape
+
+    shape = text_shape(model)
     meta.update(model=lm.name, model_source=str(lm.source), dtype=str(next(model.parameters()).dtype),
-                model_config={"model_type": cfg.model_type, "layers": cfg.num_hidden_layers,
-                              "hidden": cfg.hidden_size, "heads": cfg.num_attention_heads,
-                              "kv_heads": getattr(cfg, "num_key_value_heads", None)},
+                model_config={"model_type": text_config(model).model_type, "layers": shape.layers,
+                              "hidden": shape.hidden, "heads": shape.heads, "kv_heads": shape.kv_heads},
                 spec={"methods": [m.label for m in spec.methods], "contexts": spec.contexts,
                       "fill": "synthetic" if spec.synthetic_kv else "prefill", "steps": spec.steps,
                       "warmup": spec.warmup, "breakdown_steps": spec.breakdown_steps, "batch": spec.batch,

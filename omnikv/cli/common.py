@@ -206,8 +206,7 @@ def build_method(args: argparse.Namespace, name: str | None = None):
     name = name or args.method
     cls = method_class(name)  # ConfigError listing the methods when unknown
     options = method_options(args)
-    # compile is no dataclass field: get_method refuses it by name for methods without a static step
-    foreign = [k for k in options if k not in cls.option_names() and k != "compile"]
+    foreign = [k for k in options if k not in cls.option_names()]
     if foreign:
         takers = sorted({m for k in foreign for m in methods_taking(k)})
         flags = ", ".join(f"--{k.replace('_', '-')}" for k in foreign)

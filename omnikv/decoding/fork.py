@@ -17,8 +17,9 @@ What methods decide at the end of prefill they decide on their own cache:
 * H2O scores every prompt row by the attention *all* prompt queries gave it: the shared prefill
   records the queries of full-attention layers and each H2O layer scores the prefix with them
   (`observe_prefill`, as its own first prefill chunk would have), then the tail as usual;
-* a cache this module does not know (another library's) cannot be seeded: `can_share` says so and
-  the caller falls back to the method's own full prefill.
+* a cache says what it needs (`fork_needs`: the tail, whether it needs the prefix's queries) and
+  takes the prefix itself (`seed_prefix`); a cache without them (another library's) cannot be
+  seeded: `prefill_needs` says so and the caller falls back to the method's own full prefill.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 
 import torch
 
-from omnikv.hf import context as _context
+from omnikv.hf import attention
 from omnikv.hf.compat import cache_kwargs
 from omnikv.errors import InputError
 from omnikv.methods import Method, get_method
@@ -39,38 +40,19 @@ DEFAULT_TAIL = 64  # tokens each method prefills itself (>= every observation wi
 
 
 def _seedable(cache: Any) -> bool:
-    """Whether `cache` can take a prefix through `update` alone (no attention call needed)."""
-    from transformers import DynamicCache
-
-    from omnikv.hf.cache import ManagedCache
-
-    # transformers' own DynamicCache (full / full_offload): update stores, attention is SDPA.
-    return isinstance(cache, (ManagedCache, DynamicCache))
+    """Whether `cache` can take a prefix prefilled elsewhere (it says what it needs for that)."""
+    return callable(getattr(cache, "seed_prefix", None)) and callable(getattr(cache, "fork_needs", None))
 
 
 def prefill_needs(method: Method, model: torch.nn.Module) -> tuple[int, bool] | None:
     """(tail tokens the method must prefill itself, whether it needs the prefix's queries), or
-    None when its cache cannot be forked from a shared prefill."""
-    from omnikv.algorithm.cache import OmniKVCache
-    from omnikv.algorithm.layers import FilterLayer
-    from omnikv.methods._lossy import LossyLayer
-
+    None when its cache cannot be forked from a shared prefill. The method's cache answers
+    (`fork_needs`: observation windows at the prompt's end; layers that score with every prompt
+    query)."""
     cache = method.make_cache(model)
     if not _seedable(cache):
         return None
-    tail, queries = 1, False
-    if isinstance(cache, OmniKVCache) and any(isinstance(l, FilterLayer) for l in cache.layers):
-        if cache.config.selector != "last" and cache.config.selector != "softmax_last":
-            tail = max(tail, int(cache.config.window_size))
-    for layer in getattr(cache, "layers", []):
-        if not isinstance(layer, LossyLayer):
-            continue
-        window = getattr(layer, "window_size", None)
-        if window is not None:  # SnapKV: the window queries are the tail's own
-            tail = max(tail, int(window))
-        elif type(layer).observe_prefill is not LossyLayer.observe_prefill:
-            queries = True  # H2O: every prompt query votes
-    return tail, queries
+    return cache.fork_needs()
 
 
 class _RecordingCache:
@@ -198,25 +180,18 @@ class SharedPrefill:
     def cache_for(self, method: Method | str) -> Any:
         """`method`'s own cache holding the prefix ids[:split], as its own prefill of those tokens
         would have left it. InputError when the method cannot be forked (see `prefill_needs`)."""
-        from omnikv.methods._lossy import LossyLayer
-
         method = get_method(method)
         cache = method.make_cache(self.model)
         if not _seedable(cache):
             raise InputError(f"{method.name}'s cache ({type(cache).__name__}) cannot be forked from a shared "
                              "prefill; run it with its own prefill (generate())")
+        # The recorded tensors may live on the host (a prefix store): each layer's move to the model's
+        # device happens as it is seeded, so at most one layer's copy is in flight.
         device = next(self.model.parameters()).device
-        for i, (k, v) in enumerate(self.kv):
-            cache.update(k.to(device), v.to(device), i)
-            _context.take(i)  # no attention call follows this update: clear the hand-off slot
-        for i, layer in enumerate(getattr(cache, "layers", [])):
-            if isinstance(layer, LossyLayer) and type(layer).observe_prefill is not LossyLayer.observe_prefill \
-                    and getattr(layer, "window_size", None) is None:
-                if self.queries is None or i not in self.queries:
-                    raise InputError(f"{method.name} scores the prompt with every prompt query; run the shared "
-                                     "prefill with record_queries=True")
-                module, query, kwargs = self.queries[i]
-                layer.observe_prefill(module, query.to(device), None, **kwargs)
+        kv = ((k.to(device), v.to(device)) for k, v in self.kv)
+        queries = None if self.queries is None else {
+            i: (module, query.to(device), kwargs) for i, (module, query, kwargs) in self.queries.items()}
+        cache.seed_prefix(kv, queries)
         self.forks += 1
         return cache
 
@@ -240,7 +215,7 @@ def _seed(cache: Any, start: SharedPrefill, ids: list[int], reuse: int, record_q
     device = next(start.model.parameters()).device
     for i, (k, v) in enumerate(start.kv):
         cache.update(k[:, :, :reuse].to(device), v[:, :, :reuse].to(device), i)
-        _context.take(i)  # no attention call follows this update: clear the hand-off slot
+        attention.take(i)  # no attention call follows this update: clear the hand-off slot
     for i, (module, query, kwargs) in (start.queries or {}).items():
         if record_queries:
             cache.queries[i] = [query[:, :, :reuse].to(device)]

@@ -26,8 +26,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from omnikv.hf.compat import cache_kwargs
-from omnikv.errors import ConfigError, InputError
+from omnikv.hf.compat import cache_kwargs, text_config
+from omnikv.errors import ConfigError, InputError, check_int
 from omnikv.methods import Method, get_method, make_decoder
 from omnikv.decoding.stops import StopMatcher
 
@@ -64,22 +64,19 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be an int >= 1; got {self.max_new_tokens!r}")
+        check_int("max_new_tokens", self.max_new_tokens, 1)
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0):
             raise ConfigError(f"temperature must be a finite number >= 0; got {self.temperature!r}")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise ConfigError(f"top_p must be in (0, 1]; got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ConfigError(f"top_k must be an int >= 0; got {self.top_k!r}")
+        check_int("top_k", self.top_k, 0)
         if not (isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1):
             raise ConfigError(f"min_p must be in [0, 1]; got {self.min_p!r}")
         if not (isinstance(self.repetition_penalty, (int, float)) and math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
             raise ConfigError(f"repetition_penalty must be a finite number > 0; got {self.repetition_penalty!r}")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
-            raise ConfigError(f"min_tokens must be an int >= 0; got {self.min_tokens!r}")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
-            raise ConfigError(f"logprobs must be None or an int >= 0; got {self.logprobs!r}")
+        check_int("min_tokens", self.min_tokens, 0)
+        if self.logprobs is not None:
+            check_int("logprobs", self.logprobs, 0)
         # The range torch.Generator.manual_seed accepts (beyond it: a raw OverflowError/ValueError).
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
                                       or not -(2**63) <= self.seed < 2**64):
@@ -169,8 +166,7 @@ def eos_ids(model, tokenizer) -> set[int]:
 
 
 def max_context(model) -> int | None:
-    cfg = model.config.get_text_config(decoder=True)
-    return getattr(cfg, "max_position_embeddings", None)
+    return getattr(text_config(model), "max_position_embeddings", None)
 
 
 def prefill_chunks(n: int, chunk: int | None) -> list[tuple[int, int]]:

@@ -230,11 +230,10 @@ def _full_kv_bytes(model: Any, seq_len: int) -> int:
     full-attention layer, but only the last `sliding_window - 1` in a sliding-window layer, as
     transformers' DynamicCache does. Counting every layer at `seq_len` would make every method's
     device share look ~6x smaller than it is on Gemma 3 (15 of 18 layers slide over 512 tokens)."""
-    from omnikv.hf.compat import layer_types, sliding_window
+    from omnikv.hf.compat import layer_types, sliding_window, text_shape
 
-    cfg = model.config.get_text_config()
-    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    shape = text_shape(model)
+    heads, head_dim = shape.kv_heads, shape.head_dim
     elem = next(model.parameters()).element_size()
     window = sliding_window(model.config)
     rows = sum(min(seq_len, window - 1) if t == "sliding_attention" and window else seq_len

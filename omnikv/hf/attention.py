@@ -1,18 +1,43 @@
-"""The attention function registered with transformers under the name "omnikv".
+"""The attention seam: the function registered with transformers under the name "omnikv", and the
+one-shot hand-off that tells it which cache to ask.
 
 It adds no behaviour of its own: it asks the cache that just updated this layer how to attend
 (dense, selecting, sparse, page-selected ...). Without one of our caches it is plain SDPA, so a model
 switched to "omnikv" still works with any other cache or with `use_cache=False`.
+
+The hand-off: transformers calls `cache.update(k, v, layer_idx)` and then, in the same attention
+module, the registered attention function, which does not receive the cache. `update` leaves
+(cache, layer) with `put`; the attention function takes it (and clears it) with `take`, so a
+forward pass without one of our caches never sees stale state. Thread-local: each server worker
+thread has its own slot.
 """
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 import torch
 
-from omnikv.hf import context as _context
 from omnikv.hf.compat import AttentionInterface, AttentionMaskInterface, sdpa_attention_forward, sdpa_mask
 
 ATTN_NAME = "omnikv"
+
+_local = threading.local()
+
+
+def put(cache: Any, layer_idx: int) -> None:
+    """`cache` just updated `layer_idx`: its attention call comes next."""
+    _local.slot = (cache, layer_idx)
+
+
+def take(layer_idx: int) -> Any | None:
+    """The cache that just updated `layer_idx`, or None (consumed on read)."""
+    slot = getattr(_local, "slot", None)
+    if slot is None or slot[1] != layer_idx:
+        return None
+    _local.slot = None
+    return slot[0]
 
 
 def omnikv_attention(
@@ -25,7 +50,7 @@ def omnikv_attention(
 ) -> tuple[torch.Tensor, None]:
     """Shapes: query (B, Hq, q, D); key/value (B, Hk, n, D) as returned by the cache's update;
     attention_mask (B, 1, q, N) bool over *logical* positions or None. Returns (B, q, Hq, D)."""
-    cache = _context.take(getattr(module, "layer_idx", -1))
+    cache = take(getattr(module, "layer_idx", -1))
     if cache is None:
         return sdpa_attention(module, query, key, value, attention_mask, **kwargs)
     return cache.attend(module.layer_idx, module, query, key, value, attention_mask, **kwargs)

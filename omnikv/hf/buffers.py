@@ -66,12 +66,16 @@ class KVBuffer:
         return self.keys[:, :, : self.length], self.values[:, :, : self.length]
 
     def used_bytes(self) -> int:
-        if self.keys is None:
-            return 0
-        row = self.keys[:, :, :1].numel() * self.keys.element_size()
-        return 2 * row * self.length
+        return kv_bytes(self.keys, self.length)
 
     def allocated_bytes(self) -> int:
-        if self.keys is None:
-            return 0
-        return 2 * self.keys.numel() * self.keys.element_size()
+        return kv_bytes(self.keys)
+
+
+def kv_bytes(keys: torch.Tensor | None, rows: int | None = None) -> int:
+    """Bytes of K and V for `rows` rows (every row when None) of a layer whose keys are `keys`
+    (B, H, capacity, D); 0 before it holds any."""
+    if keys is None:
+        return 0
+    n = keys.shape[-2] if rows is None else rows
+    return 2 * n * keys[:, :, :1].numel() * keys.element_size()

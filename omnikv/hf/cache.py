@@ -2,24 +2,24 @@
 attention runs (omnikv/hf/layers.py). Every method of this package builds one (full_prealloc, the
 baselines, OmniKV); the static-shape decode step (omnikv/hf/static.py) is driven through it.
 
-Also the model checks every method shares: `check_supported`, `text_config`, `model_fingerprint`,
-`layer_devices`.
+Also the model checks every method shares: `check_supported`, `model_fingerprint`, `layer_devices`
+(`text_config`, re-exported here, lives in omnikv/hf/compat.py).
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from omnikv.errors import ConfigError, InputError, UnsupportedModelError
-from omnikv.hf import context
+from omnikv.hf import attention
 from omnikv.hf.attention import use_omnikv_attention
 from omnikv.hf.buffers import KVBuffer
-from omnikv.hf.compat import Cache, CacheLayerMixin, layer_types
-from omnikv.hf.layers import DenseLayer
-from omnikv.hf.static import StaticState, mark_static, zero_tail
+from omnikv.hf.compat import Cache, CacheLayerMixin, layer_types, text_config, text_shape
+from omnikv.hf.static import StaticState
 
 
 class ManagedCache(Cache):
@@ -31,22 +31,10 @@ class ManagedCache(Cache):
     def __init__(self, model: torch.nn.Module, layers: list[CacheLayerMixin], static: bool = False) -> None:
         super().__init__(layers=layers)
         self.model_fingerprint = model_fingerprint(model)
-        cfg = text_config(model)
-        self._kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self._kv_heads = text_shape(model).kv_heads
         use_omnikv_attention(model)
         # Static-shape decode steps (omnikv/hf/static.py): None = the default, growing slices.
-        self.static: StaticState | None = None
-        self.step_prepared = False  # a driver ran `prepare_static_step` for the coming forward
-        if static:
-            if any(not isinstance(layer, DenseLayer) and not hasattr(layer, "segment") for layer in layers):
-                raise ConfigError(
-                    f"static=True / compile=True supports models whose layers all use full attention; "
-                    f"{model.config.model_type} has sliding-window layers (their window cache changes "
-                    f"shape); drop static/compile for this model"
-                )
-            self.static = StaticState()
-            for layer in layers:
-                layer.static = self.static
+        self.static: StaticState | None = StaticState(layers, model.config.model_type) if static else None
 
     # transformers calls this once per layer per forward, right before attention.
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
@@ -60,84 +48,30 @@ class ManagedCache(Cache):
                 f"this cache has {len(self.layers)} layers but layer {layer_idx} asked for one: it "
                 f"was built for another model ({self.model_fingerprint}); build one per model"
             )
-        context.put(self, layer_idx)
+        attention.put(self, layer_idx)
         return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
 
     def _forward_start(self, key_states: torch.Tensor, kwargs: dict[str, Any]) -> None:
         """Layer 0 of every forward."""
         if self.static is not None:
-            self._static_forward_start(key_states.shape[-2])
+            self.static.forward_start(key_states.shape[-2], self.layers[0].get_seq_length)
         if self.static is None or not self.static.active:
             self._check_forward(key_states, kwargs)
 
-    # -- static-shape decode (omnikv/hf/static.py) --------------------------------------------
-    def _static_forward_start(self, q: int) -> None:
-        """Layer 0 of a forward on a static cache. Under torch.compile the driver has already
-        prepared the step (`step_prepared` is True), so nothing here reads per-step state."""
-        if q != 1:
-            self.static.active = False  # a prompt forward: the eager, growing path
-        elif self.step_prepared:
-            self.step_prepared = False
-        elif self.layers[0].get_seq_length() > 0:
-            # The step must be prepared before the forward: the model builds its mask (from
-            # `get_query_offset`) and positions before the first layer's update.
-            raise ConfigError(
-                "a static cache's decode steps are driven by omnikv.static.StaticDecoder (or "
-                "Session / generate with the method's static/compile option); model.generate and "
-                "plain forwards cannot drive it: build the cache without static=True for those"
-            )
-
+    # -- static-shape decode: the run is `StaticState`'s (omnikv/hf/static.py) -----------------
     def prepare_static_step(self) -> bool:
-        """Advance every Python-side counter by the coming single-token forward and put its
-        position in `static.pos`; called outside compiled code. Returns False when that forward
-        is not a static decode step (nothing cached yet: it is a prompt)."""
-        st = self.static
-        if st is None:
+        """Advance every layer by the coming single-token forward and put its position in
+        `static.pos`; called outside compiled code. Returns False when that forward is not a
+        static decode step (nothing cached yet: it is a prompt)."""
+        if self.static is None:
             raise ConfigError("prepare_static_step needs a cache built with static=True")
-        seen = self.layers[0].get_seq_length()
-        if seen == 0:
-            st.active = False
-            return False
-        if seen + 1 > st.capacity:
-            raise InputError(
-                f"static decoding: this step writes position {seen} but the cache reserved "
-                f"{st.capacity} positions; call cache.reserve(extra_tokens, decode_tokens=...) with "
-                "the prompt and every token to generate before the prompt forward"
-            )
-        if not st.active:
-            self._begin_static_run()
-        self._advance_static()
-        st.pos.fill_(seen)
-        return True
+        return self.static.prepare(self.layers, self.layers[0].get_seq_length(), self._on_static_step)
 
-    def _begin_static_run(self) -> None:
-        """The first static step after a prompt: buffers at full capacity, unwritten rows zeroed."""
-        st = self.static
-        for layer in self.layers:
-            buf = getattr(layer, "buffer", None)
-            if isinstance(buf, KVBuffer) and buf.keys is not None:
-                buf.reserve(st.capacity, buf.keys)
-                zero_tail(buf.keys, buf.length)
-                zero_tail(buf.values, buf.length)
-                mark_static(buf.keys.device, buf.keys, buf.values)
-                if st.pos is None:
-                    st.pos = torch.zeros((), dtype=torch.long, device=buf.keys.device)
-                    mark_static(st.pos.device, st.pos)
-        if st.pos is None:
-            raise ConfigError("static decoding needs at least one dense or filter layer")
-        st.active = True
-
-    def _advance_static(self) -> None:
-        for layer in self.layers:
-            layer.seq_length += 1
-            buf = getattr(layer, "buffer", None)
-            if isinstance(buf, KVBuffer):
-                buf.length += 1
+    def _on_static_step(self) -> None:
+        """A static step is prepared, before the layers advance: a subclass's own bookkeeping."""
 
     def _static_step_coming(self) -> bool:
-        """The model is about to run a prepared static step (the mask is built before layer 0;
-        a prompt forward after a static run must get the ordinary mask)."""
-        return self.static is not None and self.static.active and self.step_prepared
+        return self.static is not None and self.static.step_coming()
 
     @property
     def is_compileable(self) -> bool:
@@ -184,6 +118,30 @@ class ManagedCache(Cache):
     def attend(self, layer_idx: int, module, query, key, value, attention_mask, **kwargs):
         return self.layers[layer_idx].attend(module, query, key, value, attention_mask, **kwargs)
 
+    # -- forks of a shared prefill (omnikv/decoding/fork.py) ---------------------------------
+    def fork_needs(self) -> tuple[int, bool]:
+        """(prompt tokens this cache must prefill itself, whether it needs the prefix's queries)
+        to equal its own prefill when seeded with a prefix prefilled elsewhere."""
+        tail = max([1] + [getattr(layer, "prefill_window", lambda: 0)() for layer in self.layers])
+        return tail, any(getattr(layer, "needs_prefix_queries", False) for layer in self.layers)
+
+    def seed_prefix(self, kv: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                    queries: dict[int, tuple[torch.nn.Module, torch.Tensor, dict[str, Any]]] | None) -> None:
+        """Hold a prefix prefilled elsewhere, as this cache's own prefill of it would have left it:
+        kv[i] = layer i's (B, Hk, n, D) keys and values; queries[i] = (module, (B, Hq, n, D)
+        queries, attention kwargs) for the layers that score the prompt with every prompt query."""
+        for i, (k, v) in enumerate(kv):
+            self.update(k, v, i)
+            attention.take(i)  # no attention call follows this update: clear the hand-off slot
+        for i, layer in enumerate(self.layers):
+            if not getattr(layer, "needs_prefix_queries", False):
+                continue
+            if queries is None or i not in queries:
+                raise InputError(f"{self.method_name} scores the prompt with every prompt query; run the shared "
+                                 "prefill with record_queries=True")
+            module, query, kwargs = queries[i]
+            layer.observe_prefill(module, query, None, **kwargs)
+
     # -- accounting ------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         device = sum(layer.device_bytes() for layer in self.layers)
@@ -192,6 +150,7 @@ class ManagedCache(Cache):
             "method": self.method_name,
             "seq_length": self.get_seq_length(),
             "device_kv_bytes": int(device),
+            "device_kv_allocated_bytes": int(sum(layer.allocated_device_bytes() for layer in self.layers)),
             "host_kv_bytes": int(host),
             "h2d_bytes_per_step": int(self.h2d_bytes_last_step()),
             "attended_tokens_per_layer": [int(getattr(l, "last_attended", 0)) for l in self.layers],
@@ -209,7 +168,7 @@ class ManagedCache(Cache):
             if isinstance(buf, KVBuffer):
                 buf.target = max(buf.target, total)
         if self.static is not None:
-            self.static.capacity = max(self.static.capacity, total)
+            self.static.reserve(total)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise UnsupportedModelError(
@@ -222,15 +181,8 @@ class ManagedCache(Cache):
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    cfg = model.config.get_text_config(decoder=True)
-    return (
-        f"{cfg.model_type}/{cfg.num_hidden_layers}L/{cfg.num_key_value_heads}kv/"
-        f"{getattr(cfg, 'head_dim', None) or cfg.hidden_size // cfg.num_attention_heads}d"
-    )
-
-
-def text_config(model: torch.nn.Module):
-    return model.config.get_text_config(decoder=True)
+    shape = text_shape(model)
+    return f"{text_config(model).model_type}/{shape.layers}L/{shape.kv_heads}kv/{shape.head_dim}d"
 
 
 # Model types the managed caches are tested on (tiny random checkpoints of each family in tests/,
@@ -254,7 +206,7 @@ def check_supported(model: torch.nn.Module, method: str) -> list[str]:
     KV heads and head size; they are written for Llama-style decoders. A model type outside
     TESTED_MODEL_TYPES that has that structure runs, with one warning."""
     config = getattr(model, "config", model)
-    cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    cfg = text_config(config)
     kind = getattr(cfg, "model_type", None) or type(cfg).__name__
 
     def refuse(why: str) -> UnsupportedModelError:

@@ -8,6 +8,8 @@ argument to `cache`). Code elsewhere imports these names from this module only; 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import transformers
@@ -34,9 +36,45 @@ def cache_kwargs(cache: Cache | None) -> dict:
     return {CACHE_KWARG: cache}
 
 
+def text_config(model_or_config: Any) -> Any:
+    """The text decoder's config of a model or of its config (a multimodal config nests it): the
+    one call to transformers' `get_text_config(decoder=True)`."""
+    config = model_or_config.config if isinstance(model_or_config, torch.nn.Module) else model_or_config
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+@dataclass(frozen=True)
+class TextShape:
+    """The sizes of a text decoder that KV sizes and checks depend on."""
+
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+    intermediate: int
+    vocab: int
+
+
+def text_shape(model_or_config: Any) -> TextShape:
+    """`TextShape` of a model or config: KV heads default to the query heads, the head dim to
+    hidden / heads, as transformers' own attention modules do."""
+    cfg = text_config(model_or_config)
+    heads = cfg.num_attention_heads
+    return TextShape(
+        layers=cfg.num_hidden_layers,
+        heads=heads,
+        kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        hidden=cfg.hidden_size,
+        intermediate=getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size,
+        vocab=cfg.vocab_size,
+    )
+
+
 def layer_types(config) -> list[str]:
     """Per-layer attention type ("full_attention", "sliding_attention", ...) of a text config."""
-    cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    cfg = text_config(config)
     types = getattr(cfg, "layer_types", None)
     if types is None:
         window = getattr(cfg, "sliding_window", None)
@@ -47,8 +85,7 @@ def layer_types(config) -> list[str]:
 
 
 def sliding_window(config) -> int | None:
-    cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    return getattr(cfg, "sliding_window", None)
+    return getattr(text_config(config), "sliding_window", None)
 
 
 def check_seams() -> list[str]:

@@ -15,9 +15,10 @@ from typing import Any
 import torch
 
 from omnikv.hf.attention import sdpa_attention
-from omnikv.hf.buffers import KVBuffer
+from omnikv.hf.buffers import KVBuffer, kv_bytes
 from omnikv.hf.compat import CacheLayerMixin, DynamicSlidingWindowLayer, sliding_window
 from omnikv.hf.masks import positions_mask
+from omnikv.hf.static import mark_static, zero_tail
 
 
 class ManagedLayer(CacheLayerMixin):
@@ -26,12 +27,59 @@ class ManagedLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
     is_croppable = False
+    supports_static = False  # has a static-shape decode step (omnikv/hf/static.py)
     static = None  # the cache's StaticState when built with static=True (omnikv/hf/static.py)
 
     def __init__(self) -> None:
         super().__init__()
         self.seq_length = 0  # logical length: every token this layer has seen
         self.last_attended = 0  # KV rows used by the last attention call (for stats)
+
+    # -- stored rows: transformers reads `.keys` / `.values` in a few helpers (batch size, device)
+    def kv_view(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The rows this layer keeps on the device, (B, H, n, D) each; None before any."""
+        return None
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        view = self.kv_view()
+        return None if view is None else view[0]
+
+    @keys.setter
+    def keys(self, value) -> None:  # CacheLayerMixin.__init__ assigns None
+        pass
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        view = self.kv_view()
+        return None if view is None else view[1]
+
+    @values.setter
+    def values(self, value) -> None:
+        pass
+
+    # -- forks of a shared prefill (omnikv/decoding/fork.py) ---------------------------------------
+    # True for a layer that scores every prompt row with every prompt query (H2O): a cache seeded
+    # with a prefix prefilled elsewhere hands it the prefix's queries (`ManagedCache.seed_prefix`).
+    needs_prefix_queries = False
+
+    def prefill_window(self) -> int:
+        """Prompt tokens at the end of a prefill whose queries this layer reads to decide what it
+        decides when decoding starts (an observation window); a fork prefills them itself."""
+        return 0
+
+    # -- static-shape decode (omnikv/hf/static.py: StaticState runs these, outside compiled code)
+    @property
+    def static_step(self) -> bool:
+        """This forward is a step of a static run (its shapes are fixed for the whole run)."""
+        return self.static is not None and self.static.active
+
+    def begin_static(self, state) -> None:
+        """The first static step after a prompt: take the run's fixed shapes (`state.capacity`)."""
+
+    def advance_static(self) -> None:
+        """Before each static step: count the token it writes."""
+        self.seq_length += 1
 
     # -- transformers' layer interface -------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -72,7 +120,12 @@ class ManagedLayer(CacheLayerMixin):
         return sdpa_attention(module, query, key, value, attention_mask, **kwargs)
 
     def device_bytes(self) -> int:
+        """Device bytes of the KV rows in use."""
         return 0
+
+    def allocated_device_bytes(self) -> int:
+        """Device bytes allocated for KV (capacity, not rows in use)."""
+        return self.device_bytes()
 
     def host_bytes(self) -> int:
         return 0
@@ -84,6 +137,8 @@ class ManagedLayer(CacheLayerMixin):
 class DenseLayer(ManagedLayer):
     """Full attention over every token, in a preallocated growable buffer."""
 
+    supports_static = True
+
     def __init__(self, headroom: int = 256) -> None:
         super().__init__()
         self.buffer = KVBuffer(headroom)
@@ -91,10 +146,29 @@ class DenseLayer(ManagedLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if self.static is not None and self.static.active:
+        if self.static_step:
             return self._update_static(key_states, value_states)
         self.seq_length += key_states.shape[-2]
         return self.buffer.append(key_states, value_states)
+
+    def kv_view(self):
+        return None if self.buffer.keys is None else self.buffer.view()
+
+    # -- static-shape decode (omnikv/hf/static.py) ----------------------------------------------
+    def begin_static(self, state) -> None:
+        """The buffer at full capacity, its unwritten rows zeroed, its address fixed."""
+        buf = self.buffer
+        if buf.keys is None:
+            return
+        buf.reserve(state.capacity, buf.keys)
+        zero_tail(buf.keys, buf.length)
+        zero_tail(buf.values, buf.length)
+        mark_static(buf.keys.device, buf.keys, buf.values)
+        state.ensure_pos(buf.keys.device)
+
+    def advance_static(self) -> None:
+        super().advance_static()
+        self.buffer.length += 1
 
     def _update_static(self, key_states, value_states):
         """Static decode step (B, H, 1, D): write at the device position `static.pos` (the cache
@@ -105,41 +179,30 @@ class DenseLayer(ManagedLayer):
         buf.values.index_copy_(2, st.index(), value_states)
         return buf.keys[:, :, : st.capacity], buf.values[:, :, : st.capacity]
 
-    @property
-    def keys(self):  # transformers reads `.keys` in a few helpers (e.g. batch size)
-        return None if self.buffer.keys is None else self.buffer.view()[0]
-
-    @keys.setter
-    def keys(self, value):  # CacheLayerMixin.__init__ assigns None
-        pass
-
-    @property
-    def values(self):
-        return None if self.buffer.values is None else self.buffer.view()[1]
-
-    @values.setter
-    def values(self, value):
-        pass
-
     def device_bytes(self) -> int:
         return self.buffer.used_bytes()
+
+    def allocated_device_bytes(self) -> int:
+        return self.buffer.allocated_bytes()
 
 
 class SlidingLayer(DynamicSlidingWindowLayer):
     """Hybrid models' sliding-window layers: transformers' own exact window cache."""
+
+    supports_static = False  # the window cache changes shape
 
     def attend(self, module, query, key, value, attention_mask, **kwargs):
         self.last_attended = key.shape[-2]
         return sdpa_attention(module, query, key, value, attention_mask, **kwargs)
 
     def device_bytes(self) -> int:
-        if not self.is_initialized or self.keys is None:
-            return 0
-        return 2 * self.keys.numel() * self.keys.element_size()
+        return kv_bytes(self.keys) if self.is_initialized else 0
+
+    def allocated_device_bytes(self) -> int:
+        return self.device_bytes()
 
     def host_bytes(self) -> int:
         return 0
-
 
 
 def make_sliding_layer(config) -> SlidingLayer:

@@ -15,8 +15,15 @@ StaticCache:
 * the new token is written with `index_copy_` at a position held in a device tensor.
 
 What changes from step to step on the Python side (lengths, step counters, transfer accounting)
-is advanced by `prepare_static_step`, outside any compiled region. `CompiledDecoder` calls it
-and then the captured forward, in which nothing reads a Python value that changes per step.
+is advanced by `StaticState.prepare` (through the cache's `prepare_static_step`), outside any
+compiled region. `StaticDecoder` calls it and then the captured forward, in which nothing reads a
+Python value that changes per step.
+
+`StaticState` owns the static run: its capacity, the device position, and its lifecycle (a run
+begins at the first static step after a prompt, each step advances every layer, a prompt forward
+ends it). The layers take part through two hooks, `begin_static(state)` and `advance_static()`
+(omnikv/hf/layers.py; OmniKV's filter layers pass them on to their segments,
+omnikv/offload/segment.py); the cache only forwards transformers' mask questions to it.
 """
 
 from __future__ import annotations
@@ -25,31 +32,104 @@ import contextlib
 import time
 import types
 import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from omnikv.errors import ConfigError, InputError
 from omnikv.hf.compat import cache_kwargs
-from omnikv.errors import ConfigError
 
 
 class StaticState:
-    """What every layer of a static cache shares.
+    """The static run of one cache, shared by all its layers.
 
     `active` is True during a run of static decode steps (set and cleared outside compiled code);
     `capacity` is the number of logical positions every full-attention layer attends over (the mask
     width, from `reserve`); `pos` (0-d int64 on the compute device) is the position the current
-    decode step writes.
+    decode step writes; `prepared` is True between `prepare` and the forward it prepared.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, layers: Sequence[Any], model_type: str) -> None:
+        """Refuse layers whose cache changes shape (`supports_static` False), join the others."""
+        if any(not getattr(layer, "supports_static", False) for layer in layers):
+            raise ConfigError(
+                f"static=True / compile=True supports models whose layers all use full attention; "
+                f"{model_type} has sliding-window layers (their window cache changes "
+                f"shape); drop static/compile for this model"
+            )
         self.active = False
         self.capacity = 0
         self.pos: torch.Tensor | None = None
+        self.prepared = False
+        for layer in layers:
+            layer.static = self
 
     def index(self) -> torch.Tensor:
         """(1,) int64 view of `pos` for `index_copy_`."""
         return self.pos.view(1)
+
+    def reserve(self, total: int) -> None:
+        self.capacity = max(self.capacity, total)
+
+    def forward_start(self, q: int, seen: Callable[[], int]) -> None:
+        """Layer 0 of a forward of `q` tokens; `seen()` = the tokens the cache holds. Under
+        torch.compile the driver has already prepared the step (`prepared`), so nothing here reads
+        per-step state (`seen` is called only for a step nobody prepared)."""
+        if q != 1:
+            self.active = False  # a prompt forward: the eager, growing path
+        elif self.prepared:
+            self.prepared = False
+        elif seen() > 0:
+            # The step must be prepared before the forward: the model builds its mask (from
+            # `get_query_offset`) and positions before the first layer's update.
+            raise ConfigError(
+                "a static cache's decode steps are driven by omnikv.hf.static.StaticDecoder (or "
+                "Session / generate with the method's static/compile option); model.generate and "
+                "plain forwards cannot drive it: build the cache without static=True for those"
+            )
+
+    def prepare(self, layers: Sequence[Any], seen: int, on_step: Callable[[], None] | None = None) -> bool:
+        """Advance every layer by the coming single-token forward and put its position in `pos`;
+        outside compiled code. `on_step` runs after a new run began and before the layers advance
+        (the cache's own per-step bookkeeping). Returns False when that forward is not a static
+        decode step (nothing cached yet: it is a prompt)."""
+        if seen == 0:
+            self.active = False
+            return False
+        if seen + 1 > self.capacity:
+            raise InputError(
+                f"static decoding: this step writes position {seen} but the cache reserved "
+                f"{self.capacity} positions; call cache.reserve(extra_tokens, decode_tokens=...) with "
+                "the prompt and every token to generate before the prompt forward"
+            )
+        if not self.active:
+            self._begin(layers)
+        if on_step is not None:
+            on_step()
+        for layer in layers:
+            layer.advance_static()
+        self.pos.fill_(seen)
+        return True
+
+    def _begin(self, layers: Sequence[Any]) -> None:
+        """The first static step after a prompt: every layer takes its fixed shapes."""
+        for layer in layers:
+            layer.begin_static(self)
+        if self.pos is None:
+            raise ConfigError("static decoding needs at least one dense or filter layer")
+        self.active = True
+
+    def ensure_pos(self, device: torch.device) -> None:
+        """The device position tensor, made once, on the device of the first layer that asks."""
+        if self.pos is None:
+            self.pos = torch.zeros((), dtype=torch.long, device=device)
+            mark_static(self.pos.device, self.pos)
+
+    def step_coming(self) -> bool:
+        """The model is about to run a prepared static step (the mask is built before layer 0;
+        a prompt forward after a static run must get the ordinary mask)."""
+        return self.active and self.prepared
 
 
 def zero_tail(buf: torch.Tensor, start: int, dim: int = -2) -> None:
@@ -104,8 +184,8 @@ def inductor_config(device: torch.device, options: dict[str, Any]) -> dict[str, 
 class StaticDecoder:
     """Runs the forwards of `model` on a static cache: `decoder(input_ids)` -> (B, 1, V) logits.
 
-    A single-token forward after a prompt is a static step: `prepare_static_step` advances the
-    cache's counters and position outside the model, then the forward runs, through
+    A single-token forward after a prompt is a static step: `prepare_static_step` (`StaticState.prepare`)
+    advances the cache's counters and position outside the model, then the forward runs, through
     `torch.compile` when `compile=True`. Prompt forwards (more than one token) run eagerly and
     unchanged. Seconds spent in calls that compiled (the first step, and any recompile, e.g. for
     a new prompt length, which the selection budget depends on) are summed in `compile_seconds`,
@@ -160,7 +240,7 @@ class StaticDecoder:
             if self._ids is None or self._ids.shape != input_ids.shape:
                 self._ids = torch.empty(input_ids.shape, dtype=input_ids.dtype, device=input_ids.device)
             input_ids = self._ids.copy_(input_ids)
-        self.cache.step_prepared = True
+        st.prepared = True
         before = _compile_count() if self.compiled else 0
         t0 = time.perf_counter()
         try:

@@ -1,21 +1,23 @@
 """Registry of KV-cache methods: name -> configured instance.
 
-Adding a method = adding one module that defines a `Method` dataclass and decorates it with
-`@register("name")`, and listing the module in `_MODULES`. What callers need to know about a
-method (takes a budget? needs a real prefill? its memory plan, its summary) they ask the method
-class or instance, never its name.
+Adding a method = adding one module to this folder that defines a `Method` dataclass and
+decorates it with `@register("name")`: the registry imports every public module of the folder the
+first time it is asked (`_load`), so nothing else lists the module. A module that needs an optional
+package imports it where it is used (in `make_cache`), so that listing the methods never fails.
+What callers need to know about a method (takes a budget? needs a real prefill? its memory plan,
+its summary) they ask the method class or instance, never its name.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from typing import Any, Callable
 
 from omnikv.errors import ConfigError
 from omnikv.methods.base import Method
 
 _REGISTRY: dict[str, type[Method]] = {}
-_MODULES = ("full", "omnikv", "streaming", "h2o", "snapkv", "quest")
 _loaded = False
 
 # The exact method every comparison (eval fidelity, bench ratios, `omnikv compare`) is made against.
@@ -23,7 +25,14 @@ REFERENCE = "full"
 
 
 def register(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: `name` -> this `Method` subclass. Two classes under one name is a bug."""
+
     def deco(cls: type[Method]) -> type[Method]:
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise TypeError(f"@register({name!r}) decorates Method subclasses; got {cls!r}")
+        other = _REGISTRY.get(name)
+        if other is not None and (other.__module__, other.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ConfigError(f"method name {name!r} is registered twice: {other.__module__} and {cls.__module__}")
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -31,12 +40,17 @@ def register(name: str) -> Callable[[type[Method]], type[Method]]:
     return deco
 
 
+def method_modules() -> list[str]:
+    """The modules the registry imports: every public module of this folder."""
+    return [f"{__name__}.{m.name}" for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
+
+
 def _load() -> None:
     global _loaded
     if _loaded:
         return
-    for mod in _MODULES:
-        importlib.import_module(f"omnikv.methods.{mod}")
+    for module in method_modules():
+        importlib.import_module(module)
     _loaded = True
 
 
@@ -61,32 +75,16 @@ def methods_taking(option: str) -> list[str]:
 
 
 def get_method(name: str | Method, *, budget: int | float | None = None, **options: Any) -> Method:
-    """A configured method by registry name (options are the method's dataclass fields, plus
-    static= / compile= / compile_backend= / compile_mode= for methods with a static-shape step)."""
+    """A configured method by registry name (options are the method's dataclass fields: its own,
+    and static= / compile= / compile_backend= / compile_mode=, which a method without a
+    static-shape step refuses)."""
     if isinstance(name, Method):
         return name
     cls = method_class(name)
-    static = options.pop("static", None)
-    compile_ = options.pop("compile", None)
-    backend = options.pop("compile_backend", None)
-    mode = options.pop("compile_mode", None)
-    for key, value in (("static", static), ("compile", compile_)):
-        if value is not None and not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false; got {value!r}")
-    if (static or compile_ or backend or mode) and not cls.supports_static:
-        supported = ", ".join(n for n in available_methods() if _REGISTRY[n].supports_static)
-        raise ConfigError(
-            f"method {name!r} cannot be compiled: its decode step changes shape from step to step. "
-            f"static=true / compile=true work with: {supported}"
-        )
     try:
-        method = cls.from_options(budget=budget, **options)
+        return cls.from_options(budget=budget, **options)
     except TypeError as exc:
         raise ConfigError(f"bad options for method {name!r}: {exc}") from None
-    method.compile = bool(compile_) or bool(backend) or bool(mode)
-    method.static = bool(static) or method.compile
-    method.compile_backend, method.compile_mode = backend, mode
-    return method
 
 
 def make_decoder(method: Method, model, cache):
@@ -100,4 +98,5 @@ def make_decoder(method: Method, model, cache):
                          mode=method.compile_mode, method=method.name)
 
 
-__all__ = ["REFERENCE", "Method", "available_methods", "get_method", "make_decoder", "method_class", "methods_taking", "register"]
+__all__ = ["REFERENCE", "Method", "available_methods", "get_method", "make_decoder", "method_class", "method_modules",
+           "methods_taking", "register"]

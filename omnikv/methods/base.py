@@ -18,7 +18,7 @@ import torch
 
 from omnikv.budget import Budget
 from omnikv.config import OmniKVConfig
-from omnikv.errors import ConfigError
+from omnikv.errors import ConfigError, check_int
 
 if TYPE_CHECKING:
     from omnikv.methods.memory import KVContext, KVPlan
@@ -26,12 +26,7 @@ if TYPE_CHECKING:
 # The budget of the budgeted baselines when none is given: OmniKV's, for comparability.
 DEFAULT_BUDGET: int | float = OmniKVConfig().budget
 
-
-def check_int(name: str, value: Any, minimum: int) -> int:
-    """`value` if it is an int >= minimum, else a ConfigError naming the option."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an int >= {minimum}; got {value!r}")
-    return value
+__all__ = ["DEFAULT_BUDGET", "Method", "check_int"]  # check_int (omnikv.errors) for the methods' validate()
 
 
 @dataclass(eq=False)
@@ -45,6 +40,12 @@ class Method(ABC):
     """
 
     budget: int | float | None = None
+    # Static-shape decode steps (omnikv/hf/static.py), for a method with `supports_static`; a
+    # method without one refuses them. `compile` (or a backend / mode) implies `static`.
+    static: bool = False  # static-shape decode steps, eager
+    compile: bool = False  # ... captured with torch.compile
+    compile_backend: str | None = None  # default inductor
+    compile_mode: str | None = None  # default: reduce-overhead (CUDA graphs) on CUDA
 
     name: ClassVar[str]
     lossy: ClassVar[bool] = False  # True when tokens are evicted for good
@@ -55,19 +56,31 @@ class Method(ABC):
     needs_real_prefill: ClassVar[bool] = False
     default_budget: ClassVar[int | float | None] = None  # used when no budget is given
     supports_static: ClassVar[bool] = False  # has a static-shape decode step (omnikv/hf/static.py)
-    # Not dataclass fields (no annotation): set by `get_method` from the options static= /
-    # compile= / compile_backend= / compile_mode=, which every method accepts or refuses by name.
-    static = False  # static-shape decode steps, eager
-    compile = False  # ... captured with torch.compile (implies static)
-    compile_backend = None  # default inductor
-    compile_mode = None  # default: reduce-overhead (CUDA graphs) on CUDA
 
     def __post_init__(self) -> None:
         if self.budget is None:
             self.budget = self.default_budget
-        if self.budget is not None:
-            Budget(self.budget)  # ConfigError naming the bad value
+        # The one check of a method's budget (ConfigError naming the bad value); what uses it
+        # (OmniKV's config, the lossy layers, Quest) gets `budget_rule`, not the raw value again.
+        self.budget_rule: Budget | None = None if self.budget is None else Budget(self.budget)
+        self._check_static()
         self.validate()
+
+    def _check_static(self) -> None:
+        for key in ("static", "compile"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, bool):
+                raise ConfigError(f"{key} must be true or false; got {value!r}")
+        self.compile = bool(self.compile) or bool(self.compile_backend) or bool(self.compile_mode)
+        self.static = bool(self.static) or self.compile
+        if self.static and not self.supports_static:
+            from omnikv.methods import available_methods, method_class
+
+            supported = ", ".join(n for n in available_methods() if method_class(n).supports_static)
+            raise ConfigError(
+                f"method {self.name!r} cannot be compiled: its decode step changes shape from step to step. "
+                f"static=true / compile=true work with: {supported}"
+            )
 
     def validate(self) -> None:
         """Check the method's own options (ConfigError naming the option and the fix)."""

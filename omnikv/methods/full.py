@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from omnikv.hf.compat import Cache, is_cuda
-from omnikv.hf.cache import ManagedCache, check_supported, text_config
+from omnikv.hf.cache import ManagedCache, check_supported
+from omnikv.hf.compat import Cache, is_cuda, text_config
 from omnikv.hf.layers import DenseLayer, make_sliding_layer
 from omnikv.methods import register
 from omnikv.methods.base import Method
@@ -45,6 +46,14 @@ class StockDynamicCache(DynamicCache):
 
     def stats(self) -> dict[str, Any]:
         return stock_cache_stats(self, self.method_name, offloaded=bool(self.offloading))
+
+    # forks of a shared prefill (omnikv/decoding/fork.py): `update` stores, attention is SDPA
+    def fork_needs(self) -> tuple[int, bool]:
+        return 1, False
+
+    def seed_prefix(self, kv: Iterable[tuple[torch.Tensor, torch.Tensor]], queries: Any = None) -> None:
+        for i, (k, v) in enumerate(kv):
+            self.update(k, v, i)
 
 
 @register("full")

@@ -24,8 +24,9 @@ import torch
 from omnikv.hf.attention import attention_probs, scaling_of
 from omnikv.hf.buffers import grown_capacity
 from omnikv.errors import ConfigError
+from omnikv.budget import Budget
 from omnikv.methods import register
-from omnikv.methods._lossy import HEADROOM, LossyCache, LossyLayer, LossyMethod
+from omnikv.methods.lossy import HEADROOM, LossyCache, LossyLayer, LossyMethod
 from omnikv.methods.base import check_int
 from omnikv.methods.rows import first_real, subset_mask
 from omnikv.algorithm.selection import select_topk
@@ -37,8 +38,9 @@ PREFILL_SCORE_ELEMENTS = 1 << 25  # float32 elements of one chunk of prefill wei
 
 class H2OLayer(LossyLayer):
     per_head = True
+    needs_prefix_queries = True  # every prompt query votes (`observe_prefill`)
 
-    def __init__(self, budget: int | float, recent_tokens: int | None, sink_tokens: int) -> None:
+    def __init__(self, budget: Budget, recent_tokens: int | None, sink_tokens: int) -> None:
         super().__init__(budget)
         self.recent_tokens = recent_tokens
         self.sink_tokens = sink_tokens
@@ -146,7 +148,7 @@ class H2O(LossyMethod):
 
     def make_cache(self, model) -> LossyCache:
         return LossyCache(
-            model, self.name, lambda: H2OLayer(self.budget, self.recent_tokens, self.sink_tokens), self.budget
+            model, self.name, lambda: H2OLayer(self.budget_rule, self.recent_tokens, self.sink_tokens), self.budget
         )
 
     def describe(self) -> dict[str, Any]:

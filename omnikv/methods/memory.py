@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from omnikv.hf.compat import layer_types, sliding_window
+from omnikv.hf.compat import layer_types, sliding_window, text_shape
 from omnikv.errors import ResourceError
 
 GiB = 1024**3
@@ -91,9 +91,9 @@ class KVContext:
 
     @classmethod
     def of(cls, config, context: int, max_new_tokens: int, dtype_bytes: int, on_accelerator: bool) -> KVContext:
-        s = _shape(config)
+        s = text_shape(config)
         return cls(config, context, max_new_tokens, dtype_bytes, on_accelerator, tuple(layer_types(config)),
-                   s["kv_heads"], s["head_dim"], sliding_window(config) or 0)
+                   s.kv_heads, s.head_dim, sliding_window(config) or 0)
 
     @property
     def total_tokens(self) -> int:
@@ -127,26 +127,11 @@ class KVPlan:
     device_peak_kv_bytes: int | None = None
 
 
-def _shape(config) -> dict[str, int]:
-    cfg = config.get_text_config(decoder=True)
-    heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return dict(
-        layers=cfg.num_hidden_layers,
-        kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
-        heads=heads,
-        head_dim=head_dim,
-        hidden=cfg.hidden_size,
-        intermediate=getattr(cfg, "intermediate_size", 4 * cfg.hidden_size),
-        vocab=cfg.vocab_size,
-    )
-
-
 def estimate_weights_bytes(config, dtype_bytes: int) -> int:
-    s = _shape(config)
-    per_layer = 4 * s["hidden"] * s["heads"] * s["head_dim"] + 3 * s["hidden"] * s["intermediate"]
-    embed = s["vocab"] * s["hidden"] * (1 if getattr(config, "tie_word_embeddings", True) else 2)
-    return int((s["layers"] * per_layer + embed) * dtype_bytes)
+    s = text_shape(config)
+    per_layer = 4 * s.hidden * s.heads * s.head_dim + 3 * s.hidden * s.intermediate
+    embed = s.vocab * s.hidden * (1 if getattr(config, "tie_word_embeddings", True) else 2)
+    return int((s.layers * per_layer + embed) * dtype_bytes)
 
 
 def plan_memory(
@@ -169,14 +154,14 @@ def plan_memory(
 
     if isinstance(method, str):
         method = get_method(method, budget=budget)
-    s = _shape(config)
+    s = text_shape(config)
     on_accel = device.startswith("cuda")
     ctx = KVContext.of(config, context, max_new_tokens, dtype_bytes, on_accel)
     kv = method.kv_plan(ctx)
     chunk = prefill_chunk_size or context
     # Hidden states, q/k/v and the MLP's intermediate activations of one chunk; attention itself
     # runs tiled (flash / CPU flash kernels) and only the last position's logits are computed.
-    act_elems = chunk * (6 * s["hidden"] + 3 * s["intermediate"]) + 2 * s["vocab"]
+    act_elems = chunk * (6 * s.hidden + 3 * s.intermediate) + 2 * s.vocab
     activation = int(act_elems * dtype_bytes)
     weights = weights_bytes if weights_bytes is not None else estimate_weights_bytes(config, dtype_bytes)
     dev_kv, host_kv = kv.device_kv_bytes, kv.host_kv_bytes

@@ -62,10 +62,14 @@ class OmniKV(Method):
         if self.preset is not None:
             self.base, self.made_for = resolve_preset(self.preset)
         self.overrides = {k: v for k, v in self.overrides.items() if v is not None}
-        if self.budget is not None:
-            self.overrides["budget"] = self.budget
         if self.base is not None:  # validate the overrides early
-            self.base = self.base.replace(**self.overrides)
+            self.base = self._configured(self.base)
+
+    def _configured(self, config: OmniKVConfig) -> OmniKVConfig:
+        """`config` with the user's overrides and budget (the budget as the checked `Budget`)."""
+        if self.budget_rule is not None:
+            return config.replace(budget=self.budget_rule, **self.overrides)
+        return config.replace(**self.overrides)
 
     def config_for(self, model, *, warn: bool = True) -> OmniKVConfig:
         """The config this method runs on `model` (a model or its config); an unsupported
@@ -81,7 +85,7 @@ class OmniKV(Method):
             return self.base
         from omnikv.algorithm.presets import preset_for_model
 
-        return preset_for_model(model, warn=warn).replace(**self.overrides)
+        return self._configured(preset_for_model(model, warn=warn))
 
     supports_static = True
 
@@ -97,7 +101,8 @@ class OmniKV(Method):
         if cfg is not None:
             d.update(cfg.to_dict())
         else:
-            d.update({"preset": "per model", **self.overrides})
+            budget = {} if self.budget is None else {"budget": self.budget}
+            d.update({"preset": "per model", **self.overrides, **budget})
         if self.static:
             d.update(static=True, compile=self.compile)
         return d

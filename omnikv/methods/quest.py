@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from omnikv.hf.compat import sdpa_attention_forward
 from omnikv.budget import Budget
-from omnikv.hf.cache import ManagedCache, check_supported, text_config
+from omnikv.hf.cache import ManagedCache, check_supported
+from omnikv.hf.compat import sdpa_attention_forward, text_config
 from omnikv.hf.layers import DenseLayer, make_sliding_layer
 from omnikv.methods import register
 from omnikv.methods.base import DEFAULT_BUDGET, Method, check_int
@@ -83,7 +83,10 @@ def page_scores(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, pag
 class QuestLayer(DenseLayer):
     """All rows kept (preallocated); a decode step reads the top pages + the generated rows."""
 
-    def __init__(self, budget: int | float, page_size: int) -> None:
+    supports_static = False  # the pages read change from step to step
+
+    def __init__(self, budget: Budget, page_size: int) -> None:
+        """budget: the method's checked budget (`Method.budget_rule`)."""
         super().__init__()
         self.budget = budget
         self.page_size = page_size
@@ -113,7 +116,7 @@ class QuestLayer(DenseLayer):
             valid = None if attention_mask is None else attention_mask[:, 0, -1, :t]
             self.bounds = page_bounds(key[:, :, :t], valid, self.page_size)
             pages = self.bounds[2].shape[-1]
-            self.num_pages = min(pages, math.ceil(Budget(self.budget).tokens(t, clip=False) / self.page_size))
+            self.num_pages = min(pages, math.ceil(self.budget.tokens(t, clip=False) / self.page_size))
         kmin, kmax, page_ok, start = self.bounds
         scores = page_scores(query, kmin, kmax, page_ok)
         top = torch.topk(scores, self.num_pages, dim=-1, sorted=False).indices.sort(dim=-1).values
@@ -133,17 +136,21 @@ class QuestLayer(DenseLayer):
         self.last_attended = min(p * self.page_size, t) + (self.seq_length - t)
         return sdpa_attention_forward(module, query, k_sel, v_sel, mask, **kwargs)
 
+    def _page_bytes(self) -> int:
+        """The per-page min / max keys."""
+        return 0 if self.bounds is None else sum(x.numel() * x.element_size() for x in self.bounds[:2])
+
     def device_bytes(self) -> int:
-        meta = 0
-        if self.bounds is not None:
-            meta = sum(x.numel() * x.element_size() for x in self.bounds[:2])
-        return super().device_bytes() + meta
+        return super().device_bytes() + self._page_bytes()
+
+    def allocated_device_bytes(self) -> int:
+        return super().allocated_device_bytes() + self._page_bytes()
 
 
 class QuestCache(ManagedCache):
     method_name = "quest"
 
-    def __init__(self, model: torch.nn.Module, budget: int | float, page_size: int, dense_layers: int) -> None:
+    def __init__(self, model: torch.nn.Module, budget: Budget, page_size: int, dense_layers: int) -> None:
         types = check_supported(model, "quest")
         cfg = text_config(model)
         layers = []
@@ -154,7 +161,7 @@ class QuestCache(ManagedCache):
                 layers.append(DenseLayer())
             else:
                 layers.append(QuestLayer(budget, page_size))
-        self.budget = budget
+        self.budget = budget.value
         self.page_size = page_size
         super().__init__(model, layers)
 
@@ -194,7 +201,7 @@ class Quest(Method):
         return KVPlan(ctx.full_kv_bytes + meta, 0, ["drop-free on the device: all KV + page metadata"])
 
     def make_cache(self, model) -> QuestCache:
-        return QuestCache(model, self.budget, self.page_size, self.dense_layers)
+        return QuestCache(model, self.budget_rule, self.page_size, self.dense_layers)
 
     def describe(self) -> dict[str, Any]:
         return {

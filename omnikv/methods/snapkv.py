@@ -24,8 +24,9 @@ import torch.nn.functional as F
 
 from omnikv.hf.attention import attention_probs, scaling_of
 from omnikv.errors import ConfigError
+from omnikv.budget import Budget
 from omnikv.methods import register
-from omnikv.methods._lossy import LossyCache, LossyLayer, LossyMethod
+from omnikv.methods.lossy import LossyCache, LossyLayer, LossyMethod
 from omnikv.methods.base import check_int
 from omnikv.methods.memory import KVContext
 from omnikv.algorithm.selection import select_topk
@@ -80,7 +81,7 @@ class SnapKVLayer(LossyLayer):
     per_head = True
 
     def __init__(
-        self, budget: int | float, window_size: int, kernel_size: int, pooling: str, head_reduce: str
+        self, budget: Budget, window_size: int, kernel_size: int, pooling: str, head_reduce: str
     ) -> None:
         super().__init__(budget)
         self.window_size = window_size
@@ -88,6 +89,9 @@ class SnapKVLayer(LossyLayer):
         self.pooling = pooling
         self.head_reduce = head_reduce
         self.window: torch.Tensor | None = None  # (B, Hq, <=W, D) newest prompt queries
+
+    def prefill_window(self) -> int:
+        return self.window_size
 
     def update(self, key_states, value_states, *args, **kwargs):
         if self.decoding and key_states.shape[-2] > 1:
@@ -146,7 +150,7 @@ class SnapKV(LossyMethod):
 
     def make_cache(self, model) -> LossyCache:
         def layer() -> SnapKVLayer:
-            return SnapKVLayer(self.budget, self.window_size, self.kernel_size, self.pooling, self.head_reduce)
+            return SnapKVLayer(self.budget_rule, self.window_size, self.kernel_size, self.pooling, self.head_reduce)
 
         return LossyCache(model, self.name, layer, self.budget)
 

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from omnikv.errors import ConfigError
+from omnikv.budget import Budget
 from omnikv.methods import register
-from omnikv.methods._lossy import LossyCache, LossyLayer, LossyMethod
+from omnikv.methods.lossy import LossyCache, LossyLayer, LossyMethod
 from omnikv.methods.base import check_int
 from omnikv.methods.rows import first_real
 from omnikv.algorithm.selection import select_topk
@@ -31,7 +32,7 @@ class StreamingLayer(LossyLayer):
 
     per_head = False
 
-    def __init__(self, budget: int | float, sink_tokens: int) -> None:
+    def __init__(self, budget: Budget, sink_tokens: int) -> None:
         super().__init__(budget)
         self.sink_tokens = sink_tokens
         self.pad: torch.Tensor | None = None  # (B, 1) left-padding length per sequence
@@ -86,7 +87,7 @@ class StreamingLLM(LossyMethod):
             )
 
     def make_cache(self, model) -> LossyCache:
-        return LossyCache(model, self.name, lambda: StreamingLayer(self.budget, self.sink_tokens), self.budget)
+        return LossyCache(model, self.name, lambda: StreamingLayer(self.budget_rule, self.sink_tokens), self.budget)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -48,7 +48,9 @@ class LoadedModel:
 
     @property
     def model_type(self) -> str:
-        return str(self.model.config.get_text_config().model_type)
+        from omnikv.hf.compat import text_config
+
+        return str(text_config(self.model).model_type)
 
 
 @dataclass(frozen=True)
@@ -279,14 +281,16 @@ def _load_dir(path: Path, name: str, dtype: torch.dtype, device: torch.device,
         except Exception as exc:
             raise ModelLoadError(f"cannot load the tokenizer in {path}: {exc}; {hint}") from exc
     model = model.to(device).eval()
-    text_config = model.config.get_text_config()
+    from omnikv.hf.compat import text_config
+
+    text = text_config(model)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
         name=name,
         source=str(path),
         has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
-        max_context=int(getattr(text_config, "max_position_embeddings", 0) or 0),
+        max_context=int(getattr(text, "max_position_embeddings", 0) or 0),
     )
 
 

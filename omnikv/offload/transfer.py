@@ -1,7 +1,8 @@
 """Every copy, stream and event of the Context Bank goes through one `Transfer` object.
 
-Three implementations share the interface, so the ordering logic of the bank (omnikv/offload/bank.py) is
-the same code on every machine:
+Three implementations share the interface, so the ordering logic of a segment (the prompt writer,
+omnikv/offload/prompt.py, and the gather strategies, omnikv/offload/gathers.py) is the same code on
+every machine:
 
 * `InlineTransfer` - bank and working buffer on one device (a CPU run, or offload switched off):
   no streams, copies run at once, nothing to wait for.

@@ -19,7 +19,7 @@ import json
 import os
 from typing import Any
 
-from omnikv.config import OmniKVConfig
+from omnikv.config import QUERY_SELECTORS, OmniKVConfig
 from omnikv.errors import ConfigError
 from omnikv.algorithm.roles import LayerPlan, plan_layers
 
@@ -28,7 +28,7 @@ CONFIG_ENV = "OMNIKV_VLLM_CONFIG"
 
 # What this backend implements; the others need per-request state across steps (query windows)
 # or per-head index sets the sparse kernel does not take yet. Rejected up front, never ignored.
-SUPPORTED_SELECTORS = ("last", "softmax_last")
+SUPPORTED_SELECTORS = QUERY_SELECTORS
 
 
 def enabled(environ: dict[str, str] | None = None) -> bool:

@@ -27,16 +27,16 @@ from typing import Any, Callable
 
 import torch
 
-from omnikv.hf.compat import sdpa_attention_forward
+from omnikv.algorithm.selection import gather_rows
 from omnikv.budget import Budget
-from omnikv.hf.buffers import grown_capacity
-from omnikv.hf.cache import ManagedCache, check_supported, text_config
 from omnikv.errors import ConfigError
+from omnikv.hf.buffers import grown_capacity, kv_bytes
+from omnikv.hf.cache import ManagedCache, check_supported
+from omnikv.hf.compat import sdpa_attention_forward, text_config
 from omnikv.hf.layers import ManagedLayer, make_sliding_layer
 from omnikv.methods.base import DEFAULT_BUDGET, Method
 from omnikv.methods.memory import GiB, KVContext, KVPlan
 from omnikv.methods.rows import subset_mask
-from omnikv.algorithm.selection import gather_rows
 
 HEADROOM = 64  # spare rows after a compaction or growth (decode appends; buffers.grown_capacity)
 
@@ -141,10 +141,11 @@ class KeptStore:
         self.n = k
 
     def used_bytes(self) -> int:
-        if self.keys is None:
-            return 0
-        row = self.keys[:, :, :1].numel() * self.keys.element_size()
-        return 2 * row * self.live
+        return 0 if self.keys is None else kv_bytes(self.keys, self.live)
+
+    def allocated_bytes(self) -> int:
+        """Keys, values and the slots' positions, at capacity."""
+        return 0 if self.keys is None else kv_bytes(self.keys) + self.pos.numel() * self.pos.element_size()
 
 
 class LossyLayer(ManagedLayer):
@@ -152,7 +153,8 @@ class LossyLayer(ManagedLayer):
 
     per_head = False  # one kept set per KV head (True) or per sequence (False)
 
-    def __init__(self, budget: int | float) -> None:
+    def __init__(self, budget: Budget) -> None:
+        """budget: the method's checked budget (`Method.budget_rule`)."""
         super().__init__()
         self.budget = budget
         self.store = KeptStore(self.per_head)
@@ -182,21 +184,8 @@ class LossyLayer(ManagedLayer):
         keys, values, _ = self.store.view()
         return keys, values
 
-    @property
-    def keys(self):  # transformers reads `.keys` in a few helpers (batch size, device)
-        return None if self.store.keys is None else self.store.view()[0]
-
-    @keys.setter
-    def keys(self, value):  # CacheLayerMixin.__init__ assigns None
-        pass
-
-    @property
-    def values(self):
-        return None if self.store.values is None else self.store.view()[1]
-
-    @values.setter
-    def values(self, value):
-        pass
+    def kv_view(self):
+        return None if self.store.keys is None else self.store.view()[:2]
 
     def attend(self, module, query, key, value, attention_mask, **kwargs):
         if not self.decoding:
@@ -212,7 +201,7 @@ class LossyLayer(ManagedLayer):
         valid = None if attention_mask is None else attention_mask[:, 0, -1, :]
         if self.compact_due:
             self.compact_due = False
-            self.kept_budget = Budget(self.budget).tokens(self.prompt_len, clip=False)
+            self.kept_budget = self.budget.tokens(self.prompt_len, clip=False)
             before = self.store.live - 1  # rows before the new token
             self.compact(valid, module, **kwargs)
             self.evicted += before - (self.store.live - 1)
@@ -250,6 +239,9 @@ class LossyLayer(ManagedLayer):
     def device_bytes(self) -> int:
         return self.store.used_bytes()
 
+    def allocated_device_bytes(self) -> int:
+        return self.store.allocated_bytes()
+
     def kept_positions(self) -> torch.Tensor | None:
         """(B, G, kept) logical positions this layer keeps (sorted), or None before any token."""
         return None if self.store.keys is None else self.store.live_positions()
@@ -265,7 +257,7 @@ class LossyMethod(Method):
     def kept_tokens(self, ctx: KVContext) -> int:
         """Rows a budgeted layer keeps after the first decode step (StreamingLLM and H2O keep
         `budget` rows of prompt and generated tokens)."""
-        return min(Budget(self.budget).tokens(ctx.context, clip=False), ctx.context)
+        return min(self.budget_rule.tokens(ctx.context, clip=False), ctx.context)
 
     def kv_plan(self, ctx: KVContext) -> KVPlan:
         # Prefill is full attention and these caches evict at the first decode step, so the peak

@@ -1,0 +1,267 @@
+"""How the selected rows reach the working buffer: one strategy object per gather, chosen in one
+place (`choose_gather`).
+
+| strategy | when | what moves |
+|---|---|---|
+| `InlineGather` | bank and working buffer on one device (CPU, or offload off) | nothing crosses a link; a partial reload when at most half the rows changed (CPU) |
+| `DeviceGather` | offload, the device reads mapped host memory (`Transfer.gather == "device_gather"`) | all k rows per load, read by a device kernel on the side stream; no host sync |
+| `HostGather` | offload, host memory cannot be mapped (`"host_gather"`) | the changed rows, gathered on the host into pinned staging; one counted sync per load (the indices) |
+| `StaticGather` | a static decode run (omnikv/hf/static.py) | all k rows per step, on the compute stream, tensor operations only |
+
+A strategy's `load(bank, work, idx, prev)` makes the first k rows of `work` hold bank rows `idx`
+(B, G, k), sets `work.indices` (the positions in slot order) and `work.ready` (the event after
+which they have landed), and returns what it moved (`Load`). A strategy never touches the bank's
+prompt rows or the generated rows. See docs/internals.md, "A new transfer strategy".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
+
+import torch
+
+from omnikv.errors import ConfigError
+from omnikv.hf.static import mark_static
+from omnikv.offload.bank import PackedBank, StaticWork, WorkBuffer
+from omnikv.offload.delta import selection_delta
+from omnikv.offload.transfer import Transfer
+
+
+STATIC_NEEDS_DEVICE_GATHER = (
+    "static / compile decoding gathers on the device; the host_gather transfer reads the indices on "
+    "the host every step (or this device cannot map host memory). Use transfer='cuda_device_gather' "
+    "(or 'simulated')"
+)
+
+
+class Load(NamedTuple):
+    h2d_bytes: int  # bytes this load moved host->device (0 without a link)
+    partial: bool  # only the changed rows were moved (a partial reload)
+
+
+class Gather(Protocol):
+    """What `Segment.load` calls (see the module docstring)."""
+
+    kind: str
+
+    def load(self, bank: PackedBank, work: WorkBuffer, idx: torch.Tensor, prev: torch.Tensor | None) -> Load:
+        ...
+
+
+@dataclass
+class GatherContext:
+    """What every strategy of one segment shares."""
+
+    transfer: Transfer
+    device: torch.device  # the compute device (where `work` lives)
+    stream: Any  # the segment's side stream (None without a link)
+    partial_reload: bool  # OmniKVConfig.partial_reload
+
+
+class InlineGather:
+    """Bank and working buffer on one device: gather in place."""
+
+    kind = "inline"
+
+    def __init__(self, ctx: GatherContext) -> None:
+        self.ctx = ctx
+
+    def load(self, bank: PackedBank, work: WorkBuffer, idx: torch.Tensor, prev: torch.Tensor | None) -> Load:
+        """A partial reload moves its rows twice (gather, then scatter), so it is used only when
+        at most half of the rows changed, and not on a GPU, where sizing it reads a count back to
+        the host."""
+        data, dst = bank.data[: bank.length], work.selection()
+        if prev is not None and self.ctx.partial_reload and dst.device.type == "cpu":
+            slots, tokens = selection_delta(prev, idx, bank.length)
+            m = tokens.shape[-1]
+            if m < idx.shape[-1] and 2 * m <= idx.shape[-1]:
+                work.indices = prev.scatter(-1, slots, tokens)
+                if m:
+                    scatter_rows(dst, slots, to_work_layout(gather_packed(data, tokens)))
+                return Load(0, True)
+        work.indices = idx
+        gather_into(data, idx, dst)
+        return Load(0, False)
+
+
+class DeviceGather:
+    """Offload, device_gather: the GPU reads the selected rows straight from the mapped host bank
+    with device indices, on the side stream; nothing waits on the host. Each selected token is one
+    contiguous read of L * 2 * H * D elements; a device copy then lays the rows out per layer.
+    Every load moves all k rows: sizing a partial reload would need the count of changed rows on
+    the host (a sync)."""
+
+    kind = "device_gather"
+
+    def __init__(self, ctx: GatherContext) -> None:
+        self.ctx = ctx
+
+    def load(self, bank: PackedBank, work: WorkBuffer, idx: torch.Tensor, prev: torch.Tensor | None) -> Load:
+        t, device, stream = self.ctx.transfer, self.ctx.device, self.ctx.stream
+        src, dst = bank.gather_source(device)[: bank.length], work.selection()
+        t.after_compute(stream, device)  # the indices (and bank writes) are ready
+
+        def gather():
+            dst.copy_(to_work_layout(gather_packed(src, idx)))
+
+        t.launch(stream, gather, writes=(dst,))
+        t.keep_alive(idx, stream)
+        work.indices = idx
+        nbytes = idx.shape[0] * idx.shape[-1] * bank.token_bytes()
+        t.count(h2d=nbytes)
+        work.ready = t.record(stream, device)
+        return Load(nbytes, False)
+
+
+class HostGather:
+    """Offload, host_gather: the indices come to the host (one counted sync), the host gathers the
+    rows that changed into page-locked staging, one contiguous copy moves them and the side stream
+    scatters them into their slots."""
+
+    kind = "host_gather"
+
+    def __init__(self, ctx: GatherContext) -> None:
+        self.ctx = ctx
+        self.host_indices: torch.Tensor | None = None  # `work.indices` on the host
+        self.staging: torch.Tensor | None = None  # page-locked, sized for a full load
+
+    def load(self, bank: PackedBank, work: WorkBuffer, idx: torch.Tensor, prev: torch.Tensor | None) -> Load:
+        t, device, stream = self.ctx.transfer, self.ctx.device, self.ctx.stream
+        t.host_wait(bank.written, "host gather: prompt rows still arriving in the bank")
+        host_idx = t.to_host(idx, "host gather: selected indices to the host")
+        host_prev = self.host_indices if prev is not None else None
+        slots, tokens = None, host_idx
+        if host_prev is not None and self.ctx.partial_reload:
+            s, tok = selection_delta(host_prev, host_idx, bank.length)
+            if tok.shape[-1] < host_idx.shape[-1]:
+                slots, tokens = s, tok
+        self.host_indices = host_idx if slots is None else host_prev.scatter(-1, slots, tokens)
+        work.indices = self.host_indices.to(device, non_blocking=True)
+        m = tokens.shape[-1]
+        if m == 0:
+            return Load(0, slots is not None)
+        t.host_wait(work.ready, "host gather: staging still being copied")  # staging is reused
+        rows = self._staging(bank, m, work.k)
+        rows.copy_(gather_packed(bank.data[: bank.length], tokens))
+        landed = torch.empty(rows.shape, dtype=rows.dtype, device=device)
+        t.after_compute(stream, device)
+        t.copy(stream, landed, rows)
+        dev_slots = None if slots is None else slots.to(device, non_blocking=True)
+        dst = work.selection()
+
+        def place():
+            if dev_slots is None:
+                dst.copy_(to_work_layout(landed))
+            else:
+                scatter_rows(dst, dev_slots, to_work_layout(landed))
+
+        t.launch(stream, place, writes=(dst,) if slots is None else ())
+        t.keep_alive(landed, stream)
+        work.ready = t.record(stream, device)
+        return Load(rows.numel() * rows.element_size(), slots is not None)
+
+    def _staging(self, bank: PackedBank, m: int, k: int) -> torch.Tensor:
+        """Page-locked (M, B, L, 2, H, D) rows, the front of one buffer sized for a full load of
+        the working buffer's k rows."""
+        _, b, lsz, _, h, d = bank.data.shape
+        row = b * lsz * 2 * h * d
+        if self.staging is None or self.staging.numel() < m * row:
+            self.staging = self.ctx.transfer.host_empty((max(m, k) * row,), bank.data.dtype, torch.device("cpu"))
+        return self.staging[: m * row].view(m, b, lsz, 2, h, d)
+
+
+class StaticGather:
+    """A static decode run: a full gather of k rows into `StaticWork` every step, on the compute
+    stream, as tensor operations only (no partial reload: sizing one reads a count on the host).
+    The bank rows it reads are fixed when the run begins (`begin`)."""
+
+    kind = "static"
+
+    def __init__(self, ctx: GatherContext) -> None:
+        self.ctx = ctx
+        self.source: torch.Tensor | None = None  # (prompt length, B, L, 2, H, D) the bank as read
+        self.link = False
+        self.step_bytes = 0  # what one step's gather reads across the link (counted outside the step)
+
+    def begin(self, bank: PackedBank, work: StaticWork, link: bool) -> None:
+        """Outside compiled code, before the first step of a run (the bank's rows complete on the
+        compute stream): the rows it gathers from are fixed."""
+        src = bank.gather_source(self.ctx.device) if link else bank.data
+        self.source = src[: bank.length]
+        self.link = link
+        # k rows of every sequence of the batch cross the link at every step
+        self.step_bytes = work.data.shape[2] * work.k * bank.token_bytes() if link else 0
+        mark_static(self.ctx.device, self.source)
+
+    def load(self, bank: PackedBank, work: StaticWork, idx: torch.Tensor, prev: torch.Tensor | None) -> Load:
+        b, g, _ = idx.shape
+        if self.link or b > 1 or g > 1:  # whole-token reads (across the link), then per layer
+            rows = to_work_layout(gather_packed(self.source, idx))
+        else:  # `gather_into`'s one pass, without `out=` (dynamo cannot trace a strided out=)
+            rows = self.source.permute(2, 3, 1, 4, 0, 5).index_select(4, idx[0, 0])
+        work.write_selection(rows)
+        work.indices = idx
+        return Load(0, False)  # counted outside the compiled step: `step_bytes`
+
+
+GATHERS: dict[str, type[Gather]] = {g.kind: g for g in (InlineGather, DeviceGather, HostGather, StaticGather)}
+
+
+def choose_gather(transfer: Transfer, bank: PackedBank, device: torch.device, *, link: bool, static: bool) -> str:
+    """The one place a gather strategy is chosen: the kind (a key of `GATHERS`) for a segment
+    whose bank is `bank`. With a link, asking the bank for its gather source settles the transfer's
+    strategy first (a CUDA driver that cannot map host memory switches it to the host gather)."""
+    if not link:
+        return StaticGather.kind if static else InlineGather.kind
+    if static and transfer.gather == HostGather.kind:
+        raise ConfigError(STATIC_NEEDS_DEVICE_GATHER)
+    bank.gather_source(device)
+    if transfer.gather == HostGather.kind:
+        if static:  # the mapping failed just now
+            raise ConfigError(STATIC_NEEDS_DEVICE_GATHER)
+        return HostGather.kind
+    return StaticGather.kind if static else DeviceGather.kind
+
+
+# -- gathers over the token-major layout ------------------------------------------------------------
+def gather_packed(data: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Bank rows (T, B, L, 2, H, D) at positions idx (B, G, k) -> (k, B, L, 2, H, D), contiguous.
+
+    G = 1: one index_select of whole token blocks over the bank viewed as (T * B, ...). G = H
+    (`per_kv_head`): each head its own positions."""
+    b, g, k = idx.shape
+    if g == 1:
+        flat = (idx[:, 0, :] * data.shape[1] + torch.arange(b, device=idx.device)[:, None]).t().reshape(-1)
+        return data.flatten(0, 1).index_select(0, flat).view(k, b, *data.shape[2:])
+    bi = torch.arange(b, device=idx.device).view(b, 1, 1)
+    hi = torch.arange(g, device=idx.device).view(1, g, 1)
+    out = data[idx, bi, :, :, hi, :]  # (B, H, k, L, 2, D)
+    return out.permute(2, 0, 3, 4, 1, 5).contiguous()
+
+
+def to_work_layout(rows: torch.Tensor) -> torch.Tensor:
+    """(M, B, L, 2, H, D) -> (L, 2, B, H, M, D), a view."""
+    return rows.permute(2, 3, 1, 4, 0, 5)
+
+
+def gather_into(data: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> None:
+    """out (L, 2, B, H, k, D) <- bank `data` (T, B, L, 2, H, D) rows idx (B, G, k)."""
+    b, g, k = idx.shape
+    if b == 1 and g == 1:
+        # One pass: index_select over the token axis of the layer-major view of the bank, written
+        # in place (on one device there is no link to favour whole-token reads).
+        torch.index_select(data.permute(2, 3, 1, 4, 0, 5), 4, idx[0, 0], out=out)
+        return
+    out.copy_(to_work_layout(gather_packed(data, idx)))
+
+
+def scatter_rows(dst: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """dst (L, 2, B, H, k, D)[..., slots, :] <- rows (L, 2, B, H, M, D); slots (B, G, M)."""
+    b, g, m = slots.shape
+    if b == 1 and g == 1:
+        dst.index_copy_(dst.dim() - 2, slots[0, 0], rows)
+        return
+    lsz, two, _, h, _, d = rows.shape
+    index = slots.view(1, 1, b, g, m, 1).expand(lsz, two, b, h, m, d)
+    dst.scatter_(dst.dim() - 2, index, rows)
