@@ -104,7 +104,7 @@ API_ERRORS: list[tuple[str, Callable[..., Any], type[Exception], str]] = [
     ("unknown omnikv option", lambda m, t, o: get_method("omnikv", filter_layer=(1,)), ConfigError, "unknown omnikv options"),
     ("filter layer = num layers", lambda m, t, o: OmniKVCache(m, SPARSE.replace(filter_layers=(4,))), ConfigError, "valid indices 0..3"),
     ("filter layer 10**9", lambda m, t, o: OmniKVCache(m, SPARSE.replace(filter_layers=(10**9,))), ConfigError, "has 4 layers"),
-    ("negative filter layer", lambda m, t, o: SPARSE.replace(filter_layers=(-1,)), ConfigError, "non-negative"),
+    ("negative filter layer", lambda m, t, o: SPARSE.replace(filter_layers=(-1,)), ConfigError, "filter_layers entries must be an int >= 0"),
     ("no filter layer", lambda m, t, o: SPARSE.replace(filter_layers=()), ConfigError, "empty"),
     ("unsorted filter layers", lambda m, t, o: SPARSE.replace(filter_layers=(2, 1)), ConfigError, "sorted"),
     ("filter layers as an int", lambda m, t, o: SPARSE.replace(filter_layers=2), ConfigError, "tuple"),
