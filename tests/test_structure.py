@@ -130,10 +130,11 @@ def test_method_capabilities_are_declared_by_the_methods():
     assert caps == {
         "full": (False, False, False), "full_offload": (False, False, False), "full_prealloc": (False, False, False),
         "omnikv": (True, False, False), "quest": (True, False, False), "streaming_llm": (True, False, True),
-        "h2o": (True, True, True), "snapkv": (True, True, True),
+        "h2o": (True, True, True), "snapkv": (True, True, True), "infllm": (True, True, False),
+        "tidaldecode": (True, False, False),
     }
     assert methods_taking("filter_layers") == ["omnikv"]
-    assert methods_taking("sink_tokens") == ["h2o", "omnikv", "streaming_llm"]
+    assert methods_taking("sink_tokens") == ["h2o", "infllm", "omnikv", "streaming_llm"]
 
 
 def test_the_registry_finds_every_method_module():
@@ -301,7 +302,7 @@ def test_cli_refuses_flags_a_method_does_not_take():
     import argparse
 
     args = argparse.Namespace(method="full", budget=None, sink_tokens=4)
-    with pytest.raises(ConfigError, match="--sink-tokens configure the h2o, omnikv, streaming_llm methods only"):
+    with pytest.raises(ConfigError, match="--sink-tokens configure the h2o, infllm, omnikv, streaming_llm methods only"):
         common.build_method(args)
     args = argparse.Namespace(method="omnikv", budget=64, preset="gemma3-270m")
     with warnings.catch_warnings():
