@@ -279,6 +279,11 @@ def test_each_method_plans_its_own_kv():
     assert kv("quest", page_size=32, dense_layers=4)[0] == full + 2 * 2 * (row // 2) * -(-(ctx + new) // 32)
     for name in ("streaming_llm", "h2o", "snapkv"):
         assert kv(name, budget=100) == (full, 0)  # the peak: the whole prompt before the first decode step
+    # InfLLM: every row + one representative key row per 16-token block of the prompt, every layer
+    assert kv("infllm", budget=100) == (full + 6 * (row // 2) * -(-ctx // 16), 0)
+    # TidalDecode (default selection layers 2 and 4 of 6): every row + the working buffer (100
+    # selected + 24 generated rows) of the 2 sparse layers, 3 and 5
+    assert kv("tidaldecode", budget=100) == (full + 2 * row * (100 + new), 0)
     notes = memory.plan_memory(cfg, ctx, get_method("snapkv", budget=100), max_new_tokens=new).notes
     steady = row // 2 * 6 * (100 + new) * 2  # fp32 plan: 4 bytes
     assert f"{steady / memory.GiB:.3f} GiB" in notes[0]

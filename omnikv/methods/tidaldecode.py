@@ -100,9 +100,11 @@ class TidalDecode(Method):
         return cache
 
     def kv_plan(self, ctx: KVContext) -> KVPlan:
-        """Drop-free on the device: every row of every layer (the sparse layers gather theirs)."""
-        layers = self.selection_config(ctx.config).filter_layers
-        return KVPlan(ctx.full_kv_bytes, 0, [f"drop-free on the device: all KV; selection layers {list(layers)}"])
+        """OmniKV's plan of the same configuration: every row on the device, plus each sparse
+        layer's working buffer of the selected rows + the generated ones."""
+        from omnikv.methods.omnikv import OmniKV
+
+        return OmniKV(config=self.selection_config(ctx.config)).kv_plan(ctx)
 
     def describe(self) -> dict[str, Any]:
         layers = self.selection_layers or getattr(self, "last_layers", None)
@@ -113,7 +115,7 @@ class TidalDecode(Method):
             "selection_layers": list(layers) if layers else "first full-attention layer >= 2 + one near 13/32 depth",
             "budgeted_layers": "full-attention layers after the first selection layer, except the selection layers",
             "attended": "budget prompt tokens per KV head (top q.K at the selection layer) + every generated token",
-            "device_kv": "every row (drop-free, no offload)",
+            "device_kv": "every row (drop-free, no offload) + each sparse layer's buffer of its selected rows",
         }
 
     def summarize(self, stats: dict[str, Any], config: dict[str, Any]) -> str:
