@@ -181,3 +181,90 @@ class ReferenceOmniKV:
             return torch.stack(rows)
         finally:
             self.model.set_attn_implementation(prev)
+
+
+# --------------------------------------------------------------------------- H2O
+class ReferenceH2O:
+    """H2O as its authors' real-drop code runs it (batch 1), over a stock DynamicCache.
+
+    Per layer and KV head: a list of kept positions and their accumulated attention (the softmax
+    weights every query gave them, summed over the query heads of the KV head). End of the prompt:
+    keep the last `recent` prompt tokens and the `budget - recent` heaviest before them. Each decode
+    step: attend over the kept rows + the new token, add the step's weights to the scores (the new
+    token starts with its own), and when more than `budget` rows are kept drop the lightest row
+    outside the last `recent`. Attention as softmax(q.k) . v per head, scores in float64 lists.
+    """
+
+    def __init__(self, model: torch.nn.Module, budget: int, recent: int) -> None:
+        self.model, self.budget, self.recent = model, budget, recent
+        self.kept: dict[int, list[list[int]]] = {}  # layer -> per KV head, kept positions (cache order)
+        self.score: dict[int, list[list[float]]] = {}
+        AttentionInterface.register(REF_NAME, self._attention)
+        AttentionMaskInterface.register(REF_NAME, sdpa_mask)
+
+    @staticmethod
+    def _probs(q: torch.Tensor, keys: torch.Tensor, scaling: float) -> list[float]:
+        logits = [float(q.double() @ k.double()) * scaling for k in keys]
+        m = max(logits)
+        exps = [math.exp(x - m) for x in logits]
+        return [e / sum(exps) for e in exps]
+
+    def _prefill(self, i: int, query, key, scaling: float) -> None:
+        hq, t = query.shape[1], query.shape[2]
+        hk = key.shape[1]
+        g = hq // hk
+        self.kept[i], self.score[i] = [], []
+        for kv in range(hk):
+            col = [0.0] * t
+            for h in range(kv * g, kv * g + g):
+                for p in range(t):  # causal: query p sees keys 0..p
+                    for m, w in enumerate(self._probs(query[0, h, p], key[0, kv, : p + 1], scaling)):
+                        col[m] += w
+            heavy_pool = list(range(max(t - self.recent, 0)))
+            heavy = sorted(heavy_pool, key=lambda m: -col[m])[: max(self.budget - self.recent, 0)]
+            keep = sorted(heavy) + list(range(max(t - self.recent, 0), t))
+            keep = keep[-self.budget :] if len(keep) > self.budget else keep
+            self.kept[i].append(keep)
+            self.score[i].append([col[m] for m in keep])
+
+    def _decode(self, i: int, query, key, value, scaling: float) -> torch.Tensor:
+        hq, hk = query.shape[1], key.shape[1]
+        g = hq // hk
+        new = key.shape[2] - 1
+        out = []
+        for kv in range(hk):
+            rows, score = self.kept[i][kv] + [new], self.score[i][kv] + [0.0]
+            for h in range(kv * g, kv * g + g):
+                w = self._probs(query[0, h, 0], key[0, kv, rows], scaling)
+                out.append((h, torch.tensor(w, dtype=value.dtype) @ value[0, kv, rows]))
+                score = [s + x for s, x in zip(score, w)]
+            if len(rows) > self.budget:  # drop the lightest row outside the recent window
+                pool = range(len(rows) - self.recent)
+                drop = min(pool, key=lambda j: (score[j], j))
+                rows, score = rows[:drop] + rows[drop + 1 :], score[:drop] + score[drop + 1 :]
+            self.kept[i][kv], self.score[i][kv] = rows, score
+        return torch.stack([o for _, o in sorted(out, key=lambda x: x[0])])
+
+    def _attention(self, module, query, key, value, attention_mask, **kwargs):
+        i = module.layer_idx
+        scaling = kwargs.get("scaling") or module.scaling
+        if query.shape[2] > 1:
+            self._prefill(i, query, key, scaling)
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return self._decode(i, query, key, value, scaling)[None, None], None  # (1, 1, Hq, D)
+
+    @torch.inference_mode()
+    def logits(self, prompt: list[int], continuation: list[int]) -> torch.Tensor:
+        """(len(continuation), V): next-token logits after prompt + continuation[:i]."""
+        prev = self.model.config._attn_implementation
+        self.model.set_attn_implementation(REF_NAME)
+        try:
+            cache = DynamicCache(config=self.model.config)
+            out = self.model(torch.tensor([prompt]), use_cache=True, **cache_kwargs(cache))
+            rows = [out.logits[0, -1].float()]
+            for tok in continuation[:-1]:
+                out = self.model(torch.tensor([[tok]]), use_cache=True, **cache_kwargs(cache))
+                rows.append(out.logits[0, -1].float())
+            return torch.stack(rows)
+        finally:
+            self.model.set_attn_implementation(prev)

@@ -1,4 +1,4 @@
-"""Baseline methods (streaming_llm, h2o, snapkv, quest, full_offload) on tiny random models.
+"""Baseline methods (streaming_llm, h2o, snapkv, quest, infllm, tidaldecode, full_offload) on tiny random models.
 
 Invariants per method, equivalence to full attention where the method's definition allows it,
 agreement of `model.generate` and `omnikv.decoding.generation.generate`, batches with left padding (each
@@ -25,7 +25,7 @@ from omnikv.models.tiny import FAMILIES, build_tokenizer, tiny_model
 PROMPT = 40  # prompt tokens
 NEW = 6  # generated tokens (the cache sees NEW - 1 of them)
 LOSSY = ("streaming_llm", "h2o", "snapkv")
-BASELINES = LOSSY + ("quest",)
+BASELINES = LOSSY + ("quest", "infllm", "tidaldecode")
 # tiny models: 2 KV heads x head_dim 16, float32 -> bytes of one row (key + value) of one layer
 ROW_BYTES = 2 * 2 * 16 * 4
 
@@ -114,7 +114,8 @@ def test_bad_options_raise_config_errors(name, options):
 # ---------------------------------------------------------------------------------------------
 # every method: equals full attention when the budget covers everything; both loops agree
 
-FULL_BUDGET = {"streaming_llm": PROMPT + NEW, "h2o": PROMPT + NEW, "snapkv": 1.0, "quest": 1.0}
+FULL_BUDGET = {"streaming_llm": PROMPT + NEW, "h2o": PROMPT + NEW, "snapkv": 1.0, "quest": 1.0, "infllm": 1.0,
+               "tidaldecode": 1.0}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -237,6 +238,32 @@ def test_h2o_never_evicts_sinks_or_recent_and_keeps_exactly_its_budget():
                     assert set(range(seen - recent, seen)) <= rows
                 assert layer.device_bytes() == budget * ROW_BYTES
     assert all(l.evicted == seen - budget for _, l in lossy_layers(cache))
+
+
+@pytest.mark.parametrize("family, budget, recent", [("llama", 16, 8), ("qwen3", 12, 4), ("mistral", 10, 0)])
+def test_h2o_decodes_as_the_authors_real_drop_algorithm(family, budget, recent):
+    """tests/reference.py ReferenceH2O: the authors' real-drop H2O written with lists and loops
+    (heavy + recent = budget per KV head, all prompt queries vote, one eviction per step outside
+    the recent window). Same logits at every step and the same rows kept at the end."""
+    from reference import ReferenceH2O
+
+    model = model_of(family)
+    ids, cont = prompt()[0].tolist(), prompt(10, seed=5)[0].tolist()
+    method = get_method("h2o", budget=budget, recent_tokens=recent)
+    ref = ReferenceH2O(model, budget, recent)
+    expect = ref.logits(ids, cont)
+    sess = Session(model, build_tokenizer(), method)
+    sess.append(torch.tensor([ids]))
+    rows = [sess.feed()]
+    for tok in cont[:-1]:
+        rows.append(sess._forward([tok]))
+    torch.testing.assert_close(torch.stack(rows), expect, atol=1e-4, rtol=0)
+    for i, layer in lossy_layers(sess.cache):
+        kept = layer.kept_positions()[0]
+        for h in range(kept.shape[0]):
+            assert kept[h].tolist() == sorted(ref.kept[i][h])
+    full = teacher_forced_logits(model, ids, cont, "full")
+    assert (expect - full).abs().max() > 1e-3  # evictions happened: the comparison is not vacuous
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,20 +429,22 @@ def test_multi_turn_session_keeps_the_budget(name):
 
 @pytest.mark.parametrize("name, budget, expect", [
     ("streaming_llm", 20, 20), ("h2o", 20, 20), ("snapkv", 20, 20), ("quest", 20, 32), ("quest", 0.5, 32),
+    ("infllm", 20, 20), ("infllm", 0.5, 24), ("tidaldecode", 20, 20), ("tidaldecode", 0.5, 24),
 ])
 def test_first_decode_step_reads_budget_prompt_tokens(name, budget, expect):
     """48-token prompt: every budgeted layer attends to `expect` prompt rows + the new token
-    (Quest: whole pages of 16, ceil(20 / 16) = 2 pages; 0.5 of 48 = 24 tokens -> 2 pages)."""
+    (Quest: whole pages of 16, ceil(20 / 16) = 2 pages; 0.5 of 48 = 24 tokens -> 2 pages;
+    TidalDecode: layers 0, 1 dense and 2 selects, on these 4-layer models)."""
     model = model_of("qwen3")
     cache = get_method(name, budget=budget).make_cache(model)
     with torch.inference_mode():
         model(prompt(48), cache=cache)
         model(torch.tensor([[7]]), cache=cache)
     attended = cache.stats()["attended_tokens_per_layer"]
-    budgeted = attended[2:] if name == "quest" else attended  # Quest: layers 0, 1 dense
-    assert budgeted == [expect + 1] * len(budgeted)
-    if name == "quest":
-        assert attended[:2] == [49, 49]
+    dense = {"quest": 2, "tidaldecode": 3}.get(name, 0)  # Quest: layers 0, 1 dense; TidalDecode: + layer 2
+    budgeted = attended[dense:]
+    assert budgeted and budgeted == [expect + 1] * len(budgeted)
+    assert attended[:dense] == [49] * dense
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,7 +460,7 @@ def test_real_model_equals_full_with_a_covering_budget_and_shrinks_memory_with_a
     ids = lm.tokenizer(text, return_tensors="pt").input_ids
     n = ids.shape[1]
     ref, full_cache = run(lm.model, ids, get_method("full_prealloc"), new=8)
-    covering = {"streaming_llm": n + 8, "h2o": n + 8, "snapkv": 1.0, "quest": 1.0}
+    covering = {"streaming_llm": n + 8, "h2o": n + 8, "snapkv": 1.0, "quest": 1.0, "infllm": 1.0, "tidaldecode": 1.0}
     for name in BASELINES:
         out, _ = run(lm.model, ids, get_method(name, budget=covering[name]), new=8)
         assert out.tolist() == ref.tolist(), name

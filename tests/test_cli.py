@@ -232,6 +232,17 @@ def test_models_lists_presets_and_embedded(capsys):
 # ------------------------------------------------------------------------------------------ errors
 
 
+def test_eval_lists_every_method_with_its_kind_and_options(capsys):
+    from omnikv.methods import available_methods
+
+    assert main(["eval", "--list-methods"]) == 0
+    lines = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()}
+    assert sorted(lines) == available_methods()
+    assert lines["infllm"][0] == lines["tidaldecode"][0] == lines["quest"][0] == "drop-free"
+    assert lines["h2o"][0] == "lossy" and lines["full"][0] == "exact"
+    assert "selection_layers" in lines["tidaldecode"][-1] and "block_size," in lines["infllm"]
+
+
 def test_non_utf8_prompt_file_is_one_line(ckpt, tmp_path):
     f = tmp_path / "latin1.txt"
     f.write_bytes("caf\xe9 au lait".encode("latin-1"))

@@ -34,6 +34,8 @@ SPECS = [
     ("h2o", {"budget": 24}),
     ("streaming_llm", {"budget": 24}),
     ("quest", {"budget": 24, "page_size": 8}),
+    ("infllm", {"budget": 24, "block_size": 4, "repr_window": 16}),
+    ("tidaldecode", {"budget": 24}),
 ]
 
 
@@ -117,5 +119,7 @@ def test_tail_covers_every_observation_window():
     assert prefill_needs(get_method("snapkv", budget=24, window_size=40), model) == (40, False)
     assert prefill_needs(get_method("omnikv", **OMNI, budget=24, recent_tokens=4, selector="exp", window_size=12), model) == (12, False)
     assert prefill_needs(get_method("h2o", budget=24), model) == (1, True)
+    assert prefill_needs(get_method("infllm", budget=24), model) == (1, True)
+    assert prefill_needs(get_method("tidaldecode", budget=24), model) == (1, False)
     tail, queries, _ = plan_shared_prefill([get_method("snapkv", budget=24, window_size=100)], model)
     assert tail == 100 and not queries

@@ -130,10 +130,11 @@ def test_method_capabilities_are_declared_by_the_methods():
     assert caps == {
         "full": (False, False, False), "full_offload": (False, False, False), "full_prealloc": (False, False, False),
         "omnikv": (True, False, False), "quest": (True, False, False), "streaming_llm": (True, False, True),
-        "h2o": (True, True, True), "snapkv": (True, True, True),
+        "h2o": (True, True, True), "snapkv": (True, True, True), "infllm": (True, True, False),
+        "tidaldecode": (True, False, False),
     }
     assert methods_taking("filter_layers") == ["omnikv"]
-    assert methods_taking("sink_tokens") == ["h2o", "omnikv", "streaming_llm"]
+    assert methods_taking("sink_tokens") == ["h2o", "infllm", "omnikv", "streaming_llm"]
 
 
 def test_the_registry_finds_every_method_module():
@@ -278,6 +279,11 @@ def test_each_method_plans_its_own_kv():
     assert kv("quest", page_size=32, dense_layers=4)[0] == full + 2 * 2 * (row // 2) * -(-(ctx + new) // 32)
     for name in ("streaming_llm", "h2o", "snapkv"):
         assert kv(name, budget=100) == (full, 0)  # the peak: the whole prompt before the first decode step
+    # InfLLM: every row + one representative key row per 16-token block of the prompt, every layer
+    assert kv("infllm", budget=100) == (full + 6 * (row // 2) * -(-ctx // 16), 0)
+    # TidalDecode (default selection layers 2 and 4 of 6): every row + the working buffer (100
+    # selected + 24 generated rows) of the 2 sparse layers, 3 and 5
+    assert kv("tidaldecode", budget=100) == (full + 2 * row * (100 + new), 0)
     notes = memory.plan_memory(cfg, ctx, get_method("snapkv", budget=100), max_new_tokens=new).notes
     steady = row // 2 * 6 * (100 + new) * 2  # fp32 plan: 4 bytes
     assert f"{steady / memory.GiB:.3f} GiB" in notes[0]
@@ -301,7 +307,7 @@ def test_cli_refuses_flags_a_method_does_not_take():
     import argparse
 
     args = argparse.Namespace(method="full", budget=None, sink_tokens=4)
-    with pytest.raises(ConfigError, match="--sink-tokens configure the h2o, omnikv, streaming_llm methods only"):
+    with pytest.raises(ConfigError, match="--sink-tokens configure the h2o, infllm, omnikv, streaming_llm methods only"):
         common.build_method(args)
     args = argparse.Namespace(method="omnikv", budget=64, preset="gemma3-270m")
     with warnings.catch_warnings():

@@ -4,6 +4,7 @@
         --samples 5 --budget 0.1 --output runs/eval1 [--shard 0/2] [--resume] [--fidelity] [--perplexity]
     omnikv eval merge runs/shard0 runs/shard1 --output runs/merged
     omnikv eval --list-tasks
+    omnikv eval --list-methods
 """
 
 from __future__ import annotations
@@ -85,7 +86,23 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--merge", nargs="+", metavar="DIR", default=None, help="same as `merge DIR...`")
     p.add_argument("--list-tasks", action="store_true", help="list the built-in tasks and exit")
+    p.add_argument("--list-methods", action="store_true", help="list the methods --methods takes, with their options, and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+COMMON_OPTIONS = frozenset({"budget", "static", "compile", "compile_backend", "compile_mode"})
+
+
+def print_methods() -> None:
+    """One line per registered method: its name, what it keeps (exact / drop-free / lossy) and its
+    own options (every budgeted method also takes budget=)."""
+    from omnikv.methods import available_methods, method_class
+
+    for name in available_methods():
+        cls = method_class(name)
+        kind = "exact" if not cls.takes_budget else "lossy" if cls.lossy else "drop-free"
+        options = sorted(cls.option_names() - COMMON_OPTIONS)
+        print(f"{name:14s} {kind:9s} options: {', '.join(options) or '-'}")
 
 
 def _parse_value(text: str) -> Any:
@@ -113,6 +130,9 @@ def run(args: argparse.Namespace) -> int:
     from omnikv.eval.launch import finish_shard, launcher_rank, start_shard
     from omnikv.eval.runner import EvalConfig, merge_outputs, parse_length, parse_shard, run_eval
 
+    if args.list_methods:
+        print_methods()
+        return 0
     if args.list_tasks:
         from omnikv.eval.loaders import SUITES
         from omnikv.eval.tasks import TASKS
