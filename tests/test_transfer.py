@@ -225,10 +225,7 @@ def test_memory_plan_matches_allocated_bytes(models):
     allocated = cache.stats()["device_kv_allocated_bytes"]  # the full layers' buffers + the working buffers
     assert allocated == full_layers + sum(seg.work.allocated_bytes() for seg in cache.all_segments())
     assert abs(plan.device_kv_bytes - allocated) <= 0.05 * allocated
-    # while the prompt runs the sparse layers' rows are on the device too: the guard plans for it
-    sparse_rows = sum(len(seg.layers) for seg in cache.all_segments()) * prompt
-    row = 2 * model.config.num_key_value_heads * (model.config.hidden_size // model.config.num_attention_heads) * 4
-    assert plan.device_peak_kv_bytes >= full_layers + sparse_rows * row - 0.05 * allocated
+    # the prefill's peak (streamed prefixes, pack buffers): tests/test_offload_prefill.py
 
 
 def test_link_copies_must_be_contiguous():

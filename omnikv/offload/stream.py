@@ -17,8 +17,9 @@ n rows starting at `start`, per sparse layer of the segment:
   layer, one contiguous copy sends the chunk to the bank, and nothing of it stays on the device.
 
 On the device at once: the dense layers' KV, at most two sparse layers' prefixes (the one
-attending, the one arriving) and two chunks of the segment's rows (one being packed, the previous
-one until its copy to the bank is done). The price is host->device bytes
+attending, the one arriving) and one chunk of the segment's rows (the previous chunk's copy to
+the bank is done before the next chunk's first layer takes a pack buffer: its first read waits
+behind it on the side stream). The price is host->device bytes
 of prompt^2 / (2 * chunk) rows per sparse layer; they hide under attention's compute from a chunk
 of about F * H_kv * e / (2 * H_q * BW) tokens (docs/how-it-works.md has the figures).
 """
@@ -69,17 +70,19 @@ class PrefixStream:
         (B, H, start + n, D) each. Starts the next layer's read; after the last layer, the chunk
         goes to the bank."""
         n = key.shape[-2]
-        self._pack(slot, key, value)
-        self.prefetch(slot + 1, start, n)
         if start == 0:
             attended = key, value
         else:
             self.prefetch(slot, start, n)  # not started ahead (a direct call, or a new segment)
             buf, ready = self.fetched.pop(slot)
+            # Waiting first also lets the previous chunk's copy to the bank finish (it was issued
+            # before this read) before a new pack buffer is taken: one pack buffer at a time.
             self.transfer.wait(ready, self.device)
             buf[0, :, :, start:].copy_(key)
             buf[1, :, :, start:].copy_(value)
             attended = buf[0], buf[1]
+        self._pack(slot, key, value)
+        self.prefetch(slot + 1, start, n)
         if slot == self.bank.num_layers - 1:
             self._send(start, start + n)
         return attended
