@@ -10,7 +10,7 @@ import torch
 
 from omnikv.offload.delta import selection_delta_padded
 from omnikv.offload.gathers import gather_packed, to_work_layout
-from omnikv.offload.reload import reload_rows, reload_rows_reference, triton_usable
+from omnikv.offload.reload import reload_op, reload_rows, reload_rows_reference, triton_usable
 
 
 def case(b: int, g: int, seed: int) -> None:
@@ -44,6 +44,9 @@ def case(b: int, g: int, seed: int) -> None:
     row = lsz * 2 * (h if g == 1 else 1) * d * bank.element_size()
     assert int(moved) == int(changed.sum()) * row  # only the changed rows crossed
     assert int(moved_ref) == b * g * k * row  # the torch fallback moves every row
+    via_op, moved_op = work.clone(), torch.zeros(1, dtype=torch.int64)
+    reload_op()(poisoned, via_op, slots, tokens, changed, moved_op)  # the custom op runs the kernel too
+    assert torch.equal(via_op, ref) and int(moved_op) == int(moved)
 
 
 def main() -> int:

@@ -79,3 +79,32 @@ def test_triton_kernel_equals_the_reference_under_the_interpreter():
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "reload kernel == reference: ok" in proc.stdout
+
+
+def test_the_custom_op_compiles_whole_and_equals_the_reference():
+    """`torch.ops.omnikv.reload_rows` inside a step compiled with fullgraph=True (aot_eager): the
+    delta computed on the device and the reload are one graph, with the reference's result."""
+    from omnikv.offload.reload import reload_op
+
+    op = reload_op()
+    t, b, lsz, h, d, k = 30, 1, 2, 2, 4, 8
+    bank = torch.randn(t, b, lsz, 2, h, d)
+    prev, new = selections(b, 1, k, t, seed=5)
+
+    def step(work, moved, prev, new):
+        slots, tokens, changed = selection_delta_padded(prev, new, t)
+        op(bank, work, slots, tokens, changed, moved)
+        return prev.scatter(-1, slots, tokens)
+
+    def fresh():
+        work = torch.zeros(lsz, 2, b, h, k + 2, d)
+        work[..., :k, :] = to_work_layout(gather_packed(bank, prev))
+        return work, torch.zeros(1, dtype=torch.int64)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    (w1, m1), (w2, m2) = fresh(), fresh()
+    held = compiled(w1, m1, prev, new)
+    assert torch.equal(held, step(w2, m2, prev, new))
+    assert torch.equal(w1, w2) and int(m1) == int(m2) > 0
+    assert torch.equal(w1[..., :k, :], to_work_layout(gather_packed(bank, held)))

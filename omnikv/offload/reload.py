@@ -113,3 +113,21 @@ def reload_rows(src: torch.Tensor, dst: torch.Tensor, slots: torch.Tensor, token
         return "triton"
     reload_rows_reference(src, dst, slots, tokens, changed, moved)
     return "torch"
+
+
+@functools.lru_cache(maxsize=1)
+def reload_op() -> Any:
+    """`torch.ops.omnikv.reload_rows`: `reload_rows` as a torch custom op (registered on first
+    use), so that a compiled step (torch.compile, fullgraph, CUDA graphs) calls the kernel as one
+    opaque node that mutates `dst` and `moved` instead of tracing into Triton or breaking the graph."""
+
+    @torch.library.custom_op("omnikv::reload_rows", mutates_args=("dst", "moved"))
+    def _reload(src: torch.Tensor, dst: torch.Tensor, slots: torch.Tensor, tokens: torch.Tensor,
+                changed: torch.Tensor, moved: torch.Tensor) -> None:
+        reload_rows(src, dst, slots, tokens, changed, moved)
+
+    @_reload.register_fake
+    def _(src, dst, slots, tokens, changed, moved) -> None:  # shapes do not change: nothing to infer
+        return None
+
+    return torch.ops.omnikv.reload_rows
