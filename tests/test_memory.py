@@ -62,11 +62,31 @@ def run_cli(*args):
 def test_plan_cli_json_and_errors():
     r = run_cli("plan", "--model", "llama-3-8b", "--context", "128k", "--json")
     assert r.returncode == 0, r.stderr
-    rows = {d["method"]: d for d in json.loads(r.stdout)}
-    assert rows["full"]["device_kv_bytes"] == 32 * 131328 * 2 * 8 * 128 * 2
+    rows = {(d["method"], d["offload"]): d for d in json.loads(r.stdout)}
+    assert rows["full", False]["device_kv_bytes"] == 32 * 131328 * 2 * 8 * 128 * 2
     # the paper's setting: 8 dense of 32 layers + 6.7% on 24 sparse -> ~30% of full on the device
-    assert 0.28 < rows["omnikv"]["device_kv_share_of_full"] < 0.32
-    for bad, msg in ((["--context", "abc"], "not a token count"), (["--context", "0"], "> 0"),
+    assert 0.28 < rows["omnikv", True]["device_kv_share_of_full"] < 0.32
+    assert rows["omnikv", False]["device_kv_share_of_full"] > 1  # offload off: the bank is on the device too
+    for row in rows.values():
+        assert row["prefill_peak_device_bytes"] >= row["weights_bytes"] + row["device_kv_bytes"]
+        assert row["decode_device_bytes"] > row["weights_bytes"]
+        assert row["max_context"] is None and row["fits_label"] == "?"  # no device memory known here
+    for bad, msg in ((["--context", "1k", "--device-memory", "lots"], "bad memory size"),
+                     (["--context", "abc"], "not a token count"), (["--context", "0"], "> 0"),
                      (["--context", "1k", "--methods", "magic"], "unknown methods")):
         r = run_cli("plan", "--model", "llama-3-8b", *bad)
         assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr
+
+
+def test_plan_longest_context_on_80gib_omnikv_offload_fits_3x_full():
+    """The issue's target, from the plan: Llama-3-8B shapes on an 80 GiB device, the longest
+    prompt OmniKV with offload fits (prefill peak included) is >= 3x full attention's."""
+    r = run_cli("plan", "--model", "llama-3-8b", "--context", "128k", "--device-memory", "80GiB", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = {(d["method"], d["offload"]): d for d in json.loads(r.stdout)}
+    full, omni = rows["full", False], rows["omnikv", True]
+    assert omni["max_context"] >= 3 * full["max_context"] > 3 * 400_000
+    assert omni["fits"] and omni["prefill_peak_device_bytes"] < full["prefill_peak_device_bytes"]
+    assert rows["omnikv", False]["max_context"] < full["max_context"]  # the bank on the device costs more
+    text = run_cli("plan", "--model", "llama-3-8b", "--context", "128k", "--device-memory", "80GiB").stdout
+    assert "max context" in text and f"{omni['max_context']:,}" in text

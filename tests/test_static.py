@@ -428,3 +428,49 @@ def test_past_the_recompile_limit_a_decoder_runs_eagerly(models, monkeypatch):
     _, ref = run(get_method("full_prealloc"), second_ids)
     assert got.token_ids == ref.token_ids
     assert got.stats["compile_fallback"] == "eager" and second.decoder.eager_fallback
+
+
+def _offload_compiled(model, ids, steps):
+    st = OmniKVCache(model, omni_cfg(), transfer="simulated", static=True)
+    dec = StaticDecoder(model, st, compile=True, backend="aot_eager")
+    toks, logits = greedy(model, st, ids, steps, decoder=dec)
+    return st, dec, toks, logits
+
+
+def test_offload_static_step_compiles_whole_and_syncs_nothing(models):
+    """The offload static step (mapped-bank device gather, simulated on CPU) traces into one graph
+    (fullgraph=True: a graph break fails the compile), compiles once, matches the eager step
+    without offload, and the transfer counts no host sync in a step: what `reduce-overhead` needs
+    to capture it as one CUDA graph."""
+    model = models("llama", num_hidden_layers=6)
+    ids = prompt_ids(1, 150, seed=11)
+    with torch.inference_mode():
+        ref_toks, ref_logits = greedy(model, OmniKVCache(model, omni_cfg(offload=False)), ids, 6)
+        st, dec, toks, logits = _offload_compiled(model, ids, 6)
+    assert torch.equal(toks, ref_toks)
+    torch.testing.assert_close(logits, ref_logits, atol=COMPILED_ATOL, rtol=0)
+    assert dec.compiles == 1
+    stats = st.stats()
+    assert st.offload and stats["transfer"] == "simulated/device_gather"
+    assert stats["host_syncs_per_step"] == 0 and stats["h2d_bytes_per_step"] > 0
+
+
+def test_a_sync_planted_in_the_offload_static_step_fails_the_compile(models, monkeypatch):
+    """The check above can fail: a host read of a device value inside the step (here the gather
+    sizing itself from the indices, as a partial reload that counts its changed rows on the host
+    would) is a graph break, and fullgraph=True refuses it."""
+    from omnikv.offload.gathers import StaticGather
+
+    original = StaticGather.load
+
+    def load_with_a_sync(self, bank, work, idx, prev):
+        if int(idx.max()) >= bank.length:  # a host read of a device tensor: a sync on a GPU
+            raise AssertionError("unreachable")
+        return original(self, bank, work, idx, prev)
+
+    monkeypatch.setattr(StaticGather, "load", load_with_a_sync)
+    model = models("llama", num_hidden_layers=6)
+    with torch.inference_mode(), pytest.raises(Exception) as err:
+        _offload_compiled(model, prompt_ids(1, 150, seed=11), 2)
+    assert "graph break" in str(err.value).lower() or "unsupported" in type(err.value).__name__.lower() or \
+        "data-dependent" in str(err.value).lower(), repr(err.value)[:500]

@@ -478,6 +478,7 @@ def real_prefill(model, rig: Rig, label: str, ctx: int, chunk: int) -> dict[str,
     rig.sync()
     st = cache.stats()
     keys = ("h2d_bytes_prefill", "d2h_bytes_prefill", "host_kv_bytes", "pinned_host_bytes", "device_kv_bytes",
+            "device_kv_peak_bytes",
             "host_syncs_per_step", "h2d_bytes_per_step", "transfer")
     res = {"method": label, "context": ctx, "chunk": chunk, "prefill_seconds": round(seconds, 2),
            "prefill_peak_device_bytes": peak, **{k: st.get(k) for k in keys}}
@@ -491,7 +492,7 @@ def context_limits(model, rig: Rig, labels: Labels) -> dict[str, Any]:
     """Per method: the longest prompt `omnikv.methods.memory.plan_memory` says fits this card
     (95% of its memory) and this machine's MemAvailable, batch 1, 256 new tokens, 2048-token
     prefill chunks, with the weights measured. An estimate from the plan, not a measurement."""
-    from omnikv.methods.memory import host_available_bytes, plan_memory
+    from omnikv.methods.memory import host_available_bytes, max_context
 
     _, total = torch.cuda.mem_get_info(rig.device)
     dev_avail, host_avail = int(0.95 * total), host_available_bytes()
@@ -500,17 +501,9 @@ def context_limits(model, rig: Rig, labels: Labels) -> dict[str, Any]:
     out: dict[str, Any] = {"device_available_bytes": dev_avail, "host_available_bytes": host_avail, "methods": {}}
     for label in (labels.full, labels.pre, labels.off, labels.on):
         method = build_method(parse_method(label), None)
-
-        def fits(ctx: int) -> bool:
-            plan = plan_memory(model.config, ctx, method, device="cuda", dtype_bytes=dtype_bytes,
-                               prefill_chunk_size=2048, weights_bytes=weights)
-            return plan.device_total_bytes <= dev_avail and (host_avail is None or plan.host_total_bytes <= host_avail)
-
-        lo, hi = 0, 1 << 16  # in units of 1024 tokens: up to 64M
-        while lo < hi:  # the largest ctx (multiple of 1024) that fits
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if fits(mid * 1024) else (lo, mid - 1)
-        out["methods"][label] = {"max_context": lo * 1024 if lo else None}
+        longest = max_context(model.config, method, dev_avail, dtype_bytes=dtype_bytes, prefill_chunk_size=2048,
+                              weights_bytes=weights, host_bytes=host_avail, step=1024)
+        out["methods"][label] = {"max_context": longest or None}
     return out
 
 

@@ -84,7 +84,7 @@ class OmniKVCache(ManagedCache):
         layers = self._build_layers(model, layer_devices(model, len(types)))
         if static:
             _check_static(config, telemetry, self.transfer, model)
-        super().__init__(model, layers, static=static)
+        super().__init__(model, layers, static=static, meter=self.transfer.meter)
         self._first_full = self.plan.layers_with(Role.DENSE) + self.plan.layers_with(Role.FILTER)
         self._first_full = min(self._first_full) if self._first_full else None
         self._step_mark = self.transfer.counters.snapshot()

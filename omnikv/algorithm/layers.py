@@ -51,6 +51,16 @@ class FilterLayer(DenseLayer):
         self.windowed = state.config.uses_query_window  # the selector keeps a window of queries
         self._row_budget: tuple[torch.Tensor, torch.Tensor] | None = None  # (valid, (B,) k per row)
 
+    def update(self, key_states, value_states, *args, **kwargs):
+        start, n = self.seq_length, key_states.shape[-2]
+        if not self.static_step and start < self.state.prompt_len:
+            # A prompt forward (the cache set prompt_len at its first full layer): with offload,
+            # the segments start reading their first sparse layer's prefix back now, under this
+            # layer's compute (omnikv/offload/stream.py).
+            for seg in self.segments:
+                seg.prefetch_prompt(start, n)
+        return super().update(key_states, value_states, *args, **kwargs)
+
     def attend(self, module, query, key, value, attention_mask, **kwargs):
         cfg = self.state.config
         if self.windowed:

@@ -12,6 +12,7 @@ import math
 import torch
 
 from omnikv.errors import InputError
+from omnikv.hf.meter import DeviceMeter
 
 GROWTH = 1.5
 
@@ -30,6 +31,7 @@ class KVBuffer:
         self.length = 0
         self.headroom = headroom
         self.target = 0  # rows announced by `ManagedCache.reserve`: allocated exactly, at once
+        self.meter: DeviceMeter | None = None  # the cache's device meter (omnikv/hf/meter.py)
 
     @property
     def capacity(self) -> int:
@@ -43,6 +45,9 @@ class KVBuffer:
         b, h, _, d = like.shape
         keys = like.new_empty((b, h, cap, d))
         values = like.new_empty((b, h, cap, d))
+        if self.meter is not None:
+            self.meter.track(keys)
+            self.meter.track(values)
         if self.keys is not None and self.length:
             keys[:, :, : self.length].copy_(self.keys[:, :, : self.length])
             values[:, :, : self.length].copy_(self.values[:, :, : self.length])

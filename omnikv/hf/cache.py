@@ -18,6 +18,7 @@ from omnikv.errors import ConfigError, InputError, UnsupportedModelError
 from omnikv.hf import attention
 from omnikv.hf.attention import use_omnikv_attention
 from omnikv.hf.buffers import KVBuffer
+from omnikv.hf.meter import DeviceMeter
 from omnikv.hf.compat import Cache, CacheLayerMixin, layer_types, text_config, text_shape
 from omnikv.hf.static import StaticState
 
@@ -28,8 +29,14 @@ class ManagedCache(Cache):
     method_name = "managed"
     simulates_accelerator = False  # a simulated transfer: behave as on a GPU (no host reads per step)
 
-    def __init__(self, model: torch.nn.Module, layers: list[CacheLayerMixin], static: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, layers: list[CacheLayerMixin], static: bool = False,
+                 meter: DeviceMeter | None = None) -> None:
         super().__init__(layers=layers)
+        # Every device KV buffer is counted here, live and at its peak (omnikv/hf/meter.py).
+        self.meter = meter or DeviceMeter()
+        for layer in layers:
+            if hasattr(layer, "use_meter"):
+                layer.use_meter(self.meter)
         self.model_fingerprint = model_fingerprint(model)
         self._kv_heads = text_shape(model).kv_heads
         use_omnikv_attention(model)
@@ -151,6 +158,8 @@ class ManagedCache(Cache):
             "seq_length": self.get_seq_length(),
             "device_kv_bytes": int(device),
             "device_kv_allocated_bytes": int(sum(layer.allocated_device_bytes() for layer in self.layers)),
+            # the highest device KV + working buffers since the cache was built (omnikv/hf/meter.py)
+            "device_kv_peak_bytes": int(self.meter.peak),
             "host_kv_bytes": int(host),
             "h2d_bytes_per_step": int(self.h2d_bytes_last_step()),
             "attended_tokens_per_layer": [int(getattr(l, "last_attended", 0)) for l in self.layers],

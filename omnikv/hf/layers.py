@@ -16,6 +16,7 @@ import torch
 
 from omnikv.hf.attention import sdpa_attention
 from omnikv.hf.buffers import KVBuffer, kv_bytes
+from omnikv.hf.meter import DeviceMeter
 from omnikv.hf.compat import CacheLayerMixin, DynamicSlidingWindowLayer, sliding_window
 from omnikv.hf.masks import positions_mask
 from omnikv.hf.static import mark_static, zero_tail
@@ -130,6 +131,9 @@ class ManagedLayer(CacheLayerMixin):
     def host_bytes(self) -> int:
         return 0
 
+    def use_meter(self, meter: DeviceMeter) -> None:
+        """Count this layer's device KV buffers in the cache's meter (omnikv/hf/meter.py)."""
+
     def reset(self) -> None:  # pragma: no cover - generate() does not call it for user caches
         raise NotImplementedError("build a new cache instead of resetting one")
 
@@ -153,6 +157,9 @@ class DenseLayer(ManagedLayer):
 
     def kv_view(self):
         return None if self.buffer.keys is None else self.buffer.view()
+
+    def use_meter(self, meter: DeviceMeter) -> None:
+        self.buffer.meter = meter
 
     # -- static-shape decode (omnikv/hf/static.py) ----------------------------------------------
     def begin_static(self, state) -> None:

@@ -115,7 +115,7 @@ class Method(ABC):
         Default: every row of every layer on the device, as full attention."""
         from omnikv.methods.memory import KVPlan
 
-        return KVPlan(device_kv_bytes=ctx.full_kv_bytes, host_kv_bytes=0)
+        return KVPlan(device_kv_bytes=ctx.full_kv_bytes, host_kv_bytes=0, offload=False)
 
     def summarize(self, stats: dict[str, Any], config: dict[str, Any]) -> str:
         """One line on the configuration a result ran with (`omnikv compare`)."""

@@ -95,7 +95,7 @@ class FullOffload(Method):
             return super().kv_plan(ctx)
         # The whole KV lives in host memory; the layer in use and the next one are on the device.
         biggest = max(ctx.full_rows) * ctx.row_bytes
-        return KVPlan(2 * biggest, ctx.full_kv_bytes, ["whole layers move host<->device every step"])
+        return KVPlan(2 * biggest, ctx.full_kv_bytes, ["whole layers move host<->device every step"], offload=True)
 
 
 class PreallocatedCache(ManagedCache):

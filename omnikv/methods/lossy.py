@@ -265,7 +265,7 @@ class LossyMethod(Method):
         kept = self.kept_tokens(ctx)
         steady = ctx.row_bytes * sum(min(r, kept) for r in ctx.full_rows)
         note = f"lossy: peak = the whole prompt until the first decode step, then {steady / GiB:.3f} GiB"
-        return KVPlan(ctx.full_kv_bytes, 0, [note])
+        return KVPlan(ctx.full_kv_bytes, 0, [note], offload=False)
 
 
 class LossyCache(ManagedCache):

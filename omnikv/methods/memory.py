@@ -35,7 +35,10 @@ class MemoryPlan:
     host_available_bytes: int | None
     full_device_kv_bytes: int  # what full attention would keep on the device, for comparison
     notes: list[str] = field(default_factory=list)
-    device_peak_kv_bytes: int = 0  # device KV at its peak (prefill), >= device_kv_bytes
+    device_peak_kv_bytes: int = 0  # device KV at its peak (prefill or decode), >= device_kv_bytes
+    offload: bool | None = None  # the method keeps KV in host memory (None: it has no such switch)
+    decode_device_bytes: int = 0  # weights + KV + activations of a decode step (the steady state)
+    prefill_peak_device_bytes: int = 0  # weights + KV + activations at the prefill's peak
 
     @property
     def fits(self) -> bool:
@@ -88,12 +91,19 @@ class KVContext:
     kv_heads: int
     head_dim: int
     sliding_window: int
+    prefill_chunk: int | None = None  # prompt tokens per forward (None: the whole prompt at once)
 
     @classmethod
-    def of(cls, config, context: int, max_new_tokens: int, dtype_bytes: int, on_accelerator: bool) -> KVContext:
+    def of(cls, config, context: int, max_new_tokens: int, dtype_bytes: int, on_accelerator: bool,
+           prefill_chunk: int | None = None) -> KVContext:
         s = text_shape(config)
         return cls(config, context, max_new_tokens, dtype_bytes, on_accelerator, tuple(layer_types(config)),
-                   s.kv_heads, s.head_dim, sliding_window(config) or 0)
+                   s.kv_heads, s.head_dim, sliding_window(config) or 0, prefill_chunk)
+
+    @property
+    def chunk(self) -> int:
+        """Tokens per prompt forward (at least 1, at most the prompt)."""
+        return max(1, min(self.prefill_chunk or self.context, self.context))
 
     @property
     def total_tokens(self) -> int:
@@ -122,9 +132,10 @@ class KVPlan:
     device_kv_bytes: int
     host_kv_bytes: int
     notes: list[str] = field(default_factory=list)
-    # Device KV at its peak when that is not the decode steady state (OmniKV with offload keeps
-    # the sparse layers' prompt rows on the device while the prompt runs); None = the same.
+    # Device KV at the prefill's peak when that is not the decode steady state (OmniKV with
+    # offload streams prefixes and packs chunks while the prompt runs); None = the same.
     device_peak_kv_bytes: int | None = None
+    offload: bool | None = None  # the method's KV lives in host memory (None: no such switch)
 
 
 def estimate_weights_bytes(config, dtype_bytes: int) -> int:
@@ -156,22 +167,21 @@ def plan_memory(
         method = get_method(method, budget=budget)
     s = text_shape(config)
     on_accel = device.startswith("cuda")
-    ctx = KVContext.of(config, context, max_new_tokens, dtype_bytes, on_accel)
+    ctx = KVContext.of(config, context, max_new_tokens, dtype_bytes, on_accel, prefill_chunk_size)
     kv = method.kv_plan(ctx)
-    chunk = prefill_chunk_size or context
-    # Hidden states, q/k/v and the MLP's intermediate activations of one chunk; attention itself
-    # runs tiled (flash / CPU flash kernels) and only the last position's logits are computed.
-    act_elems = chunk * (6 * s.hidden + 3 * s.intermediate) + 2 * s.vocab
-    activation = int(act_elems * dtype_bytes)
+    prefill_act = activation_bytes(config, ctx.chunk, dtype_bytes)
+    decode_act = activation_bytes(config, 1, dtype_bytes)
     weights = weights_bytes if weights_bytes is not None else estimate_weights_bytes(config, dtype_bytes)
     dev_kv, host_kv = kv.device_kv_bytes, kv.host_kv_bytes
-    peak_kv = max(dev_kv, kv.device_peak_kv_bytes or 0)
+    prefill_kv = dev_kv if kv.device_peak_kv_bytes is None else kv.device_peak_kv_bytes
+    decode_total = weights + dev_kv + decode_act
+    prefill_total = weights + prefill_kv + prefill_act
     if on_accel:
-        device_total = weights + peak_kv + activation
+        device_total = max(decode_total, prefill_total)
         host_total = host_kv
     else:  # everything is host memory on a CPU run
         device_total = 0
-        host_total = weights + dev_kv + host_kv + activation
+        host_total = weights + dev_kv + host_kv + prefill_act
     return MemoryPlan(
         method=method.name,
         context=context,
@@ -179,15 +189,47 @@ def plan_memory(
         weights_bytes=int(weights),
         device_kv_bytes=int(dev_kv),
         host_kv_bytes=int(host_kv),
-        activation_bytes=activation,
+        activation_bytes=prefill_act,
         device_total_bytes=int(device_total),
         host_total_bytes=int(host_total),
         device_available_bytes=device_available_bytes(device) if on_accel else None,
         host_available_bytes=host_available_bytes(),
         full_device_kv_bytes=int(ctx.full_kv_bytes),
         notes=kv.notes,
-        device_peak_kv_bytes=int(peak_kv),
+        device_peak_kv_bytes=int(max(dev_kv, prefill_kv)),
+        offload=kv.offload,
+        decode_device_bytes=int(decode_total) if on_accel else 0,
+        prefill_peak_device_bytes=int(prefill_total) if on_accel else 0,
     )
+
+
+def activation_bytes(config, tokens: int, dtype_bytes: int) -> int:
+    """Hidden states, q/k/v and the MLP's intermediate activations of one forward of `tokens`
+    tokens; attention itself runs tiled (flash / CPU flash kernels) and only the last position's
+    logits are computed. A rule of thumb (an upper bound), not a measurement."""
+    s = text_shape(config)
+    return int((tokens * (6 * s.hidden + 3 * s.intermediate) + 2 * s.vocab) * dtype_bytes)
+
+
+def max_context(config, method, device_bytes: int, *, dtype_bytes: int = 2, max_new_tokens: int = 256,
+                prefill_chunk_size: int | None = 4096, weights_bytes: int | None = None,
+                host_bytes: int | None = None, step: int = 256) -> int:
+    """The longest prompt (a multiple of `step` tokens) whose plan fits `device_bytes` of device
+    memory (and `host_bytes` of host memory, when given) at its peak, prefill included; 0 when
+    none does. The plans grow with the context, so a bisection finds it."""
+
+    def fits(units: int) -> bool:
+        plan = plan_memory(config, units * step, method, device="cuda", dtype_bytes=dtype_bytes,
+                           max_new_tokens=max_new_tokens, prefill_chunk_size=prefill_chunk_size,
+                           weights_bytes=weights_bytes)
+        plan.host_available_bytes = None
+        return plan.device_total_bytes <= device_bytes and (host_bytes is None or plan.host_total_bytes <= host_bytes)
+
+    lo, hi = 0, (1 << 26) // step  # up to 64M tokens
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo * step
 
 
 def advice(plan: MemoryPlan) -> str:

@@ -110,7 +110,8 @@ class OmniKV(Method):
     def kv_plan(self, ctx: KVContext) -> KVPlan:
         """Dense and filter layers keep every row on the device; a sparse layer keeps its k
         selected rows + the generated ones there, and its full KV in the host bank (offload) or
-        on the device."""
+        on the device. With offload on an accelerator the prefill's peak is the dense layers'
+        KV plus what the streamed prefill holds (`prefill_stream_bytes`)."""
         from omnikv.algorithm.roles import Role, plan_layers
 
         cfg = self.config_for(ctx.config, warn=False)
@@ -118,25 +119,26 @@ class OmniKV(Method):
         offload = cfg.offload if cfg.offload is not None else ctx.on_accelerator
         k = cfg.resolve_budget(ctx.context)
         row, full_rows = ctx.row_bytes, ctx.full_rows
-        dev_kv = host_kv = prefix = 0
+        dev_kv = host_kv = full_part = 0
         for i, role in enumerate(plan.roles):
             if role is Role.SPARSE:
                 dev_kv += row * (k + ctx.max_new_tokens)
                 if offload:
                     # The bank is allocated once for prompt + new tokens (page-locked, exact).
                     host_kv += row * ctx.total_tokens
-                    prefix += row * ctx.context  # on the device while the prompt runs
                 else:
                     dev_kv += row * ctx.total_tokens
             else:
                 dev_kv += row * full_rows[i]
+                full_part += row * full_rows[i]
         note = f"{plan.summary()}; {k} selected tokens per sparse layer; offload={'on' if offload else 'off'}"
         notes = [note]
         peak = None
         if offload and ctx.on_accelerator:
-            peak = dev_kv - row * (k + ctx.max_new_tokens) * len(plan.layers_with(Role.SPARSE)) + prefix
-            notes.append("peak during prefill: the sparse layers' prompt rows stay on the device until decoding starts")
-        return KVPlan(dev_kv, host_kv, notes, device_peak_kv_bytes=peak)
+            segments = [len(plan.segment(f)) for f in plan.layers_with(Role.FILTER)]
+            peak = full_part + prefill_stream_bytes(segments, ctx.context, ctx.chunk, row)
+            notes.append(f"prefill peak: dense layers + streamed prefixes and one chunk's pack ({ctx.chunk}-token chunks)")
+        return KVPlan(dev_kv, host_kv, notes, device_peak_kv_bytes=peak, offload=bool(offload))
 
     def summarize(self, stats: dict[str, Any], config: dict[str, Any]) -> str:
         parts = [f"filter layers {config.get('filter_layers')}", f"budget {config.get('budget')}"]
@@ -146,3 +148,21 @@ class OmniKV(Method):
         if sparse and selected is not None:
             parts.append(f"sparse layers {sparse} attend {selected} of {stats.get('prompt_tokens')} prompt tokens")
         return ", ".join(parts)
+
+
+def prefill_stream_bytes(segments: list[int], context: int, chunk: int, row: int) -> int:
+    """Device bytes the streamed offload prefill (omnikv/offload/stream.py) holds at its peak
+    besides the dense layers' KV, for segments of `segments[i]` sparse layers: in the last two
+    chunks, per segment, one pack of the chunk's rows of every layer plus the prefixes (rows
+    0..start + n) of the layer attending and of the next one, read ahead (one when the segment
+    has one layer; none in a prompt's first chunk)."""
+    last = (context - 1) % chunk + 1 if context else 0  # the last chunk's length
+    candidates = [(context - last, last), (context - last - chunk, chunk)]  # (start, n)
+    best = 0
+    for layers in segments:
+        for start, n in candidates:
+            if start < 0 or n <= 0 or not layers:
+                continue
+            prefixes = 0 if start == 0 else min(layers, 2) * (start + n)
+            best = max(best, row * (prefixes + n * layers))
+    return best

@@ -198,7 +198,7 @@ class Quest(Method):
             for i, (kind, rows) in enumerate(zip(ctx.layer_types, ctx.full_rows))
             if i >= self.dense_layers and kind != "sliding_attention"
         )
-        return KVPlan(ctx.full_kv_bytes + meta, 0, ["drop-free on the device: all KV + page metadata"])
+        return KVPlan(ctx.full_kv_bytes + meta, 0, ["drop-free on the device: all KV + page metadata"], offload=False)
 
     def make_cache(self, model) -> QuestCache:
         return QuestCache(model, self.budget_rule, self.page_size, self.dense_layers)

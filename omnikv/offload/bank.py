@@ -46,6 +46,7 @@ class PackedBank:
         self.reserved = 0  # rows announced by `Segment.reserve` (and the longest prompt so far)
         self.written: Any = None  # event: the last rows sent to the bank have landed
         self.source: torch.Tensor | None = None  # what the gather kernel reads (a mapped view on CUDA)
+        self.on_device = False  # offload off: the bank is device KV, counted by the meter
 
     @property
     def capacity(self) -> int:
@@ -59,6 +60,8 @@ class PackedBank:
             return
         cap = max(rows, self.reserved) if self.data is None else grown_capacity(rows, self.capacity, 0)
         data = self.transfer.host_empty((cap, b, self.num_layers, 2, h, d), dtype, self.device)
+        if self.on_device:
+            self.transfer.meter.track(data)
         if self.data is not None and self.length:
             self.transfer.host_wait(pending, "bank growth: earlier rows still arriving")
             data[: self.length].copy_(self.data[: self.length])
@@ -115,7 +118,7 @@ class WorkBuffer:
             cap = k + max(decode_reserve, generated, 1)
         else:
             cap = grown_capacity(need, self.data.shape[-2], 64)
-        data = torch.empty((lsz, 2, b, h, cap, d), dtype=bank.data.dtype, device=self.device)
+        data = self.transfer.device_empty((lsz, 2, b, h, cap, d), bank.data.dtype, self.device)
         if self.data is not None:
             self.transfer.wait(self.ready, self.device)  # a pending load still writes the old buffer
             if self.k == k:
@@ -162,7 +165,7 @@ class StaticWork(WorkBuffer):
     def __init__(self, transfer: Transfer, device: torch.device, bank: PackedBank, k: int, decode_rows: int) -> None:
         super().__init__(transfer, device)
         _, b, lsz, _, h, d = bank.data.shape
-        self.data = torch.zeros((lsz, 2, b, h, k + decode_rows, d), dtype=bank.data.dtype, device=device)
+        self.data = transfer.meter.zeros((lsz, 2, b, h, k + decode_rows, d), bank.data.dtype, device)
         self.k = k
         # (1, 1, decode capacity) logical positions of the generated-token slots
         self.gen_positions = (bank.length + torch.arange(decode_rows, device=device)).view(1, 1, -1)

@@ -24,6 +24,18 @@ def selection_delta(prev: torch.Tensor, new: torch.Tensor, length: int) -> tuple
         slots over the rows; a row with fewer changes is padded with slots that are rewritten with
         the position they already hold. M = 0 when nothing changed.
     """
+    slots, tokens, changed = selection_delta_padded(prev, new, length)
+    m = int(changed.sum(-1).max())  # a host read: the caller sizes its copy from it
+    return slots[..., :m], tokens[..., :m]
+
+
+def selection_delta_padded(prev: torch.Tensor, new: torch.Tensor,
+                           length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`selection_delta` at a fixed width and without reading anything back to the host (a GPU
+    step that must not sync, or a captured one): slots, tokens (B, G, k) and `changed` (B, G, k)
+    bool, True for the first `count` columns of each row (its changed slots). The other columns
+    hold (slot, the position it already holds): rewriting them is a no-op, and a kernel with
+    masked loads (omnikv/offload/reload.py) skips them, so only changed rows are read."""
     b, g, k = prev.shape
     member = torch.zeros(2, b, g, length, dtype=torch.bool, device=prev.device)
     member[0].scatter_(-1, new, True)
@@ -31,10 +43,9 @@ def selection_delta(prev: torch.Tensor, new: torch.Tensor, length: int) -> tuple
     stale = ~member[0].gather(-1, prev)  # (B, G, k): this slot's position left the selection
     fresh = ~member[1].gather(-1, new)  # (B, G, k): this position is not in the buffer yet
     count = stale.sum(-1, keepdim=True)  # equals fresh.sum(-1): both sets have k distinct members
-    m = int(count.max())
     # Stable sorts bring the stale slots / fresh positions first, each in its original order.
-    slots = torch.sort((~stale).to(torch.uint8), dim=-1, stable=True).indices[..., :m]
-    tokens = new.gather(-1, torch.sort((~fresh).to(torch.uint8), dim=-1, stable=True).indices[..., :m])
-    pad = torch.arange(m, device=prev.device) >= count  # (B, G, M)
-    tokens = torch.where(pad, prev.gather(-1, slots), tokens)
-    return slots, tokens
+    slots = torch.sort((~stale).to(torch.uint8), dim=-1, stable=True).indices
+    tokens = new.gather(-1, torch.sort((~fresh).to(torch.uint8), dim=-1, stable=True).indices)
+    changed = torch.arange(k, device=prev.device) < count  # (B, G, k)
+    tokens = torch.where(changed, tokens, prev.gather(-1, slots))
+    return slots, tokens, changed

@@ -144,7 +144,7 @@ class HostGather:
         t.host_wait(work.ready, "host gather: staging still being copied")  # staging is reused
         rows = self._staging(bank, m, work.k)
         rows.copy_(gather_packed(bank.data[: bank.length], tokens))
-        landed = torch.empty(rows.shape, dtype=rows.dtype, device=device)
+        landed = t.device_empty(rows.shape, rows.dtype, device)
         t.after_compute(stream, device)
         t.copy(stream, landed, rows)
         dev_slots = None if slots is None else slots.to(device, non_blocking=True)

@@ -4,12 +4,13 @@ rows go through. Each part is the one owner of its concept:
 * `PackedBank` (bank.py) - every prompt row, token-major, in host memory when offloading;
 * `WorkBuffer` / `StaticWork` (bank.py) - the rows the sparse layers attend when decoding, on the
   compute device: the k selected prompt rows, then the generated tokens;
-* `PromptWriter` (prompt.py) - prompt forwards: rows into the bank (offload: a device prefix plus
-  packed asynchronous copies), generated rows into the bank when a new prompt forward comes;
+* `PromptWriter` (prompt.py) - prompt forwards: rows into the bank (offload: through a
+  `PrefixStream`, stream.py: each layer's prefix read back one layer ahead, each chunk sent to the
+  bank), generated rows into the bank when a new prompt forward comes;
 * a gather strategy (gathers.py, chosen by `choose_gather`) - the selected rows into the working
   buffer.
 
-The filter layer calls `load`; the sparse layers call `write_prompt` (prompt forwards),
+The filter layer calls `prefetch_prompt` (prompt forwards) and `load`; the sparse layers call `write_prompt` (prompt forwards),
 `append_generated` (eager decode) or `append_static` (static decode).
 """
 
@@ -59,6 +60,7 @@ class Segment:
         bank_device = torch.device("cpu") if self.offload else like.device
         self.bank = PackedBank(len(self.layers), self.transfer, bank_device)
         self.bank.reserved = self.reserved_rows
+        self.bank.on_device = not self.offload
         stream = self.transfer.side_stream(like.device) if self.link else None
         self.writer = PromptWriter(self.bank, self.transfer, like.device, stream, self.link)
         self.work = WorkBuffer(self.transfer, like.device)
@@ -73,16 +75,19 @@ class Segment:
 
     # -- prompt forwards ----------------------------------------------------------------------------
     def begin_prompt(self) -> None:
-        """A multi-token forward starts: generated rows join the prompt (moved to the bank), and
-        when offloading the prefix comes back to the device for the prompt's full attention."""
-        if self.bank is not None and self.bank.data is not None:
-            if self.work.generated:
-                self.writer.flush_generated(self.work)
-            if self.link and self.writer.prefix is None and self.bank.length:
-                self.writer.restore_prefix()
+        """A multi-token forward starts: generated rows join the prompt (moved to the bank; when
+        offloading, the prompt's full attention streams them back with the rest of the prefix)."""
+        if self.bank is not None and self.bank.data is not None and self.work.generated:
+            self.writer.flush_generated(self.work)
         self.work = WorkBuffer(self.transfer, self.device)
         self.static_gather = None
         self.loaded_step = None
+
+    def prefetch_prompt(self, start: int, n: int) -> None:
+        """The filter layer saw a prompt chunk of n rows at `start`: when offloading, start reading
+        the first sparse layer's prefix back from the bank (omnikv/offload/stream.py)."""
+        if self.link and self.writer is not None and self.layers:
+            self.writer.stream.prefetch(0, start, n)
 
     def write_prompt(self, slot: int, key: torch.Tensor, value: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows start..start+n of layer `slot` from a prompt forward (B, H, n, D); returns what that
@@ -110,8 +115,6 @@ class Segment:
         if self.static_gather is not None:
             self.static_gather.load(self.bank, self.work, idx, None)
             return
-        if self.writer.prefix is not None:  # the first load after a prompt: decoding starts
-            self.writer.drop_prefix()
         idx = idx.to(self.device, non_blocking=True)
         work, k = self.work, idx.shape[-1]
         prev = work.indices if work.indices is not None and work.indices.shape == idx.shape else None
@@ -147,8 +150,6 @@ class Segment:
         """Outside compiled code, before the first static step after a prompt: a working buffer
         sized exactly k + `decode_rows` and zeroed, the bank complete on the compute stream, the
         gather source fixed. Every later step has the same shapes."""
-        if self.writer is not None:
-            self.writer.drop_prefix()
         self.transfer.wait(self.bank.written, self.device)  # prompt rows still arriving in the bank
         choose_gather(self.transfer, self.bank, self.device, link=self.link, static=True)
         self.work = StaticWork(self.transfer, self.device, self.bank, k, decode_rows)
@@ -179,10 +180,7 @@ class Segment:
         view for telemetry and tests; waits for pending copies)."""
         self.transfer.host_wait(self.bank.written, "full rows: bank writes still arriving")
         n = min(self.bank.length, seq_length)
-        if self.writer.prefix is not None:
-            k_p, v_p = self.writer.prefix[slot].view()
-        else:
-            k_p, v_p = (x.to(self.device) for x in self.bank.layer_view(slot, n))
+        k_p, v_p = (x.to(self.device) for x in self.bank.layer_view(slot, n))
         g = seq_length - k_p.shape[-2]
         if g <= 0 or self.work.data is None:
             return k_p[:, :, :seq_length], v_p[:, :, :seq_length]
@@ -197,8 +195,9 @@ class Segment:
         return self.bank.used_bytes()
 
     def device_bytes(self) -> int:
-        """Device bytes of the rows in use: the working buffer's, the prefix's, and the bank's when
-        it is on the device."""
+        """Device bytes of the rows in use: the working buffer's, what a prompt forward holds
+        between layers (prefixes read ahead, the pack buffer), and the bank's when it is on the
+        device."""
         used = self.work.used_bytes() + (self.writer.device_bytes() if self.writer else 0)
         if self.bank is not None and not self.offload:
             used += self.bank.used_bytes()
@@ -206,7 +205,7 @@ class Segment:
 
     def allocated_device_bytes(self) -> int:
         """Device bytes allocated (capacity, not rows in use), by the same parts."""
-        total = self.work.allocated_bytes() + (self.writer.allocated_bytes() if self.writer else 0)
+        total = self.work.allocated_bytes() + (self.writer.device_bytes() if self.writer else 0)
         if self.bank is not None and not self.offload:
             total += self.bank.allocated_bytes()
         return total

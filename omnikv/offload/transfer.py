@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from omnikv.errors import ConfigError
+from omnikv.hf.meter import DeviceMeter
 from omnikv.offload.mapped import mapped_memory, start_probe
 
 TRANSFER_KINDS = ("auto", "inline", "cuda", "cuda_device_gather", "cuda_host_gather", "simulated",
@@ -73,6 +74,12 @@ class Transfer:
 
     def __init__(self) -> None:
         self.counters = TransferCounters()
+        self.meter = DeviceMeter()  # the cache's device meter: every device buffer below is counted
+
+    def device_empty(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A device buffer of the offload path (working buffer, streamed prefix, pack, staging),
+        counted by the meter while it lives."""
+        return self.meter.empty(shape, dtype, device)
 
     # -- memory ---------------------------------------------------------------------------------
     def host_empty(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

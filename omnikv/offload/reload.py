@@ -1,0 +1,133 @@
+"""The sync-free partial reload: only the rows whose selection changed cross the link.
+
+Consecutive selections of a filter layer overlap heavily on real text (benchmarks/results/
+partial-reload/ measures how much), so a step needs only the changed rows of the Context Bank. The
+change is computed on the device (`selection_delta_padded`, omnikv/offload/delta.py: fixed width,
+nothing read back), and `reload_rows` copies bank rows `tokens` into working-buffer slots `slots`
+where `changed` is set:
+
+* `reload_rows_triton` - a Triton kernel, one program per (sequence, head group, slot), whose loads
+  and stores are masked by `changed`: a slot that keeps its row reads nothing, so the link carries
+  exactly the changed rows (read from the mapped host bank on a GPU). It also adds the bytes it
+  moved to a device counter (no host read). Tested on CPU with Triton's interpreter
+  (`TRITON_INTERPRET=1`, tests/test_reload.py).
+* `reload_rows_reference` - the same result with torch operations (gather every one of the k rows,
+  scatter them; the unchanged columns rewrite the row a slot already holds): the slow, obviously
+  correct twin the kernel is held to, and the fallback where Triton is missing (it moves all k rows,
+  and counts them).
+
+Layouts: bank `src` (T, B, L, 2, H, D) token-major; working buffer `dst` (L, 2, B, H, capacity, D);
+slots / tokens / changed (B, G, k) with G = 1 (one selection for every head) or G = H (per KV head).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import torch
+
+from omnikv.offload.gathers import gather_packed, scatter_rows, to_work_layout
+
+
+def reload_rows_reference(src: torch.Tensor, dst: torch.Tensor, slots: torch.Tensor, tokens: torch.Tensor,
+                          changed: torch.Tensor, moved: torch.Tensor) -> None:
+    """dst[..., slots, :] <- src rows `tokens` (every column: an unchanged one rewrites the row
+    its slot already holds); adds the bytes read (all k rows of every (b, g)) to `moved` (1,)."""
+    rows = gather_packed(src, tokens)  # (k, B, L, 2, H, D); per KV head (G = H): head g's own rows
+    scatter_rows(dst, slots, to_work_layout(rows))
+    moved += rows.numel() * rows.element_size()
+
+
+@functools.lru_cache(maxsize=1)
+def triton_module() -> Any:
+    """`triton` and `triton.language`, or None where Triton is not installed."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+    return triton, tl
+
+
+def triton_usable(device: torch.device) -> bool:
+    """The kernel can run here: Triton installed, and a CUDA device (or the interpreter, on CPU)."""
+    if triton_module() is None:
+        return False
+    return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel() -> Any:
+    triton, tl = triton_module()
+
+    @triton.jit
+    def reload_kernel(src, dst, slots, tokens, changed, moved, B, G, K, CAP, L2: tl.constexpr,
+                      H: tl.constexpr, D: tl.constexpr, HEADS: tl.constexpr, PER_HEAD: tl.constexpr,
+                      ELT: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)  # one (b, g, j) column of the delta
+        g = (pid // K) % G
+        b = pid // (K * G)
+        ch = tl.load(changed + pid) != 0
+        tok = tl.load(tokens + pid).to(tl.int64)
+        slot = tl.load(slots + pid).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        head = offs // D + g * PER_HEAD  # per KV head: head g only; else every head
+        d = offs % D
+        mask = (offs < HEADS * D) & ch  # a slot that keeps its row reads and writes nothing
+        for l2 in tl.static_range(L2):  # each layer's K, then V
+            src_off = ((tok * B + b) * L2 + l2) * (H * D) + head * D + d
+            dst_off = (((l2 * B + b) * H + head) * CAP + slot) * D + d
+            x = tl.load(src + src_off, mask=mask)
+            tl.store(dst + dst_off, x, mask=mask)
+        tl.atomic_add(moved, tl.where(ch, L2 * HEADS * D * ELT, 0).to(tl.int64))
+
+    return reload_kernel
+
+
+def reload_rows_triton(src: torch.Tensor, dst: torch.Tensor, slots: torch.Tensor, tokens: torch.Tensor,
+                       changed: torch.Tensor, moved: torch.Tensor) -> None:
+    """`reload_rows_reference`'s result, reading only the changed rows; `moved` (1,) int64 gains
+    the bytes read. src and dst contiguous; slots / tokens / changed (B, G, k)."""
+    triton, _ = triton_module()
+    _, b, lsz, two, h, d = src.shape
+    _, g, k = slots.shape
+    if b * g * k == 0:
+        return
+    heads = 1 if g > 1 else h
+    block = triton.next_power_of_2(heads * d)
+    _kernel()[(b * g * k,)](
+        src, dst, slots.contiguous(), tokens.contiguous(), changed.to(torch.int8).contiguous(), moved,
+        b, g, k, dst.shape[-2], L2=lsz * two, H=h, D=d, HEADS=heads, PER_HEAD=int(g > 1),
+        ELT=src.element_size(), BLOCK=block,
+    )
+
+
+def reload_rows(src: torch.Tensor, dst: torch.Tensor, slots: torch.Tensor, tokens: torch.Tensor,
+                changed: torch.Tensor, moved: torch.Tensor) -> str:
+    """The partial reload by the kernel where it can run, else the torch reference; returns which
+    ran ("triton" / "torch")."""
+    if triton_usable(dst.device) and src.is_contiguous() and dst.is_contiguous():
+        reload_rows_triton(src, dst, slots, tokens, changed, moved)
+        return "triton"
+    reload_rows_reference(src, dst, slots, tokens, changed, moved)
+    return "torch"
+
+
+@functools.lru_cache(maxsize=1)
+def reload_op() -> Any:
+    """`torch.ops.omnikv.reload_rows`: `reload_rows` as a torch custom op (registered on first
+    use), so that a compiled step (torch.compile, fullgraph, CUDA graphs) calls the kernel as one
+    opaque node that mutates `dst` and `moved` instead of tracing into Triton or breaking the graph."""
+
+    @torch.library.custom_op("omnikv::reload_rows", mutates_args=("dst", "moved"))
+    def _reload(src: torch.Tensor, dst: torch.Tensor, slots: torch.Tensor, tokens: torch.Tensor,
+                changed: torch.Tensor, moved: torch.Tensor) -> None:
+        reload_rows(src, dst, slots, tokens, changed, moved)
+
+    @_reload.register_fake
+    def _(src, dst, slots, tokens, changed, moved) -> None:  # shapes do not change: nothing to infer
+        return None
+
+    return torch.ops.omnikv.reload_rows
