@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from omnikv.errors import OmniKVError
 from omnikv.budget import parse_budget
@@ -148,6 +148,20 @@ def without_stop(token_ids: list[int], stop_ids: list[int]) -> list[int]:
     return ids[:-1] if ids and ids[-1] in stop_ids else ids
 
 
+def claim_stdout() -> TextIO:
+    """The process's stdout as a file of its own; descriptor 1 then points at stderr.
+
+    vLLM logs INFO lines to stdout, from this process (also at exit) and from the engine process it
+    spawns (which inherits descriptor 1), so `generate --json | jq` would read logs before the JSON.
+    Moving the descriptor, not `sys.stdout`, is what reaches the children and C-level writes; the
+    result is written to the returned file, which nothing else holds.
+    """
+    sys.stdout.flush()
+    result = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)
+    return result
+
+
 # -- engine --------------------------------------------------------------------------------------
 def build_llm(model_dir: Path, *, method: str, budget: int | float | None, dtype: str = "float32",
               max_model_len: int = 8192, **engine_kwargs: Any):
@@ -178,6 +192,7 @@ def run_generate(args: argparse.Namespace) -> int:
     ids, chat = encode_prompt(tokenizer, text, args.chat)
     if len(ids) + 1 > args.max_model_len:
         raise OmniKVError(f"the prompt is {len(ids)} tokens but --max-model-len is {args.max_model_len}")
+    result = claim_stdout()  # stdout carries the result alone; vLLM's logs go to stderr
     llm = build_llm(model_dir, method=args.method, budget=args.budget, dtype=args.dtype,
                     max_model_len=args.max_model_len)
     stop_ids = eos_ids(model_dir, tokenizer)
@@ -186,7 +201,7 @@ def run_generate(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     token_ids = without_stop(out.token_ids, stop_ids)
     if not args.json:
-        print(out.text)
+        print(out.text, file=result, flush=True)
         return 0
     print(json.dumps({
         "text": out.text,
@@ -201,7 +216,7 @@ def run_generate(args: argparse.Namespace) -> int:
         "chat": chat,
         "dtype": args.dtype,
         "engine": "vllm",
-    }))
+    }), file=result, flush=True)
     return 0
 
 
