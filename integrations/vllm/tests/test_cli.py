@@ -2,6 +2,7 @@
 test_engine.py runs the real command)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -26,3 +27,12 @@ def test_the_result_alone_on_stdout_and_every_log_line_on_stderr():
     assert json.loads(proc.stdout) == {"token_ids": [1, 2]}
     for line in ("engine starting", "a plain print", "from the engine process", "shutting down"):
         assert line in proc.stderr
+
+
+def test_tensor_parallel_workers_get_one_core_group_each():
+    from omnikv_vllm.cli import cpu_env_defaults
+
+    cores = {str(c) for c in os.sched_getaffinity(0)}
+    groups = cpu_env_defaults({}, tensor_parallel=3)["VLLM_CPU_OMP_THREADS_BIND"].split("|")
+    assert len(groups) == 3 and all(g and set(g.split(",")) <= cores for g in groups)
+    assert "|" not in cpu_env_defaults({})["VLLM_CPU_OMP_THREADS_BIND"]
