@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# vLLM decode tokens/s on CPU, stock attention vs the OmniKV backend (docs/vllm.md), SmolLM2 fp32,
-# 4K and 8K contexts, 1 and 4 concurrent requests. Needs integrations/vllm/setup.sh first.
+# vLLM decode tokens/s on CPU: stock attention vs the OmniKV backend, interleaved in one engine
+# (integrations/vllm/bench_decode.py; docs/vllm.md), SmolLM2 fp32, 8K/16K/32K x 1/4 requests and
+# 8K x 16 (16K x 16 and 32K x 16 need 12 / 24 GiB of KV: more than this machine can spare).
+# Needs integrations/vllm/setup.sh first. The load average is recorded per cell and in load.txt.
 #   benchmarks/vllm_cpu.sh [OUTPUT_DIR]
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="${1:-$root/benchmarks/results/vllm-cpu}"
 mkdir -p "$out"
 cd "$root/integrations/vllm"
-for method in full omnikv; do
-  nice -n "${NICE:-5}" .venv/bin/python bench_decode.py --method "$method" \
-    --contexts "${CONTEXTS:-4096,8000}" --concurrency "${CONCURRENCY:-1,4}" --new-tokens "${NEW_TOKENS:-32}" \
-    --output "$out/$method.json" 2> "$out/$method.log"
-done
+cells="${CELLS:-8192x1,16384x1,32768x1,8192x4,16384x4,32768x4,8192x16}"
+cmd=(nice -n "${NICE:-5}" .venv/bin/python bench_decode.py --cells "$cells" --new-tokens "${NEW_TOKENS:-16}"
+     --repeats "${REPEATS:-2}" --output "$out/bench.json")
+{ date -u; echo "before: $(cat /proc/loadavg)"; echo "command: ${cmd[*]}"; } > "$out/load.txt"
+"${cmd[@]}" 2> "$out/bench.log"
+echo "after: $(cat /proc/loadavg)" >> "$out/load.txt"

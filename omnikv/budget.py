@@ -91,6 +91,31 @@ class Budget:
         return str(self.value)
 
 
+def forced_blocks(prompt_len: int, block: int, sink: int, recent: int) -> list[int]:
+    """Blocks of `block` tokens (block b = positions [b*block, (b+1)*block)) always selected: those
+    holding the first `sink` and the last `recent` prompt tokens, and always the last block, which
+    may be partial (under vLLM the first generated tokens share it). Ascending."""
+    if prompt_len <= 0:
+        return []
+    last = (prompt_len - 1) // block
+    sinks = range(min(math.ceil(sink / block), last + 1))
+    first_recent = max(prompt_len - recent, 0) // block if recent else last
+    return sorted(set(sinks) | set(range(first_recent, last + 1)))
+
+
+def block_selection(prompt_len: int, tokens: int, block: int, sink: int, recent: int) -> tuple[int, int]:
+    """(blocks, prompt rows) of a block-granular selection whose budget is `tokens` rows.
+
+    The budget rounds up to whole blocks (ceil(tokens / block)), never below the forced blocks
+    (`forced_blocks`) nor above the prompt's blocks; the rows are those blocks' prompt tokens (the
+    last block is always in, and it alone may be partial)."""
+    if prompt_len <= 0:
+        return 0, 0
+    total = math.ceil(prompt_len / block)
+    n = min(total, max(math.ceil(tokens / block), len(forced_blocks(prompt_len, block, sink, recent))))
+    return n, prompt_len - (total - n) * block
+
+
 def parse_budget(text: str) -> int | float:
     """The plain value of `Budget.parse(text)` (what configs and method options store)."""
     return Budget.parse(text).value

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omnikv.budget import Budget
+from omnikv.budget import Budget, block_selection
 from omnikv.errors import ConfigError, check_int
 
 # The vocabulary of token selection, in one place: the config, the layers, the CLI flags, the
@@ -26,6 +26,7 @@ ANALYSIS_SELECTORS = QUERY_SELECTORS  # what the analysis scores (one decode que
 HEAD_REDUCTIONS = ("max", "sum", "per_kv_head")
 
 _FITTED: set[tuple[int, int, int]] = set()  # (budget, sink, recent) already warned about
+_ROUNDED: set[tuple[int, int]] = set()  # (budget, selection_block) already warned about
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,12 @@ class OmniKVConfig:
             gather all k rows at every selection, as the paper's code does.
         prefill_chunk_size: default chunk size for chunked prefill in `omnikv.decoding.generation` (None =
             one pass). Results are identical; it bounds activation memory.
+        selection_block: the unit of selection. 1 (default): tokens, as the paper. N > 1: blocks of
+            N prompt positions (block b = [b*N, (b+1)*N)): the filter layer scores each block by
+            the max of its tokens' scores and keeps whole blocks: the top ones, the blocks of the
+            sink and recent tokens, and always the last (possibly partial) block. The budget
+            rounds up to whole blocks (`omnikv.budget.block_selection`). This is what a paged KV
+            cache can attend without copying rows (the vLLM backend uses N = its block size).
     """
 
     filter_layers: tuple[int, ...] = (2, 8, 18)
@@ -74,6 +81,7 @@ class OmniKVConfig:
     refresh_every: int = 1
     partial_reload: bool = True
     prefill_chunk_size: int | None = None
+    selection_block: int = 1
     # Free-form provenance (e.g. which preset / calibration produced this config). Not used by the
     # algorithm; kept so that results can say where their settings came from.
     source: str = field(default="user", compare=False)
@@ -119,6 +127,22 @@ class OmniKVConfig:
             check_int("prefill_chunk_size", self.prefill_chunk_size, 1)
         if isinstance(self.budget, int) and self.budget < self.sink_tokens + self.recent_tokens:
             self._fit_sink_recent()
+        check_int("selection_block", self.selection_block, 1)
+        if self.selection_block > 1:
+            self._check_block_budget()
+
+    def _check_block_budget(self) -> None:
+        """Block selection keeps whole blocks: say once when a token budget is not a whole number
+        of them (the selection then holds up to selection_block - 1 rows more than asked)."""
+        n = self.selection_block
+        if isinstance(self.budget, int) and self.budget % n and (self.budget, n) not in _ROUNDED:
+            _ROUNDED.add((self.budget, n))
+            warnings.warn(
+                f"budget={self.budget} tokens is not a multiple of selection_block={n}; whole blocks are "
+                f"selected, {-(-self.budget // n)} blocks = {-(-self.budget // n) * n} tokens (give a "
+                f"multiple of {n} to silence this)",
+                stacklevel=4,
+            )
 
     def _fit_sink_recent(self) -> None:
         """The budget is the user's number: shrink sink and recent proportionally to fit inside it
@@ -145,8 +169,14 @@ class OmniKVConfig:
         `Budget.selected`: a float budget is a fraction of the prompt (rounded up). The result
         never goes below the always-kept sink + recent tokens (so they are never crowded out) nor
         above the prompt.
+
+        With `selection_block` > 1 it is the prompt rows of the selected whole blocks
+        (`omnikv.budget.block_selection`): the same for every step of a prompt.
         """
-        return self._budget.selected(prompt_len, sink=self.sink_tokens, recent=self.recent_tokens)
+        k = self._budget.selected(prompt_len, sink=self.sink_tokens, recent=self.recent_tokens)
+        if self.selection_block == 1:
+            return k
+        return block_selection(prompt_len, k, self.selection_block, self.sink_tokens, self.recent_tokens)[1]
 
     @property
     def uses_query_window(self) -> bool:

@@ -94,6 +94,23 @@ def ref_select(scores: list[float], k: int, valid: list[bool] | None, sink: int,
     return sorted(order[: min(k, t)])
 
 
+def ref_select_blocks(scores: list[float], rows: int, block: int, sink: int, recent: int) -> list[int]:
+    """Block selection, explicitly: block b holds positions [b*block, (b+1)*block) of the prompt,
+    scores its best token; the blocks holding a sink token, a recent token or the last token are
+    forced; then the best blocks until the selection holds `rows` prompt positions."""
+    t = len(scores)
+    members = [list(range(b, min(b + block, t))) for b in range(0, t, block)]
+    best = [max(scores[j] for j in m) for m in members]
+    forced = {j // block for j in list(range(min(sink, t))) + list(range(max(t - recent, 0), t)) + [t - 1]}
+    order = sorted(range(len(members)), key=lambda b: (b not in forced, -best[b]))
+    chosen: list[int] = []
+    for b in order:
+        if sum(len(members[c]) for c in chosen) >= rows and len(chosen) >= len(forced):
+            break
+        chosen.append(b)
+    return sorted(j for b in chosen for j in members[b])
+
+
 def ref_reload(prev: list[int], new: list[int]) -> list[int]:
     """The slot contents after a partial reload: every slot whose position stays selected keeps
     it; the others take the newly selected positions, in the order the new selection lists them."""
@@ -148,7 +165,11 @@ class ReferenceOmniKV:
             q = self.windows[i][0] if cfg.selector in ("uniform", "exp", "union") else query[0]
             groups = ref_scores(q, key[0, :, :n], scaling, cfg.selector, cfg.head_reduce, None)
             k = cfg.resolve_budget(n)
-            self.selection[i] = [ref_select(s, k, None, cfg.sink_tokens, cfg.recent_tokens) for s in groups]
+            if cfg.selection_block > 1:
+                self.selection[i] = [ref_select_blocks(s, k, cfg.selection_block, cfg.sink_tokens, cfg.recent_tokens)
+                                     for s in groups]
+            else:
+                self.selection[i] = [ref_select(s, k, None, cfg.sink_tokens, cfg.recent_tokens) for s in groups]
             self.last_select[i] = self.steps
         if role is not Role.SPARSE:
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)

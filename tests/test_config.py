@@ -32,6 +32,8 @@ from omnikv.models.tiny import tiny_config
         (dict(partial_reload="yes"), "partial_reload"),
         (dict(window_size=0), "window_size"),
         (dict(offload="yes"), "offload"),
+        (dict(selection_block=0), "selection_block"),
+        (dict(selection_block=16.0), "selection_block"),
     ],
 )
 def test_bad_values_name_the_field(kwargs, field):
@@ -170,3 +172,16 @@ def test_a_plan_without_sparse_layers_is_refused():
         plan_layers(OmniKVConfig(filter_layers=(1,), num_wait_layers=100), ["full_attention"] * 6)
     with pytest.raises(ConfigError, match="leave no sparse layer"):
         plan_layers(OmniKVConfig(filter_layers=(5,), num_wait_layers=0), ["full_attention"] * 6)
+
+
+def test_block_selection_rounds_the_budget_up_to_whole_blocks_and_says_so():
+    with pytest.warns(UserWarning, match=r"budget=200 tokens is not a multiple of selection_block=32; .* 7 blocks = 224"):
+        cfg = OmniKVConfig(budget=200, sink_tokens=4, recent_tokens=16, selection_block=32)
+    # 1000 tokens = 31 full blocks + 8 tokens; 7 blocks, the last (partial, always kept) included.
+    assert cfg.resolve_budget(1000) == 6 * 32 + 8
+    assert cfg.resolve_budget(50) == 50  # every block of a short prompt
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a multiple of the block: nothing to say; said once above
+        assert OmniKVConfig(budget=96, recent_tokens=16, selection_block=32).resolve_budget(1000) == 2 * 32 + 8
+        OmniKVConfig(budget=200, sink_tokens=4, recent_tokens=16, selection_block=32)
+    assert OmniKVConfig(budget=96).resolve_budget(1000) == 96  # tokens: unchanged

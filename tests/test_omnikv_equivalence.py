@@ -254,3 +254,28 @@ def test_fractional_budget_is_each_rows_own(models, selector):
             real = idx[0, 0][idx[0, 0] >= width - 60]
             assert real.numel() == 15, "row 0 must select 15 of its own 60 tokens"
             assert idx[0, 0].unique().numel() == idx.shape[-1]  # padding fills, no duplicates
+
+
+@pytest.mark.parametrize("selector,head_reduce", [("last", "max"), ("uniform", "per_kv_head"), ("softmax_last", "sum")])
+def test_block_selection_matches_reference(models, selector, head_reduce):
+    model = models("llama", num_hidden_layers=6)
+    cfg = cfg_for("llama", budget=48, selector=selector, head_reduce=head_reduce, sink_tokens=2, recent_tokens=4,
+                  window_size=8, selection_block=16)
+    ids = prompt(203, seed=3)[0].tolist()  # 12 full blocks + 11 tokens: the last block is partial
+    cont = prompt(8, seed=4)[0].tolist()
+    lib = teacher_forced_logits(model, ids, cont, get_method("omnikv", config=cfg))
+    ref = ReferenceOmniKV(model, cfg).logits(ids, cont)
+    torch.testing.assert_close(lib, ref, atol=ATOL, rtol=0)
+    tokens = teacher_forced_logits(model, ids, cont, get_method("omnikv", config=cfg.replace(selection_block=1)))
+    assert (lib - tokens).abs().max() > 10 * ATOL  # blocks select another set than tokens: not vacuous
+
+
+def test_block_selection_refuses_a_left_padded_batch(models):
+    from omnikv.errors import ConfigError
+
+    model = models("llama", num_hidden_layers=6)
+    ids, mask = left_padded_batch(21, 22)
+    cache = OmniKVCache(model, cfg_for("llama", budget=32, sink_tokens=2, recent_tokens=4, selection_block=16))
+    with torch.inference_mode(), pytest.raises(ConfigError, match="selection_block=16 does not support left-padded"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=256,
+                       **cache_kwargs(cache))

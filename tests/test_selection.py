@@ -1,16 +1,25 @@
 """The vectorised selector against the loop reference, plus property tests of its invariants."""
 
 import math
+import warnings
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from omnikv.algorithm.selection import filter_scores, gather_rows, select_topk, select_topk_rows, union_scores
+from omnikv.algorithm.selection import (
+    filter_scores,
+    gather_rows,
+    select_topk,
+    select_topk_blocks,
+    select_topk_rows,
+    union_scores,
+)
+from omnikv.config import OmniKVConfig
 from omnikv.hf.masks import positions_mask
 from omnikv.offload.delta import selection_delta
-from reference import ref_reload, ref_scores, ref_select
+from reference import ref_reload, ref_scores, ref_select, ref_select_blocks
 
 
 def rand(*shape, seed=0):
@@ -199,3 +208,45 @@ def test_topk_rows_picks_what_each_row_picks_alone(seed):
             alone = ref_select(scores[i, j, p:].tolist(), int(ks[i]), None, 1, 2)
             assert real == [x + p for x in alone]
             assert all(x < p for x in row if x not in real)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    g=st.integers(1, 3),
+    t=st.integers(1, 90),
+    block=st.integers(2, 17),
+    budget=st.integers(1, 100),
+    sink=st.integers(0, 9),
+    recent=st.integers(0, 20),
+    seed=st.integers(0, 1000),
+)
+def test_block_selection_matches_reference_and_keeps_whole_blocks(g, t, block, budget, sink, recent, seed):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # budgets that round up to blocks: said, and meant here
+        cfg = OmniKVConfig(budget=max(budget, sink + recent), sink_tokens=sink, recent_tokens=recent, selection_block=block)
+    rows = cfg.resolve_budget(t)
+    scores = rand(2, g, t, seed=seed)
+    fast = select_topk_blocks(scores, rows, block, sink=sink, recent=recent)
+    assert fast.shape == (2, g, rows)  # the size the sparse layers' buffers are made for
+    for b in range(2):
+        for gi in range(g):
+            got = fast[b, gi].tolist()
+            assert got == ref_select_blocks(scores[b, gi].tolist(), rows, block, sink, recent)
+            blocks = {p // block for p in got}
+            assert got == sorted(p for x in blocks for p in range(x * block, min(x * block + block, t)))
+            assert (t - 1) // block in blocks and set(range(min(sink, t))) <= set(got)
+            assert set(range(max(t - recent, 0), t)) <= set(got)
+
+
+def test_blocks_of_one_token_select_what_token_selection_selects():
+    scores = rand(2, 3, 60, seed=9)
+    cfg = OmniKVConfig(budget=20, sink_tokens=2, recent_tokens=3)
+    tokens = select_topk(scores, cfg.resolve_budget(60), sink=2, recent=3)
+    assert torch.equal(select_topk_blocks(scores, cfg.resolve_budget(60), 1, sink=2, recent=3), tokens)
+
+
+def test_a_block_wins_by_its_best_token():
+    scores = torch.zeros(1, 1, 64)
+    scores[0, 0, 37] = 5.0  # block 2 of 16 holds the best token; block 0 is the sink, 3 the last
+    got = select_topk_blocks(scores, 48, 16, sink=1, recent=1)
+    assert got[0, 0].tolist() == list(range(0, 16)) + list(range(32, 64))

@@ -25,6 +25,9 @@ MODEL = "smollm2"
 MAX_NEW = 24
 CLI_BUDGET = 128
 SERVER_BUDGET = 96
+# The vLLM backend selects whole blocks of vLLM's CPU block size (128); the library does the same
+# with --selection-block, so the tokens must be equal.
+BLOCK = "128"
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +74,8 @@ def _reference() -> dict:
     lm = load_model(MODEL)
     prompts = [(name, text, common.encode_prompt(lm, text, True)) for name, text in _prompts()]
     cases = [{"name": name, "prompt_ids": ids, "max_new_tokens": MAX_NEW,
-              "token_ids": _omnikv_generate(lm, ids, "--method", "omnikv", "--budget", str(SERVER_BUDGET))}
+              "token_ids": _omnikv_generate(lm, ids, "--method", "omnikv", "--budget", str(SERVER_BUDGET),
+                                           "--selection-block", BLOCK)}
              for name, _, ids in prompts]
     name, text, ids = prompts[2]
     return {
@@ -80,7 +84,8 @@ def _reference() -> dict:
         "server_budget": SERVER_BUDGET,
         "server": cases,
         "cli": {"name": name, "text": text, "prompt_ids": ids, "budget": CLI_BUDGET, "max_new_tokens": MAX_NEW,
-                "token_ids": _omnikv_generate(lm, ids, "--method", "omnikv", "--budget", str(CLI_BUDGET)),
+                "token_ids": _omnikv_generate(lm, ids, "--method", "omnikv", "--budget", str(CLI_BUDGET),
+                                             "--selection-block", BLOCK),
                 "full_token_ids": _omnikv_generate(lm, ids, "--method", "full")},
     }
 

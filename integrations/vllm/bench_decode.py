@@ -1,11 +1,20 @@
-"""Decode speed under vLLM: stock CPU attention (`--method full`) vs the OmniKV backend.
+"""Decode speed under vLLM: stock CPU attention against the OmniKV backend, interleaved in one run.
 
-Runs in the vLLM venv (integrations/vllm/.venv). One engine per run (the method is fixed at engine
-start); for each context length and concurrency it adds the requests (random token ids, fixed
-seed, no prefix caching), steps the engine until every request has its first token (prefill), then
-times the remaining steps: decode tokens/s = tokens generated in those steps / their wall time.
+Runs in the vLLM venv (integrations/vllm/.venv). One engine, in this process
+(VLLM_ENABLE_V1_MULTIPROCESSING=0), with the OmniKV backend installed and prefix caching on. For
+each context length and concurrency: random-token prompts (fixed seed) are prefilled once (not
+timed: prefix caching keeps them); then `--repeats` times, stock then OmniKV (the order alternates
+from one repeat to the next), the same prompts are decoded `--new-tokens` tokens each, and every
+decode step is timed. "stock" is the same engine with OmniKV's step state off
+(`omnikv_vllm.backend.set_active(False)`): every layer runs vLLM's CPU_ATTN code unchanged, over
+the same weights and cached prompt blocks, so the two are compared under the same load at the same
+moment. Decode tokens/s = requests / median step time over the repeats' steps.
 
-    .venv/bin/python bench_decode.py --method omnikv --contexts 4096,8000 --concurrency 1,4 --output r.json
+With OMNIKV_VLLM_PROFILE=1 (set here) the OmniKV runs also sum the time spent selecting (filter
+layers, after their stock attention) and in the sparse layers' attention: their shares of a decode
+step are reported next to the speeds.
+
+    .venv/bin/python bench_decode.py --contexts 8192,16384 --concurrency 1,4 --output r.json
 """
 
 from __future__ import annotations
@@ -15,79 +24,136 @@ import json
 import os
 import platform
 import random
+import statistics
 import subprocess
 import time
 from pathlib import Path
 
+METHODS = ("stock", "omnikv")
 
-def _env(method: str, budget: str | None) -> None:
+
+def _env(kv_space: str) -> None:
     from omnikv_vllm.cli import cpu_env_defaults, method_env
 
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # 4 x 8K tokens of SmolLM2 fp32 need ~1.5 GiB
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = kv_space
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine here: set_active and the profile reach it
+    os.environ["OMNIKV_VLLM_PROFILE"] = "1"
+    # SmolLM2 was trained to 8K positions; past them its outputs are not meaningful, but the
+    # decode cost (what is measured here, on random tokens) is the same computation.
+    os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
     os.environ.update(cpu_env_defaults())
-    os.environ.update(method_env(method, None if budget is None else json.loads(budget)))
+    os.environ.update(method_env("omnikv", None))
 
 
-def run_case(engine, prompts: list[list[int]], new_tokens: int) -> dict:
+def _drain(engine, n: int, counts: dict[str, int]) -> None:
+    while len([c for c in counts.values() if c >= 1]) < n:
+        for out in engine.step():
+            counts[out.request_id] = len(out.outputs[0].token_ids)
+
+
+def decode_run(engine, prompts: list[list[int]], new_tokens: int, method: str) -> dict:
+    """One decode of every prompt (prefix-cached): per-step seconds and OmniKV's parts."""
     from vllm import SamplingParams, TokensPrompt
 
+    from omnikv_vllm import backend, profile
+
+    backend.set_active(method == "omnikv")
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-    tag = f"{time.monotonic_ns()}"
+    tag = f"{method}-{time.monotonic_ns()}"
     for i, p in enumerate(prompts):
         engine.add_request(f"{tag}-{i}", TokensPrompt(prompt_token_ids=p), params)
     counts: dict[str, int] = {}
-    start = time.perf_counter()
-    while len([c for c in counts.values() if c >= 1]) < len(prompts):
-        for out in engine.step():
-            counts[out.request_id] = len(out.outputs[0].token_ids)
-    prefill_s = time.perf_counter() - start
-    before = sum(counts.values())
-    steps, t0 = 0, time.perf_counter()
+    _drain(engine, len(prompts), counts)  # the prompts' uncached tails and first tokens
+    before, steps, tokens = profile.totals(), [], 0
     while engine.has_unfinished_requests():
-        for out in engine.step():
+        t0 = time.perf_counter()
+        outs = engine.step()
+        steps.append(time.perf_counter() - t0)
+        for out in outs:
+            tokens += len(out.outputs[0].token_ids) - counts.get(out.request_id, 0)
             counts[out.request_id] = len(out.outputs[0].token_ids)
-        steps += 1
-    decode_s = time.perf_counter() - t0
-    tokens = sum(counts.values()) - before
-    return {"prefill_seconds": round(prefill_s, 3), "decode_seconds": round(decode_s, 3), "decode_steps": steps,
-            "decode_tokens": tokens, "decode_tokens_per_second": round(tokens / decode_s, 3)}
+    after = profile.totals()
+    parts = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in ("selection", "sparse attention")}
+    return {"steps": steps, "tokens": tokens, "parts": parts}
+
+
+def run_cell(llm, ctx: int, conc: int, args) -> dict:
+    from vllm import SamplingParams, TokensPrompt
+
+    vocab = llm.get_tokenizer().vocab_size
+    rng = random.Random(ctx * 10 + conc)
+    prompts = [[rng.randrange(100, vocab) for _ in range(ctx)] for _ in range(conc)]
+    t0 = time.perf_counter()
+    llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], SamplingParams(max_tokens=1), use_tqdm=False)
+    prefill_s = time.perf_counter() - t0
+    runs: dict[str, list[dict]] = {m: [] for m in METHODS}
+    for rep in range(args.repeats):
+        for method in (METHODS if rep % 2 == 0 else METHODS[::-1]):
+            runs[method].append(decode_run(llm.llm_engine, prompts, args.new_tokens, method))
+    row = {"context": ctx, "concurrency": conc, "prefill_seconds": round(prefill_s, 2),
+           "load_average": os.getloadavg()}
+    for method in METHODS:
+        steps = [s for r in runs[method] for s in r["steps"]]
+        med = statistics.median(steps)
+        row[method] = {"median_step_s": round(med, 5), "tokens_per_s": round(conc / med, 3),
+                       "steps": len(steps), "step_s_min_max": [round(min(steps), 5), round(max(steps), 5)]}
+    total = sum(s for r in runs["omnikv"] for s in r["steps"])
+    shares = {k: sum(r["parts"][k] for r in runs["omnikv"]) / total for k in ("selection", "sparse attention")}
+    shares["elsewhere"] = 1 - sum(shares.values())
+    row["omnikv"]["step_shares"] = {k: round(v, 3) for k, v in shares.items()}
+    row["ratio"] = round(row["omnikv"]["tokens_per_s"] / row["stock"]["tokens_per_s"], 3)
+    return row
+
+
+def _meta(args) -> dict:
+    import torch
+    import vllm
+
+    from omnikv_vllm import backend
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True).stdout.strip()
+    model = backend._Model._instance
+    return {"model": args.model, "dtype": "float32", "new_tokens": args.new_tokens, "repeats": args.repeats,
+            "omnikv_config": str(model.config) if model else None,
+            "layers": model.plan.summary() if model else None,
+            "vllm": vllm.__version__, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+            "cores": len(os.sched_getaffinity(0)), "threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
+            "kv_space_gib": os.environ.get("VLLM_CPU_KVCACHE_SPACE"), "commit": commit + ("+dirty" if dirty else ""),
+            "nice": os.nice(0)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--method", choices=("full", "omnikv"), required=True)
-    ap.add_argument("--budget", default=None, help="OmniKV budget override (JSON number); default: preset")
-    ap.add_argument("--contexts", default="4096,8000")
+    ap.add_argument("--contexts", default="8192,16384,32768")
     ap.add_argument("--concurrency", default="1,4")
-    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--cells", default=None,
+                    help="explicit CTXxN cells, e.g. 8192x1,8192x4,32768x1 (run in this order; overrides "
+                    "--contexts/--concurrency)")
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--kv-space", default="7", help="VLLM_CPU_KVCACHE_SPACE in GiB (7 fits 32K x 4 requests)")
     ap.add_argument("--output", required=True)
     args = ap.parse_args()
-    _env(args.method, args.budget)
+    if args.cells:
+        cells = [tuple(int(x) for x in c.split("x")) for c in args.cells.split(",")]
+    else:
+        cells = [(int(c), int(n)) for c in args.contexts.split(",") for n in args.concurrency.split(",")]
+    _env(args.kv_space)
     from omnikv_vllm import models
     from omnikv_vllm.cli import build_llm
 
-    contexts = [int(c) for c in args.contexts.split(",")]
-    llm = build_llm(models.resolve(args.model), method=args.method, budget=None, dtype="float32",
-                    max_model_len=max(contexts) + args.new_tokens + 8, enable_prefix_caching=False,
-                    max_num_seqs=max(int(c) for c in args.concurrency.split(",")))
-    vocab = llm.get_tokenizer().vocab_size
+    llm = build_llm(models.resolve(args.model), method="omnikv", budget=None, dtype="float32",
+                    max_model_len=max(c for c, _ in cells) + args.new_tokens + 8, enable_prefix_caching=True,
+                    max_num_seqs=max(n for _, n in cells))
+    out = Path(args.output)
     rows = []
-    for ctx in contexts:
-        for conc in (int(c) for c in args.concurrency.split(",")):
-            rng = random.Random(ctx * 10 + conc)
-            prompts = [[rng.randrange(100, vocab) for _ in range(ctx)] for _ in range(conc)]
-            rows.append({"context": ctx, "concurrency": conc, **run_case(llm.llm_engine, prompts, args.new_tokens)})
-            print(json.dumps(rows[-1]), flush=True)
-    import torch
-    import vllm
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    meta = {"method": args.method, "budget": args.budget or "preset", "model": args.model, "dtype": "float32",
-            "new_tokens": args.new_tokens, "vllm": vllm.__version__, "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)),
-            "threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"), "commit": commit}
-    Path(args.output).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    for ctx, conc in cells:
+        rows.append(run_cell(llm, ctx, conc, args))
+        print(json.dumps(rows[-1]), flush=True)
+        out.write_text(json.dumps({"meta": _meta(args), "rows": rows}, indent=2))  # after every cell
 
 
 if __name__ == "__main__":

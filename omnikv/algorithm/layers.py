@@ -12,9 +12,11 @@ from omnikv.algorithm.selection import (
     filter_scores,
     scores_from_logits,
     select_topk,
+    select_topk_blocks,
     select_topk_rows,
 )
 from omnikv.config import OmniKVConfig
+from omnikv.errors import ConfigError
 from omnikv.hf.attention import grouped_logits, masked_softmax, scaling_of
 from omnikv.hf.layers import DenseLayer, ManagedLayer
 from omnikv.offload.segment import Segment
@@ -121,7 +123,13 @@ class FilterLayer(DenseLayer):
 
     def _pick(self, scores: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         st, cfg = self.state, self.state.config
-        if valid is not None and isinstance(cfg.budget, float):
+        if cfg.selection_block > 1:
+            if valid is not None:
+                raise ConfigError(
+                    f"selection_block={cfg.selection_block} does not support left-padded batches yet (block "
+                    "boundaries would differ per row); run the prompts one at a time or use selection_block=1")
+            idx = select_topk_blocks(scores, st.k, cfg.selection_block, sink=cfg.sink_tokens, recent=cfg.recent_tokens)
+        elif valid is not None and isinstance(cfg.budget, float):
             # A fraction of each row's own prompt, not of the padded width (see select_topk_rows);
             # computed once per prompt (reading the lengths syncs the device).
             if self._row_budget is None or self._row_budget[0] is not st.valid:

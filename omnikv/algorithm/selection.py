@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from omnikv.budget import block_selection, forced_blocks
 from omnikv.config import QUERY_SELECTORS, WINDOW_SELECTORS  # noqa: F401 - the selector vocabulary
 
 NEG_INF = float("-inf")
@@ -203,6 +204,66 @@ def select_topk_rows(
         filler = pad_first.gather(-1, (rank[None, :] - ks[:, None]).clamp(min=0))  # (B, k_max)
         best = torch.where(short[:, None, :], filler[:, None, :].expand(b, g, k_max), best)
     return torch.sort(best, dim=-1).values
+
+
+def block_scores(scores: torch.Tensor, block: int) -> torch.Tensor:
+    """Pool token scores into blocks of `block` positions by their max.
+
+    Args:
+        scores: (B, G, T) token scores (-inf = never chosen).
+    Returns:
+        (B, G, ceil(T / block)); the last block pools only the tokens it has.
+    """
+    b, g, t = scores.shape
+    nb = -(-t // block)
+    if nb * block != t:
+        scores = torch.nn.functional.pad(scores, (0, nb * block - t), value=NEG_INF)
+    return scores.view(b, g, nb, block).amax(dim=-1)
+
+
+def select_blocks(pooled: torch.Tensor, n: int, forced: list[int]) -> torch.Tensor:
+    """Pick `n` blocks per index group, the `forced` ones (`omnikv.budget.forced_blocks`) first.
+
+    Args:
+        pooled: (B, G, NB) block scores from `block_scores`.
+    Returns:
+        (B, G, n) int64 block ids, ascending.
+    """
+    if forced:
+        pooled = pooled.clone()
+        pooled[..., forced] = POS_INF
+    idx = torch.topk(pooled, min(n, pooled.shape[-1]), dim=-1, sorted=False).indices
+    return torch.sort(idx, dim=-1).values
+
+
+def block_positions(blocks: torch.Tensor, block: int, prompt_len: int) -> torch.Tensor:
+    """Prompt positions of ascending block ids whose last entry is the prompt's last block.
+
+    Args:
+        blocks: (B, G, n) int64 ascending, each row ending with (prompt_len - 1) // block.
+    Returns:
+        (B, G, rows) int64 ascending, rows = n * block minus the positions past the prompt (all in
+        the last block, so they are the tail).
+    """
+    b, g, n = blocks.shape
+    pos = (blocks.unsqueeze(-1) * block + torch.arange(block, device=blocks.device)).view(b, g, n * block)
+    past = -(-prompt_len // block) * block - prompt_len
+    return pos[..., : n * block - past]
+
+
+def select_topk_blocks(scores: torch.Tensor, rows: int, block: int, *, sink: int = 0, recent: int = 0) -> torch.Tensor:
+    """`select_topk` at block granularity (OmniKVConfig.selection_block > 1), no padding.
+
+    Args:
+        scores: (B, G, T) token scores of a T-token prompt; rows: the selection's size in prompt
+            rows, `OmniKVConfig.resolve_budget(T)` (or any token budget: it rounds up to blocks).
+    Returns:
+        (B, G, rows') int64 positions ascending: every prompt position of the chosen blocks.
+    """
+    t = scores.shape[-1]
+    n, _ = block_selection(t, rows, block, sink, recent)
+    blocks = select_blocks(block_scores(scores, block), n, forced_blocks(t, block, sink, recent))
+    return block_positions(blocks, block, t)
 
 
 def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

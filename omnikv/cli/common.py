@@ -149,6 +149,9 @@ def add_method_arguments(p: argparse.ArgumentParser, *, method: bool = True) -> 
                    help="first prompt tokens always attended (default: the method's)")
     g.add_argument("--recent-tokens", type=non_negative_int, default=None, metavar="N",
                    help="last prompt tokens always attended (default: the method's)")
+    g.add_argument("--selection-block", type=positive_int, default=None, metavar="N",
+                   help="omnikv: select whole blocks of N prompt tokens (default 1: tokens; vLLM's CPU "
+                   "backend uses its block size, 128)")
     g.add_argument("--telemetry", default=None, action="store_true",
                    help="omnikv: also compute each sparse layer's true attention every step and report how much of "
                    "it the selection covers (slower; off by default)")
@@ -187,7 +190,7 @@ def add_prompt_arguments(p: argparse.ArgumentParser, *, required: bool = True) -
 
 # The method flags, by option name (a method takes the ones among its fields; `omnikv models`).
 METHOD_FLAGS = ("preset", "filter_layers", "num_wait_layers", "selector", "head_reduce", "offload", "sink_tokens",
-                "recent_tokens", "telemetry", "compile")
+                "recent_tokens", "selection_block", "telemetry", "compile")
 
 
 def method_options(args: argparse.Namespace) -> dict[str, Any]:

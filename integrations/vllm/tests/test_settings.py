@@ -37,10 +37,19 @@ def test_a_named_preset_and_a_preset_file(tmp_path):
     ('{"selector": "exp"}', "supports selector"),
     ('{"head_reduce": "per_kv_head"}', "per_kv_head"),
     ('{"no_such_field": 1}', "no_such_field"),
+    ('{"selection_block": 16}', "selection_block must be 1 .* block size 128 .* --block-size 16"),
 ])
 def test_bad_settings_fail_with_the_setting_named(raw, match):
     with pytest.raises((ConfigError, TypeError), match=match):
         settings.resolve_config(SMOLLM2, {"OMNIKV_VLLM_CONFIG": raw})
+
+
+def test_selection_is_by_the_caches_blocks_unless_tokens_are_asked_for():
+    cfg = settings.resolve_config(SMOLLM2, {"OMNIKV_VLLM_CONFIG": '{"budget": 1024}'}, block_size=128)
+    assert cfg.selection_block == 128 and cfg.budget == 1024
+    assert settings.resolve_config(SMOLLM2, {}, block_size=32).selection_block == 32
+    tokens = settings.resolve_config(SMOLLM2, {"OMNIKV_VLLM_CONFIG": '{"selection_block": 1}'}, block_size=128)
+    assert tokens.selection_block == 1
 
 
 def test_cli_reports_a_user_error_in_one_line(capsys):

@@ -3,11 +3,16 @@
 Per layer, with the library's roles (`omnikv.algorithm.roles.plan_layers`):
 
 * dense (and sliding-window) layers: the stock kernel, unchanged;
-* filter layers: the stock kernel for every row; then, for each decode row, the library's selector
-  (`omnikv.algorithm.selection.filter_scores` + `select_topk`) scores the row's prompt keys, read from the
-  paged cache, with the row's query, and keeps the top-k for the sparse layers of its segment;
-* sparse layers: prefill rows go through the stock kernel; each decode row attends to its selected
-  prompt rows plus every generated row, gathered from the paged cache (`omnikv_vllm.paged`).
+* filter layers: the stock kernel for every row; then each decode row's prompt is scored with its
+  query and whole blocks are selected (`omnikv_vllm.select`, the library's block rules with
+  `selection_block` = the cache's block size), the same on every TP worker; the selection becomes a
+  sparse block table + lengths (`omnikv_vllm.sparse_table`) and the stock kernel's metadata for them;
+* sparse layers: prefill rows go through the stock kernel; decode rows go through the *same stock
+  kernel* over the sparse block table: no gather, no attention in Python.
+
+Token-granular selection (`OMNIKV_VLLM_CONFIG='{"selection_block": 1}'`) keeps the earlier path:
+the library's `filter_scores` + `select_topk` over the gathered prompt keys, and SDPA over the
+selected + generated rows gathered from the paged cache (`omnikv_vllm.paged`); it is slower.
 
 vLLM calls attention layer by layer, eagerly (`enforce_eager`), so a filter layer's selection is
 ready when the later layers of the same forward run; it lives on the step's metadata object, which
@@ -29,7 +34,12 @@ from omnikv.algorithm.roles import LayerPlan, Role
 from omnikv.algorithm.selection import filter_scores, select_topk
 from omnikv_vllm import settings
 from omnikv_vllm.paged import TileLayout
+from omnikv_vllm.profile import timed
+from omnikv_vllm.select import pad_rows, reduce_across_workers, row_token_scores, select_row_blocks, tp_gather
+from omnikv_vllm.sparse_table import sparse_block_table
 from omnikv_vllm.tracker import PromptTracker
+from vllm import _custom_ops as ops
+from vllm import envs
 from vllm.config import get_current_vllm_config
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
@@ -39,6 +49,20 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadata,
     CPUAttentionMetadataBuilder,
 )
+
+
+_active = True  # see set_active
+
+
+def set_active(on: bool) -> None:
+    """Turn OmniKV's step state on or off for the steps built from now on, in this process.
+
+    Off, every layer of every step runs vLLM's CPU_ATTN code unchanged (the metadata builder still
+    tracks prompt lengths, so requests started while on decode correctly when on again). For the
+    benchmark (bench_decode.py), which runs the engine in its own process to time stock attention
+    and OmniKV side by side on one engine: the same weights, KV blocks and cached prompts."""
+    global _active
+    _active = on
 
 
 @dataclass
@@ -60,8 +84,19 @@ class StepState:
     # Stock-kernel metadata and token indices of the other rows (None when every row decodes).
     rest: CPUAttentionMetadata | None
     rest_tokens: torch.Tensor | None
-    # filter layer -> row -> (G, k) selected prompt positions, ascending.
+    tokens: torch.Tensor  # (R,) int64 the decode rows' query tokens, in row order
+    block_table: torch.Tensor  # (R, NB) their block table rows
+    seq_lens: torch.Tensor  # (R,) int32
+    # token mode: filter layer -> row -> (G, k) selected prompt positions, ascending.
     selected: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)
+    # block mode: filter layer -> the stock kernel's metadata of the decode rows' sparse tables.
+    sparse: dict[int, CPUAttentionMetadata] = field(default_factory=dict)
+
+    @property
+    def contiguous(self) -> slice | None:
+        """The decode rows' tokens as a slice when they are consecutive (views, no copies)."""
+        first, n = int(self.tokens[0]), len(self.tokens)
+        return slice(first, first + n) if int(self.tokens[-1]) == first + n - 1 else None
 
 
 class _Model:
@@ -70,8 +105,10 @@ class _Model:
     _instance: _Model | None = None
 
     def __init__(self) -> None:
-        hf_config = get_current_vllm_config().model_config.hf_config
-        self.config: OmniKVConfig = settings.resolve_config(hf_config)
+        vllm_config = get_current_vllm_config()
+        hf_config = vllm_config.model_config.hf_config
+        self.block_size: int = vllm_config.cache_config.block_size
+        self.config: OmniKVConfig = settings.resolve_config(hf_config, block_size=self.block_size)
         self.plan: LayerPlan = settings.layer_plan(self.config, hf_config)
         # One line per process on stderr, where vLLM's own logs go: says the backend is on, and how.
         print(f"OmniKV vLLM backend: {self.config}; layers {self.plan.summary()}", file=sys.stderr, flush=True)
@@ -118,12 +155,15 @@ class OmniKVMetadataBuilder(CPUAttentionMetadataBuilder):
                           "seen runs dense attention", file=sys.stderr, flush=True)
                     self._warned_unknown = True
                 rest.append(r)
-        if not decode:
+        if not decode or not _active:
             return None  # every layer runs the stock kernel on this step
         rest_meta = rest_tokens = None
         if rest:
             rest_meta, rest_tokens = self._subset(common_prefix_len, cm, rest, qsl)
-        return StepState(decode, rest_meta, rest_tokens)
+        tokens = torch.tensor([d.token for d in decode], dtype=torch.int64)
+        rows = torch.tensor([d.row for d in decode], dtype=torch.int64)
+        seq = torch.tensor([d.seq_len for d in decode], dtype=torch.int32)
+        return StepState(decode, rest_meta, rest_tokens, tokens, block_table[rows], seq)
 
     def _subset(self, common_prefix_len, cm, rows: list[int], qsl: list[int]):
         """Stock metadata for a subset of the rows, with their tokens packed in row order."""
@@ -171,11 +211,15 @@ class OmniKVAttentionImpl(CPUAttentionBackendImpl):
             self._layer_idx = extract_layer_index(layer.layer_name)
         i = self._layer_idx
         role = model.plan.roles[i]
+        blocks = model.config.selection_block > 1
         if role is Role.FILTER:
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
-            state.selected[i] = {
-                d.row: self._select(model.config, query[d.token], kv_cache, d, layer) for d in state.decode
-            }
+            with timed("selection"):
+                if blocks:
+                    state.sparse[i] = self._select_blocks(model, query, kv_cache, state, layer)
+                else:
+                    state.selected[i] = {
+                        d.row: self._select(model.config, query[d.token], kv_cache, d, layer) for d in state.decode}
             return output
         if role is not Role.SPARSE:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
@@ -185,13 +229,59 @@ class OmniKVAttentionImpl(CPUAttentionBackendImpl):
             out = torch.empty_like(output[tok])
             super().forward(layer, query[tok], key[tok], value[tok], kv_cache, state.rest, out)
             output[tok] = out
-        selected = state.selected[model.plan.source_filter[i]]
-        for d in state.decode:
-            res = self._sparse(query[d.token], kv_cache, d, selected[d.row], layer)
-            output[d.token] = res.reshape(output[d.token].shape)
+        with timed("sparse attention"):
+            if blocks:
+                self._sparse_blocks(layer, query, key, value, kv_cache, state.sparse[model.plan.source_filter[i]],
+                                    state, output)
+            else:
+                selected = state.selected[model.plan.source_filter[i]]
+                for d in state.decode:
+                    res = self._sparse(query[d.token], kv_cache, d, selected[d.row], layer)
+                    output[d.token] = res.reshape(output[d.token].shape)
         return output
 
-    # -- the two OmniKV steps ---------------------------------------------------------------------
+    # -- block mode: selection into a sparse block table, the stock kernel over it ----------------
+    def _select_blocks(self, model: _Model, query, kv_cache, state: StepState, layer) -> CPUAttentionMetadata:
+        """Each decode row's selected blocks (the same on every TP worker) -> the stock kernel's
+        metadata of the rows' sparse block tables."""
+        bs, layout = model.block_size, self.layout(kv_cache, layer)
+        scores = []
+        for d in state.decode:
+            nb = -(-d.prompt_len // bs)
+            keys_t = layout.block_keys(kv_cache, d.block_row[:nb])  # (nb, Hk, D, bs)
+            scores.append(row_token_scores(query[d.token], keys_t, self.scale, d.prompt_len, model.config))
+        scores = reduce_across_workers(scores, model.config.head_reduce, tp_gather())
+        selected = pad_rows([select_row_blocks(s, d.prompt_len, bs, model.config) for s, d in zip(scores, state.decode)])
+        table, lens = sparse_block_table(state.block_table, selected, state.seq_lens, bs)
+        return self._decode_metadata(table, lens, query.dtype, layer)
+
+    def _decode_metadata(self, table: torch.Tensor, lens: torch.Tensor, dtype, layer) -> CPUAttentionMetadata:
+        """The stock kernel's metadata for R one-token rows over `table` (R, m) and `lens` (R,)."""
+        r = len(lens)
+        starts = torch.arange(r + 1, dtype=torch.int32)
+        scheduler = ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=r, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_size,
+            seq_lens=lens, dtype=dtype, query_start_loc=starts, causal=True, sliding_window_size=-1,
+            isa=layer.isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, kv_cache_dtype=self.kv_cache_dtype)
+        return CPUAttentionMetadata(
+            num_actual_tokens=r, max_query_len=1, query_start_loc=starts, max_seq_len=int(lens.max()),
+            seq_lens=lens, block_table=table, slot_mapping=torch.empty(0, dtype=torch.int64),
+            scheduler_metadata=scheduler, causal=True)
+
+    def _sparse_blocks(self, layer, query, key, value, kv_cache, meta: CPUAttentionMetadata, state: StepState,
+                       output) -> None:
+        """The decode rows through the stock kernel over their sparse block tables (the cache
+        already holds this step's keys: vLLM writes them before attention)."""
+        rows = state.contiguous
+        if rows is not None:  # the usual case: decode rows side by side, attended in place
+            super().forward(layer, query[rows], key[rows], value[rows], kv_cache, meta, output[rows])
+            return
+        tok = state.tokens
+        out = torch.empty_like(output[tok])
+        super().forward(layer, query[tok], key[tok], value[tok], kv_cache, meta, out)
+        output[tok] = out
+
+    # -- token mode: the two OmniKV steps over gathered rows ----------------------------------------------------------------------
     def layout(self, kv_cache: torch.Tensor, layer) -> TileLayout:
         if self._layout is None:
             _, _, bs, two_d = kv_cache.shape

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from omnikv.errors import OmniKVError
 from omnikv.budget import parse_budget
@@ -26,15 +26,22 @@ from omnikv_vllm import models, settings
 METHODS = ("omnikv", "full")
 
 
-def cpu_env_defaults(environ: dict[str, str] | None = None) -> dict[str, str]:
+def cpu_env_defaults(environ: dict[str, str] | None = None, tensor_parallel: int = 1) -> dict[str, str]:
     """vLLM's CPU knobs this machine needs, unless the user set them: bind the OpenMP threads to
-    the cores this process may use (none reserved), and a 1 GiB KV cache (enough for 8K tokens of
-    the embedded models)."""
+    the cores this process may use (none reserved; with tensor parallelism one `|`-separated group
+    per worker, cores shared round-robin when there are fewer cores than workers), and a 1 GiB KV
+    cache (enough for 8K tokens of the embedded models)."""
     env = os.environ if environ is None else environ
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    if tensor_parallel > 1:
+        per = max(1, len(cores) // tensor_parallel)
+        groups = [cores[(i * per) % len(cores):][:per] for i in range(tensor_parallel)]
+        bind = "|".join(",".join(map(str, g)) for g in groups)
+    else:
+        bind = ",".join(map(str, cores))
     defaults = {
         "VLLM_CPU_KVCACHE_SPACE": "1",
-        "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores)),
+        "VLLM_CPU_OMP_THREADS_BIND": bind,
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
     }
     return {k: v for k, v in defaults.items() if k not in env}
@@ -75,6 +82,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="model dtype (default float32, as `omnikv generate` on CPU)")
     p.add_argument("--max-model-len", type=_positive, default=8192, help="context length (default 8192)")
+    p.add_argument("--tensor-parallel-size", type=_positive, default=1, metavar="N",
+                   help="vLLM workers the model is split across (its heads must divide by N; default 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,17 +157,31 @@ def without_stop(token_ids: list[int], stop_ids: list[int]) -> list[int]:
     return ids[:-1] if ids and ids[-1] in stop_ids else ids
 
 
+def claim_stdout() -> TextIO:
+    """The process's stdout as a file of its own; descriptor 1 then points at stderr.
+
+    vLLM logs INFO lines to stdout, from this process (also at exit) and from the engine process it
+    spawns (which inherits descriptor 1), so `generate --json | jq` would read logs before the JSON.
+    Moving the descriptor, not `sys.stdout`, is what reaches the children and C-level writes; the
+    result is written to the returned file, which nothing else holds.
+    """
+    sys.stdout.flush()
+    result = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)
+    return result
+
+
 # -- engine --------------------------------------------------------------------------------------
 def build_llm(model_dir: Path, *, method: str, budget: int | float | None, dtype: str = "float32",
-              max_model_len: int = 8192, **engine_kwargs: Any):
+              max_model_len: int = 8192, tensor_parallel_size: int = 1, **engine_kwargs: Any):
     """A `vllm.LLM` with the OmniKV backend on (method omnikv) or off (full). The environment is
     set before vLLM starts its engine process, which reads it."""
-    os.environ.update(cpu_env_defaults())
+    os.environ.update(cpu_env_defaults(tensor_parallel=tensor_parallel_size))
     os.environ.update(method_env(method, budget))
     from vllm import LLM
 
     return LLM(model=str(model_dir), dtype=dtype, enforce_eager=True, max_model_len=max_model_len, seed=0,
-               **engine_kwargs)
+               tensor_parallel_size=tensor_parallel_size, **engine_kwargs)
 
 
 def greedy(llm: Any, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int]) -> list[Any]:
@@ -178,15 +201,16 @@ def run_generate(args: argparse.Namespace) -> int:
     ids, chat = encode_prompt(tokenizer, text, args.chat)
     if len(ids) + 1 > args.max_model_len:
         raise OmniKVError(f"the prompt is {len(ids)} tokens but --max-model-len is {args.max_model_len}")
+    result = claim_stdout()  # stdout carries the result alone; vLLM's logs go to stderr
     llm = build_llm(model_dir, method=args.method, budget=args.budget, dtype=args.dtype,
-                    max_model_len=args.max_model_len)
+                    max_model_len=args.max_model_len, tensor_parallel_size=args.tensor_parallel_size)
     stop_ids = eos_ids(model_dir, tokenizer)
     start = time.perf_counter()
     out = greedy(llm, [ids], args.max_new_tokens, stop_ids)[0].outputs[0]
     seconds = time.perf_counter() - start
     token_ids = without_stop(out.token_ids, stop_ids)
     if not args.json:
-        print(out.text)
+        print(out.text, file=result, flush=True)
         return 0
     print(json.dumps({
         "text": out.text,
@@ -201,7 +225,7 @@ def run_generate(args: argparse.Namespace) -> int:
         "chat": chat,
         "dtype": args.dtype,
         "engine": "vllm",
-    }))
+    }), file=result, flush=True)
     return 0
 
 
@@ -211,13 +235,14 @@ def serve_command(args: argparse.Namespace, model_dir: Path) -> list[str]:
         raise OmniKVError("serve binds 127.0.0.1 only; drop --host")
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
             "--served-model-name", args.model, "--host", "127.0.0.1", "--port", str(args.port),
-            "--dtype", args.dtype, "--enforce-eager", "--max-model-len", str(args.max_model_len), *extra]
+            "--dtype", args.dtype, "--enforce-eager", "--max-model-len", str(args.max_model_len),
+            "--tensor-parallel-size", str(args.tensor_parallel_size), *extra]
 
 
 def run_serve(args: argparse.Namespace) -> int:
     model_dir = models.resolve(args.model)
     env = dict(os.environ)
-    env.update(cpu_env_defaults(env))
+    env.update(cpu_env_defaults(env, tensor_parallel=args.tensor_parallel_size))
     env.update(method_env(args.method, args.budget))
     cmd = serve_command(args, model_dir)
     print("omnikv_vllm serve: " + " ".join(cmd), file=sys.stderr, flush=True)

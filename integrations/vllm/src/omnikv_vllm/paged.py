@@ -29,6 +29,7 @@ class TileLayout:
     head_dim: int
     key_offsets: torch.Tensor  # (bs, D) int64 into the flat 2*bs*D tile
     value_offsets: torch.Tensor  # (bs, D) int64
+    keys_column_major: bool = False  # a block's keys stored as [D, bs] (then read as a view)
 
     @classmethod
     def probe(cls, block_size: int, head_dim: int, dtype: torch.dtype, isa: str) -> TileLayout:
@@ -68,7 +69,8 @@ class TileLayout:
             if (inverse < 0).any():
                 raise RuntimeError(f"the {isa} KV layout is not a permutation of (token, dim)")
             offsets.append(inverse.view(bs, d))
-        return cls(bs, d, offsets[0], offsets[1])
+        column_major = torch.equal(offsets[0], torch.arange(d).view(1, d) * bs + torch.arange(bs).view(bs, 1))
+        return cls(bs, d, offsets[0], offsets[1], column_major)
 
     def gather(
         self, kv_cache: torch.Tensor, block_row: torch.Tensor, positions: torch.Tensor
@@ -91,3 +93,22 @@ class TileLayout:
         keys = flat[b, heads, self.key_offsets[slot].unsqueeze(0)]  # (Hk, n, D)
         values = flat[b, heads, self.value_offsets[slot].unsqueeze(0)]
         return keys, values
+
+    def block_keys(self, kv_cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """The keys of whole blocks, "transposed" so that q @ them scores every token of a block.
+
+        Args:
+            kv_cache: (num_blocks, Hk, bs, 2*D) one layer's cache, as vLLM passes it.
+            blocks: (n,) int physical block ids.
+        Returns:
+            (n, Hk, D, bs). When the layout stores a block's keys column-major (vLLM's `vec` /
+            `vec16`: [D, bs] first in the tile) one index_select over the block dimension copies
+            the keys alone; another layout is gathered through the probed offsets.
+        """
+        nb, hk, bs, two_d = kv_cache.shape
+        d = two_d // 2
+        blocks = blocks.to(torch.int64)
+        if self.keys_column_major:
+            return kv_cache.view(nb, hk, 2, bs * d)[:, :, 0].index_select(0, blocks).view(-1, hk, d, bs)
+        flat = kv_cache.view(nb, hk, bs * two_d).index_select(0, blocks)
+        return flat[:, :, self.key_offsets.t().reshape(-1)].view(-1, hk, d, bs)

@@ -55,9 +55,13 @@ def overrides_from_env(environ: dict[str, str] | None = None) -> tuple[dict[str,
     return data, None
 
 
-def resolve_config(hf_config: Any, environ: dict[str, str] | None = None) -> OmniKVConfig:
+def resolve_config(hf_config: Any, environ: dict[str, str] | None = None, *, block_size: int = 128) -> OmniKVConfig:
     """The model's preset (or the preset named in OMNIKV_VLLM_CONFIG), with the JSON overrides
-    applied, through the library's one preset resolver."""
+    applied, through the library's one preset resolver.
+
+    Selection is block-granular with the cache's `block_size` (what lets sparse layers run the
+    stock paged kernel over a sparse block table) unless the JSON overrides say
+    `"selection_block": 1` (token selection over gathered rows, slower); any other value is refused."""
     from omnikv.algorithm.presets import check_preset_model, preset_for_model, resolve_preset  # vLLM's transformers
 
     overrides, preset = overrides_from_env(environ)
@@ -71,6 +75,7 @@ def resolve_config(hf_config: Any, environ: dict[str, str] | None = None) -> Omn
             config = config.replace(**overrides)
         except TypeError as exc:
             raise ConfigError(f"{CONFIG_ENV}: {exc}") from None
+    config = _with_selection_block(config, overrides, block_size)
     if config.selector not in SUPPORTED_SELECTORS:
         raise ConfigError(
             f"the vLLM backend supports selector in {SUPPORTED_SELECTORS}; got {config.selector!r}")
@@ -78,6 +83,17 @@ def resolve_config(hf_config: Any, environ: dict[str, str] | None = None) -> Omn
         raise ConfigError("the vLLM backend does not support head_reduce='per_kv_head' yet; use max or sum")
     if config.refresh_every != 1:
         raise ConfigError("the vLLM backend re-selects at every decode step; refresh_every must be 1")
+    return config
+
+
+def _with_selection_block(config: OmniKVConfig, overrides: dict[str, Any], block_size: int) -> OmniKVConfig:
+    asked = overrides.get("selection_block")
+    if asked is None:
+        return config.replace(selection_block=block_size)
+    if asked not in (1, block_size):
+        raise ConfigError(
+            f"{CONFIG_ENV}: selection_block must be 1 (tokens) or vLLM's block size {block_size} (blocks, the "
+            f"default); got {asked!r}. To select blocks of another size, start vLLM with --block-size {asked}")
     return config
 
 

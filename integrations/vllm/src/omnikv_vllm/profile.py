@@ -1,0 +1,32 @@
+"""Where a decode step's time goes, when asked (`OMNIKV_VLLM_PROFILE=1`): seconds per part
+("selection", "sparse attention"), summed in this process. The benchmark runs the engine in its own
+process (VLLM_ENABLE_V1_MULTIPROCESSING=0) and reads `totals()` around its decode steps. Off, it
+costs an empty context manager per filter and sparse layer call."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+
+ENV = "OMNIKV_VLLM_PROFILE"
+_ON = os.environ.get(ENV, "") not in ("", "0")
+_TOTALS: dict[str, float] = {}
+
+
+@contextlib.contextmanager
+def timed(part: str) -> Iterator[None]:
+    if not _ON:
+        yield
+        return
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        _TOTALS[part] = _TOTALS.get(part, 0.0) + time.perf_counter() - start
+
+
+def totals() -> dict[str, float]:
+    """A copy of the seconds summed so far, by part."""
+    return dict(_TOTALS)
