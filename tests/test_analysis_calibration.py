@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 
+from omnikv.hf.compat import cache_kwargs
+
 from omnikv.analysis.coverage import coverage_matrix
 from omnikv.analysis.layout import layer_layout, paper_style_filters, score_layout
 from omnikv.analysis.preset import PRESET_KEYS, make_preset, write_preset
@@ -167,7 +169,7 @@ def test_summarize_telemetry_reads_the_omnikv_cache_records(tmp_path):
     cache = method.make_cache(model)
     ids = torch.randint(3, 200, (1, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        model.generate(ids, cache=cache, max_new_tokens=4, do_sample=False)
+        model.generate(ids, **cache_kwargs(cache), max_new_tokens=4, do_sample=False)
     records = cache.state.telemetry
     summary = summarize_telemetry(records)
     assert [p["layer"] for p in summary["per_layer"]] == [2, 3, 4, 5]  # sparse layers after filter 1

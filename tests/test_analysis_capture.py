@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 
+from omnikv.hf.compat import cache_kwargs
+
 from omnikv.analysis.capture import full_attention_layers, record_decode_attention
 from omnikv.analysis.selection_sets import topk_indices
 
@@ -20,11 +22,11 @@ def _eager_decode_attentions(model, ids, steps):
     model.set_attn_implementation("eager")
     try:
         cache = DynamicCache(config=model.config)
-        out = model(input_ids=ids, cache=cache, use_cache=True)
+        out = model(input_ids=ids, **cache_kwargs(cache), use_cache=True)
         token = out.logits[0, -1].argmax().view(1, 1)
         per_step = []
         for _ in range(steps):
-            out = model(input_ids=token, cache=cache, use_cache=True, output_attentions=True)
+            out = model(input_ids=token, **cache_kwargs(cache), use_cache=True, output_attentions=True)
             per_step.append([a[0, :, 0, :] for a in out.attentions])  # (H, T) per layer
             token = out.logits[0, -1].argmax().view(1, 1)
         return per_step

@@ -14,6 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from omnikv.hf.compat import cache_kwargs
+
 from omnikv.errors import ConfigError
 from omnikv.decoding.generation import SamplingParams, Session, generate, teacher_forced_logits
 from omnikv.methods import available_methods, get_method
@@ -61,7 +63,7 @@ def run(model, ids, method, new: int = NEW, **kwargs):
     """Greedy `model.generate` through the method's cache; (new tokens (B, new), cache)."""
     cache = method.make_cache(model)
     with torch.inference_mode():
-        out = model.generate(ids, cache=cache, max_new_tokens=new, min_new_tokens=new, do_sample=False, **kwargs)
+        out = model.generate(ids, **cache_kwargs(cache), max_new_tokens=new, min_new_tokens=new, do_sample=False, **kwargs)
     return out[:, ids.shape[1] :], cache
 
 
@@ -169,7 +171,7 @@ def test_streaming_keeps_exactly_sinks_and_window(family):
     stats = cache.stats()
     full = get_method("full_prealloc").make_cache(model)
     with torch.inference_mode():
-        model(prompt(seen), cache=full)
+        model(prompt(seen), **cache_kwargs(full))
     assert stats["device_kv_bytes"] < full.stats()["device_kv_bytes"]
 
 
@@ -195,7 +197,7 @@ def test_h2o_prefill_scores_are_column_sums_of_the_attention():
     model = model_of(family)
     cache = get_method("h2o", budget=8).make_cache(model)
     with torch.inference_mode():
-        model(prompt(), cache=cache)
+        model(prompt(), **cache_kwargs(cache))
     ref = eager_prefill_attention(family, prompt())
     for i, layer in lossy_layers(cache):
         b, hq, t, _ = ref[i].shape
@@ -224,10 +226,10 @@ def test_h2o_never_evicts_sinks_or_recent_and_keeps_exactly_its_budget():
     cache = get_method("h2o", budget=budget, recent_tokens=recent, sink_tokens=sink).make_cache(model)
     seen = PROMPT
     with torch.inference_mode():
-        logits = model(prompt(), cache=cache).logits
+        logits = model(prompt(), **cache_kwargs(cache)).logits
         for _ in range(8):
             tok = logits[:, -1:].argmax(-1)
-            logits = model(tok, cache=cache).logits
+            logits = model(tok, **cache_kwargs(cache)).logits
             seen += 1
             for _, layer in lossy_layers(cache):
                 kept = layer.kept_positions()  # (1, Hk, budget)
@@ -283,7 +285,7 @@ def test_snapkv_keeps_the_reference_selection_per_head(family, pooling, head_red
         b, hq, t, _ = ref[i].shape
         votes = ref[i][:, :, t - window :, : t - window].sum(dim=2).view(b, 2, hq // 2, t - window)
         votes = votes.mean(dim=2) if head_reduce == "mean" else votes.amax(dim=2)
-        pool = F.max_pool1d if pooling == "max" else functools.partial(F.avg_pool1d, count_include_pad=False)
+        pool = F.max_pool1d if pooling == "max" else functools.partial(F.avg_pool1d, count_include_pad=True)
         votes = pool(votes.view(2, 1, -1), 7, stride=1, padding=3).view(1, 2, -1)
         top = votes.topk(budget - window, dim=-1).indices
         kept = layer.kept_positions()
@@ -358,7 +360,7 @@ def test_quest_reads_its_pages_keeps_everything_and_first_layers_dense(family):
         assert layer.buffer.length == seen  # drop-free: every row stays
     full = get_method("full_prealloc").make_cache(model)
     with torch.inference_mode():
-        model(prompt(seen), cache=full)
+        model(prompt(seen), **cache_kwargs(full))
     assert stats["device_kv_bytes"] >= full.stats()["device_kv_bytes"]
 
 
@@ -438,8 +440,8 @@ def test_first_decode_step_reads_budget_prompt_tokens(name, budget, expect):
     model = model_of("qwen3")
     cache = get_method(name, budget=budget).make_cache(model)
     with torch.inference_mode():
-        model(prompt(48), cache=cache)
-        model(torch.tensor([[7]]), cache=cache)
+        model(prompt(48), **cache_kwargs(cache))
+        model(torch.tensor([[7]]), **cache_kwargs(cache))
     attended = cache.stats()["attended_tokens_per_layer"]
     dense = {"quest": 2, "tidaldecode": 3}.get(name, 0)  # Quest: layers 0, 1 dense; TidalDecode: + layer 2
     budgeted = attended[dense:]

@@ -47,3 +47,25 @@ def test_generate_accepts_cache_keyword(models):
     out = model.generate(torch.arange(30)[None], max_new_tokens=3, do_sample=False, **cache_kwargs(cache))
     assert out.shape == (1, 33), f"{version_note()}: generate() did not use the `{_compat.CACHE_KWARG}` cache"
     assert cache.get_seq_length() == 32
+
+
+def test_tested_range_is_pyprojects():
+    """compat's TESTED_RANGE is the range pyproject.toml declares (the floor venv installs its
+    lower end, scripts/setup_floor.sh), so the contract test's range check means what pip allows."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    lo, hi = re.search(r'"transformers>=([0-9.]+),<([0-9.]+)"', text).groups()
+    assert (_compat.TESTED_RANGE[0], _compat.TESTED_RANGE[1]) == (_compat.Version(lo), _compat.Version(hi))
+
+
+def test_mask_and_position_seams_read_both_forms():
+    """The two forms transformers passes inside the tested range: a query length or the
+    forward's cache_position; position_ids or a cache_kwargs dict with cache_position."""
+    pos = torch.arange(5, 8)
+    assert _compat.mask_query_length(3) == 3 == _compat.mask_query_length(pos)
+    assert _compat.update_positions((), {"position_ids": pos[None]}).tolist() == [[5, 6, 7]]
+    assert _compat.update_positions((), {"kwargs": {"position_ids": pos[None]}}).tolist() == [[5, 6, 7]]
+    assert _compat.update_positions(({"cache_position": pos},), {}).tolist() == [[5, 6, 7]]
+    assert _compat.update_positions((), {}) is None

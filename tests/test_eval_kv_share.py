@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from omnikv.hf.compat import cache_kwargs
+
 from omnikv.eval.runner import _full_kv_bytes, budget_report
 from omnikv.methods import get_method
 from omnikv.models.tiny import tiny_model
@@ -17,9 +19,9 @@ def test_full_attention_share_is_one(family):
     ids = torch.randint(3, model.config.vocab_size, (40,)).tolist()  # longer than the tiny window (8)
     cache = get_method("full").make_cache(model)
     with torch.inference_mode():
-        model(torch.tensor([ids]), cache=cache, use_cache=True)
+        model(torch.tensor([ids]), **cache_kwargs(cache), use_cache=True)
         for tok in (5, 6, 7):  # a few decode steps past the prompt
-            model(torch.tensor([[tok]]), cache=cache, use_cache=True)
+            model(torch.tensor([[tok]]), **cache_kwargs(cache), use_cache=True)
     rep = budget_report(cache.stats(), model, len(ids) + 3)
     assert rep["device_kv_share"] == pytest.approx(1.0)
 

@@ -130,8 +130,8 @@ def test_method_capabilities_are_declared_by_the_methods():
     assert caps == {
         "full": (False, False, False), "full_offload": (False, False, False), "full_prealloc": (False, False, False),
         "omnikv": (True, False, False), "quest": (True, False, False), "streaming_llm": (True, False, True),
-        "h2o": (True, True, True), "snapkv": (True, True, True), "infllm": (True, True, False),
-        "tidaldecode": (True, False, False),
+        "h2o": (True, True, True), "snapkv": (True, True, True), "kvpress": (True, True, True),
+        "infllm": (True, True, False), "tidaldecode": (True, False, False),
     }
     assert methods_taking("filter_layers") == ["omnikv"]
     assert methods_taking("sink_tokens") == ["h2o", "infllm", "omnikv", "streaming_llm"]

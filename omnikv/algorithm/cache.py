@@ -26,7 +26,7 @@ from omnikv.algorithm.roles import LayerPlan, Role, plan_layers
 from omnikv.config import QUERY_SELECTORS, OmniKVConfig
 from omnikv.errors import ConfigError
 from omnikv.hf.cache import ManagedCache, check_supported, layer_devices
-from omnikv.hf.compat import is_cuda, text_config
+from omnikv.hf.compat import is_cuda, text_config, update_positions
 from omnikv.hf.layers import DenseLayer, make_sliding_layer
 from omnikv.offload.gathers import STATIC_NEEDS_DEVICE_GATHER
 from omnikv.offload.segment import Segment
@@ -141,7 +141,7 @@ class OmniKVCache(ManagedCache):
     # place that sees both the new tokens and the mask of this forward.
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if layer_idx == 0:
-            self._forward_start(key_states, kwargs)  # first: a static step advances the counters
+            self._forward_start(key_states, update_positions(args, kwargs))  # first: a static step advances the counters
         if layer_idx == self._first_full and (self.static is None or not self.static.active):
             self._begin_forward(key_states.shape[-2])
         return self._update_layer(key_states, value_states, layer_idx, *args, **kwargs)

@@ -213,6 +213,8 @@ class Session:
         self.history: list[int] = list(history)  # tokens already in the cache
         self.pending: list[int] = list(pending)  # tokens to feed before the next decode
         self.prefill_chunk_size = prefill_chunk_size or getattr(getattr(self.method, "base", None), "prefill_chunk_size", None)
+        if self.method.prefill_in_one_forward:
+            self.prefill_chunk_size = None  # the method compresses at the end of the prompt's forward
         self.limit = max_context(model)
 
     @property
@@ -263,7 +265,9 @@ class Session:
         if self.decoder is not None and not all_logits:
             logits = self.decoder(x)[0, -1]
         else:
-            out = self.model(input_ids=x, use_cache=True, logits_to_keep=0 if all_logits else 1, **cache_kwargs(self.cache))
+            with self.method.forward_context(self.model, self.cache, len(ids)) as extra:
+                out = self.model(input_ids=x, use_cache=True, logits_to_keep=0 if all_logits else 1,
+                                 **cache_kwargs(self.cache), **extra)
             logits = out.logits[0] if all_logits else out.logits[0, -1]
         self.history.extend(ids)
         return logits.float()

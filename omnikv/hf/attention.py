@@ -46,10 +46,15 @@ def omnikv_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Shapes: query (B, Hq, q, D); key/value (B, Hk, n, D) as returned by the cache's update;
-    attention_mask (B, 1, q, N) bool over *logical* positions or None. Returns (B, q, Hq, D)."""
+    attention_mask (B, 1, q, N) bool over *logical* positions or None. Returns (B, q, Hq, D).
+    `dropout` may come positionally, as in transformers' own attention functions' signature
+    (kvpress's import wraps every registered attention function and calls them so)."""
+    if dropout:
+        kwargs["dropout"] = dropout
     cache = take(getattr(module, "layer_idx", -1))
     if cache is None:
         return sdpa_attention(module, query, key, value, attention_mask, **kwargs)

@@ -18,8 +18,8 @@ from omnikv.errors import ConfigError, InputError, UnsupportedModelError
 from omnikv.hf import attention
 from omnikv.hf.attention import use_omnikv_attention
 from omnikv.hf.buffers import KVBuffer
+from omnikv.hf.compat import Cache, CacheLayerMixin, layer_types, mask_query_length, text_config, text_shape, update_positions
 from omnikv.hf.meter import DeviceMeter
-from omnikv.hf.compat import Cache, CacheLayerMixin, layer_types, text_config, text_shape
 from omnikv.hf.static import StaticState
 
 
@@ -46,7 +46,7 @@ class ManagedCache(Cache):
     # transformers calls this once per layer per forward, right before attention.
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if layer_idx == 0:
-            self._forward_start(key_states, kwargs)
+            self._forward_start(key_states, update_positions(args, kwargs))
         return self._update_layer(key_states, value_states, layer_idx, *args, **kwargs)
 
     def _update_layer(self, key_states, value_states, layer_idx: int, *args, **kwargs):
@@ -58,12 +58,12 @@ class ManagedCache(Cache):
         attention.put(self, layer_idx)
         return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
 
-    def _forward_start(self, key_states: torch.Tensor, kwargs: dict[str, Any]) -> None:
-        """Layer 0 of every forward."""
+    def _forward_start(self, key_states: torch.Tensor, pos: torch.Tensor | None) -> None:
+        """Layer 0 of every forward; `pos` (B, q) the positions it writes, None if not known."""
         if self.static is not None:
             self.static.forward_start(key_states.shape[-2], self.layers[0].get_seq_length)
         if self.static is None or not self.static.active:
-            self._check_forward(key_states, kwargs)
+            self._check_forward(key_states, pos)
 
     # -- static-shape decode: the run is `StaticState`'s (omnikv/hf/static.py) -----------------
     def prepare_static_step(self) -> bool:
@@ -86,8 +86,8 @@ class ManagedCache(Cache):
         # is_causal); a static step needs it over the whole capacity.
         return self._static_step_coming()
 
-    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        if query_length == 1 and self._static_step_coming():
+    def get_mask_sizes(self, query_length: int | torch.Tensor, layer_idx: int = 0) -> tuple[int, int]:
+        if mask_query_length(query_length) == 1 and self._static_step_coming():
             return self.static.capacity, 0
         return super().get_mask_sizes(query_length, layer_idx)
 
@@ -96,7 +96,7 @@ class ManagedCache(Cache):
             return self.static.pos  # a device tensor: the mask does not depend on a Python int
         return super().get_query_offset(layer_idx)
 
-    def _check_forward(self, key_states: torch.Tensor, kwargs: dict[str, Any]) -> None:
+    def _check_forward(self, key_states: torch.Tensor, pos: torch.Tensor | None) -> None:
         """Once per forward (layer 0): refuse another model's KV, and input that does not continue
         the cached sequence (e.g. `model.generate` called twice with the same prompt on one cache),
         which would otherwise silently decode garbage. key_states (B, Hk, q, D)."""
@@ -105,8 +105,6 @@ class ManagedCache(Cache):
                 f"this cache was built for {self.model_fingerprint} but gets KV with "
                 f"{key_states.shape[1]} heads: a cache serves the model it was built for; build one per model"
             )
-        inner = kwargs.get("kwargs") if isinstance(kwargs.get("kwargs"), dict) else kwargs
-        pos = inner.get("position_ids")
         q = key_states.shape[-2]
         # Decode steps on an accelerator skip the check: reading the positions would sync every step.
         on_accelerator = pos.device.type != "cpu" if isinstance(pos, torch.Tensor) else False

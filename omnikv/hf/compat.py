@@ -1,8 +1,13 @@
 """Everything that depends on the transformers version lives here.
 
 The cache and attention seams of transformers change often (5.24 renamed the `past_key_values`
-argument to `cache`). Code elsewhere imports these names from this module only; the contract test
-(`tests/test_contract.py`) fails with the version in its message when a seam moves.
+argument to `cache`; between 5.2 and 5.20 the cache layers' `get_max_cache_shape` became
+`get_max_length`, `get_mask_sizes` went from a `cache_position` tensor to a query length, and
+`Cache.get_query_offset` appeared). Code elsewhere imports these names from this module only; the
+contract test (`tests/test_contract.py`) fails with the version in its message when a seam moves.
+Where a seam differs inside the tested range, this module asks transformers what it has (a
+`hasattr`), not its version number: one rule for every release in between, tested at both ends
+(the main venv and the floor venv, scripts/setup_floor.sh).
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ import transformers
 from packaging.version import Version
 
 TRANSFORMERS_VERSION = Version(transformers.__version__)
-TESTED_RANGE = (Version("5.20.0"), Version("5.25.0"))  # [low, high)
+# [low, high): keep in step with pyproject.toml (tests/test_contract.py checks). The floor, 5.2, is the
+# newest 5.x that kvpress 0.5.5 (transformers < 5.3) accepts, so both install in one venv.
+TESTED_RANGE = (Version("5.2.0"), Version("5.25.0"))
 
-from transformers import AttentionInterface, Cache  # noqa: E402
+from transformers import AttentionInterface, Cache, DynamicCache  # noqa: E402
 from transformers.cache_utils import (  # noqa: E402
     CacheLayerMixin,
     DynamicLayer,
@@ -29,6 +36,42 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa
 
 # Name of the keyword through which generate() / forward() take the cache.
 CACHE_KWARG = "cache" if TRANSFORMERS_VERSION >= Version("5.24.0") else "past_key_values"
+
+# Releases before ~5.20 ask a cache layer for `get_max_cache_shape`, later ones `get_max_length`.
+LAYER_MAX_LENGTH = "get_max_length" if hasattr(CacheLayerMixin, "get_max_length") else "get_max_cache_shape"
+# Whether the model asks the cache where the query starts (`Cache.get_query_offset`); older releases
+# take it from a `cache_position` tensor they build from `get_seq_length()`.
+HAS_QUERY_OFFSET = hasattr(Cache, "get_query_offset")
+
+
+class CacheLayerBase(CacheLayerMixin):
+    """transformers' cache-layer base under the newest names: a subclass implements
+    `get_max_length`; older releases reach it through `get_max_cache_shape`."""
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:
+        return self.get_max_length()
+
+
+def mask_query_length(query: int | torch.Tensor) -> int:
+    """The number of query tokens of a `get_mask_sizes` call: newer releases pass it as an int,
+    older ones pass the forward's `cache_position`, a (q,) tensor."""
+    return int(query.shape[0]) if isinstance(query, torch.Tensor) else int(query)
+
+
+def update_positions(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """(B, q) positions of the tokens a `Cache.update(k, v, layer_idx, *args, **kwargs)` call
+    writes, or None when the model did not pass them: newer releases pass `position_ids` (possibly
+    nested in `kwargs`), older ones a `cache_kwargs` dict with `cache_position` (q,)."""
+    inner = kwargs.get("kwargs") if isinstance(kwargs.get("kwargs"), dict) else kwargs
+    pos = inner.get("position_ids")
+    if isinstance(pos, torch.Tensor):
+        return pos
+    extra = args[0] if args and isinstance(args[0], dict) else kwargs.get("cache_kwargs")
+    cache_position = extra.get("cache_position") if isinstance(extra, dict) else None
+    return cache_position[None] if isinstance(cache_position, torch.Tensor) and cache_position.dim() == 1 else None
 
 
 def cache_kwargs(cache: Cache | None) -> dict:
@@ -94,7 +137,7 @@ def check_seams() -> list[str]:
     params = inspect.signature(CacheLayerMixin.update).parameters
     if "key_states" not in params or "value_states" not in params:
         problems.append("CacheLayerMixin.update(key_states, value_states, ...) changed")
-    for name in ("get_seq_length", "get_mask_sizes", "get_max_length", "lazy_initialization"):
+    for name in ("get_seq_length", "get_mask_sizes", LAYER_MAX_LENGTH, "lazy_initialization"):
         if not hasattr(CacheLayerMixin, name):
             problems.append(f"CacheLayerMixin.{name} is gone")
     for name in ("update", "get_seq_length", "get_mask_sizes", "is_sliding"):

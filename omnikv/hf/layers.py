@@ -16,13 +16,13 @@ import torch
 
 from omnikv.hf.attention import sdpa_attention
 from omnikv.hf.buffers import KVBuffer, kv_bytes
+from omnikv.hf.compat import CacheLayerBase, DynamicSlidingWindowLayer, mask_query_length, sliding_window
 from omnikv.hf.meter import DeviceMeter
-from omnikv.hf.compat import CacheLayerMixin, DynamicSlidingWindowLayer, sliding_window
 from omnikv.hf.masks import positions_mask
 from omnikv.hf.static import mark_static, zero_tail
 
 
-class ManagedLayer(CacheLayerMixin):
+class ManagedLayer(CacheLayerBase):
     """Base layer: subclasses implement `update` and may override `attend`."""
 
     is_sliding = False
@@ -90,13 +90,10 @@ class ManagedLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.seq_length
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
         # Masks always span the logical sequence; layers that return a subset of rows gather
         # the matching mask columns in `attend`.
-        return self.seq_length + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
+        return self.seq_length + mask_query_length(query_length), 0
 
     # -- ours ------------------------------------------------------------------------------
     def attend(

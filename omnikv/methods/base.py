@@ -9,10 +9,11 @@ line that summarises its configuration next to a result (`summarize`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, ContextManager
 
 import torch
 
@@ -56,6 +57,11 @@ class Method(ABC):
     needs_real_prefill: ClassVar[bool] = False
     default_budget: ClassVar[int | float | None] = None  # used when no budget is given
     supports_static: ClassVar[bool] = False  # has a static-shape decode step (omnikv/hf/static.py)
+    # True when the prompt must reach the cache in one forward (a kvpress press compresses at the
+    # end of that forward): callers do not chunk its prefill.
+    prefill_in_one_forward: ClassVar[bool] = False
+    # The option a method spec may give without its key, right after the name (`kvpress:SnapKVPress`).
+    positional_option: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
         if self.budget is None:
@@ -109,6 +115,12 @@ class Method(ABC):
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, "budget": self.budget, "lossy": self.lossy}
+
+    def forward_context(self, model: torch.nn.Module, cache: Any, n_tokens: int) -> ContextManager[dict[str, Any]]:
+        """Entered around each forward of `n_tokens` through `cache` (omnikv.decoding's Session);
+        yields extra keyword arguments for the model. Default: nothing to add. Another library's
+        method (kvpress, omnikv/methods/presses.py) hooks the model here."""
+        return contextlib.nullcontext({})
 
     def kv_plan(self, ctx: KVContext) -> KVPlan:
         """KV bytes one request needs on the device and in host memory (see methods/memory.py).

@@ -70,7 +70,9 @@ def snap_scores(
     if kernel_size > 1 and votes.shape[-1] > 0:
         flat = votes.reshape(b * hk, 1, -1)
         pool = F.max_pool1d if pooling == "max" else F.avg_pool1d
-        kwargs = {} if pooling == "max" else {"count_include_pad": False}
+        # avg: zero padding counts in the mean at the edges, as in SnapKV's repository and kvpress
+        # (F.avg_pool1d's default); tests/test_kvpress.py holds pooling="avg" to kvpress's SnapKVPress.
+        kwargs = {} if pooling == "max" else {"count_include_pad": True}
         votes = pool(flat, kernel_size, stride=1, padding=kernel_size // 2, **kwargs).view(b, hk, -1)
     if valid is not None:  # pooling spreads scores onto padding neighbours: mask again
         votes = votes.masked_fill(~row_ok[..., : n - w], NEG_INF)

@@ -47,15 +47,43 @@ def _parse_value(raw: str) -> Any:
     return raw
 
 
+def _split_top(text: str, sep: str) -> list[str]:
+    """`text` split on `sep` outside parentheses (a kvpress press's options hold commas)."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
+
+
+def _positional(name: str, part: str, text: str) -> str:
+    """The option a method takes without a key (`kvpress:SnapKVPress`: its `press`)."""
+    from omnikv.methods import method_class
+
+    key = getattr(method_class(name), "positional_option", None)
+    if key is None:
+        raise ConfigError(f"bad option {part!r} in {text!r}; options are key=value")
+    return key
+
+
 def parse_method(text: str) -> MethodSpec:
-    """`omnikv:offload=false:filter_layers=2/8/18` -> MethodSpec; ConfigError on a malformed spec."""
-    parts = text.strip().split(":")
+    """`omnikv:offload=false:filter_layers=2/8/18` -> MethodSpec; `kvpress:SnapKVPress(window_size=16)`
+    (a method's positional option, here kvpress's press, right after its name); ConfigError on a
+    malformed spec."""
+    parts = _split_top(text.strip(), ":")
     name, options = parts[0], {}
     if not name:
         raise ConfigError(f"bad method spec {text!r}; use name or name:key=value, e.g. omnikv:offload=false")
-    for part in parts[1:]:
-        if "=" not in part:
-            raise ConfigError(f"bad option {part!r} in {text!r}; options are key=value")
+    for i, part in enumerate(parts[1:]):
+        if "=" not in part.split("(")[0]:
+            if i > 0:
+                raise ConfigError(f"bad option {part!r} in {text!r}; options are key=value")
+            options[_positional(name, part, text)] = part.strip()
+            continue
         key, raw = part.split("=", 1)
         try:
             value = _parse_value(raw)
@@ -79,7 +107,7 @@ def with_compile(spec: MethodSpec) -> MethodSpec:
 
 def parse_methods(text: str) -> list[MethodSpec]:
     """Comma-separated specs."""
-    return [parse_method(x) for x in text.split(",") if x.strip()]
+    return [parse_method(x) for x in _split_top(text, ",") if x.strip()]
 
 
 @dataclass(frozen=True)
