@@ -80,6 +80,9 @@ def register(sub) -> None:
     p.add_argument("--device", default="cuda", help="device the model would run on (cuda or cpu)")
     p.add_argument("--device-memory", type=parse_bytes, default=None,
                    help="device memory to plan for, e.g. 80GiB (default: this machine's free GPU memory, if any)")
+    p.add_argument("--host-memory", type=parse_bytes, default=None,
+                   help="host memory to plan for (the Context Bank lives there), e.g. 512GiB (default: this "
+                        "machine's available memory): plan for the server you will run on, not this one")
     p.add_argument("--dtype-bytes", type=positive_int, default=2, help="bytes per element (2 = bf16/fp16, 4 = fp32)")
     p.add_argument("--max-new-tokens", type=non_negative_int, default=256)
     p.add_argument("--prefill-chunk-size", type=positive_int, default=4096,
@@ -102,6 +105,8 @@ def plan_rows(config, context: int, names: list[str], args: argparse.Namespace) 
                                max_new_tokens=args.max_new_tokens, prefill_chunk_size=args.prefill_chunk_size)
             if args.device_memory is not None:
                 plan.device_available_bytes = args.device_memory
+            if args.host_memory is not None:
+                plan.host_available_bytes = args.host_memory
             row = plan.to_dict()
             row["max_context"] = None
             if plan.device.startswith("cuda") and plan.device_available_bytes is not None:
