@@ -60,7 +60,7 @@ def run_cli(*args):
 
 
 def test_plan_cli_json_and_errors():
-    r = run_cli("plan", "--model", "llama-3-8b", "--context", "128k", "--json")
+    r = run_cli("plan", "--model", "llama-3-8b", "--context", "128k", "--host-memory", "1TiB", "--json")
     assert r.returncode == 0, r.stderr
     rows = {(d["method"], d["offload"]): d for d in json.loads(r.stdout)}
     assert rows["full", False]["device_kv_bytes"] == 32 * 131328 * 2 * 8 * 128 * 2
@@ -81,12 +81,14 @@ def test_plan_cli_json_and_errors():
 def test_plan_longest_context_on_80gib_omnikv_offload_fits_3x_full():
     """The issue's target, from the plan: Llama-3-8B shapes on an 80 GiB device, the longest
     prompt OmniKV with offload fits (prefill peak included) is >= 3x full attention's."""
-    r = run_cli("plan", "--model", "llama-3-8b", "--context", "128k", "--device-memory", "80GiB", "--json")
+    r = run_cli("plan", "--model", "llama-3-8b", "--context", "128k", "--device-memory", "80GiB", "--host-memory", "1TiB",
+                "--json")
     assert r.returncode == 0, r.stderr
     rows = {(d["method"], d["offload"]): d for d in json.loads(r.stdout)}
     full, omni = rows["full", False], rows["omnikv", True]
     assert omni["max_context"] >= 3 * full["max_context"] > 3 * 400_000
     assert omni["fits"] and omni["prefill_peak_device_bytes"] < full["prefill_peak_device_bytes"]
     assert rows["omnikv", False]["max_context"] < full["max_context"]  # the bank on the device costs more
-    text = run_cli("plan", "--model", "llama-3-8b", "--context", "128k", "--device-memory", "80GiB").stdout
+    text = run_cli("plan", "--model", "llama-3-8b", "--context", "128k", "--device-memory", "80GiB", "--host-memory",
+                   "1TiB").stdout
     assert "max context" in text and f"{omni['max_context']:,}" in text

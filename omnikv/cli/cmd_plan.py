@@ -80,6 +80,8 @@ def register(sub) -> None:
     p.add_argument("--device", default="cuda", help="device the model would run on (cuda or cpu)")
     p.add_argument("--device-memory", type=parse_bytes, default=None,
                    help="device memory to plan for, e.g. 80GiB (default: this machine's free GPU memory, if any)")
+    p.add_argument("--host-memory", type=parse_bytes, default=None,
+                   help="host memory for the Context Bank / offloaded KV, e.g. 512GiB (default: this machine's MemAvailable)")
     p.add_argument("--dtype-bytes", type=positive_int, default=2, help="bytes per element (2 = bf16/fp16, 4 = fp32)")
     p.add_argument("--max-new-tokens", type=non_negative_int, default=256)
     p.add_argument("--prefill-chunk-size", type=positive_int, default=4096,
@@ -102,6 +104,8 @@ def plan_rows(config, context: int, names: list[str], args: argparse.Namespace) 
                                max_new_tokens=args.max_new_tokens, prefill_chunk_size=args.prefill_chunk_size)
             if args.device_memory is not None:
                 plan.device_available_bytes = args.device_memory
+            if args.host_memory is not None:
+                plan.host_available_bytes = args.host_memory
             row = plan.to_dict()
             row["max_context"] = None
             if plan.device.startswith("cuda") and plan.device_available_bytes is not None:
@@ -144,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
           "the prefill's peak; host: the Context Bank / offloaded KV. GiB = 2^30 bytes; KV exact for our "
           "layouts, activations a rule of thumb. max context: the longest prompt that fits the device memory "
           "at its peak.")
+    if args.host_memory is None:
+        print("fits also counts this machine's free host memory for the host bytes (--host-memory to plan another)")
     if any(r["fits_label"] == "?" for r in rows):
         print(f"? = fits in host memory, but {args.device}'s free memory is unknown here: pass --device-memory")
     return 0
