@@ -95,5 +95,6 @@ def test_plan_longest_context_on_80gib_omnikv_offload_fits_3x_full():
     assert omni["max_context"] >= 3 * full["max_context"] > 3 * 400_000
     assert omni["fits"] and omni["prefill_peak_device_bytes"] < full["prefill_peak_device_bytes"]
     assert rows["omnikv", False]["max_context"] < full["max_context"]  # the bank on the device costs more
-    text = run_cli("plan", "--model", "llama-3-8b", "--context", "128k", "--device-memory", "80GiB").stdout
+    text = run_cli("plan", "--model", "llama-3-8b", "--context", "128k", "--device-memory", "80GiB", "--host-memory",
+                   "1TiB").stdout
     assert "max context" in text and f"{omni['max_context']:,}" in text

@@ -149,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
           "the prefill's peak; host: the Context Bank / offloaded KV. GiB = 2^30 bytes; KV exact for our "
           "layouts, activations a rule of thumb. max context: the longest prompt that fits the device memory "
           "at its peak.")
+    if args.host_memory is None:
+        print("fits also counts this machine's free host memory for the host bytes (--host-memory to plan another)")
     if any(r["fits_label"] == "?" for r in rows):
         print(f"? = fits in host memory, but {args.device}'s free memory is unknown here: pass --device-memory")
     return 0

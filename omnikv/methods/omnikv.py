@@ -152,17 +152,22 @@ class OmniKV(Method):
 
 def prefill_stream_bytes(segments: list[int], context: int, chunk: int, row: int) -> int:
     """Device bytes the streamed offload prefill (omnikv/offload/stream.py) holds at its peak
-    besides the dense layers' KV, for segments of `segments[i]` sparse layers: in the last two
-    chunks, per segment, one pack of the chunk's rows of every layer plus the prefixes (rows
-    0..start + n) of the layer attending and of the next one, read ahead (one when the segment
-    has one layer; none in a prompt's first chunk)."""
-    last = (context - 1) % chunk + 1 if context else 0  # the last chunk's length
-    candidates = [(context - last, last), (context - last - chunk, chunk)]  # (start, n)
-    best = 0
+    besides the dense layers' KV, for segments of `segments[i]` sparse layers. The larger of:
+
+    * the first chunk: it reads nothing back, so nothing waits on the side stream, and every
+      segment's pack of its rows may still be on its way to the bank when the next chunk's first
+      prefix read starts (the simulated transfer runs side work only when waited on, so it holds
+      them all; a GPU's copies usually end sooner: an upper bound);
+    * the last two chunks, per segment: one pack of the chunk's rows of every layer plus the
+      prefixes (rows 0..start + n) of the layer attending and of the next one, read ahead (one
+      when the segment has one layer)."""
+    if context <= 0 or not segments:
+        return 0
+    first = min(chunk, context)
+    best = first * sum(segments) + (min(context, 2 * first) if context > first else 0)
+    last = (context - 1) % chunk + 1  # the last chunk's length
     for layers in segments:
-        for start, n in candidates:
-            if start < 0 or n <= 0 or not layers:
-                continue
-            prefixes = 0 if start == 0 else min(layers, 2) * (start + n)
-            best = max(best, row * (prefixes + n * layers))
-    return best
+        for start, n in ((context - last, last), (context - last - chunk, chunk)):
+            if start > 0 and layers:
+                best = max(best, min(layers, 2) * (start + n) + n * layers)
+    return row * best

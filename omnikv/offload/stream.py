@@ -19,7 +19,9 @@ n rows starting at `start`, per sparse layer of the segment:
 On the device at once: the dense layers' KV, at most two sparse layers' prefixes (the one
 attending, the one arriving) and one chunk of the segment's rows (the previous chunk's copy to
 the bank is done before the next chunk's first layer takes a pack buffer: its first read waits
-behind it on the side stream). The price is host->device bytes
+behind it on the side stream). The one exception is the first chunk, which reads nothing back:
+every segment's pack of it may still be in flight when the second chunk's first read starts
+(`omnikv.methods.omnikv.prefill_stream_bytes` plans both). The price is host->device bytes
 of prompt^2 / (2 * chunk) rows per sparse layer; they hide under attention's compute from a chunk
 of about F * H_kv * e / (2 * H_q * BW) tokens (docs/how-it-works.md has the figures).
 """
