@@ -19,7 +19,9 @@ from omnikv.errors import ConfigError
 
 def method_labels(args: argparse.Namespace) -> list[str]:
     """The --methods specs to run; with --compile, compile=true added where a static step exists."""
-    methods = _split(args.methods)
+    from omnikv.methods.spec import split_specs
+
+    methods = split_specs(args.methods)
     if not getattr(args, "compile", False):
         return methods
     from omnikv.methods.spec import parse_method, with_compile
@@ -85,6 +87,8 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--merge", nargs="+", metavar="DIR", default=None, help="same as `merge DIR...`")
     p.add_argument("--list-tasks", action="store_true", help="list the built-in tasks and exit")
+    p.add_argument("--list-methods", action="store_true",
+                   help="list the methods --methods takes (kvpress's presses when kvpress is installed) and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -113,6 +117,9 @@ def run(args: argparse.Namespace) -> int:
     from omnikv.eval.launch import finish_shard, launcher_rank, start_shard
     from omnikv.eval.runner import EvalConfig, merge_outputs, parse_length, parse_shard, run_eval
 
+    if args.list_methods:
+        _list_methods()
+        return 0
     if args.list_tasks:
         from omnikv.eval.loaders import SUITES
         from omnikv.eval.tasks import TASKS
@@ -178,3 +185,18 @@ def run(args: argparse.Namespace) -> int:
     n = sum(r["n"] for r in metrics["rows"])
     print(f"{n} records in {output}/predictions.jsonl")
     return 0
+
+
+def _list_methods() -> None:
+    """One line per registered method (its docstring's first line); kvpress's presses by name
+    when kvpress is importable, otherwise how to get them."""
+    from omnikv.methods import available_methods, method_class
+    from omnikv.methods.presses import kvpress_available, press_names
+
+    for name in available_methods():
+        doc = (method_class(name).__doc__ or "").strip().splitlines()
+        print(f"{name:16s} {doc[0] if doc else ''}")
+    if kvpress_available():
+        print("kvpress presses (kvpress:<Press> or kvpress:<Press>(key=value, ...)): " + ", ".join(press_names()))
+    else:
+        print("kvpress presses: kvpress is not installed (pip install kvpress; kvpress 0.5.5 needs transformers < 5.3)")
