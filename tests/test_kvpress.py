@@ -215,3 +215,21 @@ def test_bench_and_compare_run_a_press(ckpt, tmp_path, capsys):
     assert press[0]["attended_tokens_per_layer"] == [n - (128 - 32) for n in full["attended_tokens_per_layer"]]
     assert main(["compare", "--model", ckpt, "--method", "kvpress:TOVAPress", "--budget", "0.25", "--json",
                  "--max-new-tokens", "2", "--quiet"]) == 0
+
+
+@needs_kvpress
+def test_head_wise_presses_mask_even_after_omnikv_switched_the_model(models):
+    """AdaKVPress keeps every row and masks per head through the attention functions kvpress
+    wrapped at import; a model an omnikv cache switched to omnikv's attention gives the same
+    logits as a fresh one (the press runs on transformers' sdpa), not full attention's."""
+    from omnikv.decoding.generation import teacher_forced_logits
+    from omnikv.models.tiny import tiny_model
+
+    ids, cont = _prompt(5), [3, 4, 5]
+    method = get_method("kvpress", budget=0.25, press="AdaKVPress(press=SnapKVPress(window_size=8))")
+    fresh = teacher_forced_logits(tiny_model("llama"), ids, cont, method)
+    model = tiny_model("llama")
+    teacher_forced_logits(model, ids, cont, get_method("omnikv", budget=0.25))  # switches the model
+    torch.testing.assert_close(teacher_forced_logits(model, ids, cont, method), fresh, rtol=0, atol=1e-5)
+    full = teacher_forced_logits(model, ids, cont, "full")
+    assert (fresh[1:] - full[1:]).abs().max() > 1e-3
