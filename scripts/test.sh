@@ -2,6 +2,9 @@
 # Set up the .venv (quietly, a no-op when up to date), then run the whole test suite, including the
 # slow tests on the embedded models (converted once per machine into ~/.cache/omnikv).
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not slow"`.
+# Under CI=true (or OMNIKV_FLOOR=1 / OMNIKV_VLLM_SETUP=1) the suite also sets up and uses two more
+# venvs: .venv-floor (transformers 5.2.0 + kvpress, scripts/setup_floor.sh; tests/test_floor.py runs
+# a subset there) and the vLLM one; otherwise those tests are skipped and -rs prints why.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -220,18 +220,23 @@ def _run_sh(tmp_path, wheels: Path, pretend: str):
                           capture_output=True, text=True, timeout=120)
 
 
+# A version below pyproject's floor (5.2.0). The GPU image's 5.17 is inside the range since it was
+# widened, so run.sh uses it and carries no wheel (test_the_transformers_range_is_read_from_pyproject).
+OUTSIDE = "4.57.1"
+
+
 def test_run_sh_stops_when_transformers_is_outside_the_range_and_no_wheel_was_carried(tmp_path):
-    proc = _run_sh(tmp_path, tmp_path / "no-wheels", "5.17.0")
+    proc = _run_sh(tmp_path, tmp_path / "no-wheels", OUTSIDE)
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "outside omnikv's range" in proc.stderr and "no wheel was carried" in proc.stderr
-    assert not (tmp_path / "out" / "summary.json").exists()  # the benchmark never ran on 5.17
+    assert not (tmp_path / "out" / "summary.json").exists()  # the benchmark never ran outside the range
 
 
 def test_run_sh_stops_when_the_carried_wheel_does_not_install(tmp_path):
     wheels = tmp_path / "whl"
     wheels.mkdir()
     (wheels / "transformers-9.9.9-py3-none-any.whl").write_bytes(b"not a zip")
-    proc = _run_sh(tmp_path, wheels, "5.17.0")
+    proc = _run_sh(tmp_path, wheels, OUTSIDE)
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "not falling back to the machine's transformers" in proc.stderr
 
@@ -241,7 +246,9 @@ def test_the_transformers_range_is_read_from_pyproject(tmp_path, monkeypatch):
 
     declared = tr.declared_range(ROOT / "pyproject.toml")
     assert declared and declared in (ROOT / "pyproject.toml").read_text()
-    monkeypatch.setenv("OMNIKV_GPU_TRANSFORMERS_VERSION", "5.17.0")  # the GPU image's
+    monkeypatch.setenv("OMNIKV_GPU_TRANSFORMERS_VERSION", "5.17.0")  # the GPU image's: inside, no wheel
+    assert tr.main([str(ROOT / "pyproject.toml")]) == 0
+    monkeypatch.setenv("OMNIKV_GPU_TRANSFORMERS_VERSION", OUTSIDE)
     assert tr.main([str(ROOT / "pyproject.toml")]) == 1
     monkeypatch.delenv("OMNIKV_GPU_TRANSFORMERS_VERSION")
     assert tr.main([str(ROOT / "pyproject.toml")]) == 0  # this venv's is inside (the suite runs on it)

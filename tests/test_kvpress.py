@@ -8,6 +8,8 @@ skipped with the reason elsewhere.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -165,3 +167,69 @@ def test_presses_prefill_in_one_forward_and_refuse_forks(models):
     chunked = teacher_forced_logits(model, ids, [3, 4, 5], method, prefill_chunk_size=32)
     torch.testing.assert_close(one, chunked, rtol=0, atol=0)
     assert prefill_needs(method, model) is None
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from omnikv.models.tiny import make_tiny_checkpoint
+
+    return str(make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt")))
+
+
+@needs_kvpress
+@pytest.mark.filterwarnings("ignore:no OmniKV preset")
+def test_eval_runs_presses_beside_omnikv_in_one_table(ckpt, tmp_path, capsys):
+    """`omnikv eval --methods full,omnikv,kvpress:...`: every press at the common budget, its rows
+    in the same summary as the others, each press prefilled on its own (not forked)."""
+    from omnikv.cli import main
+
+    methods = "full,omnikv,kvpress:SnapKVPress(window_size=4, kernel_size=3),kvpress:TOVAPress"
+    assert main(["eval", "--model", ckpt, "--output", str(tmp_path), "--methods", methods, "--tasks", "passkey",
+                 "--lengths", "300", "--samples", "2", "--budget", "0.25", "--max-new-tokens", "3",
+                 "--no-progress"]) == 0
+    rows = json.loads((tmp_path / "metrics.json").read_text())["rows"]
+    by_method = {r["method"]: r for r in rows}
+    snap = "kvpress:SnapKVPress(window_size=4, kernel_size=3)"
+    assert {"full", "omnikv", snap, "kvpress:TOVAPress"} <= set(by_method)
+    for label in (snap, "kvpress:TOVAPress"):  # the same table, the same interval, the budget's rows
+        assert by_method[label]["interval"] == by_method["omnikv"]["interval"]
+        assert by_method[label]["ci_low"] is not None and 0.25 <= by_method[label]["device_kv_share"] < 0.27
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["prefill"]["own_prefill_methods"] == [snap, "kvpress:TOVAPress"]
+    records = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    press = [r for r in records if r["method"] == "kvpress:TOVAPress"]
+    assert len(press) == 2 and all(r["prefill_mode"] == "own" for r in press)
+
+
+@needs_kvpress
+def test_bench_and_compare_run_a_press(ckpt, tmp_path, capsys):
+    from omnikv.cli import main
+
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", ckpt, "--methods", "full,kvpress:KnormPress", "--contexts", "128",
+                 "--steps", "2", "--warmup", "1", "--budget", "0.25", "--output-dir", str(out), "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    press = [r for r in records if r["method"] == "kvpress:KnormPress"]
+    full = [r for r in records if r["method"] == "full"][0]
+    # The same decode steps as full, over 32 kept prompt rows (25% of 128) instead of 128.
+    assert press[0]["attended_tokens_per_layer"] == [n - (128 - 32) for n in full["attended_tokens_per_layer"]]
+    assert main(["compare", "--model", ckpt, "--method", "kvpress:TOVAPress", "--budget", "0.25", "--json",
+                 "--max-new-tokens", "2", "--quiet"]) == 0
+
+
+@needs_kvpress
+def test_head_wise_presses_mask_even_after_omnikv_switched_the_model(models):
+    """AdaKVPress keeps every row and masks per head through the attention functions kvpress
+    wrapped at import; a model an omnikv cache switched to omnikv's attention gives the same
+    logits as a fresh one (the press runs on transformers' sdpa), not full attention's."""
+    from omnikv.decoding.generation import teacher_forced_logits
+    from omnikv.models.tiny import tiny_model
+
+    ids, cont = _prompt(5), [3, 4, 5]
+    method = get_method("kvpress", budget=0.25, press="AdaKVPress(press=SnapKVPress(window_size=8))")
+    fresh = teacher_forced_logits(tiny_model("llama"), ids, cont, method)
+    model = tiny_model("llama")
+    teacher_forced_logits(model, ids, cont, get_method("omnikv", budget=0.25))  # switches the model
+    torch.testing.assert_close(teacher_forced_logits(model, ids, cont, method), fresh, rtol=0, atol=1e-5)
+    full = teacher_forced_logits(model, ids, cont, "full")
+    assert (fresh[1:] - full[1:]).abs().max() > 1e-3

@@ -10,7 +10,7 @@
 # Results go to $OUT (default ./gpu-out) as each stage ends: summary.json, table.txt, log.txt,
 # trace_omnikv_offload.json.gz, bench.png (where matplotlib is installed).
 # Python: $PYTHON, else python3.
-# transformers: the machine's own when it is inside the range pyproject.toml declares; otherwise a
+# transformers: the machine's own when it is inside the range pyproject.toml declares (the GPU image's 5.17 is); otherwise a
 # wheel carried in .whl/ (benchmarks/gpu/fetch_wheels.sh, here, before the call; name .whl in the
 # call's `carry`) is installed into a private folder. Neither: the run stops here, loudly.
 # The benchmark is killed after OMNIKV_GPU_TIMEOUT seconds (default 270); the summary table is

@@ -16,7 +16,9 @@ Two ways to fill:
 
 from __future__ import annotations
 
+import contextlib
 import time
+from typing import Any
 
 import torch
 
@@ -61,21 +63,25 @@ def synthetic_fill(model: torch.nn.Module, cache, context: int, batch: int = 1, 
 
 @torch.inference_mode()
 def prefill_fill(
-    model: torch.nn.Module, cache, context: int, batch: int = 1, chunk: int | None = 2048, seed: int = 0
+    model: torch.nn.Module, cache, context: int, batch: int = 1, chunk: int | None = 2048, seed: int = 0,
+    method: Any = None,
 ) -> tuple[float, torch.Tensor]:
-    """Real prefill of `context` random token ids (in chunks); (seconds, next token (B, 1))."""
+    """Real prefill of `context` random token ids (in chunks; in one forward for a `method` that
+    compresses at the end of it, kvpress's presses); (seconds, next token (B, 1))."""
     if context < 1:
         raise ConfigError(f"context must be >= 1 token; got {context}")
     device, _ = model_device_dtype(model)
     vocab = text_shape(model).vocab
     gen = torch.Generator(device="cpu").manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, context), generator=gen).to(device)
-    step = chunk or context
+    step = context if method is not None and method.prefill_in_one_forward else (chunk or context)
     _sync(device)
     t0 = time.perf_counter()
     logits = None
     for s in range(0, context, step):
-        out = model(input_ids=ids[:, s : s + step], use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
+        x = ids[:, s : s + step]
+        with _around(method, model, cache, x.shape[-1]) as extra:
+            out = model(input_ids=x, use_cache=True, logits_to_keep=1, **cache_kwargs(cache), **extra)
         logits = out.logits[:, -1]
     tok = logits.argmax(-1, keepdim=True)
     _sync(device)
@@ -91,13 +97,19 @@ def first_token(model: torch.nn.Module, batch: int = 1, seed: int = 0) -> torch.
 
 
 @torch.inference_mode()
-def decode_step(model: torch.nn.Module, cache, tok: torch.Tensor) -> torch.Tensor:
+def decode_step(model: torch.nn.Module, cache, tok: torch.Tensor, method: Any = None) -> torch.Tensor:
     """One real decode step of (B, 1) tokens; returns the greedy next tokens (B, 1).
 
     EOS is never checked: the bench decodes exactly as many steps as asked.
     """
-    out = model(input_ids=tok, use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
+    with _around(method, model, cache, 1) as extra:
+        out = model(input_ids=tok, use_cache=True, logits_to_keep=1, **cache_kwargs(cache), **extra)
     return out.logits[:, -1].argmax(-1, keepdim=True)
+
+
+def _around(method: Any, model: torch.nn.Module, cache, n_tokens: int):
+    """The method's context around a forward (omnikv.methods.base.Method.forward_context)."""
+    return contextlib.nullcontext({}) if method is None else method.forward_context(model, cache, n_tokens)
 
 
 def _sync(device: torch.device) -> None:

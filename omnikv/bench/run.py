@@ -107,7 +107,7 @@ COMPILED_MIN_WARMUP = 3  # compile on the first step; CUDA graphs record after a
 def _step(model, run: _Run, tok: torch.Tensor) -> torch.Tensor:
     """One decode step of `run` (through its static decoder when it has one)."""
     if run.decoder is None:
-        return decode_step(model, run.cache, tok)
+        return decode_step(model, run.cache, tok, run.method)
     with torch.inference_mode():
         return run.decoder(tok)[:, -1].argmax(-1, keepdim=True)
 
@@ -162,7 +162,7 @@ def _fill(model, run: _Run, spec: BenchSpec, context: int, baseline: tuple[int, 
             run.tok = first_token(model, spec.batch, spec.seed)
         else:
             run.prefill_seconds, run.tok = prefill_fill(
-                model, run.cache, context, spec.batch, spec.prefill_chunk, spec.seed
+                model, run.cache, context, spec.batch, spec.prefill_chunk, spec.seed, run.method
             )
             run.fill_seconds = run.prefill_seconds
         for _ in range(warmup):  # includes compiling (timed apart, in the decoder)

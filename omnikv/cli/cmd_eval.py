@@ -20,7 +20,9 @@ from omnikv.errors import ConfigError
 
 def method_labels(args: argparse.Namespace) -> list[str]:
     """The --methods specs to run; with --compile, compile=true added where a static step exists."""
-    methods = _split(args.methods)
+    from omnikv.methods.spec import split_specs
+
+    methods = split_specs(args.methods)
     if not getattr(args, "compile", False):
         return methods
     from omnikv.methods.spec import parse_method, with_compile
@@ -86,7 +88,9 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--merge", nargs="+", metavar="DIR", default=None, help="same as `merge DIR...`")
     p.add_argument("--list-tasks", action="store_true", help="list the built-in tasks and exit")
-    p.add_argument("--list-methods", action="store_true", help="list the methods --methods takes, with their options, and exit")
+    p.add_argument("--list-methods", action="store_true",
+                   help="list the methods --methods takes, with their options (kvpress's presses when kvpress is "
+                        "installed), and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -97,12 +101,17 @@ def print_methods() -> None:
     """One line per registered method: its name, what it keeps (exact / drop-free / lossy) and its
     own options (every budgeted method also takes budget=)."""
     from omnikv.methods import available_methods, method_class
+    from omnikv.methods.presses import kvpress_available, press_names
 
     for name in available_methods():
         cls = method_class(name)
         kind = "exact" if not cls.takes_budget else "lossy" if cls.lossy else "drop-free"
         options = sorted(cls.option_names() - COMMON_OPTIONS)
         print(f"{name:14s} {kind:9s} options: {', '.join(options) or '-'}")
+    if kvpress_available():
+        print("kvpress presses (kvpress:<Press> or kvpress:<Press>(key=value, ...)): " + ", ".join(press_names()))
+    else:
+        print("kvpress presses: kvpress is not installed (pip install kvpress; kvpress 0.5.5 needs transformers < 5.3)")
 
 
 def _parse_value(text: str) -> Any:
@@ -198,3 +207,4 @@ def run(args: argparse.Namespace) -> int:
     n = sum(r["n"] for r in metrics["rows"])
     print(f"{n} records in {output}/predictions.jsonl")
     return 0
+

@@ -205,10 +205,12 @@ def build_method(args: argparse.Namespace, name: str | None = None):
     A flag the method does not take fails here, naming the methods that do take it; a --preset
     (built-in name or file) is resolved by `omnikv.algorithm.presets.resolve_preset` inside the method."""
     from omnikv.methods import get_method, method_class, methods_taking
+    from omnikv.methods.spec import parse_method
 
-    name = name or args.method
+    spec = parse_method(name or args.method)  # a spec: `kvpress:TOVAPress`, `snapkv:window_size=16`
+    name = spec.name
     cls = method_class(name)  # ConfigError listing the methods when unknown
-    options = method_options(args)
+    options = {**spec.options, **method_options(args)}
     foreign = [k for k in options if k not in cls.option_names()]
     if foreign:
         takers = sorted({m for k in foreign for m in methods_taking(k)})

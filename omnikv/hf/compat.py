@@ -44,6 +44,18 @@ LAYER_MAX_LENGTH = "get_max_length" if hasattr(CacheLayerMixin, "get_max_length"
 HAS_QUERY_OFFSET = hasattr(Cache, "get_query_offset")
 
 
+def query_position_kwargs(pos: torch.Tensor | None) -> dict:
+    """Extra forward arguments of a static decode step at device position `pos` (0-d), or None.
+
+    Releases with `Cache.get_query_offset` ask the cache (our static cache answers `pos`): nothing
+    to add. Older ones take the mask's query offset from `cache_position`, which they would compute
+    from `get_seq_length()`, a Python int that changes every step (under torch.compile: a new graph
+    per step): pass the device position instead."""
+    if HAS_QUERY_OFFSET or pos is None:
+        return {}
+    return {"cache_position": pos.view(1)}
+
+
 class CacheLayerBase(CacheLayerMixin):
     """transformers' cache-layer base under the newest names: a subclass implements
     `get_max_length`; older releases reach it through `get_max_cache_shape`."""

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from omnikv.errors import ConfigError, InputError
-from omnikv.hf.compat import cache_kwargs
+from omnikv.hf.compat import cache_kwargs, query_position_kwargs
 
 
 class StaticState:
@@ -221,8 +221,10 @@ class StaticDecoder:
 
     def _step(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
               attention_mask: torch.Tensor | None) -> torch.Tensor:
+        st = self.cache.static
+        pos = st.pos if st is not None and st.active and input_ids.shape[-1] == 1 else None
         out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                         use_cache=True, logits_to_keep=1, **cache_kwargs(self.cache))
+                         use_cache=True, logits_to_keep=1, **cache_kwargs(self.cache), **query_position_kwargs(pos))
         return out.logits
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,

@@ -150,6 +150,23 @@ def press_hooks(press, model: torch.nn.Module) -> Iterator[None]:
             hook.remove()
 
 
+@contextlib.contextmanager
+def stock_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Run the forwards inside on transformers' "sdpa" attention. kvpress's head-wise presses
+    (AdaKVPress) mask through the attention functions kvpress wraps when it is imported; omnikv's
+    "omnikv" function, registered when one of our caches is built (often after that import), is
+    not wrapped, and a model another method switched to it would ignore those masks."""
+    current = getattr(model.config, "_attn_implementation", None)
+    if current == "sdpa":
+        yield
+        return
+    model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(current)
+
+
 @register("kvpress")
 @dataclass(eq=False)
 class KVPress(Method):
@@ -195,7 +212,7 @@ class KVPress(Method):
         device = next(model.parameters()).device
         positions = torch.arange(cache.seen, cache.seen + n_tokens, device=device)[None]
         hooks = press_hooks(cache.press, model) if prompt or decoding else contextlib.nullcontext()
-        with hooks:
+        with stock_attention(model), hooks:
             yield {"position_ids": positions}
         cache.seen += n_tokens
 

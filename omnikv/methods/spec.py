@@ -105,9 +105,14 @@ def with_compile(spec: MethodSpec) -> MethodSpec:
     return parse_method(spec.label + ":compile=true")
 
 
+def split_specs(text: str) -> list[str]:
+    """Comma-separated specs as written (commas inside a press's parentheses do not split)."""
+    return [x.strip() for x in _split_top(text, ",") if x.strip()]
+
+
 def parse_methods(text: str) -> list[MethodSpec]:
     """Comma-separated specs."""
-    return [parse_method(x) for x in _split_top(text, ",") if x.strip()]
+    return [parse_method(x) for x in split_specs(text)]
 
 
 @dataclass(frozen=True)
