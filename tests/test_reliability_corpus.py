@@ -149,7 +149,11 @@ def test_api_hostile_input_raises_clear_error(name, call, error, needle, small, 
     assert needle in str(info.value)
 
 
-@pytest.mark.parametrize("method", ["full", "omnikv", "streaming_llm", "h2o", "snapkv", "quest", "full_offload", "kvpress"])
+BUDGET_TABLE = ["full", "omnikv", "streaming_llm", "h2o", "snapkv", "quest", "full_offload", "kvpress", "infllm",
+                "tidaldecode"]
+
+
+@pytest.mark.parametrize("method", BUDGET_TABLE)
 @pytest.mark.parametrize("budget", BAD_BUDGETS, ids=repr)
 def test_api_bad_budget_is_config_error_for_every_method(method, budget):
     with pytest.raises(ConfigError, match="budget"):
@@ -157,7 +161,7 @@ def test_api_bad_budget_is_config_error_for_every_method(method, budget):
 
 
 def test_every_registered_method_is_in_the_budget_table():
-    assert set(available_methods()) - {"full_prealloc"} <= {"full", "omnikv", "streaming_llm", "h2o", "snapkv", "quest", "full_offload", "kvpress"}
+    assert set(available_methods()) - {"full_prealloc"} <= set(BUDGET_TABLE)
 
 
 # ----------------------------------------------------------------------------------------------
