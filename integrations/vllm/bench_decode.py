@@ -114,22 +114,28 @@ def run_cell(llm, ctx: int, conc: int, args) -> dict:
     return row
 
 
-def _meta(args) -> dict:
+def _commit() -> str:
+    """The checkout's commit, "+dirty" with uncommitted changes to tracked files (read at start:
+    the code this process imported)."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True).stdout.strip()
+    return commit + ("+dirty" if dirty else "")
+
+
+def _meta(args, commit: str) -> dict:
     import torch
     import vllm
 
     from omnikv_vllm import backend
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                           text=True).stdout.strip()
     model = backend._Model._instance
     return {"model": args.model, "dtype": "float32", "new_tokens": args.new_tokens, "repeats": args.repeats,
             "omnikv_config": str(model.config) if model else None,
             "layers": model.plan.summary() if model else None,
             "vllm": vllm.__version__, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
             "cores": len(os.sched_getaffinity(0)), "threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
-            "kv_space_gib": os.environ.get("VLLM_CPU_KVCACHE_SPACE"), "commit": commit + ("+dirty" if dirty else ""),
+            "kv_space_gib": os.environ.get("VLLM_CPU_KVCACHE_SPACE"), "commit": commit,
             "nice": os.nice(0)}
 
 
@@ -150,6 +156,7 @@ def main() -> None:
         cells = [tuple(int(x) for x in c.split("x")) for c in args.cells.split(",")]
     else:
         cells = [(int(c), int(n)) for c in args.contexts.split(",") for n in args.concurrency.split(",")]
+    commit = _commit()
     _env(args.kv_space)
     from omnikv_vllm import models
     from omnikv_vllm.cli import build_llm
@@ -162,7 +169,7 @@ def main() -> None:
     for ctx, conc in cells:
         rows.append(run_cell(llm, ctx, conc, args))
         print(json.dumps(rows[-1]), flush=True)
-        out.write_text(json.dumps({"meta": _meta(args), "rows": rows}, indent=2))  # after every cell
+        out.write_text(json.dumps({"meta": _meta(args, commit), "rows": rows}, indent=2))  # after every cell
 
 
 if __name__ == "__main__":
