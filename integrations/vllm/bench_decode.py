@@ -3,12 +3,14 @@
 Runs in the vLLM venv (integrations/vllm/.venv). One engine, in this process
 (VLLM_ENABLE_V1_MULTIPROCESSING=0), with the OmniKV backend installed and prefix caching on. For
 each context length and concurrency: random-token prompts (fixed seed) are prefilled once (not
-timed: prefix caching keeps them); then `--repeats` times, stock then OmniKV (the order alternates
-from one repeat to the next), the same prompts are decoded `--new-tokens` tokens each, and every
-decode step is timed. "stock" is the same engine with OmniKV's step state off
-(`omnikv_vllm.backend.set_active(False)`): every layer runs vLLM's CPU_ATTN code unchanged, over
-the same weights and cached prompt blocks, so the two are compared under the same load at the same
-moment. Decode tokens/s = requests / median step time over the repeats' steps.
+timed: prefix caching keeps them); then `--repeats` times the same prompts are decoded
+`--new-tokens` tokens each, the decode steps alternating stock / OmniKV one by one (which goes
+first alternates between repeats), each step timed (wall and process CPU time). "stock" is the
+same engine with OmniKV's step state off (`omnikv_vllm.backend.set_active(False)`): every layer
+runs vLLM's CPU_ATTN code unchanged, over the same weights and cached prompt blocks; adjacent steps
+see the same machine load, which matters on a shared machine. OmniKV selects afresh at every step
+(refresh_every=1), so no step depends on the method of the step before.
+Decode tokens/s = requests / median step wall time.
 
 With OMNIKV_VLLM_PROFILE=1 (set here) the OmniKV runs also sum the time spent selecting (filter
 layers, after their stock attention) and in the sparse layers' attention: their shares of a decode
@@ -51,30 +53,37 @@ def _drain(engine, n: int, counts: dict[str, int]) -> None:
             counts[out.request_id] = len(out.outputs[0].token_ids)
 
 
-def decode_run(engine, prompts: list[list[int]], new_tokens: int, method: str) -> dict:
-    """One decode of every prompt (prefix-cached): per-step seconds and OmniKV's parts."""
+def decode_run(engine, prompts: list[list[int]], new_tokens: int, first: str) -> dict[str, dict]:
+    """One decode of every prompt (prefix-cached), the methods alternating step by step (`first`
+    on even steps): per method, each step's wall and CPU seconds and OmniKV's parts."""
     from vllm import SamplingParams, TokensPrompt
 
     from omnikv_vllm import backend, profile
 
-    backend.set_active(method == "omnikv")
+    backend.set_active(True)  # the tracker sees the prompts either way; OmniKV decodes the first tokens
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-    tag = f"{method}-{time.monotonic_ns()}"
+    tag = f"run-{time.monotonic_ns()}"
     for i, p in enumerate(prompts):
         engine.add_request(f"{tag}-{i}", TokensPrompt(prompt_token_ids=p), params)
     counts: dict[str, int] = {}
     _drain(engine, len(prompts), counts)  # the prompts' uncached tails and first tokens
-    before, steps, tokens = profile.totals(), [], 0
+    order = (first, METHODS[1] if first == METHODS[0] else METHODS[0])
+    res = {m: {"wall": [], "cpu": [], "parts": {"selection": 0.0, "sparse attention": 0.0}} for m in METHODS}
+    n = 0
     while engine.has_unfinished_requests():
-        t0 = time.perf_counter()
-        outs = engine.step()
-        steps.append(time.perf_counter() - t0)
-        for out in outs:
-            tokens += len(out.outputs[0].token_ids) - counts.get(out.request_id, 0)
-            counts[out.request_id] = len(out.outputs[0].token_ids)
-    after = profile.totals()
-    parts = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in ("selection", "sparse attention")}
-    return {"steps": steps, "tokens": tokens, "parts": parts}
+        method = order[n % 2]
+        backend.set_active(method == "omnikv")  # read when the step's metadata is built
+        before = profile.totals()
+        w0, c0 = time.perf_counter(), time.process_time()
+        engine.step()
+        res[method]["wall"].append(time.perf_counter() - w0)
+        res[method]["cpu"].append(time.process_time() - c0)
+        after = profile.totals()
+        for k in res[method]["parts"]:
+            res[method]["parts"][k] += after.get(k, 0.0) - before.get(k, 0.0)
+        n += 1
+    backend.set_active(True)
+    return res
 
 
 def run_cell(llm, ctx: int, conc: int, args) -> dict:
@@ -86,41 +95,47 @@ def run_cell(llm, ctx: int, conc: int, args) -> dict:
     t0 = time.perf_counter()
     llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], SamplingParams(max_tokens=1), use_tqdm=False)
     prefill_s = time.perf_counter() - t0
-    runs: dict[str, list[dict]] = {m: [] for m in METHODS}
-    for rep in range(args.repeats):
-        for method in (METHODS if rep % 2 == 0 else METHODS[::-1]):
-            runs[method].append(decode_run(llm.llm_engine, prompts, args.new_tokens, method))
+    runs = [decode_run(llm.llm_engine, prompts, args.new_tokens, METHODS[rep % 2]) for rep in range(args.repeats)]
     row = {"context": ctx, "concurrency": conc, "prefill_seconds": round(prefill_s, 2),
            "load_average": os.getloadavg()}
     for method in METHODS:
-        steps = [s for r in runs[method] for s in r["steps"]]
-        med = statistics.median(steps)
+        wall = [s for r in runs for s in r[method]["wall"]]
+        cpu = [s for r in runs for s in r[method]["cpu"]]
+        med, cmed = statistics.median(wall), statistics.median(cpu)
         row[method] = {"median_step_s": round(med, 5), "tokens_per_s": round(conc / med, 3),
-                       "steps": len(steps), "step_s_min_max": [round(min(steps), 5), round(max(steps), 5)]}
-    total = sum(s for r in runs["omnikv"] for s in r["steps"])
-    shares = {k: sum(r["parts"][k] for r in runs["omnikv"]) / total for k in ("selection", "sparse attention")}
+                       "median_step_cpu_s": round(cmed, 5), "steps": len(wall),
+                       "step_s_min_max": [round(min(wall), 5), round(max(wall), 5)]}
+    total = sum(s for r in runs for s in r["omnikv"]["wall"])
+    shares = {k: sum(r["omnikv"]["parts"][k] for r in runs) / total for k in ("selection", "sparse attention")}
     shares["elsewhere"] = 1 - sum(shares.values())
     row["omnikv"]["step_shares"] = {k: round(v, 3) for k, v in shares.items()}
     row["ratio"] = round(row["omnikv"]["tokens_per_s"] / row["stock"]["tokens_per_s"], 3)
+    row["ratio_cpu_time"] = round(row["stock"]["median_step_cpu_s"] / row["omnikv"]["median_step_cpu_s"], 3)
     return row
 
 
-def _meta(args) -> dict:
+def _commit() -> str:
+    """The checkout's commit, "+dirty" with uncommitted changes to tracked files (read at start:
+    the code this process imported)."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True).stdout.strip()
+    return commit + ("+dirty" if dirty else "")
+
+
+def _meta(args, commit: str) -> dict:
     import torch
     import vllm
 
     from omnikv_vllm import backend
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                           text=True).stdout.strip()
     model = backend._Model._instance
     return {"model": args.model, "dtype": "float32", "new_tokens": args.new_tokens, "repeats": args.repeats,
             "omnikv_config": str(model.config) if model else None,
             "layers": model.plan.summary() if model else None,
             "vllm": vllm.__version__, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
             "cores": len(os.sched_getaffinity(0)), "threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
-            "kv_space_gib": os.environ.get("VLLM_CPU_KVCACHE_SPACE"), "commit": commit + ("+dirty" if dirty else ""),
+            "kv_space_gib": os.environ.get("VLLM_CPU_KVCACHE_SPACE"), "commit": commit,
             "nice": os.nice(0)}
 
 
@@ -141,6 +156,7 @@ def main() -> None:
         cells = [tuple(int(x) for x in c.split("x")) for c in args.cells.split(",")]
     else:
         cells = [(int(c), int(n)) for c in args.contexts.split(",") for n in args.concurrency.split(",")]
+    commit = _commit()
     _env(args.kv_space)
     from omnikv_vllm import models
     from omnikv_vllm.cli import build_llm
@@ -153,7 +169,7 @@ def main() -> None:
     for ctx, conc in cells:
         rows.append(run_cell(llm, ctx, conc, args))
         print(json.dumps(rows[-1]), flush=True)
-        out.write_text(json.dumps({"meta": _meta(args), "rows": rows}, indent=2))  # after every cell
+        out.write_text(json.dumps({"meta": _meta(args, commit), "rows": rows}, indent=2))  # after every cell
 
 
 if __name__ == "__main__":

@@ -248,7 +248,7 @@ class OmniKVAttentionImpl(CPUAttentionBackendImpl):
         scores = []
         for d in state.decode:
             nb = -(-d.prompt_len // bs)
-            keys_t = layout.block_keys(kv_cache, d.block_row[:nb])  # (nb, Hk, D, bs)
+            keys_t = layout.block_keys(kv_cache, d.block_row[:nb])  # (Hk, D, nb * bs)
             scores.append(row_token_scores(query[d.token], keys_t, self.scale, d.prompt_len, model.config))
         scores = reduce_across_workers(scores, model.config.head_reduce, tp_gather())
         selected = pad_rows([select_row_blocks(s, d.prompt_len, bs, model.config) for s, d in zip(scores, state.decode)])

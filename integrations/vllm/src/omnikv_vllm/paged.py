@@ -95,20 +95,25 @@ class TileLayout:
         return keys, values
 
     def block_keys(self, kv_cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        """The keys of whole blocks, "transposed" so that q @ them scores every token of a block.
+        """The keys of whole blocks, head-major and transposed: q @ them scores every token.
 
         Args:
             kv_cache: (num_blocks, Hk, bs, 2*D) one layer's cache, as vLLM passes it.
-            blocks: (n,) int physical block ids.
+            blocks: (n,) int physical block ids, in logical order.
         Returns:
-            (n, Hk, D, bs). When the layout stores a block's keys column-major (vLLM's `vec` /
-            `vec16`: [D, bs] first in the tile) one index_select over the block dimension copies
-            the keys alone; another layout is gathered through the probed offsets.
+            (Hk, D, n*bs): column j is logical token j of the blocks. When the layout stores a
+            block's keys column-major (vLLM's `vec` / `vec16`: [D, bs] first in the tile) it is one
+            index_select over the block dimension of a (Hk, D, blocks, bs) view of the cache: one
+            copy of the keys alone, laid out so that scoring is one GEMM per KV head (a product per
+            block would be n * Hk tiny GEMMs). Another layout is gathered through the probed offsets.
         """
         nb, hk, bs, two_d = kv_cache.shape
         d = two_d // 2
         blocks = blocks.to(torch.int64)
+        n = blocks.numel()
         if self.keys_column_major:
-            return kv_cache.view(nb, hk, 2, bs * d)[:, :, 0].index_select(0, blocks).view(-1, hk, d, bs)
+            view = kv_cache.view(nb, hk, 2, d, bs)[:, :, 0].permute(1, 2, 0, 3)  # (Hk, D, NB, bs), no copy
+            return view.index_select(2, blocks).view(hk, d, n * bs)
         flat = kv_cache.view(nb, hk, bs * two_d).index_select(0, blocks)
-        return flat[:, :, self.key_offsets.t().reshape(-1)].view(-1, hk, d, bs)
+        keys = flat[:, :, self.key_offsets.t().reshape(-1)].view(n, hk, d, bs)
+        return keys.permute(1, 2, 0, 3).reshape(hk, d, n * bs)

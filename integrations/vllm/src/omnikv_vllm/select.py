@@ -1,7 +1,7 @@
 """Block selection of the decode rows of one step, from the paged cache (the library's rules).
 
 Per decode row, a filter layer scores the row's prompt tokens with the row's query over whole key
-blocks read in the kernel's layout (`TileLayout.block_keys`: one index_select, one batched product),
+blocks read in the kernel's layout (`TileLayout.block_keys`: one index_select, one GEMM per KV head),
 turns the logits into the library's token scores (`omnikv.algorithm.selection.scores_from_logits`),
 and keeps whole blocks with the library's block rules (`block_scores`, `select_blocks`,
 `omnikv.budget.forced_blocks` / `block_selection`): the same blocks as the HF path with
@@ -33,12 +33,12 @@ Gather = Callable[[torch.Tensor], torch.Tensor]
 
 def row_token_scores(q: torch.Tensor, keys_t: torch.Tensor, scale: float, prompt_len: int,
                      config: OmniKVConfig) -> torch.Tensor:
-    """q (Hq, D), keys_t (n, Hk, D, bs) the row's first n blocks -> (G, P) float32 token scores."""
-    n, hk, d, bs = keys_t.shape
+    """q (Hq, D), keys_t (Hk, D, T >= P) the row's prompt blocks (`TileLayout.block_keys`) ->
+    (G, P) float32 token scores."""
+    hk, d, _ = keys_t.shape
     g = q.shape[0] // hk
-    logits = torch.matmul(q.view(1, hk, g, d).float(), keys_t.float())  # (n, Hk, g, bs)
-    logits = logits.mul_(scale).permute(1, 2, 0, 3).reshape(1, hk, g, 1, n * bs)[..., :prompt_len]
-    return scores_from_logits(logits, config.selector, config.head_reduce)[0]
+    logits = torch.matmul(q.view(hk, g, d).float(), keys_t[:, :, :prompt_len].float())  # (Hk, g, P)
+    return scores_from_logits(logits.mul_(scale).view(1, hk, g, 1, prompt_len), config.selector, config.head_reduce)[0]
 
 
 def reduce_across_workers(scores: list[torch.Tensor], head_reduce: str, gather: Gather | None) -> list[torch.Tensor]:
