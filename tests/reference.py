@@ -21,6 +21,32 @@ from omnikv.algorithm.roles import Role, plan_layers
 REF_NAME = "omnikv_reference"
 
 
+@torch.inference_mode()
+def reference_logits(model: torch.nn.Module, attention, prompt: list[int], continuation: list[int],
+                     on_step=None) -> torch.Tensor:
+    """(len(continuation), V): next-token logits after prompt + continuation[:i], teacher-forced
+    over a stock DynamicCache with `attention` as the model's attention function. It is registered
+    here, at each call, not when a reference is built: a later reference's registration would
+    otherwise replace an earlier one's under the same name. `on_step()` runs before each decode
+    step."""
+    AttentionInterface.register(REF_NAME, attention)
+    AttentionMaskInterface.register(REF_NAME, sdpa_mask)
+    prev = model.config._attn_implementation
+    model.set_attn_implementation(REF_NAME)
+    try:
+        cache = DynamicCache(config=model.config)
+        out = model(torch.tensor([prompt]), use_cache=True, **cache_kwargs(cache))
+        rows = [out.logits[0, -1].float()]
+        for tok in continuation[:-1]:
+            if on_step is not None:
+                on_step()
+            out = model(torch.tensor([[tok]]), use_cache=True, **cache_kwargs(cache))
+            rows.append(out.logits[0, -1].float())
+        return torch.stack(rows)
+    finally:
+        model.set_attn_implementation(prev)
+
+
 # --------------------------------------------------------------------------- selection
 def ref_scores(
     queries: torch.Tensor, keys: torch.Tensor, scaling: float, selector: str, head_reduce: str, valid: list[bool] | None
@@ -147,8 +173,6 @@ class ReferenceOmniKV:
         self.selection: dict[int, list[list[int]]] = {}
         self.steps = 0
         self.last_select: dict[int, int] = {}
-        AttentionInterface.register(REF_NAME, self._attention)
-        AttentionMaskInterface.register(REF_NAME, sdpa_mask)
 
     def _attention(self, module, query, key, value, attention_mask, **kwargs):
         i = module.layer_idx
@@ -185,23 +209,13 @@ class ReferenceOmniKV:
         module.last_reference_rows = len(rows)
         return out[None, None], None  # (1, 1, Hq, D)
 
-    @torch.inference_mode()
     def logits(self, prompt: list[int], continuation: list[int]) -> torch.Tensor:
         """(len(continuation), V): next-token logits after prompt + continuation[:i]."""
-        prev = self.model.config._attn_implementation
-        self.model.set_attn_implementation(REF_NAME)
-        try:
-            cache = DynamicCache(config=self.model.config)
-            self.prompt_len = len(prompt)
-            out = self.model(torch.tensor([prompt]), use_cache=True, **cache_kwargs(cache))
-            rows = [out.logits[0, -1].float()]
-            for tok in continuation[:-1]:
-                self.steps += 1
-                out = self.model(torch.tensor([[tok]]), use_cache=True, **cache_kwargs(cache))
-                rows.append(out.logits[0, -1].float())
-            return torch.stack(rows)
-        finally:
-            self.model.set_attn_implementation(prev)
+        self.prompt_len = len(prompt)
+        return reference_logits(self.model, self._attention, prompt, continuation, on_step=self._count_step)
+
+    def _count_step(self) -> None:
+        self.steps += 1
 
 
 # --------------------------------------------------------------------------- H2O
@@ -220,8 +234,6 @@ class ReferenceH2O:
         self.model, self.budget, self.recent = model, budget, recent
         self.kept: dict[int, list[list[int]]] = {}  # layer -> per KV head, kept positions (cache order)
         self.score: dict[int, list[list[float]]] = {}
-        AttentionInterface.register(REF_NAME, self._attention)
-        AttentionMaskInterface.register(REF_NAME, sdpa_mask)
 
     @staticmethod
     def _probs(q: torch.Tensor, keys: torch.Tensor, scaling: float) -> list[float]:
@@ -274,18 +286,6 @@ class ReferenceH2O:
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
         return self._decode(i, query, key, value, scaling)[None, None], None  # (1, 1, Hq, D)
 
-    @torch.inference_mode()
     def logits(self, prompt: list[int], continuation: list[int]) -> torch.Tensor:
         """(len(continuation), V): next-token logits after prompt + continuation[:i]."""
-        prev = self.model.config._attn_implementation
-        self.model.set_attn_implementation(REF_NAME)
-        try:
-            cache = DynamicCache(config=self.model.config)
-            out = self.model(torch.tensor([prompt]), use_cache=True, **cache_kwargs(cache))
-            rows = [out.logits[0, -1].float()]
-            for tok in continuation[:-1]:
-                out = self.model(torch.tensor([[tok]]), use_cache=True, **cache_kwargs(cache))
-                rows.append(out.logits[0, -1].float())
-            return torch.stack(rows)
-        finally:
-            self.model.set_attn_implementation(prev)
+        return reference_logits(self.model, self._attention, prompt, continuation)
