@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import torch
@@ -21,6 +19,7 @@ import torch
 @torch.no_grad()
 def main() -> None:
     from omnikv import OmniKVCache
+    from omnikv.bench.report import finish_metadata, run_metadata
     from omnikv.hf.compat import cache_kwargs
     from omnikv.methods import get_method
     from omnikv.methods.memory import plan_memory
@@ -34,7 +33,7 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/offload-prefill-peak")
     a = p.parse_args()
     torch.set_num_threads(1)
-    load = os.getloadavg()
+    meta = run_metadata(probe_bandwidth=False)  # hardware, versions, commit, command, load
     model = load_model(a.model, dtype=torch.float32, device="cpu").model
     method = get_method("omnikv", offload=True)
     cache = OmniKVCache(model, method.config_for(model, warn=False), transfer="simulated")
@@ -62,10 +61,7 @@ def main() -> None:
         "meter_live_after_decode_bytes": cache.meter.live, "h2d_bytes_prefill": st["h2d_bytes_prefill"],
         "d2h_bytes_prefill": st["d2h_bytes_prefill"], "host_kv_bytes": st["host_kv_bytes"],
     }
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    meta = {"command": "benchmarks/offload_prefill_peak.py " + " ".join(f"--{k} {v}" for k, v in vars(a).items()),
-            "commit": commit, "torch": torch.__version__, "load_avg_start": [round(x, 2) for x in load],
-            "load_avg_end": [round(x, 2) for x in os.getloadavg()]}
+    finish_metadata(meta)
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps({"meta": meta, "result": result}, indent=2))

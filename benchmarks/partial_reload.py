@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -87,6 +84,8 @@ def measure(name: str, context: int, steps: int, chunk: int) -> dict:
 
 
 def main() -> None:
+    from omnikv.bench.report import finish_metadata, run_metadata
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="smollm2,gemma3")
     p.add_argument("--context", type=int, default=4096)
@@ -95,13 +94,9 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/partial-reload")
     a = p.parse_args()
     torch.set_num_threads(1)
-    load = os.getloadavg()
+    meta = run_metadata(probe_bandwidth=False)  # hardware, versions, commit, command, load
     rows = [measure(m.strip(), a.context, a.steps, a.chunk) for m in a.models.split(",") if m.strip()]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    meta = {"command": "benchmarks/partial_reload.py " + " ".join(f"--{k} {v}" for k, v in vars(a).items()),
-            "commit": commit, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "threads": 1, "load_avg_start": [round(x, 2) for x in load],
-            "load_avg_end": [round(x, 2) for x in os.getloadavg()]}
+    finish_metadata(meta)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

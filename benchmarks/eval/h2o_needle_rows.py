@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 from pathlib import Path
 
 import torch
 
+from omnikv.bench.report import finish_metadata, run_metadata
 from omnikv.eval.tasks.infinitebench_synth import passkey
 from omnikv.methods import get_method
 from omnikv.methods.lossy import LossyLayer
@@ -58,6 +56,7 @@ def main() -> None:
     ap.add_argument("--output", required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
+    meta = run_metadata(probe_bandwidth=False)  # hardware, versions, commit, command, load
     lm = load_model("smollm2", dtype="float32", device="cpu")
     tok, model = lm.tokenizer, lm.model
     rows = []
@@ -78,11 +77,7 @@ def main() -> None:
             print(f"{s.id} depth {s.metadata['depth']:.2f} {name:7s} needle kept in "
                   f"{rep['needle_kept_share']:.0%} of (layer, head); older kept rows at "
                   f"{rep['mean_rel_pos_of_older_kept']:.2f} of the prompt; answer {answer!r}", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    meta = {"command": "python benchmarks/eval/h2o_needle_rows.py " + " ".join(
-                f"--{k} {v}" for k, v in vars(args).items()),
-            "commit": commit, "torch": torch.__version__, "cpu_count": os.cpu_count(),
-            "platform": platform.platform(), "load": os.getloadavg()}
+    finish_metadata(meta)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
