@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from omnikv.offload.delta import selection_delta, selection_delta_padded
-from omnikv.offload.gathers import gather_packed, to_work_layout
+from omnikv.offload.layouts import gather_packed, to_work_layout
 from omnikv.offload.reload import reload_rows_reference
 
 ROOT = Path(__file__).resolve().parents[1]
