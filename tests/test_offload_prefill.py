@@ -162,3 +162,11 @@ def test_hybrid_sliding_layers_are_in_the_device_peak(models):
     windows = len(sliding) * (window - 1 + chunk) * row  # one chunk's window + chunk per sliding layer
     assert s["device_kv_peak_bytes"] >= s["device_kv_bytes"]
     assert s["device_kv_peak_bytes"] >= windows + sum(layer.device_bytes() for layer in cache.layers if layer not in sliding)
+    from omnikv.methods import get_method
+    from omnikv.methods.memory import plan_memory
+
+    method = get_method("omnikv", config=config((1,)))
+    plan = plan_memory(model.config, prompt.shape[1], method, device="cuda", dtype_bytes=4, max_new_tokens=4,
+                       prefill_chunk_size=chunk, weights_bytes=0)
+    peak = s["device_kv_peak_bytes"]
+    assert abs(plan.device_peak_kv_bytes - peak) <= 0.05 * peak, (plan.device_peak_kv_bytes, peak)
