@@ -9,7 +9,7 @@ import sys
 import torch
 
 from omnikv.offload.delta import selection_delta_padded
-from omnikv.offload.gathers import gather_packed, to_work_layout
+from omnikv.offload.layouts import gather_packed, to_work_layout
 from omnikv.offload.reload import reload_op, reload_rows, reload_rows_reference, triton_usable
 
 

@@ -141,3 +141,32 @@ def test_memory_plan_matches_a_run_at_the_prefill_peak_and_when_decoding(prompt,
     assert abs(plan.host_kv_bytes - stats["pinned_host_bytes"]) <= 0.05 * stats["pinned_host_bytes"]
     if prompt > 4 * chunk:  # a long prompt: the peak is a fraction of full attention's KV
         assert peak < plan.full_device_kv_bytes / 2
+
+
+def test_hybrid_sliding_layers_are_in_the_device_peak(models):
+    """Gemma 3's sliding-window layers (transformers' own window cache) are counted by the meter:
+    the peak is never below the rows in use, and while a chunk runs it holds each sliding layer's
+    window + chunk, which the peak must include."""
+    model = models("gemma3_text")
+    window = model.config.sliding_window
+    chunk = 32
+    prompt = ids(3 * window, seed=5)
+    cache = OmniKVCache(model, config((1,)), transfer="simulated")
+    cache.reserve(prompt.shape[1] + 4, decode_tokens=4)
+    prefill_logits(model, cache, prompt, chunk)
+    s = cache.stats()
+    sliding = [layer for layer in cache.layers if type(layer).__name__ == "SlidingLayer"]
+    assert sliding, "the tiny Gemma 3 has sliding layers"
+    cfg = model.config
+    row = 2 * cfg.num_key_value_heads * cfg.head_dim * next(model.parameters()).element_size()
+    windows = len(sliding) * (window - 1 + chunk) * row  # one chunk's window + chunk per sliding layer
+    assert s["device_kv_peak_bytes"] >= s["device_kv_bytes"]
+    assert s["device_kv_peak_bytes"] >= windows + sum(layer.device_bytes() for layer in cache.layers if layer not in sliding)
+    from omnikv.methods import get_method
+    from omnikv.methods.memory import plan_memory
+
+    method = get_method("omnikv", config=config((1,)))
+    plan = plan_memory(model.config, prompt.shape[1], method, device="cuda", dtype_bytes=4, max_new_tokens=4,
+                       prefill_chunk_size=chunk, weights_bytes=0)
+    peak = s["device_kv_peak_bytes"]
+    assert abs(plan.device_peak_kv_bytes - peak) <= 0.05 * peak, (plan.device_peak_kv_bytes, peak)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from omnikv.offload.delta import selection_delta, selection_delta_padded
-from omnikv.offload.gathers import gather_packed, to_work_layout
+from omnikv.offload.layouts import gather_packed, to_work_layout
 from omnikv.offload.reload import reload_rows_reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +65,10 @@ def test_reference_reload_leaves_the_buffer_equal_to_a_full_gather(b, g):
     assert int(moved) == b * g * k * lsz * 2 * (h if g == 1 else 1) * d * 4
 
 
-def test_triton_kernel_equals_the_reference_under_the_interpreter():
+def run_under_the_interpreter(script: str) -> str:
+    """Run tests/`script` in a child process with TRITON_INTERPRET=1 and Triton on the path
+    (installed by scripts/setup_triton.sh under CI or OMNIKV_TRITON_SETUP=1, else a skip that
+    says how); returns its stdout, failing the test on a non-zero exit."""
     if not (TRITON_SITE / "triton").is_dir():
         allowed = os.environ.get("CI", "").lower() == "true" or os.environ.get("OMNIKV_TRITON_SETUP") == "1"
         if not allowed:
@@ -75,10 +78,21 @@ def test_triton_kernel_equals_the_reference_under_the_interpreter():
             pytest.skip(msg)
         subprocess.run(["bash", str(ROOT / "scripts/setup_triton.sh"), "--quiet"], check=True, timeout=1800)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(TRITON_SITE)]))
-    proc = subprocess.run([sys.executable, str(ROOT / "tests/_reload_check.py")], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / script)], env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "reload kernel == reference: ok" in proc.stdout
+    return proc.stdout
+
+
+def test_triton_kernel_equals_the_reference_under_the_interpreter():
+    assert "reload kernel == reference: ok" in run_under_the_interpreter("_reload_check.py")
+
+
+def test_the_kernel_is_the_decode_steps_gather_and_moves_only_changed_rows():
+    """tests/_reload_cache_check.py: a real cache over a simulated link, eager and static (compiled
+    with fullgraph=True): the same tokens as without offload, no host sync in a step, and each
+    step's h2d bytes exactly the rows that entered the selection."""
+    assert "reload in the decode step: ok" in run_under_the_interpreter("_reload_cache_check.py")
 
 
 def test_the_custom_op_compiles_whole_and_equals_the_reference():

@@ -154,7 +154,7 @@ def test_selection_delta_matches_reference(b, g, overlap):
 def test_reloads_keep_the_buffer_equal_to_a_full_gather(b, g, k, seed):
     """A chain of partial reloads into a packed buffer always holds exactly the rows a full gather
     of the current selection would, for shared and per-head selections."""
-    from omnikv.offload.gathers import scatter_rows as _scatter_rows
+    from omnikv.offload.layouts import scatter_rows as _scatter_rows
 
     t, h = 24, 3
     k = min(k, t)

@@ -8,7 +8,7 @@ import torch
 
 from omnikv import OmniKVCache, OmniKVConfig
 from omnikv.hf.compat import cache_kwargs
-from omnikv.offload.gathers import gather_into, gather_packed, to_work_layout
+from omnikv.offload.layouts import gather_into, gather_packed, to_work_layout
 from omnikv.offload.segment import Segment
 from omnikv.errors import ConfigError
 from omnikv.decoding.generation import teacher_forced_logits

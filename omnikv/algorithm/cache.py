@@ -30,7 +30,7 @@ from omnikv.hf.compat import is_cuda, text_config, update_positions
 from omnikv.hf.layers import DenseLayer, make_sliding_layer
 from omnikv.offload.gathers import STATIC_NEEDS_DEVICE_GATHER
 from omnikv.offload.segment import Segment
-from omnikv.offload.transfer import Transfer, make_transfer
+from omnikv.offload.transfer import Transfer, make_transfer, settle
 
 
 class OmniKVCache(ManagedCache):
@@ -232,7 +232,7 @@ class OmniKVCache(ManagedCache):
         if not self._in_prompt and self.state.decode_steps:
             step = counters.since(self._step_mark)
         prefill = counters.since(self._prefill_mark) if self._in_prompt else self._prefill_figures
-        return {"step": dict(step), "prefill": dict(prefill)}
+        return {"step": settle(step), "prefill": settle(prefill)}
 
     def h2d_bytes_last_step(self) -> int:
         return self.transfer_figures()["step"]["h2d_bytes"]

@@ -148,7 +148,8 @@ class FilterLayer(DenseLayer):
         super().begin_static(state)
         for seg in self.segments:
             if seg.layers:
-                seg.begin_static(self.state.k, state.capacity - self.state.prompt_len)
+                groups = seg.bank.data.shape[4] if self.state.config.head_reduce == "per_kv_head" else 1
+                seg.begin_static(self.state.k, state.capacity - self.state.prompt_len, groups)
 
     def advance_static(self) -> None:
         super().advance_static()

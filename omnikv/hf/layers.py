@@ -10,6 +10,7 @@ mask can be gathered to match (omnikv/hf/masks.py).
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -194,6 +195,29 @@ class SlidingLayer(DynamicSlidingWindowLayer):
     """Hybrid models' sliding-window layers: transformers' own exact window cache."""
 
     supports_static = False  # the window cache changes shape
+    meter: DeviceMeter | None = None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """transformers' window update; the tensors it makes (the window kept, and the window +
+        chunk a prompt chunk attends to) are counted in the cache's meter while they live."""
+        out = super().update(key_states, value_states, *args, **kwargs)
+        if self.meter is not None:
+            for t in (*out, self.keys, self.values):
+                self._count(t)
+        return out
+
+    def _count(self, t: torch.Tensor) -> None:
+        """Count the storage `t` views (once: a kept window is a view of the returned states)."""
+        base = t if t._base is None else t._base
+        counted = self.__dict__.setdefault("_counted", set())  # ids of the bases counted and alive
+        if id(base) in counted:
+            return
+        counted.add(id(base))
+        self.meter.track(base)
+        weakref.finalize(base, counted.discard, id(base))
+
+    def use_meter(self, meter: DeviceMeter) -> None:
+        self.meter = meter
 
     def attend(self, module, query, key, value, attention_mask, **kwargs):
         self.last_attended = key.shape[-2]

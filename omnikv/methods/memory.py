@@ -124,6 +124,18 @@ class KVContext:
     def full_kv_bytes(self) -> int:
         return self.row_bytes * sum(self.full_rows)
 
+    @property
+    def sliding_prefill_extra_bytes(self) -> int:
+        """What every method's sliding layers hold beyond their window while a prompt chunk runs:
+        transformers' window cache concatenates the kept window (window - 1 rows) and the chunk
+        before it drops the oldest rows, so a hybrid model's prefill peak has window - 1 + chunk
+        rows per sliding layer (counted by the device meter, omnikv/hf/layers.py)."""
+        n = sum(t == "sliding_attention" for t in self.layer_types)
+        if not n or not self.sliding_window:
+            return 0
+        during = min(self.context - self.chunk, self.sliding_window - 1) + self.chunk
+        return n * self.row_bytes * max(0, during - min(self.total_tokens, self.sliding_window))
+
 
 @dataclass
 class KVPlan:
@@ -173,7 +185,7 @@ def plan_memory(
     decode_act = activation_bytes(config, 1, dtype_bytes)
     weights = weights_bytes if weights_bytes is not None else estimate_weights_bytes(config, dtype_bytes)
     dev_kv, host_kv = kv.device_kv_bytes, kv.host_kv_bytes
-    prefill_kv = dev_kv if kv.device_peak_kv_bytes is None else kv.device_peak_kv_bytes
+    prefill_kv = (dev_kv if kv.device_peak_kv_bytes is None else kv.device_peak_kv_bytes) + ctx.sliding_prefill_extra_bytes
     decode_total = weights + dev_kv + decode_act
     prefill_total = weights + prefill_kv + prefill_act
     if on_accel:

@@ -4,9 +4,9 @@ place (`choose_gather`).
 | strategy | when | what moves |
 |---|---|---|
 | `InlineGather` | bank and working buffer on one device (CPU, or offload off) | nothing crosses a link; a partial reload when at most half the rows changed (CPU) |
-| `DeviceGather` | offload, the device reads mapped host memory (`Transfer.gather == "device_gather"`) | all k rows per load, read by a device kernel on the side stream; no host sync |
+| `DeviceGather` | offload, the device reads mapped host memory (`Transfer.gather == "device_gather"`) | the changed rows (the reload kernel, omnikv/offload/reload.py, where Triton runs), else all k rows, read by a device kernel on the side stream; no host sync |
 | `HostGather` | offload, host memory cannot be mapped (`"host_gather"`) | the changed rows, gathered on the host into pinned staging; one counted sync per load (the indices) |
-| `StaticGather` | a static decode run (omnikv/hf/static.py) | all k rows per step, on the compute stream, tensor operations only |
+| `StaticGather` | a static decode run (omnikv/hf/static.py) | with a link and Triton: the changed rows (the reload kernel as a custom op); else all k rows; on the compute stream, no host read |
 
 A strategy's `load(bank, work, idx, prev)` makes the first k rows of `work` hold bank rows `idx`
 (B, G, k), sets `work.indices` (the positions in slot order) and `work.ready` (the event after
@@ -24,7 +24,9 @@ import torch
 from omnikv.errors import ConfigError
 from omnikv.hf.static import mark_static
 from omnikv.offload.bank import PackedBank, StaticWork, WorkBuffer
-from omnikv.offload.delta import selection_delta
+from omnikv.offload.delta import selection_delta, selection_delta_padded
+from omnikv.offload.layouts import gather_into, gather_packed, scatter_rows, to_work_layout
+from omnikv.offload.reload import reload_op, reload_rows, triton_usable
 from omnikv.offload.transfer import Transfer
 
 
@@ -57,6 +59,16 @@ class GatherContext:
     device: torch.device  # the compute device (where `work` lives)
     stream: Any  # the segment's side stream (None without a link)
     partial_reload: bool  # OmniKVConfig.partial_reload
+    # (1,) int64 device counter (`Transfer.device_counter`) the reload kernel adds its bytes to;
+    # None where no partial reload crosses a link
+    moved: torch.Tensor | None = None
+
+    def reload_kernel(self, bank: PackedBank) -> bool:
+        """The sync-free partial reload can run: across a link, asked for, and the Triton kernel
+        runs here (a GPU, or the interpreter in tests) over a contiguous bank. Without Triton the
+        kernel's torch twin would move every row anyway: the full gather is the same traffic."""
+        return (self.moved is not None and self.partial_reload and triton_usable(self.device)
+                and bank.data.is_contiguous())
 
 
 class InlineGather:
@@ -87,10 +99,15 @@ class InlineGather:
 
 class DeviceGather:
     """Offload, device_gather: the GPU reads the selected rows straight from the mapped host bank
-    with device indices, on the side stream; nothing waits on the host. Each selected token is one
-    contiguous read of L * 2 * H * D elements; a device copy then lays the rows out per layer.
-    Every load moves all k rows: sizing a partial reload would need the count of changed rows on
-    the host (a sync)."""
+    with device indices, on the side stream; nothing waits on the host.
+
+    With the reload kernel (`GatherContext.reload_kernel`) and a previous selection, only the
+    rows that changed cross the link: the change is computed on the device at a fixed width
+    (`selection_delta_padded`) and the kernel's masked loads read only the changed rows into the
+    freed slots, adding their bytes to the device counter. Otherwise every load moves all k rows
+    (each selected token one contiguous read of L * 2 * H * D elements, then a device copy lays
+    them out per layer): sizing a partial copy with torch operations would read the count of
+    changed rows on the host (a sync)."""
 
     kind = "device_gather"
 
@@ -100,6 +117,8 @@ class DeviceGather:
     def load(self, bank: PackedBank, work: WorkBuffer, idx: torch.Tensor, prev: torch.Tensor | None) -> Load:
         t, device, stream = self.ctx.transfer, self.ctx.device, self.ctx.stream
         src, dst = bank.gather_source(device)[: bank.length], work.selection()
+        if prev is not None and self.ctx.reload_kernel(bank) and work.data.is_contiguous():
+            return self._reload(src, work, idx, prev)
         t.after_compute(stream, device)  # the indices (and bank writes) are ready
 
         def gather():
@@ -112,6 +131,25 @@ class DeviceGather:
         t.count(h2d=nbytes)
         work.ready = t.record(stream, device)
         return Load(nbytes, False)
+
+    def _reload(self, src: torch.Tensor, work: WorkBuffer, idx: torch.Tensor, prev: torch.Tensor) -> Load:
+        """The partial reload: slots of `prev` whose position left the selection take the new
+        positions of `idx`; the bytes are counted on the device (`Load` reports 0 host-counted)."""
+        t, device, stream, moved = self.ctx.transfer, self.ctx.device, self.ctx.stream, self.ctx.moved
+        slots, tokens, changed = selection_delta_padded(prev, idx, src.shape[0])  # (B, G, k) each
+        t.after_compute(stream, device)  # the delta (and bank writes) are ready
+        data = work.data
+
+        def reload():
+            reload_rows(src, data, slots, tokens, changed, moved)
+
+        # No poisoning of `data`: the slots that keep their rows are read as they are.
+        t.launch(stream, reload)
+        for x in (slots, tokens, changed):
+            t.keep_alive(x, stream)
+        work.indices = prev.scatter(-1, slots, tokens)  # positions in slot order, a permutation of idx
+        work.ready = t.record(stream, device)
+        return Load(0, True)
 
 
 class HostGather:
@@ -172,9 +210,14 @@ class HostGather:
 
 
 class StaticGather:
-    """A static decode run: a full gather of k rows into `StaticWork` every step, on the compute
-    stream, as tensor operations only (no partial reload: sizing one reads a count on the host).
-    The bank rows it reads are fixed when the run begins (`begin`)."""
+    """A static decode run: the selection's rows into `StaticWork` every step, on the compute
+    stream, without a host read. The bank rows it reads are fixed when the run begins (`begin`).
+
+    Across a link with the reload kernel (`GatherContext.reload_kernel`), a step moves only the
+    changed rows: `held` (B, G, k), a buffer of the run, holds the positions in the slots; the
+    step computes the delta against it on the device and calls the kernel as one custom op
+    (`torch.ops.omnikv.reload_rows`, opaque to the compiler), whose bytes land in the device
+    counter. Otherwise every step gathers all k rows with tensor operations."""
 
     kind = "static"
 
@@ -183,18 +226,41 @@ class StaticGather:
         self.source: torch.Tensor | None = None  # (prompt length, B, L, 2, H, D) the bank as read
         self.link = False
         self.step_bytes = 0  # what one step's gather reads across the link (counted outside the step)
+        self.held: torch.Tensor | None = None  # (B, G, k) positions in the slots (partial reload)
+        self.reload: Any = None  # torch.ops.omnikv.reload_rows, when `held` is set
 
-    def begin(self, bank: PackedBank, work: StaticWork, link: bool) -> None:
+    def begin(self, bank: PackedBank, work: StaticWork, link: bool, groups: int = 1) -> None:
         """Outside compiled code, before the first step of a run (the bank's rows complete on the
-        compute stream): the rows it gathers from are fixed."""
+        compute stream): the rows it gathers from are fixed. `groups` is the selection's G (1, or
+        the KV heads when each head selects its own rows)."""
         src = bank.gather_source(self.ctx.device) if link else bank.data
         self.source = src[: bank.length]
         self.link = link
         # k rows of every sequence of the batch cross the link at every step
         self.step_bytes = work.data.shape[2] * work.k * bank.token_bytes() if link else 0
-        mark_static(self.ctx.device, self.source)
+        self.held = None
+        if link and 0 < work.k <= bank.length and self.ctx.reload_kernel(bank):
+            self.reload = reload_op()  # looked up here: dynamo must not trace the registration
+            self._fill_first(bank, work, groups)
+        mark_static(self.ctx.device, self.source, *(() if self.held is None else (self.held, self.ctx.moved)))
+
+    def _fill_first(self, bank: PackedBank, work: StaticWork, groups: int) -> None:
+        """Outside compiled code: the slots hold positions 0..k-1 (every group), gathered once and
+        counted, so that every step's delta starts from a true state."""
+        b, k = work.data.shape[2], work.k
+        self.held = torch.arange(k, device=self.ctx.device).expand(b, groups, k).contiguous()
+        work.write_selection(to_work_layout(gather_packed(self.source, self.held)))
+        self.ctx.transfer.count(h2d=b * k * bank.token_bytes())
+        self.step_bytes = 0  # each step's bytes: the device counter
 
     def load(self, bank: PackedBank, work: StaticWork, idx: torch.Tensor, prev: torch.Tensor | None) -> Load:
+        if self.held is not None:
+            slots, tokens, changed = selection_delta_padded(self.held, idx, self.source.shape[0])
+            self.reload(self.source, work.data, slots, tokens, changed, self.ctx.moved)
+            # into `held` itself, not a new tensor: a captured graph keeps reading the same buffer
+            self.held.copy_(self.held.scatter(-1, slots, tokens))
+            work.indices = self.held
+            return Load(0, True)
         b, g, _ = idx.shape
         if self.link or b > 1 or g > 1:  # whole-token reads (across the link), then per layer
             rows = to_work_layout(gather_packed(self.source, idx))
@@ -222,46 +288,3 @@ def choose_gather(transfer: Transfer, bank: PackedBank, device: torch.device, *,
             raise ConfigError(STATIC_NEEDS_DEVICE_GATHER)
         return HostGather.kind
     return StaticGather.kind if static else DeviceGather.kind
-
-
-# -- gathers over the token-major layout ------------------------------------------------------------
-def gather_packed(data: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Bank rows (T, B, L, 2, H, D) at positions idx (B, G, k) -> (k, B, L, 2, H, D), contiguous.
-
-    G = 1: one index_select of whole token blocks over the bank viewed as (T * B, ...). G = H
-    (`per_kv_head`): each head its own positions."""
-    b, g, k = idx.shape
-    if g == 1:
-        flat = (idx[:, 0, :] * data.shape[1] + torch.arange(b, device=idx.device)[:, None]).t().reshape(-1)
-        return data.flatten(0, 1).index_select(0, flat).view(k, b, *data.shape[2:])
-    bi = torch.arange(b, device=idx.device).view(b, 1, 1)
-    hi = torch.arange(g, device=idx.device).view(1, g, 1)
-    out = data[idx, bi, :, :, hi, :]  # (B, H, k, L, 2, D)
-    return out.permute(2, 0, 3, 4, 1, 5).contiguous()
-
-
-def to_work_layout(rows: torch.Tensor) -> torch.Tensor:
-    """(M, B, L, 2, H, D) -> (L, 2, B, H, M, D), a view."""
-    return rows.permute(2, 3, 1, 4, 0, 5)
-
-
-def gather_into(data: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> None:
-    """out (L, 2, B, H, k, D) <- bank `data` (T, B, L, 2, H, D) rows idx (B, G, k)."""
-    b, g, k = idx.shape
-    if b == 1 and g == 1:
-        # One pass: index_select over the token axis of the layer-major view of the bank, written
-        # in place (on one device there is no link to favour whole-token reads).
-        torch.index_select(data.permute(2, 3, 1, 4, 0, 5), 4, idx[0, 0], out=out)
-        return
-    out.copy_(to_work_layout(gather_packed(data, idx)))
-
-
-def scatter_rows(dst: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
-    """dst (L, 2, B, H, k, D)[..., slots, :] <- rows (L, 2, B, H, M, D); slots (B, G, M)."""
-    b, g, m = slots.shape
-    if b == 1 and g == 1:
-        dst.index_copy_(dst.dim() - 2, slots[0, 0], rows)
-        return
-    lsz, two, _, h, _, d = rows.shape
-    index = slots.view(1, 1, b, g, m, 1).expand(lsz, two, b, h, m, d)
-    dst.scatter_(dst.dim() - 2, index, rows)

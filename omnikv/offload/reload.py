@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from omnikv.offload.gathers import gather_packed, scatter_rows, to_work_layout
+from omnikv.offload.layouts import gather_packed, scatter_rows, to_work_layout
 
 
 def reload_rows_reference(src: torch.Tensor, dst: torch.Tensor, slots: torch.Tensor, tokens: torch.Tensor,

@@ -64,7 +64,9 @@ class Segment:
         stream = self.transfer.side_stream(like.device) if self.link else None
         self.writer = PromptWriter(self.bank, self.transfer, like.device, stream, self.link)
         self.work = WorkBuffer(self.transfer, like.device)
-        self._context = GatherContext(self.transfer, like.device, stream, self.partial_reload)
+        # Bytes the partial-reload kernel moves are counted on the device, read outside the step.
+        moved = self.transfer.device_counter(like.device) if self.link and self.partial_reload else None
+        self._context = GatherContext(self.transfer, like.device, stream, self.partial_reload, moved)
 
     def reserve(self, total_rows: int, decode_rows: int) -> None:
         """Size the bank for `total_rows` prompt rows and `work` for `decode_rows` generated ones."""
@@ -146,15 +148,15 @@ class Segment:
         return work.attended(slot)
 
     # -- static decode (omnikv/hf/static.py) ------------------------------------------------------------
-    def begin_static(self, k: int, decode_rows: int) -> None:
+    def begin_static(self, k: int, decode_rows: int, groups: int = 1) -> None:
         """Outside compiled code, before the first static step after a prompt: a working buffer
         sized exactly k + `decode_rows` and zeroed, the bank complete on the compute stream, the
-        gather source fixed. Every later step has the same shapes."""
+        gather source fixed (`groups`: the selection's G). Every later step has the same shapes."""
         self.transfer.wait(self.bank.written, self.device)  # prompt rows still arriving in the bank
         choose_gather(self.transfer, self.bank, self.device, link=self.link, static=True)
         self.work = StaticWork(self.transfer, self.device, self.bank, k, decode_rows)
         self.static_gather = StaticGather(self._context)
-        self.static_gather.begin(self.bank, self.work, self.link)
+        self.static_gather.begin(self.bank, self.work, self.link, groups)
 
     def advance_static(self, step: int) -> None:
         """Outside compiled code, before a static step: count the generated row it writes and the

@@ -52,13 +52,30 @@ class TransferCounters:
     d2h_bytes: int = 0
     pinned_bytes: int = 0  # page-locked host memory held right now (exact allocation)
     sync_sites: list[str] = field(default_factory=list)  # why each sync happened (last 64)
+    # (1,) int64 running totals on a device, one per `Transfer.device_counter`: bytes a kernel
+    # counted where it ran (the partial reload's changed rows). Read only by `settle`, outside a
+    # step: reading one is a host sync.
+    device_h2d: list[torch.Tensor] = field(default_factory=list)
 
-    def snapshot(self) -> tuple[int, int, int]:
-        return self.host_syncs, self.h2d_bytes, self.d2h_bytes
+    def snapshot(self) -> tuple[int, int, int, tuple[torch.Tensor, ...]]:
+        """The totals now; the device totals as device copies (no host read)."""
+        return self.host_syncs, self.h2d_bytes, self.d2h_bytes, tuple(c.clone() for c in self.device_h2d)
 
-    def since(self, mark: tuple[int, int, int]) -> dict[str, int]:
-        s, h, d = mark
-        return {"host_syncs": self.host_syncs - s, "h2d_bytes": self.h2d_bytes - h, "d2h_bytes": self.d2h_bytes - d}
+    def since(self, mark: tuple[int, int, int, tuple[torch.Tensor, ...]]) -> dict[str, Any]:
+        """What was counted after `mark`. The device-counted bytes stay device tensors under
+        "h2d_device" (no host read in a step); `settle` adds them to "h2d_bytes"."""
+        s, h, d, dev = mark
+        on_device = [c - dev[i] if i < len(dev) else c.clone() for i, c in enumerate(self.device_h2d)]
+        return {"host_syncs": self.host_syncs - s, "h2d_bytes": self.h2d_bytes - h, "d2h_bytes": self.d2h_bytes - d,
+                "h2d_device": on_device}
+
+
+def settle(figures: dict[str, Any]) -> dict[str, int]:
+    """`since`'s figures with the device-counted bytes read into "h2d_bytes" (a host read of each
+    device counter: call it outside a decode step, e.g. from `stats()`)."""
+    out = {k: v for k, v in figures.items() if k != "h2d_device"}
+    out["h2d_bytes"] = out.get("h2d_bytes", 0) + sum(int(c.sum()) for c in figures.get("h2d_device", ()))
+    return out
 
 
 class Transfer:
@@ -128,6 +145,13 @@ class Transfer:
         """`tensor` was used on `stream`: do not hand its memory out before that work is done."""
 
     # -- accounting -----------------------------------------------------------------------------
+    def device_counter(self, device: torch.device) -> torch.Tensor:
+        """A (1,) int64 zero on `device` to which kernels add the bytes they move across the link
+        (omnikv/offload/reload.py); counted into the step's h2d figure, read outside the step."""
+        counter = torch.zeros(1, dtype=torch.int64, device=device)
+        self.counters.device_h2d.append(counter)
+        return counter
+
     def count(self, *, h2d: int = 0, d2h: int = 0) -> None:
         """Bytes a kernel moves across the link by itself (a gather from mapped host memory)."""
         self.counters.h2d_bytes += h2d
