@@ -147,6 +147,20 @@ def paired_rows(records: list[dict[str, Any]], methods: list[str], tasks: list[s
     return out
 
 
+def paired_markdown(paired: list[dict[str, Any]], reference: str) -> list[str]:
+    """`paired_rows` as markdown lines: an explanation and the table."""
+    out = [f"Paired against {reference} (same samples): samples scoring the same / better / worse, "
+           "exact two-sided sign test (McNemar on 0/1 scores), mean difference in points with its "
+           "bootstrap 95% interval. Task `*` = all tasks; length `all` = every length.", "",
+           "| method | task | length | n | same | better | worse | sign p | mean diff (95%) |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for p in paired:
+        out.append(f"| {p['method']} | {p['task']} | {p['length'] or 'all'} | {p['n']} | {p['same']} | "
+                   f"{p['better']} | {p['worse']} | {_fmt_p(p['sign_p'])} | {p['mean_diff']:+.1f} "
+                   f"({p['diff_low']:+.1f}, {p['diff_high']:+.1f}) |")
+    return out
+
+
 def _fmt(v: float | None, digits: int = 1) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
@@ -226,15 +240,7 @@ def summary_markdown(metrics: dict[str, Any], title: str = "omnikv eval", meta: 
         out.append(f"| **average** | {length} | " + " | ".join(cells) + " |")
     paired = metrics.get("paired") or []
     if paired:
-        out += ["", "Paired against full attention (same samples): samples scoring the same / better / worse, "
-                "exact two-sided sign test (McNemar on 0/1 scores), mean difference in points with its "
-                "bootstrap 95% interval. Task `*` = all tasks; length `all` = every length.", "",
-                "| method | task | length | n | same | better | worse | sign p | mean diff (95%) |",
-                "|---|---|---|---|---|---|---|---|---|"]
-        for p in paired:
-            out.append(f"| {p['method']} | {p['task']} | {p['length'] or 'all'} | {p['n']} | {p['same']} | "
-                       f"{p['better']} | {p['worse']} | {_fmt_p(p['sign_p'])} | {p['mean_diff']:+.1f} "
-                       f"({p['diff_low']:+.1f}, {p['diff_high']:+.1f}) |")
+        out += [""] + paired_markdown(paired, "full attention")
     per_q = metrics.get("per_question") or []
     if per_q:
         qkeys = _ordered((r["task"], r["length"], r["question_index"]) for r in per_q)
