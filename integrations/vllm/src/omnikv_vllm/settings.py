@@ -19,9 +19,11 @@ import json
 import os
 from typing import Any
 
+from omnikv.algorithm.presets import check_preset_model, preset_for_model, resolve_preset
+from omnikv.algorithm.roles import LayerPlan, plan_layers
 from omnikv.config import QUERY_SELECTORS, OmniKVConfig
 from omnikv.errors import ConfigError
-from omnikv.algorithm.roles import LayerPlan, plan_layers
+from omnikv.hf.compat import layer_types
 
 ENABLE_ENV = "OMNIKV_VLLM"
 CONFIG_ENV = "OMNIKV_VLLM_CONFIG"
@@ -62,8 +64,6 @@ def resolve_config(hf_config: Any, environ: dict[str, str] | None = None, *, blo
     Selection is block-granular with the cache's `block_size` (what lets sparse layers run the
     stock paged kernel over a sparse block table) unless the JSON overrides say
     `"selection_block": 1` (token selection over gathered rows, slower); any other value is refused."""
-    from omnikv.algorithm.presets import check_preset_model, preset_for_model, resolve_preset  # vLLM's transformers
-
     overrides, preset = overrides_from_env(environ)
     if preset is not None:
         config, made_for = resolve_preset(preset)
@@ -99,6 +99,4 @@ def _with_selection_block(config: OmniKVConfig, overrides: dict[str, Any], block
 
 def layer_plan(config: OmniKVConfig, hf_config: Any) -> LayerPlan:
     """Roles of every layer, exactly as the library assigns them."""
-    from omnikv.hf.compat import layer_types
-
     return plan_layers(config, layer_types(hf_config))
