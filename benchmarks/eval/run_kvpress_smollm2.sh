@@ -3,7 +3,9 @@
 # niah_multikey_1, 20 samples per cell, question after and before the haystack, at 10%, 5% and 25%
 # kept. Needs kvpress, so transformers < 5.3: run in .venv-floor (bash scripts/setup_floor.sh).
 # One eval process at a time, one torch thread, --resume: re-running finishes what is missing.
-# 10% runs every press; 5% and 25% run SnapKV, TOVA and KeyDiff (CPU time; docs/results.md).
+# 10% runs every press; 5% and 25% first SnapKV, TOVA and KeyDiff (CPU time; docs/results.md),
+# then, as time allowed, OmniKV with 16 recent tokens at 5% (its preset's 4 sink + 64 recent
+# exceed 5% of 1K) and ExpectedAttention + AdaKV at 25% (--resume runs only the missing methods).
 #   bash benchmarks/eval/run_kvpress_smollm2.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -24,4 +26,6 @@ run() {  # budget position methods
 }
 for pos in after before; do run 0.1 "$pos" "$ALL"; done
 for b in 0.05 0.25; do for pos in after before; do run "$b" "$pos" "$CORE"; done; done
+for pos in after before; do run 0.05 "$pos" "$CORE,omnikv:recent_tokens=16"; done
+for pos in after before; do run 0.25 "$pos" "$ALL"; done
 echo "end $(date -u +%FT%TZ) $(uptime)" >> "$OUT/load.txt"
