@@ -344,3 +344,43 @@ def test_intervals_carry_no_float_noise():
     assert score_interval([0.0] * 3)["low"] == 0.0 and score_interval([1.0] * 7)["high"] == 100.0
     p = paired_comparison([0.0, 1.0, 1.0], [1.0, 1.0, 0.0])
     assert all(v == round(v, 6) for v in (p["mean_diff"], p["diff_low"], p["diff_high"]))
+
+
+def test_question_position_before_runs_apart_from_after(ckpt, tmp_path):
+    """--question-position before: its records carry the position and ids of their own, so both
+    layouts share one output under --resume (and merge) and get rows of their own in the summary."""
+    out = tmp_path / "qpos"
+    base = ["eval", "--model", ckpt, "--output", str(out), "--methods", "full", "--tasks", "passkey",
+            "--lengths", "300", "--samples", "2", "--max-new-tokens", "2", "--no-progress"]
+    assert main(base) == 0
+    assert main(base + ["--question-position", "before", "--resume"]) == 0
+    recs = read_predictions(out / "predictions.jsonl")
+    assert len(recs) == 4 and len({record_key(r) for r in recs}) == 4
+    before = [r for r in recs if r["question_position"] == "before"]
+    assert len(before) == 2 and all(r["sample_id"].endswith("-qbefore") for r in before)
+    assert all(r["metadata"]["question_position"] == "before" for r in before)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {r["task"] for r in metrics["rows"]} == {"passkey", "passkey (question before)"}
+    summary = (out / "summary.md").read_text()
+    assert "| passkey (question before) (n=2) | 300 |" in summary and "| passkey (n=2) | 300 |" in summary
+    assert "Question position: after and before the haystack" in summary
+    merged = tmp_path / "merged"
+    assert main(["eval", "merge", str(out), "--output", str(merged)]) == 0
+    assert sum(r["n"] for r in json.loads((merged / "metrics.json").read_text())["rows"]) == 4
+
+
+def test_question_position_errors_before_the_model_loads(tmp_path):
+    with pytest.raises(ConfigError, match="the tasks that take it"):
+        EvalConfig(model="m", methods=["full"], tasks=["passkey", "cwe"], lengths=[100], output=tmp_path,
+                   question_position="before")
+    with pytest.raises(ConfigError, match="dataset tasks"):
+        EvalConfig(model="m", methods=["full"], tasks=["longbench:qasper"], lengths=[100], output=tmp_path,
+                   question_position="before")
+    with pytest.raises(ConfigError, match="one of after, before"):
+        EvalConfig(model="m", methods=["full"], tasks=["passkey"], lengths=[100], output=tmp_path,
+                   question_position="first")
+    with pytest.raises(ConfigError, match="disagree"):
+        EvalConfig(model="m", methods=["full"], tasks=["passkey"], lengths=[100], output=tmp_path,
+                   question_position="before", task_options={"question_position": "after"})
+    with pytest.raises(SystemExit):  # argparse: invalid choice
+        main(["eval", "--model", "m", "--output", str(tmp_path), "--question-position", "middle"])

@@ -213,3 +213,112 @@ def test_exact_length_with_real_tokenizers(model):
     for task in sorted(TASKS):
         for s in TASKS[task](tok, 2000, 1, seed=0):
             assert count_tokens(tok, s.prompt) == 2000, task
+
+
+# --- question position (issue 29) ----------------------------------------------------------------
+
+# sha256 (first 16 hex digits) of [[id, prompt, answers], ...] of TASKS[task](tok, 900, 3, seed=3),
+# computed on main at f133937 before `question_position` existed: the default layout stays
+# byte-identical, ids included.
+_MAIN_CHECKSUMS = {
+    "bytes": {"cwe": "866220d1c90d8909", "fwe": "9c27fa28e8a98ba4", "kv_retrieval": "4995963ae0c33db2",
+              "math_find": "4309ec278623434f", "niah_multikey_1": "43e5490477a844ba",
+              "niah_multikey_2": "325e8e9be2cfc8a5", "niah_multikey_3": "9ad5be63a801b36c",
+              "niah_multiquery": "183a04ead582be71", "niah_multivalue": "b8fe607d54291107",
+              "niah_single_1": "c263775e3fb422f8", "niah_single_2": "d706a44b13b72167",
+              "niah_single_3": "ec7eae03b8bb65cb", "number_string": "67914527e0b52246",
+              "passkey": "3bfd6803162c9f4c", "shared_context": "fa54a1ee4d9b256f",
+              "two_stage_retrieval": "e44c5b52ce0722ff", "vt": "3b233783837f975c"},
+    "bpe": {"cwe": "af68754662ed33de", "fwe": "0465fe11ecb15894", "kv_retrieval": "0a8dfff3ce6b1752",
+            "math_find": "37fcdc9d59410764", "niah_multikey_1": "2ce2bd0291f07d8b",
+            "niah_multikey_2": "b4db24dd9690927a", "niah_multikey_3": "744ec8db27b8bb09",
+            "niah_multiquery": "72a503b3229e26b0", "niah_multivalue": "3307521ab81abe42",
+            "niah_single_1": "14b71ffc4d22d309", "niah_single_2": "e331c56c8f2d0da4",
+            "niah_single_3": "2a7a367f5dd6bfc2", "number_string": "93db405c7a533275",
+            "passkey": "d4e121e9de44c330", "shared_context": "80fad3a2ef9c3f68",
+            "two_stage_retrieval": "cdd229551d96f35c", "vt": "196c6959a7c10d7d"},
+}
+
+
+def _checksum(samples) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps([[s.id, s.prompt, s.answers] for s in samples]).encode()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("tok_name", sorted(TOKENIZERS))
+def test_default_question_position_keeps_main_prompts(tok_name):
+    from omnikv.eval.tasks import QUESTION_POSITION_TASKS
+
+    tok = TOKENIZERS[tok_name]()
+    assert set(_MAIN_CHECKSUMS[tok_name]) == set(TASKS)
+    for task in sorted(TASKS):
+        assert _checksum(TASKS[task](tok, 900, 3, seed=3)) == _MAIN_CHECKSUMS[tok_name][task], task
+        if task in QUESTION_POSITION_TASKS:  # "after" given explicitly is the same as the default
+            assert _checksum(generate_samples(task, tok, 900, 3, seed=3, question_position="after")) \
+                == _MAIN_CHECKSUMS[tok_name][task], task
+
+
+def _query_strings(s) -> list[str]:
+    """What the question names: the query key(s) (niah, vt's value, kv_retrieval's key) or, for
+    passkey / number_string, the question sentence itself."""
+    if "query_keys" in s.metadata:
+        return list(s.metadata["query_keys"])
+    if "key" in s.metadata:
+        return [s.metadata["key"]]
+    return [s.metadata["question"]]
+
+
+def _haystack_span(s) -> tuple[int, int]:
+    """(start of the first haystack unit or needle, end of the last needle) in the prompt."""
+    if s.task == "kv_retrieval":
+        start = s.prompt.index("{")
+        pair = f'"{s.metadata["key"]}": "{s.answers[0]}"'
+        return start, s.prompt.index(pair) + len(pair)
+    needles = s.metadata["needles"]
+    ends = [s.prompt.rindex(n) + len(n) for n in needles]
+    from omnikv.eval.tasks.text import unit_source
+
+    i = int(s.id.removesuffix("-qbefore").split("-")[-1])  # the sample's index: its haystack's seed
+    hay = s.metadata["haystack"]
+    first_unit = None if hay == "needles" else unit_source(hay, s.metadata["seed"] * 1_000_003 + i)(0)
+    starts = [s.prompt.index(n) for n in needles]
+    if first_unit is not None:
+        starts.append(s.prompt.index(first_unit))
+    else:  # a haystack of needles: its first line follows the question
+        starts.append(s.prompt.index("\n") + 1)
+    return min(starts), max(ends)
+
+
+@pytest.mark.parametrize("tok_name", sorted(TOKENIZERS))
+def test_question_before_precedes_the_haystack_and_is_not_restated(tok_name):
+    from omnikv.eval.tasks import QUESTION_POSITION_TASKS
+
+    tok = TOKENIZERS[tok_name]()
+    for task in QUESTION_POSITION_TASKS:
+        before = generate_samples(task, tok, 1100, 3, seed=2, question_position="before")
+        after = generate_samples(task, tok, 1100, 3, seed=2)
+        for b, a in zip(before, after):
+            assert count_tokens(tok, b.prompt) == 1100 == b.metadata["length"], task
+            assert b.metadata["question_position"] == "before" and b.id == a.id + "-qbefore", task
+            assert b.answers == a.answers, task
+            start, end = _haystack_span(b)
+            for q in _query_strings(b):
+                assert q in b.prompt[:start], (task, q)           # asked ahead of every haystack unit
+                assert q not in b.prompt[end:], (task, q)         # and not again after the last needle
+            # the control: the default layout names it after the haystack
+            a_start, a_end = _haystack_span(a)
+            assert any(q in a.prompt[a_end:] for q in _query_strings(a)), task
+
+
+def test_question_position_errors_name_the_choices():
+    tok = byte_tokenizer()
+    with pytest.raises(ConfigError, match="the tasks that take it: .*passkey"):
+        generate_samples("cwe", tok, 800, 1, question_position="before")
+    with pytest.raises(ConfigError, match="one of after, before"):
+        generate_samples("passkey", tok, 800, 1, question_position="middle")
+    with pytest.raises(ConfigError, match="one of after, before"):
+        generate_samples("math_find", tok, 800, 1, question_position="middle")
+    # "after" is every task's own layout, so it is accepted everywhere
+    assert _checksum(generate_samples("cwe", tok, 900, 3, seed=3, question_position="after")) \
+        == _MAIN_CHECKSUMS["bytes"]["cwe"]

@@ -69,6 +69,10 @@ def register(subparsers) -> None:
     p.add_argument("--haystack", choices=("noise", "narrative", "pydoc"), default=None,
                    help="haystack of every task that has a prose one (niah_single_*, multikey_1, multivalue, "
                    "multiquery, vt, passkey, number_string); default: each task's own")
+    p.add_argument("--question-position", choices=("after", "before"), default="after",
+                   help="where generated needle tasks state their question: after the haystack (default, RULER's "
+                   "layout) or before it (then only a neutral answer prefix follows the haystack); for niah_*, "
+                   "passkey, number_string, kv_retrieval and vt (docs/evaluation.md)")
     p.add_argument("--task-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="generator option for every generated task, e.g. n_keys=4 (value parsed as JSON)")
     p.add_argument("--method-opt", action="append", default=[], metavar="[METHOD.]KEY=VALUE",
@@ -192,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         lengths=[parse_length(x) for x in _split(args.lengths)], output=output,
         samples=args.samples, budget=args.budget, seed=args.seed, shard=shard,
         resume=args.resume, fidelity=args.fidelity, perplexity=args.perplexity, task_options=task_options,
-        haystack=args.haystack, method_options=method_options, data_dir=args.data_dir, dtype=args.dtype, device=device,
+        haystack=args.haystack, question_position=args.question_position, method_options=method_options, data_dir=args.data_dir, dtype=args.dtype, device=device,
         prefill_chunk_size=args.prefill_chunk_size, max_new_tokens=args.max_new_tokens,
         progress=not args.no_progress, shared_prefill=not args.separate_prefill, documents=args.documents,
     )

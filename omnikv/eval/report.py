@@ -27,6 +27,14 @@ def _ordered(values: Iterable[Any]) -> list[Any]:
     return list(dict.fromkeys(values))
 
 
+def task_label(record: dict[str, Any]) -> str:
+    """The task name a report shows for `record`: its task, marked "(question before)" when the
+    question preceded the haystack, so both layouts of one task get their own rows."""
+    if record.get("question_position") not in (None, "after"):
+        return f"{record['task']} (question {record['question_position']})"
+    return record["task"]
+
+
 def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean score (x100) with its 95% interval, and fidelity / perplexity / speed / budget per
     (method, task, length); paired comparisons of every method against full attention.
@@ -35,7 +43,10 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
     "average": {method: {length: mean of task scores}}, "paired": [...]}. A row's `ci_low` /
     `ci_high` bound its score (Wilson or bootstrap: `interval`); a paired entry compares one
     method with "full" on the samples both ran, per (task, length), per length over all tasks
-    (task "*") and over everything (task "*", length 0) - see omnikv.eval.stats."""
+    (task "*") and over everything (task "*", length 0) - see omnikv.eval.stats. Tasks are
+    `task_label`s: a task asked before its haystack is a task of its own here."""
+    positions = _ordered(r.get("question_position") or "after" for r in records)
+    records = [{**r, "task": task_label(r)} for r in records]
     groups: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         groups[(r["method"], r["task"], int(r["length"]))].append(r)
@@ -67,7 +78,7 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
                 average[m][str(length)] = sum(scores) / len(scores)
     return {"rows": rows, "methods": methods, "tasks": tasks, "lengths": lengths, "average": average,
             "paired": paired_rows(records, methods, tasks, lengths), "per_question": per_question_rows(records),
-            "budgets": budget_rows(records, methods, lengths)}
+            "budgets": budget_rows(records, methods, lengths), "question_positions": positions}
 
 
 def budget_rows(records: list[dict[str, Any]], methods: list[str], lengths: list[int]) -> list[dict[str, Any]]:
@@ -194,6 +205,10 @@ def setting_lines(metrics: dict[str, Any], meta: dict[str, Any] | None = None) -
     out = [f"Model **{model}**; task lengths {', '.join(map(str, metrics['lengths']))} tokens; "
            f"samples per cell {', '.join(map(str, ns))}"
            + (f" (seed {args['seed']})" if args.get("seed") is not None else "") + "; greedy decoding."]
+    positions = metrics.get("question_positions") or ["after"]
+    if positions != ["after"]:
+        out += ["", "Question position: " + " and ".join(positions) + " the haystack (tasks asked before it "
+                "are marked \"(question before)\"; docs/evaluation.md, \"Question before the context\")."]
     unequal = unequal_budgets(metrics)
     if unequal:
         out += ["", "> **WARNING: the methods ran at DIFFERENT budgets** ("

@@ -32,7 +32,8 @@ from omnikv.eval import report
 from omnikv.eval.fidelity import fidelity_report, perplexity
 from omnikv.eval.loaders import is_dataset_task, load_dataset_task
 from omnikv.eval.metrics import CHINESE_TOKENIZATION, score_sample
-from omnikv.eval.tasks import Sample, canonical_task_name, encode_prompt, generate_samples, takes_prose_haystack
+from omnikv.eval.tasks import (Sample, canonical_task_name, check_question_position_for, encode_prompt,
+                               generate_samples, takes_prose_haystack)
 from omnikv.budget import parse_token_count
 from omnikv.methods import REFERENCE
 
@@ -66,6 +67,9 @@ class EvalConfig:
     perplexity: bool = False
     task_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     haystack: str | None = None  # for every generated task with a prose haystack
+    # "after" (every task's own layout) or "before": the question ahead of the haystack, for the
+    # generated tasks that take it (omnikv.eval.tasks.QUESTION_POSITION_TASKS); others raise.
+    question_position: str = "after"
     # Constructor options per method name; "*" applies to every method except full attention.
     method_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     data_dir: str | None = None
@@ -102,6 +106,19 @@ class EvalConfig:
             parse_method(label)
         # Canonical task names (aliases resolved); dataset tasks pass through.
         self.tasks = [t if is_dataset_task(t) else canonical_task_name(t) for t in self.tasks]
+        if "question_position" in self.task_options:
+            opt = self.task_options["question_position"]
+            if self.question_position not in ("after", opt):
+                raise ConfigError(f"--question-position {self.question_position} and --task-opt "
+                                  f"question_position={opt} disagree; give one")
+            self.question_position = opt
+            self.task_options = {k: v for k, v in self.task_options.items() if k != "question_position"}
+        for t in self.tasks:  # an unsupported task fails here, before a model loads
+            if is_dataset_task(t) and self.question_position != "after":
+                raise ConfigError(f"{t}: dataset tasks keep their own prompt layout; --question-position "
+                                  f"{self.question_position} is for the generated tasks")
+            if not is_dataset_task(t):
+                check_question_position_for(t, self.question_position)
         if self.documents is not None and SHARED_CONTEXT not in self.tasks:
             raise ConfigError(f"--documents is the {SHARED_CONTEXT} task's input; add {SHARED_CONTEXT} to --tasks")
         if self.documents is not None:  # a malformed file fails here, before a model loads
@@ -267,6 +284,8 @@ def build_samples(config: EvalConfig, task: str, length: int, tokenizer: Any) ->
         options["haystack"] = config.haystack
     if config.documents is not None and task == SHARED_CONTEXT:
         options["documents"] = config.documents
+    if config.question_position != "after":  # "after" leaves every generator's call as it was
+        options["question_position"] = config.question_position
     return generate_samples(task, tokenizer, length, config.samples, config.seed, **options)
 
 
@@ -484,6 +503,7 @@ def _run_sample(work: _Work, name: str, method: Any, task: str, length: int, s: 
                                                           temperature=0.0), prefill_chunk_size=chunk, shared=own)
     rec: dict[str, Any] = {
         "method": name, "task": task, "length": length, "sample_id": s.id,
+        "question_position": s.metadata.get("question_position"),
         "prediction": res.text, "answers": s.answers, "metric": s.metric,
         "score": score_sample(s.metric, res.text, s.answers, s.metadata),
         **_result_fields(res, method, model, len(ids), own),

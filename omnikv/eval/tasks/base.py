@@ -159,6 +159,27 @@ def insert_at_depths(units: list[str], needles: list[tuple[float, str]]) -> list
     return out
 
 
+# Where a generated needle task states its question: "after" the haystack (RULER's and
+# InfiniteBench's layout, the default) or "before" it (the query is known while the haystack is
+# read; the text after the haystack is then only a neutral answer prefix that does not restate the
+# query key). docs/evaluation.md, "Question before the context".
+QUESTION_POSITIONS: tuple[str, ...] = ("after", "before")
+
+
+def check_question_position(value: str, task: str) -> str:
+    """`value` if it is one of QUESTION_POSITIONS; ConfigError naming the choices otherwise."""
+    if value not in QUESTION_POSITIONS:
+        raise ConfigError(f"{task}: question_position must be one of {', '.join(QUESTION_POSITIONS)}, got {value!r}")
+    return value
+
+
+def sample_id(task: str, length_tokens: int, seed: int, i: int, question_position: str = "after") -> str:
+    """The id of sample `i`: "<task>-<length>-<seed>-<i>", with "-qbefore" when the question
+    precedes the haystack, so runs of both positions never share a record key (--resume, merge)."""
+    base = f"{task}-{length_tokens}-{seed}-{i}"
+    return base if question_position == "after" else f"{base}-q{question_position}"
+
+
 def check_common(length_tokens: int, n_samples: int) -> None:
     if not isinstance(length_tokens, int) or length_tokens <= 0:
         raise ConfigError(f"length_tokens must be a positive integer, got {length_tokens!r}")

@@ -15,7 +15,8 @@ import statistics
 from typing import Any, Callable
 
 from omnikv.errors import ConfigError
-from omnikv.eval.tasks.base import Sample, check_common, fit_length, insert_at_depths, spread_depths
+from omnikv.eval.tasks.base import (Sample, check_common, check_question_position, fit_length, insert_at_depths,
+                                    sample_id, spread_depths)
 from omnikv.eval.tasks.ruler import make_uuid
 from omnikv.eval.tasks.text import UnitPool, unit_source
 
@@ -23,13 +24,20 @@ _RETRIEVE_TEMPLATE = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
     "I will quiz you about the important information there.\n\n{context}\n\n{question} {prefix}"
 )
+# Question before the haystack; after it only the answer prefix.
+_RETRIEVE_BEFORE_TEMPLATE = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "{question}\n\n{context}\n\n{prefix}"
+)
 
 
 def _needle_retrieval(
     tokenizer: Any, length_tokens: int, n_samples: int, seed: int, *, task: str, haystack: str,
-    digits: int, noun: str, question: str, max_new_tokens: int,
+    digits: int, noun: str, question: str, max_new_tokens: int, question_position: str = "after",
 ) -> list[Sample]:
     check_common(length_tokens, n_samples)
+    check_question_position(question_position, task)
+    template = _RETRIEVE_TEMPLATE if question_position == "after" else _RETRIEVE_BEFORE_TEMPLATE
     samples = []
     for i, depth in enumerate(spread_depths(n_samples)):
         rng = random.Random(f"{task}:{seed}:{i}")
@@ -40,44 +48,55 @@ def _needle_retrieval(
 
         def render(n: int, pad: str, _pool: UnitPool = pool, _needle: str = needle, _d: float = depth) -> str:
             context = " ".join(insert_at_depths(_pool.take(n), [(_d, _needle)])) + pad
-            return _RETRIEVE_TEMPLATE.format(context=context, question=question, prefix=prefix)
+            return template.format(context=context, question=question, prefix=prefix)
 
         prompt, n_units, n_tok = fit_length(tokenizer, render, length_tokens, tail=pool.tail(" "), what=f"{task} prompt")
         samples.append(Sample(
-            id=f"{task}-{length_tokens}-{seed}-{i}", task=task, prompt=prompt, answers=[value],
-            metric="first_int_match", max_new_tokens=max_new_tokens,
+            id=sample_id(task, length_tokens, seed, i, question_position), task=task, prompt=prompt,
+            answers=[value], metric="first_int_match", max_new_tokens=max_new_tokens,
             metadata=dict(depth=depth, needles=[needle], haystack=haystack, haystack_units=n_units,
-                          target_length=length_tokens, length=n_tok, seed=seed),
+                          target_length=length_tokens, length=n_tok, seed=seed, question=question,
+                          question_position=question_position),
         ))
     return samples
 
 
 def passkey(tokenizer: Any, length_tokens: int, n_samples: int, seed: int = 0, *,
-            haystack: str = "noise") -> list[Sample]:
+            haystack: str = "noise", question_position: str = "after") -> list[Sample]:
     """InfiniteBench passkey: a 5-digit key in a haystack; answer prefix "The pass key is"."""
     return _needle_retrieval(tokenizer, length_tokens, n_samples, seed, task="passkey", haystack=haystack,
-                             digits=5, noun="pass key", question="What is the pass key?", max_new_tokens=6)
+                             digits=5, noun="pass key", question="What is the pass key?", max_new_tokens=6,
+                             question_position=question_position)
 
 
 def number_string(tokenizer: Any, length_tokens: int, n_samples: int, seed: int = 0, *,
-                  haystack: str = "noise") -> list[Sample]:
+                  haystack: str = "noise", question_position: str = "after") -> list[Sample]:
     """InfiniteBench number_string: a 10-digit sequence in a haystack."""
     return _needle_retrieval(tokenizer, length_tokens, n_samples, seed, task="number_string",
                              haystack=haystack, digits=10, noun="sequence of digits",
-                             question="What is the sequence of digits?", max_new_tokens=12)
+                             question="What is the sequence of digits?", max_new_tokens=12,
+                             question_position=question_position)
 
 
 _KV_TEMPLATE = (
     "Extract the value corresponding to the specified key in the JSON object below.\n\n"
     "JSON data:\n{context}\n\nKey: \"{key}\"\nThe value associated with the specified key is: "
 )
+_KV_BEFORE_TEMPLATE = (
+    "Extract the value corresponding to the specified key in the JSON object below.\n\n"
+    "Key: \"{key}\"\n\nJSON data:\n{context}\n\nThe value associated with the key given above is: "
+)
 
 
-def kv_retrieval(tokenizer: Any, length_tokens: int, n_samples: int, seed: int = 0) -> list[Sample]:
+def kv_retrieval(tokenizer: Any, length_tokens: int, n_samples: int, seed: int = 0, *,
+                 question_position: str = "after") -> list[Sample]:
     """InfiniteBench kv_retrieval: a JSON object of UUID -> UUID; the asked pair sits at the
-    sample's depth (evenly spread); the number of pairs fits the length."""
+    sample's depth (evenly spread); the number of pairs fits the length. `question_position="before"`
+    names the key ahead of the JSON object."""
     check_common(length_tokens, n_samples)
     task = "kv_retrieval"
+    check_question_position(question_position, task)
+    template = _KV_TEMPLATE if question_position == "after" else _KV_BEFORE_TEMPLATE
     samples = []
     for i, depth in enumerate(spread_depths(n_samples)):
         rng = random.Random(f"{task}:{seed}:{i}")
@@ -88,14 +107,14 @@ def kv_retrieval(tokenizer: Any, length_tokens: int, n_samples: int, seed: int =
             pairs = [(_k, _v) if isinstance(p, str) else p
                      for p in insert_at_depths(_pool.take(n), [(_d, "needle")])]  # type: ignore[arg-type]
             context = json.dumps(dict(pairs)) + pad
-            return _KV_TEMPLATE.format(context=context, key=_k)
+            return template.format(context=context, key=_k)
 
         prompt, n_units, n_tok = fit_length(tokenizer, render, length_tokens, min_units=1, what="kv_retrieval prompt")
         samples.append(Sample(
-            id=f"{task}-{length_tokens}-{seed}-{i}", task=task, prompt=prompt, answers=[value],
-            metric="kv_retrieval", max_new_tokens=50,
+            id=sample_id(task, length_tokens, seed, i, question_position), task=task, prompt=prompt,
+            answers=[value], metric="kv_retrieval", max_new_tokens=50,
             metadata=dict(depth=depth, key=key, n_pairs=n_units + 1, target_length=length_tokens, length=n_tok,
-                          seed=seed),
+                          seed=seed, question_position=question_position),
         ))
     return samples
 

@@ -17,7 +17,8 @@ from collections import Counter
 from typing import Any, Callable
 
 from omnikv.errors import ConfigError
-from omnikv.eval.tasks.base import Sample, check_common, fit_length, insert_at_depths, spread_depths
+from omnikv.eval.tasks.base import (Sample, check_common, check_question_position, fit_length, insert_at_depths,
+                                    sample_id, spread_depths)
 from omnikv.eval.tasks.text import ADJECTIVES, COMMON_WORDS, NOUNS, HAYSTACKS, UnitPool, unit_source
 
 _NIAH_TEMPLATE = (
@@ -25,6 +26,14 @@ _NIAH_TEMPLATE = (
     "I will quiz you about the {kind} afterwards.\n{context}\n"
     "What are all the special magic {kind} for {query} mentioned in the provided text?"
     " The special magic {kind} for {query} mentioned in the provided text are"
+)
+# Question before the haystack: the same question, stated ahead of the context; after it only an
+# answer prefix that refers back to the question instead of naming the key again.
+_NIAH_BEFORE_TEMPLATE = (
+    "Some special magic {kind} are hidden within the following text. Make sure to memorize the ones "
+    "this question asks for. What are all the special magic {kind} for {query} mentioned in the provided text?"
+    "\n{context}\n"
+    "Answer: The special magic {kind} for the {keys} asked above mentioned in the provided text are"
 )
 _NEEDLE = "One of the special magic {kind} for {key} is: {value}."
 
@@ -68,6 +77,7 @@ def niah(
     n_keys: int = 1,
     n_values: int = 1,
     n_queries: int = 1,
+    question_position: str = "after",
 ) -> list[Sample]:
     """Needle-in-a-haystack in RULER's general form.
 
@@ -75,9 +85,13 @@ def niah(
     `n_queries` keys, one for the rest); the question asks for all values of the first `n_queries`
     keys. The first needle of sample i sits at depth i/(n-1) (evenly spread); the other needles at
     seeded random depths. `haystack` is one of noise / narrative / pydoc / needles (a haystack made
-    only of other needles, RULER's multikey_2/3).
+    only of other needles, RULER's multikey_2/3). `question_position="before"` states the question
+    ahead of the haystack and ends with an answer prefix that does not name the key(s).
     """
     check_common(length_tokens, n_samples)
+    check_question_position(question_position, task)
+    template = _NIAH_TEMPLATE if question_position == "after" else _NIAH_BEFORE_TEMPLATE
+    keys_word = "key" if n_queries == 1 else "keys"
     if haystack not in HAYSTACKS + ("needles",):
         raise ConfigError(f"unknown haystack {haystack!r}; choose one of {', '.join(HAYSTACKS + ('needles',))}")
     if not 1 <= n_queries <= n_keys:
@@ -115,15 +129,16 @@ def niah(
 
         def render(n: int, pad: str, _pool: UnitPool = pool, _needles: list = needles, _q: str = query) -> str:
             context = joiner.join(insert_at_depths(_pool.take(n), _needles)) + pad
-            return _NIAH_TEMPLATE.format(kind=kind, context=context, query=_q)
+            return template.format(kind=kind, context=context, query=_q, keys=keys_word)
 
         prompt, n_units, n_tok = fit_length(tokenizer, render, length_tokens, tail=None if haystack == "needles" else pool.tail(joiner), what=f"{task} prompt")
         samples.append(Sample(
-            id=f"{task}-{length_tokens}-{seed}-{i}", task=task, prompt=prompt, answers=answers,
-            metric="string_match_all", max_new_tokens=128 if value_kind == "uuids" else 64,
+            id=sample_id(task, length_tokens, seed, i, question_position), task=task, prompt=prompt,
+            answers=answers, metric="string_match_all", max_new_tokens=128 if value_kind == "uuids" else 64,
             metadata=dict(depth=depth, needle_depths=[d for d, _ in needles], needles=[t for _, t in needles],
                           haystack=haystack, haystack_units=n_units, target_length=length_tokens,
-                          length=n_tok, seed=seed),
+                          length=n_tok, seed=seed, query_keys=keys[:n_queries],
+                          question_position=question_position),
         ))
     return samples
 
@@ -157,17 +172,26 @@ _VT_TEMPLATE = (
     " Answer: According to the chain(s) of variable assignment in the text above, {n} variables are "
     "assigned the value {value}, they are: "
 )
+_VT_BEFORE_TEMPLATE = (
+    "Memorize and track the chain(s) of variable assignment hidden in the following text.\n"
+    "Question: Find all variables that are assigned the value {value} in the text below.\n\n"
+    "{context}\nAnswer: According to the chain(s) of variable assignment in the text above, {n} variables are "
+    "assigned the value asked above, they are: "
+)
 
 
 def variable_tracking(
     tokenizer: Any, length_tokens: int, n_samples: int, seed: int = 0, *,
-    haystack: str = "noise", n_hops: int = 4, n_chains: int = 1,
+    haystack: str = "noise", n_hops: int = 4, n_chains: int = 1, question_position: str = "after",
 ) -> list[Sample]:
     """RULER vt: chains `VAR A = 12345.`, `VAR B = VAR A.`, ...; list every variable of the first
     chain. Statements of a chain appear in order; the first one sits at the sample's depth (evenly
-    spread, scaled so the chain fits after it) and the rest at seeded later depths."""
+    spread, scaled so the chain fits after it) and the rest at seeded later depths.
+    `question_position="before"` asks ahead of the text; the answer prefix then omits the value."""
     check_common(length_tokens, n_samples)
     task = "vt"
+    check_question_position(question_position, task)
+    template = _VT_TEMPLATE if question_position == "after" else _VT_BEFORE_TEMPLATE
     samples = []
     for i, depth in enumerate(spread_depths(n_samples)):
         rng = random.Random(f"{task}:{seed}:{i}")
@@ -191,15 +215,15 @@ def variable_tracking(
 
         def render(n: int, pad: str, _pool: UnitPool = pool, _needles: list = needles, _v: str = values[0]) -> str:
             context = " ".join(insert_at_depths(_pool.take(n), _needles)) + pad
-            return _VT_TEMPLATE.format(context=context, value=_v, n=n_hops + 1)
+            return template.format(context=context, value=_v, n=n_hops + 1)
 
         prompt, n_units, n_tok = fit_length(tokenizer, render, length_tokens, tail=pool.tail(" "), what="vt prompt")
         samples.append(Sample(
-            id=f"{task}-{length_tokens}-{seed}-{i}", task=task, prompt=prompt, answers=answers,
-            metric="string_match_all", max_new_tokens=30,
+            id=sample_id(task, length_tokens, seed, i, question_position), task=task, prompt=prompt,
+            answers=answers, metric="string_match_all", max_new_tokens=30,
             metadata=dict(depth=needles[0][0], needle_depths=[d for d, _ in needles], needles=[t for _, t in needles],
                           haystack=haystack, haystack_units=n_units, target_length=length_tokens, length=n_tok,
-                          seed=seed),
+                          seed=seed, query_keys=[values[0]], question_position=question_position),
         ))
     return samples
 
