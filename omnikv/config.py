@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omnikv.budget import Budget, block_selection
+from omnikv.budget import Budget, block_selection, forced_blocks
 from omnikv.errors import ConfigError, check_int
 
 # The vocabulary of token selection, in one place: the config, the layers, the CLI flags, the
@@ -176,7 +177,19 @@ class OmniKVConfig:
         k = self._budget.selected(prompt_len, sink=self.sink_tokens, recent=self.recent_tokens)
         if self.selection_block == 1:
             return k
-        return block_selection(prompt_len, k, self.selection_block, self.sink_tokens, self.recent_tokens)[1]
+        block = self.selection_block
+        n, rows = block_selection(prompt_len, k, block, self.sink_tokens, self.recent_tokens)
+        forced = len(forced_blocks(prompt_len, block, self.sink_tokens, self.recent_tokens))
+        if n == forced < math.ceil(prompt_len / block):
+            # Measured (docs/results.md, "Block vs token selection"): Gemma 3 at 2K with blocks of
+            # 128 and a 205-token budget kept only the sink and last blocks and missed 17 of 20
+            # needles that token selection found.
+            warnings.warn(
+                f"selection_block={block}: a budget of {k} tokens on a {prompt_len}-token prompt is {n} "
+                f"blocks, all of them forced (sink, recent and last block), so no block of the context "
+                f"is selected; raise the budget to at least {(forced + 1) * block} tokens or use smaller "
+                "blocks", UserWarning, stacklevel=2)
+        return rows
 
     @property
     def uses_query_window(self) -> bool:

@@ -182,6 +182,19 @@ def test_block_selection_rounds_the_budget_up_to_whole_blocks_and_says_so():
     assert cfg.resolve_budget(50) == 50  # every block of a short prompt
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a multiple of the block: nothing to say; said once above
-        assert OmniKVConfig(budget=96, recent_tokens=16, selection_block=32).resolve_budget(1000) == 2 * 32 + 8
+        assert OmniKVConfig(budget=128, recent_tokens=16, selection_block=32).resolve_budget(1000) == 3 * 32 + 8
         OmniKVConfig(budget=200, sink_tokens=4, recent_tokens=16, selection_block=32)
     assert OmniKVConfig(budget=96).resolve_budget(1000) == 96  # tokens: unchanged
+
+
+def test_block_selection_warns_when_the_budget_holds_only_the_forced_blocks():
+    """Gemma 3 at 2K with blocks of 128 and 0.1 kept: 205 tokens = 2 blocks, both forced (sink and
+    last block), no context block selected (docs/results.md measured what that costs)."""
+    cfg = OmniKVConfig(budget=0.1, sink_tokens=4, recent_tokens=64, selection_block=128)
+    with pytest.warns(UserWarning, match=r"selection_block=128: a budget of 205 tokens on a 2048-token prompt is 2 "
+                                         r"blocks, all of them forced .* at least 384 tokens"):
+        assert cfg.resolve_budget(2048) == 256
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 410 tokens at 4K: 4 blocks, 2 of them free to select
+        assert cfg.resolve_budget(4096) == 512
+        assert cfg.resolve_budget(100) == 100  # a prompt of one block: nothing to select anyway
