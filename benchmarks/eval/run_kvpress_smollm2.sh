@@ -28,4 +28,7 @@ for pos in after before; do run 0.1 "$pos" "$ALL"; done
 for b in 0.05 0.25; do for pos in after before; do run "$b" "$pos" "$CORE"; done; done
 for pos in after before; do run 0.05 "$pos" "$CORE,omnikv:recent_tokens=16"; done
 for pos in after before; do run 0.25 "$pos" "$ALL"; done
+# Completion (a later session): ExpectedAttention + AdaKV at 5%, OmniKV with 16 recent tokens at
+# 10% and 25% (--resume runs only what is missing).
+for b in 0.05 0.1 0.25; do for pos in after before; do run "$b" "$pos" "$ALL,omnikv:recent_tokens=16"; done; done
 echo "end $(date -u +%FT%TZ) $(uptime)" >> "$OUT/load.txt"
