@@ -209,15 +209,15 @@ class SlidingLayer(DynamicSlidingWindowLayer):
     def _count(self, t: torch.Tensor) -> None:
         """Count the storage `t` views (once: a kept window is a view of the returned states)."""
         base = t if t._base is None else t._base
-        counted = self.__dict__.setdefault("_counted", set())  # ids of the bases counted and alive
-        if id(base) in counted:
+        if id(base) in self._counted:
             return
-        counted.add(id(base))
+        self._counted.add(id(base))
         self.meter.track(base)
-        weakref.finalize(base, counted.discard, id(base))
+        weakref.finalize(base, self._counted.discard, id(base))
 
     def use_meter(self, meter: DeviceMeter) -> None:
         self.meter = meter
+        self._counted: set[int] = set()  # ids of the bases counted and still alive
 
     def attend(self, module, query, key, value, attention_mask, **kwargs):
         self.last_attended = key.shape[-2]

@@ -236,12 +236,13 @@ class StaticGather:
         src = bank.gather_source(self.ctx.device) if link else bank.data
         self.source = src[: bank.length]
         self.link = link
-        # k rows of every sequence of the batch cross the link at every step
-        self.step_bytes = work.data.shape[2] * work.k * bank.token_bytes() if link else 0
         self.held = None
         if link and 0 < work.k <= bank.length and self.ctx.reload_kernel(bank):
             self.reload = reload_op()  # looked up here: dynamo must not trace the registration
             self._fill_first(bank, work, groups)
+        # A full gather: k rows of every sequence of the batch cross the link at every step (a
+        # partial reload's bytes are on the device counter instead)
+        self.step_bytes = work.data.shape[2] * work.k * bank.token_bytes() if link and self.held is None else 0
         mark_static(self.ctx.device, self.source, *(() if self.held is None else (self.held, self.ctx.moved)))
 
     def _fill_first(self, bank: PackedBank, work: StaticWork, groups: int) -> None:
@@ -251,7 +252,6 @@ class StaticGather:
         self.held = torch.arange(k, device=self.ctx.device).expand(b, groups, k).contiguous()
         work.write_selection(to_work_layout(gather_packed(self.source, self.held)))
         self.ctx.transfer.count(h2d=b * k * bank.token_bytes())
-        self.step_bytes = 0  # each step's bytes: the device counter
 
     def load(self, bank: PackedBank, work: StaticWork, idx: torch.Tensor, prev: torch.Tensor | None) -> Load:
         if self.held is not None:
