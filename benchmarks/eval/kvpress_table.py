@@ -1,4 +1,4 @@
-"""The OmniKV-vs-kvpress tables of docs/results.md from run_kvpress_smollm2.sh's outputs.
+"""The OmniKV-vs-kvpress tables of docs/results.md from run_kvpress.sh's outputs.
 
 Reads `<dir>/<position>-b<budget>/metrics.json` (the runner's own aggregation: Wilson intervals,
 paired comparisons against full attention on the same samples) and prints, per question position,

@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import random
+import resource
 import statistics
 import subprocess
 import time
@@ -68,19 +69,24 @@ def decode_run(engine, prompts: list[list[int]], new_tokens: int, first: str) ->
     counts: dict[str, int] = {}
     _drain(engine, len(prompts), counts)  # the prompts' uncached tails and first tokens
     order = (first, METHODS[1] if first == METHODS[0] else METHODS[0])
-    res = {m: {"wall": [], "cpu": [], "parts": {"selection": 0.0, "sparse attention": 0.0}} for m in METHODS}
+    res = {m: {"wall": [], "cpu": [], "faults": [], "sparse": [], "parts": {}} for m in METHODS}
     n = 0
     while engine.has_unfinished_requests():
         method = order[n % 2]
         backend.set_active(method == "omnikv")  # read when the step's metadata is built
         before = profile.totals()
+        f0 = resource.getrusage(resource.RUSAGE_SELF)
         w0, c0 = time.perf_counter(), time.process_time()
         engine.step()
         res[method]["wall"].append(time.perf_counter() - w0)
         res[method]["cpu"].append(time.process_time() - c0)
+        f1 = resource.getrusage(resource.RUSAGE_SELF)
+        res[method]["faults"].append((f1.ru_minflt - f0.ru_minflt) + (f1.ru_majflt - f0.ru_majflt))
         after = profile.totals()
-        for k in res[method]["parts"]:
-            res[method]["parts"][k] += after.get(k, 0.0) - before.get(k, 0.0)
+        parts = res[method]["parts"]
+        for k in after:  # "selection", "sparse attention" and "sparse attention@<layer>"
+            parts[k] = parts.get(k, 0.0) + after[k] - before.get(k, 0.0)
+        res[method]["sparse"].append(after.get("sparse attention", 0.0) - before.get("sparse attention", 0.0))
         n += 1
     backend.set_active(True)
     return res
@@ -106,9 +112,18 @@ def run_cell(llm, ctx: int, conc: int, args) -> dict:
                        "median_step_cpu_s": round(cmed, 5), "steps": len(wall),
                        "step_s_min_max": [round(min(wall), 5), round(max(wall), 5)]}
     total = sum(s for r in runs for s in r["omnikv"]["wall"])
-    shares = {k: sum(r["omnikv"]["parts"][k] for r in runs) / total for k in ("selection", "sparse attention")}
+    shares = {k: sum(r["omnikv"]["parts"].get(k, 0.0) for r in runs) / total for k in ("selection", "sparse attention")}
     shares["elsewhere"] = 1 - sum(shares.values())
     row["omnikv"]["step_shares"] = {k: round(v, 3) for k, v in shares.items()}
+    # Where sparse attention's time goes: per step (in step order, both decodes) and per layer
+    # (seconds per OmniKV step); page faults per step of each method (minor + major, this process).
+    steps = sum(len(r["omnikv"]["wall"]) for r in runs)
+    row["omnikv"]["sparse_attention_per_step_s"] = [round(s, 4) for r in runs for s in r["omnikv"]["sparse"]]
+    layers = sorted({k for r in runs for k in r["omnikv"]["parts"] if "@" in k}, key=lambda k: int(k.split("@")[1]))
+    row["omnikv"]["sparse_attention_per_layer_s"] = {
+        k.split("@")[1]: round(sum(r["omnikv"]["parts"].get(k, 0.0) for r in runs) / steps, 5) for k in layers}
+    for method in METHODS:
+        row[method]["page_faults_per_step_median"] = statistics.median(f for r in runs for f in r[method]["faults"])
     row["ratio"] = round(row["omnikv"]["tokens_per_s"] / row["stock"]["tokens_per_s"], 3)
     row["ratio_cpu_time"] = round(row["stock"]["median_step_cpu_s"] / row["omnikv"]["median_step_cpu_s"], 3)
     return row

@@ -54,13 +54,33 @@ def test_block_keys_are_the_stored_keys(dtype, isa):
     assert torch.equal(other.block_keys(kv, blocks), got)
 
 
+@pytest.mark.parametrize("dtype,isa,column_major", [(torch.float32, "vec", True), (torch.bfloat16, "vec", True),
+                                                     (torch.float32, "vec", False), (torch.bfloat16, "vec16", True)])
+@pytest.mark.parametrize("chunk_bytes", [1, 2 * HK * BS * D * 4, 1 << 30])
+def test_block_logits_read_chunk_by_chunk_equal_the_product_with_all_keys(dtype, isa, column_major, chunk_bytes):
+    """The streamed scorer against its reference, q @ every block's keys copied out at once: chunks
+    of one block, of a few blocks (the last one partial: 10 blocks), of all of them; both layout paths."""
+    bs = 16 if isa == "vec16" else BS
+    g = torch.Generator().manual_seed(3)
+    kv = torch.randn(24, HK, bs, 2 * D, generator=g).to(dtype)
+    blocks = torch.randperm(24, generator=g)[:10]
+    layout = TileLayout.probe(bs, D, dtype, isa)
+    if not column_major:
+        layout = TileLayout(layout.block_size, layout.head_dim, layout.key_offsets, layout.value_offsets, False)
+    q = torch.randn(HK, HQ // HK, D, generator=g).to(dtype)
+    got = layout.block_logits(kv, blocks, q, chunk_bytes=chunk_bytes)
+    want = torch.matmul(q.float(), layout.block_keys(kv, blocks).float())
+    assert got.shape == (HK, HQ // HK, 10 * bs) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("selector,head_reduce", [("last", "max"), ("last", "sum"), ("softmax_last", "max")])
 @pytest.mark.parametrize("prompt_len", [300, 320, 97])
 def test_paged_block_selection_equals_the_library(selector, head_reduce, prompt_len):
     cfg = _cfg(selector=selector, head_reduce=head_reduce)
     kv, blocks, keys, q = _cache(prompt_len, seed=prompt_len)
     layout = TileLayout.probe(BS, D, torch.float32, "vec")
-    scores = row_token_scores(q, layout.block_keys(kv, blocks), D**-0.5, prompt_len, cfg)
+    scores = row_token_scores(layout.block_logits(kv, blocks, q.view(HK, -1, D)), D**-0.5, prompt_len, cfg)
     lib_scores = filter_scores(q.view(1, HQ, 1, D), keys.transpose(0, 1)[None], D**-0.5, selector, head_reduce)
     torch.testing.assert_close(scores, lib_scores[0], atol=1e-5, rtol=1e-5)
     chosen = select_row_blocks(scores, prompt_len, BS, cfg)
@@ -75,14 +95,15 @@ def test_tensor_parallel_workers_select_what_one_worker_with_every_head_selects(
     lens = (300, 200)
     layout = TileLayout.probe(BS, D, torch.float32, "vec")
     rows = [_cache(n, seed=10 + n) for n in lens]
-    whole = [row_token_scores(q, layout.block_keys(kv, b), D**-0.5, n, cfg) for (kv, b, _, q), n in zip(rows, lens)]
+    whole = [row_token_scores(layout.block_logits(kv, b, q.view(HK, -1, D)), D**-0.5, n, cfg)
+             for (kv, b, _, q), n in zip(rows, lens)]
     want = [select_row_blocks(s, n, BS, cfg) for s, n in zip(whole, lens)]
     # Worker w holds KV heads [2w, 2w+2) and their query heads (vLLM's TP split of a GQA layer).
     local = []
     for w in range(2):
         kvh, qh = slice(2 * w, 2 * w + 2), slice(6 * w, 6 * w + 6)
-        local.append([row_token_scores(q[qh], layout.block_keys(kv[:, kvh].contiguous(), b), D**-0.5, n, cfg)
-                      for (kv, b, _, q), n in zip(rows, lens)])
+        local.append([row_token_scores(layout.block_logits(kv[:, kvh].contiguous(), b, q[qh].view(2, -1, D)),
+                                       D**-0.5, n, cfg) for (kv, b, _, q), n in zip(rows, lens)])
     flat = [torch.cat(scores, dim=-1)[None] for scores in local]  # what each worker contributes
 
     def gather(x):  # the simulated all-gather: every worker's tensor, in rank order

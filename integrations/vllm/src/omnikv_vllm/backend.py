@@ -229,7 +229,7 @@ class OmniKVAttentionImpl(CPUAttentionBackendImpl):
             out = torch.empty_like(output[tok])
             super().forward(layer, query[tok], key[tok], value[tok], kv_cache, state.rest, out)
             output[tok] = out
-        with timed("sparse attention"):
+        with timed("sparse attention", layer=i):
             if blocks:
                 self._sparse_blocks(layer, query, key, value, kv_cache, state.sparse[model.plan.source_filter[i]],
                                     state, output)
@@ -245,11 +245,13 @@ class OmniKVAttentionImpl(CPUAttentionBackendImpl):
         """Each decode row's selected blocks (the same on every TP worker) -> the stock kernel's
         metadata of the rows' sparse block tables."""
         bs, layout = model.block_size, self.layout(kv_cache, layer)
+        hk = self.num_kv_heads
         scores = []
         for d in state.decode:
             nb = -(-d.prompt_len // bs)
-            keys_t = layout.block_keys(kv_cache, d.block_row[:nb])  # (Hk, D, nb * bs)
-            scores.append(row_token_scores(query[d.token], keys_t, self.scale, d.prompt_len, model.config))
+            q = query[d.token].view(hk, -1, self.head_size)  # (Hk, g, D)
+            logits = layout.block_logits(kv_cache, d.block_row[:nb], q)  # (Hk, g, nb * bs)
+            scores.append(row_token_scores(logits, self.scale, d.prompt_len, model.config))
         scores = reduce_across_workers(scores, model.config.head_reduce, tp_gather())
         selected = pad_rows([select_row_blocks(s, d.prompt_len, bs, model.config) for s, d in zip(scores, state.decode)])
         table, lens = sparse_block_table(state.block_table, selected, state.seq_lens, bs)

@@ -1,5 +1,6 @@
 """Where a decode step's time goes, when asked (`OMNIKV_VLLM_PROFILE=1`): seconds per part
-("selection", "sparse attention"), summed in this process. The benchmark runs the engine in its own
+("selection", "sparse attention"), summed in this process, and per part and layer (keys
+"sparse attention@L", L the layer index) where the caller names its layer. The benchmark runs the engine in its own
 process (VLLM_ENABLE_V1_MULTIPROCESSING=0) and reads `totals()` around its decode steps. Off, it
 costs an empty context manager per filter and sparse layer call."""
 
@@ -16,7 +17,7 @@ _TOTALS: dict[str, float] = {}
 
 
 @contextlib.contextmanager
-def timed(part: str) -> Iterator[None]:
+def timed(part: str, layer: int | None = None) -> Iterator[None]:
     if not _ON:
         yield
         return
@@ -24,7 +25,11 @@ def timed(part: str) -> Iterator[None]:
     try:
         yield
     finally:
-        _TOTALS[part] = _TOTALS.get(part, 0.0) + time.perf_counter() - start
+        took = time.perf_counter() - start
+        _TOTALS[part] = _TOTALS.get(part, 0.0) + took
+        if layer is not None:
+            key = f"{part}@{layer}"
+            _TOTALS[key] = _TOTALS.get(key, 0.0) + took
 
 
 def totals() -> dict[str, float]:

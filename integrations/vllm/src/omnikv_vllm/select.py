@@ -1,7 +1,8 @@
 """Block selection of the decode rows of one step, from the paged cache (the library's rules).
 
 Per decode row, a filter layer scores the row's prompt tokens with the row's query over whole key
-blocks read in the kernel's layout (`TileLayout.block_keys`: one index_select, one GEMM per KV head),
+blocks read in the kernel's layout (`TileLayout.block_logits`: a chunk of blocks at a time, one GEMM
+per KV head and chunk),
 turns the logits into the library's token scores (`omnikv.algorithm.selection.scores_from_logits`),
 and keeps whole blocks with the library's block rules (`block_scores`, `select_blocks`,
 `omnikv.budget.forced_blocks` / `block_selection`): the same blocks as the HF path with
@@ -31,14 +32,12 @@ from omnikv.config import OmniKVConfig
 Gather = Callable[[torch.Tensor], torch.Tensor]
 
 
-def row_token_scores(q: torch.Tensor, keys_t: torch.Tensor, scale: float, prompt_len: int,
-                     config: OmniKVConfig) -> torch.Tensor:
-    """q (Hq, D), keys_t (Hk, D, T >= P) the row's prompt blocks (`TileLayout.block_keys`) ->
-    (G, P) float32 token scores."""
-    hk, d, _ = keys_t.shape
-    g = q.shape[0] // hk
-    logits = torch.matmul(q.view(hk, g, d).float(), keys_t[:, :, :prompt_len].float())  # (Hk, g, P)
-    return scores_from_logits(logits.mul_(scale).view(1, hk, g, 1, prompt_len), config.selector, config.head_reduce)[0]
+def row_token_scores(logits: torch.Tensor, scale: float, prompt_len: int, config: OmniKVConfig) -> torch.Tensor:
+    """logits (Hk, g, T >= P) float32, the row's query against its prompt blocks, unscaled
+    (`TileLayout.block_logits`) -> (G, P) float32 token scores."""
+    hk, g, _ = logits.shape
+    logits = logits[:, :, :prompt_len] * scale
+    return scores_from_logits(logits.view(1, hk, g, 1, prompt_len), config.selector, config.head_reduce)[0]
 
 
 def reduce_across_workers(scores: list[torch.Tensor], head_reduce: str, gather: Gather | None) -> list[torch.Tensor]:
