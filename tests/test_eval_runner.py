@@ -384,3 +384,37 @@ def test_question_position_errors_before_the_model_loads(tmp_path):
                    question_position="before", task_options={"question_position": "after"})
     with pytest.raises(SystemExit):  # argparse: invalid choice
         main(["eval", "--model", "m", "--output", str(tmp_path), "--question-position", "middle"])
+
+
+def test_a_method_that_raises_is_reported_and_the_others_finish(ckpt, tmp_path, monkeypatch, capsys):
+    """A method failing mid-run (as a kvpress press does on a model it does not handle) loses no other
+    method's records and no process: it is skipped from its first error on, the report and the exit
+    status say so, and --resume runs what it missed once it works."""
+    import omnikv.decoding.generation as generation
+
+    real, calls = generation.generate, {"n": 0}
+
+    def failing_second_snapkv(model, tok, ids, method, *args, **kwargs):
+        if method.describe()["method"] == "snapkv":
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("press does not support this model")
+        return real(model, tok, ids, method, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate", failing_second_snapkv)
+    args = ["eval", "--model", ckpt, "--output", str(tmp_path), *ARGS, "--methods", "full,snapkv,omnikv", "--samples", "3"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "method snapkv failed on passkey 300 passkey-300-0-1: RuntimeError: press does not support this model" in err
+    records = read_predictions(tmp_path / "predictions.jsonl")
+    count = {m: sum(r["method"] == m for r in records) for m in ("full", "snapkv", "omnikv")}
+    assert count == {"full": 3, "snapkv": 1, "omnikv": 3}
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["failed_methods"]["snapkv"].startswith("RuntimeError: press does not support this model")
+    assert "**Failed methods**" in (tmp_path / "summary.md").read_text()
+    monkeypatch.setattr(generation, "generate", real)
+    assert main([*args, "--resume"]) == 0
+    records = read_predictions(tmp_path / "predictions.jsonl")
+    assert sum(r["method"] == "snapkv" for r in records) == 3
+    assert "failed_methods" not in json.loads((tmp_path / "run.json").read_text())
+    assert "Failed methods" not in (tmp_path / "summary.md").read_text()

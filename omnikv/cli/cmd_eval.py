@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -210,5 +211,13 @@ def run(args: argparse.Namespace) -> int:
     print((output / "summary.md").read_text(), end="")
     n = sum(r["n"] for r in metrics["rows"])
     print(f"{n} records in {output}/predictions.jsonl")
+    run_json = output / "run.json"
+    failed = json.loads(run_json.read_text()).get("failed_methods") if run_json.is_file() else None
+    if failed:
+        for name, why in failed.items():
+            print(f"omnikv eval: method {name} failed: {why}", file=sys.stderr)
+        print(f"omnikv eval: {len(failed)} method(s) failed and have no records past their error; the others "
+              f"are complete (--resume tries the failed ones again)", file=sys.stderr)
+        return 1
     return 0
 

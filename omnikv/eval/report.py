@@ -242,8 +242,12 @@ def summary_markdown(metrics: dict[str, Any], title: str = "omnikv eval", meta: 
     methods, rows = metrics["methods"], metrics["rows"]
     index = {(r["task"], r["length"], r["method"]): r for r in rows}
     keys = _ordered((r["task"], r["length"]) for r in rows)
-    out = [f"# {title}", "", *setting_lines(metrics, meta), "",
-           "Scores (x100; metric per task in metrics.json), with the 95% interval in "
+    failed = (meta or {}).get("failed_methods") or {}
+    out = [f"# {title}", "", *setting_lines(metrics, meta), ""]
+    if failed:
+        out += ["**Failed methods** (skipped after their first error; `--resume` tries them again):", "",
+                *[f"- `{name}`: {why}" for name, why in failed.items()], ""]
+    out += ["Scores (x100; metric per task in metrics.json), with the 95% interval in "
            "parentheses (Wilson for 0/1 scores, else a bootstrap of the mean).", "",
            "| task | length | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
     for task, length in keys:

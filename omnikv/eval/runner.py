@@ -24,6 +24,7 @@ import re
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -411,6 +412,10 @@ class _Work:
     prefill: dict[str, Any]  # _prefill_plan
     done: set[tuple[str, str, int, str]]  # record keys already in predictions.jsonl (--resume)
     full_tokens: dict[tuple[str, int, str], list[int]]  # full attention's greedy tokens per unit
+    # method -> why it stopped: its first exception, with the sample it raised on. A method that
+    # raises (a kvpress press on a model it does not support, say) is skipped for the rest of the
+    # run; the other methods go on and the report says which one failed and why.
+    failed: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def missing(self, method: str, task: str, length: int, sample: Sample) -> bool:
         return any((method, task, length, i) not in self.done for i in record_ids(sample))
@@ -458,6 +463,8 @@ def run_eval(config: EvalConfig, *, loaded: Any = None) -> dict[str, Any]:
                 out.flush()
                 bar.update(1)
     bar.close()
+    if work.failed:
+        meta["failed_methods"] = work.failed
     meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     meta["new_records"] = todo
     (config.output / RUN).write_text(json.dumps(meta, indent=2, default=str))
@@ -479,16 +486,27 @@ def _run_unit(work: _Work, task: str, length: int, s: Sample, bar: Any) -> Itera
     alone = set(work.prefill["own_prefill_methods"])
     full_logits: list[Any] = []  # full attention's teacher-forced logits, computed once per unit
     for name, method in work.methods.items():
-        if not work.missing(name, task, length, s):
+        if name in work.failed or not work.missing(name, task, length, s):
             continue
         bar.set_postfix_str(f"{name} {task} {length}")
         own = shared if name not in alone else None
         mnt = _generation_length(s, config)
-        if "questions" in s.metadata:  # shared-context task: one record per question
-            yield from _ask_questions(work.model, work.tok, name, method, task, length, s, ids, mnt, own, config)
+        try:
+            if "questions" in s.metadata:  # shared-context task: one record per question
+                records = _ask_questions(work.model, work.tok, name, method, task, length, s, ids, mnt, own, config)
+            else:
+                records = [_run_sample(work, name, method, task, length, s, ids, own,
+                                       shared if REFERENCE not in alone else None, full_logits)]
+        except Exception as exc:  # noqa: BLE001 - any method's failure is reported, not fatal to the run
+            if name == REFERENCE:
+                raise  # without full attention there is nothing to compare with
+            work.failed[name] = f"{type(exc).__name__}: {exc} (on {task} {length} {s.id})"
+            print(f"omnikv eval: method {name} failed on {task} {length} {s.id}: {type(exc).__name__}: {exc}\n"
+                  f"  its remaining samples are skipped; the other methods go on (the traceback follows)",
+                  file=sys.stderr)
+            traceback.print_exc(file=sys.stderr)
             continue
-        yield _run_sample(work, name, method, task, length, s, ids, own,
-                          shared if REFERENCE not in alone else None, full_logits)
+        yield from records
 
 
 def _run_sample(work: _Work, name: str, method: Any, task: str, length: int, s: Sample, ids: list[int],
