@@ -31,8 +31,11 @@ run() {  # budget position methods
              --tasks "$TASKS" --lengths "$LENGTHS" --samples "$SAMPLES" --seed 0 --budget "$1" --question-position "$2"
              --max-new-tokens 16 --output "$OUT/$2-b$1" --resume --no-progress)
   echo "$(date -u +%FT%TZ) ${cmd[*]}" >> "$OUT/load.txt"
-  "${cmd[@]}" > "$OUT/$2-b$1.log" 2>&1
-  echo "$(date -u +%FT%TZ) done $2-b$1 $(uptime)" >> "$OUT/load.txt"
+  # Exit status 1: a method failed (named in the log and the cell's run.json); the others finished.
+  local rc=0
+  "${cmd[@]}" > "$OUT/$2-b$1.log" 2>&1 || rc=$?
+  echo "$(date -u +%FT%TZ) done $2-b$1 rc=$rc $(uptime)" >> "$OUT/load.txt"
+  (( rc <= 1 )) || { echo "run_kvpress.sh: $2-b$1 failed (rc $rc), see $OUT/$2-b$1.log" >&2; exit "$rc"; }
 }
 for stage in $STAGES; do
   case $stage in
