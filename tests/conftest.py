@@ -13,17 +13,20 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min
 warnings.filterwarnings("ignore", message="no OmniKV preset for this model")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of step-by-step decoding on tiny models (OpenMP spinning on a
+    loaded machine costs far more than it gains there); restored afterwards. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def models():
-    """Cache of tiny random models by (family, layers)."""
-    from omnikv.models.tiny import tiny_model
+    """Cache of tiny random models by (family, overrides)."""
+    from _tiny import cached_tiny_model
 
-    store = {}
-
-    def get(family: str = "llama", **overrides):
-        key = (family, tuple(sorted(overrides.items())))
-        if key not in store:
-            store[key] = tiny_model(family, **overrides)
-        return store[key]
-
-    return get
+    return cached_tiny_model

@@ -24,6 +24,8 @@ from omnikv.methods.lossy import LossyLayer
 from omnikv.methods.quest import QuestLayer, page_bounds, page_scores
 from omnikv.models.tiny import FAMILIES, build_tokenizer, tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPT = 40  # prompt tokens
 NEW = 6  # generated tokens (the cache sees NEW - 1 of them)
 LOSSY = ("streaming_llm", "h2o", "snapkv")
@@ -32,14 +34,6 @@ BASELINES = LOSSY + ("quest", "infllm", "tidaldecode")
 ROW_BYTES = 2 * 2 * 16 * 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; with several, OpenMP spinning on a loaded machine
-    costs ~40x in CPU time. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @functools.lru_cache(maxsize=None)

@@ -4,7 +4,6 @@ them through the shared invariants: covering budget = full, padding, chunked pre
 
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
@@ -17,23 +16,18 @@ from omnikv.methods import get_method
 from omnikv.methods import infllm as infllm_module
 from omnikv.methods.infllm import InfLLMLayer, representative_scores, split_budget
 from omnikv.methods.tidaldecode import default_selection_layers
-from omnikv.models.tiny import tiny_model
+from _tiny import cached_tiny_model
 from reference import ReferenceOmniKV
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ATOL = 1e-4  # fp32: the same rows attended in another order differ by rounding only
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
-@functools.lru_cache(maxsize=None)
 def model_of(family: str, layers: int | None = None):
-    return tiny_model(family) if layers is None else tiny_model(family, num_hidden_layers=layers)
+    return cached_tiny_model(family) if layers is None else cached_tiny_model(family, num_hidden_layers=layers)
 
 
 def ids_of(n: int, seed: int) -> list[int]:

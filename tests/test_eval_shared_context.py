@@ -19,17 +19,9 @@ from omnikv.models.tiny import build_tokenizer, tiny_model
 
 from _eval_helpers import bpe_tokenizer
 
-pytestmark = pytest.mark.filterwarnings("ignore:no OmniKV preset")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:no OmniKV preset")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models decode step by step here: one thread (OpenMP spinning on a loaded machine costs
-    far more than it gains). Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("n_questions", [3, 5])

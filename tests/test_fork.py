@@ -9,7 +9,6 @@ missing row, a wrong position, a lost H2O score) moves logits by > 1e-2 here.
 
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
@@ -19,6 +18,9 @@ from omnikv.decoding.fork import SharedPrefill, plan_shared_prefill, prefill_nee
 from omnikv.decoding.generation import SamplingParams, generate, teacher_forced_logits
 from omnikv.methods import get_method
 from omnikv.models.tiny import build_tokenizer, tiny_model
+from _tiny import cached_tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 LOGITS_ATOL = 1e-4
 PROMPT = 120
@@ -39,17 +41,10 @@ SPECS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
-@functools.lru_cache(maxsize=None)
 def model_of(family: str):
-    return tiny_model(family)
+    return cached_tiny_model(family)
 
 
 def prompt(n: int = PROMPT, seed: int = 0) -> list[int]:
