@@ -17,7 +17,7 @@ from omnikv.errors import InputError
 from omnikv.decoding.fork import SharedPrefill, plan_shared_prefill, prefill_needs
 from omnikv.decoding.generation import SamplingParams, generate, teacher_forced_logits
 from omnikv.methods import get_method
-from omnikv.models.tiny import build_tokenizer, tiny_model
+from omnikv.models.tiny import build_tokenizer
 from _tiny import cached_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
