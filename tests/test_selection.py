@@ -250,3 +250,29 @@ def test_a_block_wins_by_its_best_token():
     scores[0, 0, 37] = 5.0  # block 2 of 16 holds the best token; block 0 is the sink, 3 the last
     got = select_topk_blocks(scores, 48, 16, sink=1, recent=1)
     assert got[0, 0].tolist() == list(range(0, 16)) + list(range(32, 64))
+
+
+@pytest.mark.parametrize("nan_share", [1.0, 0.5])
+def test_nan_scores_never_crowd_out_the_forced_positions_or_the_budget(nan_share):
+    """A NaN score (an overflowed query or key) ranks below every real one: the sink, recent and
+    last positions stay in, and the budget holds, for tokens, per-row budgets and blocks. topk alone
+    ranks NaN above the +inf of the forced positions (the vLLM backend's 49-block tables at 16K)."""
+    t, k, sink, recent, block = 96, 24, 2, 4, 8
+    scores = rand(1, 2, t, seed=5)
+    nan = torch.rand(1, 2, t, generator=torch.Generator().manual_seed(6)) < nan_share
+    scores = scores.masked_fill(nan, float("nan"))
+    forced = set(range(sink)) | set(range(t - recent, t))
+    got = select_topk(scores, k, sink=sink, recent=recent)
+    assert got.shape == (1, 2, k)
+    for g in range(2):
+        picked = set(got[0, g].tolist())
+        assert forced <= picked and len(picked) == k
+        real = [i for i in range(t) if not nan[0, g, i]]
+        # Real scores come before NaN ones: a NaN position is picked only once every real one is.
+        if any(nan[0, g, i] and i not in forced for i in picked):
+            assert set(real) <= picked
+    rows = select_topk_rows(scores, torch.tensor([k]), torch.ones(1, t, dtype=torch.bool), sink=sink, recent=recent)
+    assert forced <= set(rows[0, 0].tolist())
+    blocks = select_topk_blocks(scores, 4 * block, block, sink=sink, recent=recent)
+    chosen = {p // block for p in blocks[0, 0].tolist()}
+    assert len(chosen) == 4 and {0, (t - 1) // block} <= chosen

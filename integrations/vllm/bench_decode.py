@@ -122,6 +122,9 @@ def run_cell(llm, ctx: int, conc: int, args) -> dict:
     layers = sorted({k for r in runs for k in r["omnikv"]["parts"] if "@" in k}, key=lambda k: int(k.split("@")[1]))
     row["omnikv"]["sparse_attention_per_layer_s"] = {
         k.split("@")[1]: round(sum(r["omnikv"]["parts"].get(k, 0.0) for r in runs) / steps, 5) for k in layers}
+    # Decode rows whose filter-layer scores held a NaN (the model's query or keys overflowed; the
+    # selection then ranks those tokens last and keeps its forced blocks and budget).
+    row["omnikv"]["rows_with_nan_scores"] = int(sum(r["omnikv"]["parts"].get("rows with NaN scores", 0) for r in runs))
     for method in METHODS:
         row[method]["page_faults_per_step_median"] = statistics.median(f for r in runs for f in r[method]["faults"])
     row["ratio"] = round(row["omnikv"]["tokens_per_s"] / row["stock"]["tokens_per_s"], 3)

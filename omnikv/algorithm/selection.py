@@ -146,6 +146,18 @@ def forced_mask(
     return forced
 
 
+def never_nan(scores: torch.Tensor) -> torch.Tensor:
+    """NaN scores ranked below every real one (-inf).
+
+    torch.topk orders NaN above +inf, so a NaN score (a query or key that overflowed: SmolLM2 on
+    random tokens past its 8K training length under vLLM does this) would beat the forced sink,
+    recent and last positions, which are forced by setting them to +inf: the selection would then
+    drop them and, under vLLM, the sparse table would span every block after the last selected one
+    (measured: 49 blocks attended instead of 9 at 16K). With NaN as -inf, the forced positions and
+    the budget hold whatever the scores are."""
+    return scores.masked_fill(scores.isnan(), NEG_INF)
+
+
 def select_topk(
     scores: torch.Tensor,
     k: int,
@@ -164,6 +176,7 @@ def select_topk(
     """
     b, _, t = scores.shape
     k = min(k, t)
+    scores = never_nan(scores)
     forced = forced_mask(valid, b, t, sink, recent, scores.device)
     if forced is not None:
         scores = scores.masked_fill(forced[:, None, :], POS_INF)
@@ -193,6 +206,7 @@ def select_topk_rows(
     """
     b, g, t = scores.shape
     k_max = int(ks.max())
+    scores = never_nan(scores)
     forced = forced_mask(valid, b, t, sink, recent, scores.device)
     if forced is not None:
         scores = scores.masked_fill(forced[:, None, :], POS_INF)
@@ -229,6 +243,7 @@ def select_blocks(pooled: torch.Tensor, n: int, forced: list[int]) -> torch.Tens
     Returns:
         (B, G, n) int64 block ids, ascending.
     """
+    pooled = never_nan(pooled)
     if forced:
         pooled = pooled.clone()
         pooled[..., forced] = POS_INF

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from omnikv.config import OmniKVConfig
 from omnikv.algorithm.roles import LayerPlan, Role
 from omnikv.algorithm.selection import filter_scores, select_topk
-from omnikv_vllm import settings
+from omnikv_vllm import profile, settings
 from omnikv_vllm.paged import TileLayout
 from omnikv_vllm.profile import timed
 from omnikv_vllm.select import pad_rows, reduce_across_workers, row_token_scores, select_row_blocks, tp_gather
@@ -253,6 +253,8 @@ class OmniKVAttentionImpl(CPUAttentionBackendImpl):
             logits = layout.block_logits(kv_cache, d.block_row[:nb], q)  # (Hk, g, nb * bs)
             scores.append(row_token_scores(logits, self.scale, d.prompt_len, model.config))
         scores = reduce_across_workers(scores, model.config.head_reduce, tp_gather())
+        if profile.on():  # NaN scores: the model's query or keys overflowed; selection ranks them last
+            profile.count("rows with NaN scores", sum(int(bool(s.isnan().any())) for s in scores))
         selected = pad_rows([select_row_blocks(s, d.prompt_len, bs, model.config) for s, d in zip(scores, state.decode)])
         table, lens = sparse_block_table(state.block_table, selected, state.seq_lens, bs)
         return self._decode_metadata(table, lens, query.dtype, layer)

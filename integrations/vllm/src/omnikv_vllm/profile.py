@@ -35,3 +35,13 @@ def timed(part: str, layer: int | None = None) -> Iterator[None]:
 def totals() -> dict[str, float]:
     """A copy of the seconds summed so far, by part."""
     return dict(_TOTALS)
+
+
+def count(part: str, n: int = 1) -> None:
+    """Add n to a counter (kept with the seconds; e.g. "rows with NaN scores"), when profiling."""
+    if _ON:
+        _TOTALS[part] = _TOTALS.get(part, 0.0) + n
+
+
+def on() -> bool:
+    return _ON
