@@ -132,6 +132,18 @@ def run_cell(llm, ctx: int, conc: int, args) -> dict:
     return row
 
 
+def _positions_override(model_dir: Path, max_len: int) -> dict:
+    """hf_overrides raising the model's max_position_embeddings to max_len when it is below.
+
+    vLLM sizes its rotary cos/sin cache by max_position_embeddings; past it (allowed here with
+    VLLM_ALLOW_LONG_MAX_MODEL_LEN=1) positions read outside the cache and SmolLM2 (8K positions)
+    returns NaN logits at 16K with stock attention (docs/vllm.md). With the cache sized to the
+    longest cell the outputs stay finite (meaningless past 8K: what is measured is the cost)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    known = config.get("max_position_embeddings")
+    return {"max_position_embeddings": max_len} if known is not None and known < max_len else {}
+
+
 def _commit() -> str:
     """The checkout's commit, "+dirty" with uncommitted changes to tracked files (read at start:
     the code this process imported)."""
@@ -148,7 +160,7 @@ def _meta(args, commit: str) -> dict:
     from omnikv_vllm import backend
 
     model = backend._Model._instance
-    return {"model": args.model, "dtype": "float32", "new_tokens": args.new_tokens, "repeats": args.repeats,
+    return {"model": args.model, "hf_overrides": getattr(args, "hf_overrides", {}), "dtype": "float32", "new_tokens": args.new_tokens, "repeats": args.repeats,
             "omnikv_config": str(model.config) if model else None,
             "layers": model.plan.summary() if model else None,
             "vllm": vllm.__version__, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
@@ -179,9 +191,12 @@ def main() -> None:
     from omnikv_vllm import models
     from omnikv_vllm.cli import build_llm
 
-    llm = build_llm(models.resolve(args.model), method="omnikv", budget=None, dtype="float32",
-                    max_model_len=max(c for c, _ in cells) + args.new_tokens + 8, enable_prefix_caching=True,
-                    max_num_seqs=max(n for _, n in cells))
+    model_dir = models.resolve(args.model)
+    max_len = max(c for c, _ in cells) + args.new_tokens + 8
+    llm = build_llm(model_dir, method="omnikv", budget=None, dtype="float32", max_model_len=max_len,
+                    enable_prefix_caching=True, max_num_seqs=max(n for _, n in cells),
+                    hf_overrides=_positions_override(model_dir, max_len))
+    args.hf_overrides = _positions_override(model_dir, max_len)  # recorded in bench.json
     out = Path(args.output)
     rows = []
     for ctx, conc in cells:
