@@ -122,8 +122,9 @@ def run_cell(llm, ctx: int, conc: int, args) -> dict:
     layers = sorted({k for r in runs for k in r["omnikv"]["parts"] if "@" in k}, key=lambda k: int(k.split("@")[1]))
     row["omnikv"]["sparse_attention_per_layer_s"] = {
         k.split("@")[1]: round(sum(r["omnikv"]["parts"].get(k, 0.0) for r in runs) / steps, 5) for k in layers}
-    # Decode rows whose filter-layer scores held a NaN (the model's query or keys overflowed; the
-    # selection then ranks those tokens last and keeps its forced blocks and budget).
+    # Decode rows whose filter-layer scores held a NaN (a NaN query or keys: SmolLM2 past its 8K
+    # positions without _positions_override; the selection ranks them last and keeps its forced
+    # blocks and budget).
     row["omnikv"]["rows_with_nan_scores"] = int(sum(r["omnikv"]["parts"].get("rows with NaN scores", 0) for r in runs))
     for method in METHODS:
         row[method]["page_faults_per_step_median"] = statistics.median(f for r in runs for f in r[method]["faults"])
@@ -193,10 +194,10 @@ def main() -> None:
 
     model_dir = models.resolve(args.model)
     max_len = max(c for c, _ in cells) + args.new_tokens + 8
+    args.hf_overrides = _positions_override(model_dir, max_len)  # also recorded in bench.json
     llm = build_llm(model_dir, method="omnikv", budget=None, dtype="float32", max_model_len=max_len,
                     enable_prefix_caching=True, max_num_seqs=max(n for _, n in cells),
-                    hf_overrides=_positions_override(model_dir, max_len))
-    args.hf_overrides = _positions_override(model_dir, max_len)  # recorded in bench.json
+                    hf_overrides=args.hf_overrides)
     out = Path(args.output)
     rows = []
     for ctx, conc in cells:

@@ -253,7 +253,7 @@ class OmniKVAttentionImpl(CPUAttentionBackendImpl):
             logits = layout.block_logits(kv_cache, d.block_row[:nb], q)  # (Hk, g, nb * bs)
             scores.append(row_token_scores(logits, self.scale, d.prompt_len, model.config))
         scores = reduce_across_workers(scores, model.config.head_reduce, tp_gather())
-        if profile.on():  # NaN scores: the model's query or keys overflowed; selection ranks them last
+        if profile.on():  # NaN scores (a NaN query or keys): the selection ranks them last
             profile.count("rows with NaN scores", sum(int(bool(s.isnan().any())) for s in scores))
         selected = pad_rows([select_row_blocks(s, d.prompt_len, bs, model.config) for s, d in zip(scores, state.decode)])
         table, lens = sparse_block_table(state.block_table, selected, state.seq_lens, bs)

@@ -44,4 +44,5 @@ def count(part: str, n: int = 1) -> None:
 
 
 def on() -> bool:
+    """Whether this process profiles (OMNIKV_VLLM_PROFILE): callers skip work only a profile needs."""
     return _ON
