@@ -137,9 +137,9 @@ def _positions_override(model_dir: Path, max_len: int) -> dict:
     """hf_overrides raising the model's max_position_embeddings to max_len when it is below.
 
     vLLM sizes its rotary cos/sin cache by max_position_embeddings; past it (allowed here with
-    VLLM_ALLOW_LONG_MAX_MODEL_LEN=1) positions read outside the cache and SmolLM2 (8K positions)
-    returns NaN logits at 16K with stock attention (docs/vllm.md). With the cache sized to the
-    longest cell the outputs stay finite (meaningless past 8K: what is measured is the cost)."""
+    VLLM_ALLOW_LONG_MAX_MODEL_LEN=1) SmolLM2 (8K positions) returned NaN logits at 16K with stock
+    attention, and finite ones with this override (docs/vllm.md). The outputs past 8K mean nothing
+    either way: what is measured is the cost."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
     known = config.get("max_position_embeddings")
     return {"max_position_embeddings": max_len} if known is not None and known < max_len else {}

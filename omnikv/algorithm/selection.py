@@ -149,8 +149,8 @@ def forced_mask(
 def never_nan(scores: torch.Tensor) -> torch.Tensor:
     """NaN scores ranked below every real one (-inf).
 
-    torch.topk orders NaN above +inf, so a NaN score (a NaN query or key: stock vLLM gives SmolLM2
-    NaN states past its 8K positions, its rotary cache being sized to them) would beat the forced sink,
+    torch.topk orders NaN above +inf, so a NaN score (a NaN query or key: stock vLLM gave SmolLM2
+    NaN states past its 8K positions, docs/vllm.md) would beat the forced sink,
     recent and last positions, which are forced by setting them to +inf: the selection would then
     drop them and, under vLLM, the sparse table would span every block after the last selected one
     (measured: 49 blocks attended instead of 9 at 16K). With NaN as -inf, the forced positions and
