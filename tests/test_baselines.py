@@ -34,8 +34,6 @@ BASELINES = LOSSY + ("quest", "infllm", "tidaldecode")
 ROW_BYTES = 2 * 2 * 16 * 4
 
 
-
-
 @functools.lru_cache(maxsize=None)
 def model_of(family: str) -> torch.nn.Module:
     return tiny_model(family)

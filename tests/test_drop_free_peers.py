@@ -24,8 +24,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ATOL = 1e-4  # fp32: the same rows attended in another order differ by rounding only
 
 
-
-
 def model_of(family: str, layers: int | None = None):
     return cached_tiny_model(family) if layers is None else cached_tiny_model(family, num_hidden_layers=layers)
 

@@ -22,8 +22,6 @@ from _eval_helpers import bpe_tokenizer
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:no OmniKV preset")]
 
 
-
-
 @pytest.mark.parametrize("n_questions", [3, 5])
 def test_documents_have_one_needle_per_slice_and_questions_in_seeded_order(n_questions):
     tok = bpe_tokenizer()

@@ -41,8 +41,6 @@ SPECS = [
 ]
 
 
-
-
 def model_of(family: str):
     return cached_tiny_model(family)
 
