@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -86,22 +87,69 @@ def _kernel() -> Any:
     return reload_kernel
 
 
+@dataclass(frozen=True)
+class KernelLaunch:
+    """One launch of the reload kernel: `grid`, the runtime arguments (tensors and ints, in the
+    kernel's order) and the compile-time constants. Built in one place for the launch itself and
+    for `compile_for_target` (an ahead-of-time build for a GPU this machine may not have)."""
+
+    grid: tuple[int]
+    args: tuple[Any, ...]
+    constants: dict[str, int]
+
+
+def kernel_launch(src: torch.Tensor, dst: torch.Tensor, slots: torch.Tensor, tokens: torch.Tensor,
+                  changed: torch.Tensor, moved: torch.Tensor) -> KernelLaunch | None:
+    """The launch `reload_rows_triton` makes for these tensors (None: nothing to reload).
+    src (T, B, L, 2, H, D); dst (L, 2, B, H, capacity, D); slots / tokens / changed (B, G, k)."""
+    _, b, lsz, two, h, d = src.shape
+    _, g, k = slots.shape
+    if b * g * k == 0:
+        return None
+    heads = 1 if g > 1 else h
+    block = 1 << max(heads * d - 1, 0).bit_length()  # the next power of two (Triton's arange width)
+    return KernelLaunch(
+        grid=(b * g * k,),
+        args=(src, dst, slots.contiguous(), tokens.contiguous(), changed.to(torch.int8).contiguous(), moved,
+              b, g, k, dst.shape[-2]),
+        constants=dict(L2=lsz * two, H=h, D=d, HEADS=heads, PER_HEAD=int(g > 1), ELT=src.element_size(), BLOCK=block),
+    )
+
+
 def reload_rows_triton(src: torch.Tensor, dst: torch.Tensor, slots: torch.Tensor, tokens: torch.Tensor,
                        changed: torch.Tensor, moved: torch.Tensor) -> None:
     """`reload_rows_reference`'s result, reading only the changed rows; `moved` (1,) int64 gains
     the bytes read. src and dst contiguous; slots / tokens / changed (B, G, k)."""
+    launch = kernel_launch(src, dst, slots, tokens, changed, moved)
+    if launch is not None:
+        _kernel()[launch.grid](*launch.args, **launch.constants)
+
+
+_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
+                  torch.int32: "i32", torch.int8: "i8"}
+
+
+def compile_for_target(launch: KernelLaunch, backend: str = "cuda", arch: int = 90, warp_size: int = 32) -> Any:
+    """Compile the kernel for `launch`'s argument types through Triton's whole pipeline (TTIR ->
+    PTX -> cubin with Triton's own ptxas) for a GPU this machine need not have (default sm_90,
+    H100/H200); returns Triton's compiled kernel (`.asm["ptx"]`, `.asm["cubin"]`). The interpreter
+    runs the kernel's logic on CPU; this checks what only a real build checks (types, atomics,
+    what the backend accepts) before a GPU session spends its time on it."""
     triton, _ = triton_module()
-    _, b, lsz, two, h, d = src.shape
-    _, g, k = slots.shape
-    if b * g * k == 0:
-        return
-    heads = 1 if g > 1 else h
-    block = triton.next_power_of_2(heads * d)
-    _kernel()[(b * g * k,)](
-        src, dst, slots.contiguous(), tokens.contiguous(), changed.to(torch.int8).contiguous(), moved,
-        b, g, k, dst.shape[-2], L2=lsz * two, H=h, D=d, HEADS=heads, PER_HEAD=int(g > 1),
-        ELT=src.element_size(), BLOCK=block,
-    )
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = _kernel()
+    signature: dict[str, str] = {}
+    for name, value in zip(kernel.arg_names, launch.args):
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + _TRITON_DTYPES[value.dtype]
+        else:
+            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+    signature.update({name: "constexpr" for name in launch.constants})
+    constexprs = {(kernel.arg_names.index(name),): value for name, value in launch.constants.items()}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget(backend, arch, warp_size))
 
 
 def reload_rows(src: torch.Tensor, dst: torch.Tensor, slots: torch.Tensor, tokens: torch.Tensor,
