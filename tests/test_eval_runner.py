@@ -418,3 +418,32 @@ def test_a_method_that_raises_is_reported_and_the_others_finish(ckpt, tmp_path, 
     assert sum(r["method"] == "snapkv" for r in records) == 3
     assert "failed_methods" not in json.loads((tmp_path / "run.json").read_text())
     assert "Failed methods" not in (tmp_path / "summary.md").read_text()
+
+
+def test_a_shards_failed_method_is_carried_by_the_merge(ckpt, tmp_path, monkeypatch, capsys):
+    """A method that failed in one shard has no records past its error there: the shard's exit
+    status, the merged run.json, summary.md and the merge's exit status say so."""
+    import omnikv.decoding.generation as generation
+
+    real = generation.generate
+
+    def failing_snapkv(model, tok, ids, method, *args, **kwargs):
+        if method.describe()["method"] == "snapkv":
+            raise RuntimeError("press does not support this model")
+        return real(model, tok, ids, method, *args, **kwargs)
+
+    args = [*ARGS, "--methods", "full,snapkv", "--samples", "2"]
+    monkeypatch.setattr(generation, "generate", failing_snapkv)
+    assert main(["eval", "--model", ckpt, "--output", str(tmp_path / "s0"), "--shard", "0/2", *args]) == 1
+    monkeypatch.setattr(generation, "generate", real)
+    assert main(["eval", "--model", ckpt, "--output", str(tmp_path / "s1"), "--shard", "1/2", *args]) == 0
+    capsys.readouterr()
+    assert main(["eval", "merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--output", str(tmp_path / "m")]) == 1
+    assert "method snapkv failed" in capsys.readouterr().err
+    run = json.loads((tmp_path / "m" / "run.json").read_text())
+    assert list(run["failed_methods"]) == ["snapkv"]
+    assert run["failed_methods"]["snapkv"].startswith(f"{tmp_path / 's0'}: RuntimeError: press does not support")
+    assert "**Failed methods**" in (tmp_path / "m" / "summary.md").read_text()
+    # the clean shard alone merges clean
+    assert main(["eval", "merge", str(tmp_path / "s1"), "--output", str(tmp_path / "m1")]) == 0
+    assert "failed_methods" not in json.loads((tmp_path / "m1" / "run.json").read_text())

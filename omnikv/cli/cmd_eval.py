@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         metrics = merge_outputs([Path(d) for d in merge_dirs], Path(args.output))
         print(f"merged {len(merge_dirs)} directories into {args.output} "
               f"({sum(r['n'] for r in metrics['rows'])} records)")
-        return 0
+        return _report_failures(Path(args.output), "merged output")
     if not args.model:
         raise ConfigError("--model is required (embedded name, checkpoint directory or .gguf file)")
 
@@ -203,21 +203,27 @@ def run(args: argparse.Namespace) -> int:
     )
     metrics = run_eval(config)
     if launched is not None:
+        shard_output = output
         metrics = finish_shard(Path(args.output), launched[0], launched[1])
         if metrics is None:
             print(f"shard {launched[0]}/{launched[1]} done in {output}; the last shard to finish merges into {args.output}")
-            return 0
+            return _report_failures(shard_output, f"shard {launched[0]}/{launched[1]}")
         output = Path(args.output)
     print((output / "summary.md").read_text(), end="")
     n = sum(r["n"] for r in metrics["rows"])
     print(f"{n} records in {output}/predictions.jsonl")
+    return _report_failures(output, "run")
+
+
+def _report_failures(output: Path, what: str) -> int:
+    """1 (and why, on stderr) when `output`'s run.json names failed methods, else 0."""
     run_json = output / "run.json"
     failed = json.loads(run_json.read_text()).get("failed_methods") if run_json.is_file() else None
-    if failed:
-        for name, why in failed.items():
-            print(f"omnikv eval: method {name} failed: {why}", file=sys.stderr)
-        print(f"omnikv eval: {len(failed)} method(s) failed and have no records past their error; the others "
-              f"are complete (--resume tries the failed ones again)", file=sys.stderr)
-        return 1
-    return 0
+    if not failed:
+        return 0
+    for name, why in failed.items():
+        print(f"omnikv eval: method {name} failed: {why}", file=sys.stderr)
+    print(f"omnikv eval: {len(failed)} method(s) failed in this {what} and have no records past their error; "
+          f"the others are complete (--resume tries the failed ones again)", file=sys.stderr)
+    return 1
 
