@@ -271,6 +271,28 @@ def test_real_gguf_conversion_round_trips_a_tiny_llama(tmp_path, tmp_cache, caps
     assert again.source == lm.source and "converting" not in capsys.readouterr().err
 
 
+def test_a_gguf_tokenizers_special_tokens_follow_the_models_config(tmp_path, tmp_cache):
+    """transformers before 5.24 reads a GGUF tokenizer's eos apart from the model's (SmolLM2:
+    `<|im_start|>` instead of `<|im_end|>`): the conversion writes the config's, and loading an
+    entry converted by such a version puts them right."""
+    gguf = make_tiny_gguf(tmp_path / "tiny-llama.gguf")
+    lm = load_model(gguf)
+    eos = lm.model.config.eos_token_id
+    assert lm.tokenizer.eos_token_id == eos and lm.tokenizer.eos_token == "<|im_end|>"
+    saved = json.loads((Path(lm.source) / "tokenizer_config.json").read_text())
+    assert saved["eos_token"] == "<|im_end|>"  # the entry itself is right, for plain transformers too
+    # an entry written by a transformers that misread them (what 5.17 writes for SmolLM2)
+    saved["eos_token"] = "<|im_start|>"
+    (Path(lm.source) / "tokenizer_config.json").write_text(json.dumps(saved))
+    again = load_model(gguf)
+    assert again.tokenizer.eos_token_id == eos and again.tokenizer.eos_token == "<|im_end|>"
+    # the helper, on its own: only what differs changes, and it says what
+    tok = again.tokenizer
+    tok.eos_token = "<|endoftext|>"
+    assert model_cache.align_special_tokens(tok, lm.model.config) == {"eos": ("<|endoftext|>", "<|im_end|>")}
+    assert model_cache.align_special_tokens(tok, lm.model.config) == {}
+
+
 def test_conversion_refuses_a_tokenizer_that_does_not_round_trip(tmp_path, tmp_cache, monkeypatch):
     import transformers
     from tokenizers import normalizers

@@ -92,6 +92,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
                 "corrupted or truncated, or its architecture unsupported by transformers' GGUF loader"
             ) from exc
         _drop_gguf_quantization(model)
+        align_special_tokens(tokenizer, model.config)
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
         reloaded = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
@@ -101,6 +102,27 @@ def convert_gguf(gguf: Path, out: Path) -> None:
                 f"the tokenizer converted from {gguf} does not round-trip after saving (probe {probe!r}); "
                 f"this transformers version ({transformers_version()}) cannot convert it"
             )
+
+
+def align_special_tokens(tokenizer: Any, config: Any) -> dict[str, tuple[Any, str]]:
+    """Make the tokenizer's eos / bos / pad tokens the ones the model's config names, in place;
+    returns what changed: name -> (old token, new token).
+
+    Both come from the same GGUF's metadata, but transformers before 5.24 reads a GGUF tokenizer's
+    special tokens on its own: SmolLM2's comes out with eos `<|im_start|>` (id 1) and no pad, while
+    its config says eos 2 (`<|im_end|>`) and pad 2, as 5.24 reads both. A wrong eos stops
+    generation on the wrong token and is what the server reports to clients."""
+    text = getattr(config, "text_config", None) or config
+    changed: dict[str, tuple[Any, str]] = {}
+    size = len(tokenizer)
+    for name in ("eos", "bos", "pad"):
+        want = getattr(text, f"{name}_token_id", None)
+        if not isinstance(want, int) or not 0 <= want < size or getattr(tokenizer, f"{name}_token_id", None) == want:
+            continue
+        token = tokenizer.convert_ids_to_tokens(want)
+        changed[name] = (getattr(tokenizer, f"{name}_token", None), token)
+        setattr(tokenizer, f"{name}_token", token)
+    return changed
 
 
 def _drop_gguf_quantization(model: Any) -> None:

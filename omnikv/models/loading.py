@@ -280,6 +280,8 @@ def _load_dir(path: Path, name: str, dtype: torch.dtype, device: torch.device,
                                                       local_files_only=True)
         except Exception as exc:
             raise ModelLoadError(f"cannot load the tokenizer in {path}: {exc}; {hint}") from exc
+    if cache_entry:  # converted from a GGUF, maybe by a transformers that misread its special tokens
+        model_cache.align_special_tokens(tokenizer, model.config)
     model = model.to(device).eval()
     from omnikv.hf.compat import text_config
 
