@@ -30,6 +30,7 @@ _LAZY = {
     "GenerationResult": "omnikv.decoding.generation",
     "PrefixCache": "omnikv.decoding.prefix_cache",
     "get_method": "omnikv.methods",
+    "cache_kwargs": "omnikv.hf.compat",
     "available_methods": "omnikv.methods",
 }
 
@@ -39,6 +40,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     from omnikv.config import OmniKVConfig
     from omnikv.decoding.generation import GenerationResult, SamplingParams, Session, generate, teacher_forced_logits
     from omnikv.decoding.prefix_cache import PrefixCache
+    from omnikv.hf.compat import cache_kwargs
     from omnikv.methods import available_methods, get_method
     from omnikv.models import load_model
     from omnikv.algorithm.presets import preset_for_model, resolve_preset

@@ -49,6 +49,27 @@ def test_generate_accepts_cache_keyword(models):
     assert cache.get_seq_length() == 32
 
 
+def test_a_cache_under_the_other_keyword_is_used_or_refused(models):
+    """Never silently ignored: 5.24 still takes `past_key_values=` (deprecated); before it, a
+    forward given `cache=` would run full attention without the cache, so our attention function
+    refuses it, naming the keyword to use."""
+    import pytest
+
+    from omnikv import InputError, OmniKVCache, OmniKVConfig
+
+    model = models("llama")
+    cache = OmniKVCache(model, OmniKVConfig(filter_layers=(1,), num_wait_layers=0, budget=4))
+    ids = torch.arange(12)[None]
+    if _compat.CACHE_KWARG == "cache":
+        with pytest.warns(FutureWarning):
+            model.generate(ids, past_key_values=cache, max_new_tokens=2, do_sample=False)
+        assert cache.get_seq_length() == 13, version_note()
+    else:
+        with pytest.raises(InputError, match="pass it as `past_key_values=cache`"):
+            model(ids, cache=cache)
+        assert cache.get_seq_length() == 0
+
+
 def test_tested_range_is_pyprojects():
     """compat's TESTED_RANGE is the range pyproject.toml declares (the floor venv installs its
     lower end, scripts/setup_floor.sh), so the contract test's range check means what pip allows."""

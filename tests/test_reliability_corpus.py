@@ -25,6 +25,7 @@ from omnikv.algorithm.cache import OmniKVCache
 from omnikv.cli import main as cli_main
 from omnikv.config import OmniKVConfig
 from omnikv.errors import ConfigError, InputError, ModelLoadError, OmniKVError, ResourceError, UnsupportedModelError
+from omnikv.hf.compat import cache_kwargs
 from omnikv.decoding.generation import SamplingParams, Session, generate, teacher_forced_logits
 from omnikv.methods import available_methods, get_method
 from omnikv.models.tiny import build_tokenizer, make_tiny_checkpoint, make_tiny_gguf, tiny_model
@@ -112,8 +113,8 @@ API_ERRORS: list[tuple[str, Callable[..., Any], type[Exception], str]] = [
     ("window_size 0", lambda m, t, o: SPARSE.replace(window_size=0), ConfigError, "window_size"),
     ("selector typo", lambda m, t, o: SPARSE.replace(selector="top"), ConfigError, "selector"),
     ("cache reused with another model", lambda m, t, o: _reuse_with(m, o), UnsupportedModelError, "build one per model"),
-    ("fresh cache used with another model", lambda m, t, o: o(torch.tensor([ids(5)]), cache=OmniKVCache(m, SPARSE)), UnsupportedModelError, "built for llama/4L/2kv"),
-    ("cache used with a deeper model", lambda m, t, o: tiny_model("llama", num_hidden_layers=6)(torch.tensor([ids(5)]), cache=OmniKVCache(m, SPARSE)), UnsupportedModelError, "build one per model"),
+    ("fresh cache used with another model", lambda m, t, o: o(torch.tensor([ids(5)]), **cache_kwargs(OmniKVCache(m, SPARSE))), UnsupportedModelError, "built for llama/4L/2kv"),
+    ("cache used with a deeper model", lambda m, t, o: tiny_model("llama", num_hidden_layers=6)(torch.tensor([ids(5)]), **cache_kwargs(OmniKVCache(m, SPARSE))), UnsupportedModelError, "build one per model"),
     ("generate twice, same prompt, one cache", lambda m, t, o: _generate_twice_same(m), InputError, "build a new cache"),
     ("cache reused with another batch size", lambda m, t, o: _other_batch(m), InputError, "one batch"),
 ]
@@ -124,21 +125,21 @@ BAD_BUDGETS = [0, -1, 0.0, -0.5, 1.5, float("nan"), float("inf"), True, "10"]
 def _reuse_with(model, other):
     cache = OmniKVCache(model, SPARSE)
     prompt = torch.tensor([ids(20)])
-    out = model.generate(prompt, cache=cache, max_new_tokens=3, do_sample=False)
-    return other.generate(out, cache=cache, max_new_tokens=3, do_sample=False)
+    out = model.generate(prompt, **cache_kwargs(cache), max_new_tokens=3, do_sample=False)
+    return other.generate(out, **cache_kwargs(cache), max_new_tokens=3, do_sample=False)
 
 
 def _generate_twice_same(model):
     cache = OmniKVCache(model, SPARSE)
     prompt = torch.tensor([ids(20)])
-    model.generate(prompt, cache=cache, max_new_tokens=3, do_sample=False)
-    return model.generate(prompt, cache=cache, max_new_tokens=3, do_sample=False)
+    model.generate(prompt, **cache_kwargs(cache), max_new_tokens=3, do_sample=False)
+    return model.generate(prompt, **cache_kwargs(cache), max_new_tokens=3, do_sample=False)
 
 
 def _other_batch(model):
     cache = OmniKVCache(model, SPARSE)
-    model(torch.tensor([ids(20)]), cache=cache)
-    return model(torch.tensor([ids(4), ids(4, 1)]), cache=cache)
+    model(torch.tensor([ids(20)]), **cache_kwargs(cache))
+    return model(torch.tensor([ids(4), ids(4, 1)]), **cache_kwargs(cache))
 
 
 @pytest.mark.parametrize("name,call,error,needle", API_ERRORS, ids=[r[0] for r in API_ERRORS])
@@ -208,10 +209,10 @@ def test_huge_token_budget_equals_full_attention(small, tok):
 def test_generate_twice_continuing_the_first_output_equals_a_fresh_run(small):
     """The right way to reuse a cache: pass the previous output extended by new tokens."""
     cache = OmniKVCache(small, SPARSE)
-    first = small.generate(torch.tensor([ids(20)]), cache=cache, max_new_tokens=3, do_sample=False)
+    first = small.generate(torch.tensor([ids(20)]), **cache_kwargs(cache), max_new_tokens=3, do_sample=False)
     extended = torch.cat([first, torch.tensor([ids(6, 1)])], dim=1)
-    again = small.generate(extended, cache=cache, max_new_tokens=5, do_sample=False)
-    fresh = small.generate(extended, cache=OmniKVCache(small, SPARSE), max_new_tokens=5, do_sample=False)
+    again = small.generate(extended, **cache_kwargs(cache), max_new_tokens=5, do_sample=False)
+    fresh = small.generate(extended, **cache_kwargs(OmniKVCache(small, SPARSE)), max_new_tokens=5, do_sample=False)
     assert again.tolist() == fresh.tolist()
     assert cache.get_seq_length() == extended.shape[1] + 4
 
@@ -226,7 +227,7 @@ def test_unsupported_architecture_is_refused(small):
 
 def test_beam_search_is_refused_clearly(small):
     with pytest.raises(UnsupportedModelError, match="beam search"):
-        small.generate(torch.tensor([ids(10)]), cache=OmniKVCache(small, SPARSE), num_beams=2, max_new_tokens=2)
+        small.generate(torch.tensor([ids(10)]), **cache_kwargs(OmniKVCache(small, SPARSE)), num_beams=2, max_new_tokens=2)
 
 
 # -- presets -----------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from omnikv.algorithm.cache import OmniKVCache
 from omnikv.algorithm.layers import SparseLayer
 from omnikv.config import HEAD_REDUCTIONS, SELECTORS, OmniKVConfig
 from omnikv.algorithm.roles import Role
+from omnikv.hf.compat import cache_kwargs
 from omnikv.models.tiny import tiny_model
 
 _MODELS: dict[tuple, torch.nn.Module] = {}
@@ -125,7 +126,7 @@ def run(model, case: Case, cache) -> torch.Tensor:
     """(steps, B, V) logits of greedy generation through `cache`."""
     ids, mask = inputs(case)
     with torch.inference_mode():
-        out = model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=case.new_tokens, min_new_tokens=case.new_tokens,
+        out = model.generate(ids, attention_mask=mask, **cache_kwargs(cache), max_new_tokens=case.new_tokens, min_new_tokens=case.new_tokens,
                              do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=256)
     return torch.stack(out.logits).float()
 

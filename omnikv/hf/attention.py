@@ -19,7 +19,9 @@ from typing import Any
 
 import torch
 
-from omnikv.hf.compat import AttentionInterface, AttentionMaskInterface, sdpa_attention_forward, sdpa_mask
+from omnikv.errors import InputError
+from omnikv.hf.compat import (CACHE_KWARG, TRANSFORMERS_VERSION, AttentionInterface, AttentionMaskInterface, Cache,
+                              sdpa_attention_forward, sdpa_mask)
 
 ATTN_NAME = "omnikv"
 
@@ -57,6 +59,13 @@ def omnikv_attention(
         kwargs["dropout"] = dropout
     cache = take(getattr(module, "layer_idx", -1))
     if cache is None:
+        if CACHE_KWARG != "cache" and isinstance(kwargs.get("cache"), Cache):
+            # Before 5.24 the model takes `past_key_values=`; a cache passed as `cache=` reaches only
+            # this function's kwargs, and the forward would silently run full attention without it.
+            raise InputError(
+                f"the cache was passed as `cache=`, which transformers {TRANSFORMERS_VERSION} does not "
+                f"take (it became the keyword in 5.24): pass it as `{CACHE_KWARG}=cache`, or as "
+                "`**omnikv.cache_kwargs(cache)`, which names the keyword of the installed version")
         return sdpa_attention(module, query, key, value, attention_mask, **kwargs)
     return cache.attend(module.layer_idx, module, query, key, value, attention_mask, **kwargs)
 

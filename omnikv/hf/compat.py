@@ -87,7 +87,8 @@ def update_positions(args: tuple, kwargs: dict) -> torch.Tensor | None:
 
 
 def cache_kwargs(cache: Cache | None) -> dict:
-    """`{CACHE_KWARG: cache}` for model(...) and model.generate(...)."""
+    """`{CACHE_KWARG: cache}` for model(...) and model.generate(...): the keyword of the installed
+    transformers (`cache` from 5.24, `past_key_values` before). Public as `omnikv.cache_kwargs`."""
     return {CACHE_KWARG: cache}
 
 
