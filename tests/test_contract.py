@@ -70,6 +70,37 @@ def test_a_cache_under_the_other_keyword_is_used_or_refused(models):
         assert cache.get_seq_length() == 0
 
 
+def test_an_input_that_does_not_continue_the_cache_is_refused(models):
+    """On every version: 5.24 passes `update` the positions (refused before anything is written);
+    earlier releases pass them only to the attention call, after layer 0 has written, so the cache
+    then refuses all further input instead of decoding from a corrupt state."""
+    import pytest
+
+    from omnikv import InputError, OmniKVCache, OmniKVConfig
+
+    model = models("llama")
+    cache = OmniKVCache(model, OmniKVConfig(filter_layers=(1,), num_wait_layers=0, budget=4))
+    prompt = torch.arange(3, 23)[None]
+    at = lambda start, n: torch.arange(start, start + n)[None]  # noqa: E731  (B, q) positions
+
+    def forward(ids, start):
+        with torch.no_grad():
+            return model(ids, position_ids=at(start, ids.shape[1]), **cache_kwargs(cache))
+
+    forward(prompt, 0)
+    forward(torch.tensor([[7]]), 20)  # a decode step: continues at 20
+    with pytest.raises(InputError, match="a cache continues one sequence"):
+        forward(prompt, 0)  # the same prompt again, as a second `generate` would feed it
+    if cache._broken is None:  # refused before writing: the cache goes on where it was
+        assert cache.get_seq_length() == 21, version_note()
+        forward(torch.tensor([[8]]), 21)
+        assert cache.get_seq_length() == 22
+    else:
+        with pytest.raises(InputError, match="build a new one"):
+            forward(torch.tensor([[8]]), 21)
+    assert (cache._broken is None) == (_compat.CACHE_KWARG == "cache"), version_note()
+
+
 def test_tested_range_is_pyprojects():
     """compat's TESTED_RANGE is the range pyproject.toml declares (the floor venv installs its
     lower end, scripts/setup_floor.sh), so the contract test's range check means what pip allows."""
@@ -82,11 +113,11 @@ def test_tested_range_is_pyprojects():
 
 
 def test_mask_and_position_seams_read_both_forms():
-    """The two forms transformers passes inside the tested range: a query length or the
-    forward's cache_position; position_ids or a cache_kwargs dict with cache_position."""
+    """The forms transformers passes inside the tested range: a query length or the forward's
+    cache_position; position_ids to `update` (5.24), or none that tell where the input starts."""
     pos = torch.arange(5, 8)
     assert _compat.mask_query_length(3) == 3 == _compat.mask_query_length(pos)
     assert _compat.update_positions((), {"position_ids": pos[None]}).tolist() == [[5, 6, 7]]
     assert _compat.update_positions((), {"kwargs": {"position_ids": pos[None]}}).tolist() == [[5, 6, 7]]
-    assert _compat.update_positions(({"cache_position": pos},), {}).tolist() == [[5, 6, 7]]
+    assert _compat.update_positions(({"cache_position": pos},), {}) is None  # derived from the cache: checked at attention
     assert _compat.update_positions((), {}) is None

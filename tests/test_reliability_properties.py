@@ -212,7 +212,7 @@ def test_prompt_rows_in_the_bank_are_full_attention_rows(case: Case) -> None:
     cache, full = OmniKVCache(model, case.config), DynamicCache(config=model.config)
     with torch.inference_mode():
         for c in (cache, full):
-            model(ids, attention_mask=mask, cache=c, use_cache=True)
+            model(ids, attention_mask=mask, **cache_kwargs(c), use_cache=True)
     for i, layer in enumerate(cache.layers):
         if isinstance(layer, SparseLayer):
             k_rows, v_rows = layer.full_kv()

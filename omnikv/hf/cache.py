@@ -38,6 +38,11 @@ class ManagedCache(Cache):
             if hasattr(layer, "use_meter"):
                 layer.use_meter(self.meter)
         self.model_fingerprint = model_fingerprint(model)
+        # The continuity check of a forward whose positions `update` did not get: (seen, q) until
+        # layer 0's attention call checks them; and why the cache refuses all further input, if
+        # an input that failed that check was already written.
+        self._unchecked: tuple[int, int] | None = None
+        self._broken: str | None = None
         self._kv_heads = text_shape(model).kv_heads
         use_omnikv_attention(model)
         # Static-shape decode steps (omnikv/hf/static.py): None = the default, growing slices.
@@ -105,22 +110,39 @@ class ManagedCache(Cache):
                 f"this cache was built for {self.model_fingerprint} but gets KV with "
                 f"{key_states.shape[1]} heads: a cache serves the model it was built for; build one per model"
             )
-        q = key_states.shape[-2]
+        if self._broken:
+            raise InputError(self._broken)
+        q, seen = key_states.shape[-2], self.layers[0].get_seq_length()
+        if pos is None:
+            # Releases before 5.24 pass no positions to `update`; the attention call gets them
+            # (`position_ids`), after layer 0 has written: the check happens there (`attend`).
+            self._unchecked = (seen, q)
+            return
+        self._check_positions(pos, seen, q, written=False)
+
+    def _check_positions(self, pos: Any, seen: int, q: int, written: bool) -> None:
+        """Refuse input whose positions `pos` (B, q) do not continue the `seen` cached tokens.
+        `written`: layer 0 has already taken it, so the cache is left unusable, and says so."""
         # Decode steps on an accelerator skip the check: reading the positions would sync every step.
         on_accelerator = pos.device.type != "cpu" if isinstance(pos, torch.Tensor) else False
         on_accelerator = on_accelerator or self.simulates_accelerator
         if not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[-1] != q or (q == 1 and on_accelerator):
             return
-        seen = self.layers[0].get_seq_length()
         last = int(pos[:, -1].max())  # the unpadded row of a left-padded batch
         if last != seen + q - 1:
-            raise InputError(
+            message = (
                 f"this cache already holds {seen} tokens but the new input continues at position "
                 f"{last - q + 1}: a cache continues one sequence. Pass the whole sequence so far "
                 f"(the previous output plus new tokens) to continue it, or build a new cache for a new prompt"
             )
+            if written:
+                self._broken = message + " (this cache took part of that input before the check: build a new one)"
+            raise InputError(message)
 
     def attend(self, layer_idx: int, module, query, key, value, attention_mask, **kwargs):
+        if layer_idx == 0 and self._unchecked is not None:
+            (seen, q), self._unchecked = self._unchecked, None
+            self._check_positions(kwargs.get("position_ids"), seen, q, written=True)
         return self.layers[layer_idx].attend(module, query, key, value, attention_mask, **kwargs)
 
     # -- forks of a shared prefill (omnikv/decoding/fork.py) ---------------------------------

@@ -75,15 +75,13 @@ def mask_query_length(query: int | torch.Tensor) -> int:
 
 def update_positions(args: tuple, kwargs: dict) -> torch.Tensor | None:
     """(B, q) positions of the tokens a `Cache.update(k, v, layer_idx, *args, **kwargs)` call
-    writes, or None when the model did not pass them: newer releases pass `position_ids` (possibly
-    nested in `kwargs`), older ones a `cache_kwargs` dict with `cache_position` (q,)."""
+    writes, or None when the model did not pass them: 5.24 passes `position_ids` (possibly nested
+    in `kwargs`); older releases pass none (5.17) or only a `cache_position` that the forward derived
+    from the cache's own length (5.2), which cannot tell whether the input continues the cache.
+    Where this is None, the caches check the `position_ids` of the attention call instead."""
     inner = kwargs.get("kwargs") if isinstance(kwargs.get("kwargs"), dict) else kwargs
     pos = inner.get("position_ids")
-    if isinstance(pos, torch.Tensor):
-        return pos
-    extra = args[0] if args and isinstance(args[0], dict) else kwargs.get("cache_kwargs")
-    cache_position = extra.get("cache_position") if isinstance(extra, dict) else None
-    return cache_position[None] if isinstance(cache_position, torch.Tensor) and cache_position.dim() == 1 else None
+    return pos if isinstance(pos, torch.Tensor) else None
 
 
 def cache_kwargs(cache: Cache | None) -> dict:
