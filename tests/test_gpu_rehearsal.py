@@ -336,3 +336,40 @@ def test_a_stage_that_overruns_the_budget_is_cut():
             while time.perf_counter() - t0 < 10:
                 time.sleep(0.05)
     assert time.perf_counter() - t0 < 5
+
+
+# -- the same, on the GPU image's Python stack ---------------------------------------------------------------
+GPU_IMAGE_PY = ROOT / ".venv-gpu-image" / "bin" / "python"
+# What the GPU run executes, beside the rehearsal: the seams, the partial-reload kernel (under the
+# interpreter, compiled into a fullgraph step, built for sm_90), the static / captured step, the
+# transfers and gathers, the offload prefill, equivalence to the reference and the memory meter.
+GPU_IMAGE_SUBSET = ["tests/test_gpu_rehearsal.py", "tests/test_contract.py", "tests/test_reload.py", "tests/test_static.py",
+                    "tests/test_transfer.py", "tests/test_gathers.py", "tests/test_offload_prefill.py",
+                    "tests/test_omnikv_equivalence.py", "tests/test_memory.py",
+                    # the CLI and the server: fastapi is not on the image, and the GPU run uses neither
+                    "--deselect", "tests/test_static.py::test_eval_and_serve_compile_flags",
+                    "-k", "not on_the_gpu_images_stack"]
+
+
+@pytest.mark.slow
+def test_the_rehearsal_and_the_code_it_runs_pass_on_the_gpu_images_stack():
+    """scripts/setup_gpu_image.sh makes the lent machines' stack here (Python 3.12, torch 2.11.0
+    +cu130, transformers 5.17.0, triton 3.6.0, tokenizers 0.23; no matplotlib, gguf, fastapi): the
+    rehearsal and the code the GPU run executes pass on those versions, not only on this venv's.
+    (Run once by hand before it was a test, it found a fake-CUDA gap only a CUDA build of torch
+    shows: dynamo asks `torch.accelerator` for the current stream.)"""
+    from _side_venv import side_venv_python
+
+    python = side_venv_python(ROOT / "scripts" / "setup_gpu_image.sh", GPU_IMAGE_PY, "OMNIKV_GPU_IMAGE",
+                              "GPU-image-stack tests")
+    site = subprocess.run([str(python), "-c", "import site; print(site.getsitepackages()[0])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMNIKV_TRITON_SITE": site}  # the image's own triton
+    env.pop("PYTEST_XDIST_WORKER", None)
+    proc = subprocess.run([str(python), "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-rs", *GPU_IMAGE_SUBSET],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=2400)
+    versions = subprocess.run([str(python), "-c", "import sys, torch, transformers; print(sys.version.split()[0], "
+                               "torch.__version__, transformers.__version__)"], capture_output=True, text=True).stdout.strip()
+    assert proc.returncode == 0, f"on the GPU image's stack ({versions}):\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary, proc.stdout[-3000:]  # the kernel's tests ran too

@@ -470,6 +470,13 @@ def install(scenario: str = "on") -> None:
         for mod in (torch.cuda.memory, torch.cuda.streams, torch.cuda.random):
             if hasattr(mod, name):
                 setattr(mod, name, fake)
+    if torch.version.cuda is not None:
+        # A CUDA build of PyTorch on this GPU-less machine (the GPU image's torch, rehearsed in a side
+        # venv): torch's own internals ask torch.accelerator (dynamo tracks the current stream
+        # through it), which would reach the absent driver. Answer as a CPU build does, so that
+        # both builds rehearse the same path.
+        _REAL["accelerator.is_available"] = torch.accelerator.is_available
+        torch.accelerator.is_available = lambda: False
     _REAL["empty"], _REAL["as_tensor"] = torch.empty, torch.as_tensor
     _REAL["Tensor.pin_memory"], _REAL["Tensor.is_pinned"] = torch.Tensor.pin_memory, torch.Tensor.is_pinned
     torch.empty, torch.as_tensor = _empty, _as_tensor
@@ -488,6 +495,8 @@ def uninstall() -> None:
             for mod in (torch.cuda.memory, torch.cuda.streams, torch.cuda.random):
                 if hasattr(mod, name):
                     setattr(mod, name, real)
+    if "accelerator.is_available" in _REAL:
+        torch.accelerator.is_available = _REAL["accelerator.is_available"]
     torch.empty, torch.as_tensor = _REAL["empty"], _REAL["as_tensor"]
     torch.Tensor.pin_memory, torch.Tensor.is_pinned = _REAL["Tensor.pin_memory"], _REAL["Tensor.is_pinned"]
     _REAL.clear()
