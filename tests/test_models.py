@@ -293,6 +293,21 @@ def test_a_gguf_tokenizers_special_tokens_follow_the_models_config(tmp_path, tmp
     assert model_cache.align_special_tokens(tok, lm.model.config) == {}
 
 
+def test_a_gguf_tokenizer_adds_bos_only_where_the_gguf_says_so(tmp_path, tmp_cache):
+    """transformers 5.2 adds BOS to every GGUF tokenizer's input; the tiny GGUF, like SmolLM2's,
+    says not to: the conversion follows the GGUF."""
+    gguf = make_tiny_gguf(tmp_path / "tiny-llama.gguf")
+    assert model_cache.gguf_add_flags(gguf) == {"add_bos_token": False}
+    lm = load_model(gguf)
+    assert lm.tokenizer("Hi").input_ids[0] != lm.tokenizer.bos_token_id
+    tok = lm.tokenizer
+    tok.add_bos_token = True  # what 5.2 reads from this GGUF
+    assert tok("Hi").input_ids[0] == tok.bos_token_id
+    assert model_cache.apply_gguf_add_flags(tok, {"add_bos_token": False}) == {"add_bos_token": False}
+    assert tok("Hi").input_ids[0] != tok.bos_token_id
+    assert model_cache.apply_gguf_add_flags(tok, {"add_bos_token": False}) == {}
+
+
 def test_conversion_refuses_a_tokenizer_that_does_not_round_trip(tmp_path, tmp_cache, monkeypatch):
     import transformers
     from tokenizers import normalizers

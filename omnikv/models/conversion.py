@@ -93,6 +93,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
             ) from exc
         _drop_gguf_quantization(model)
         align_special_tokens(tokenizer, model.config)
+        apply_gguf_add_flags(tokenizer, gguf_add_flags(gguf))
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
         reloaded = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
@@ -122,6 +123,31 @@ def align_special_tokens(tokenizer: Any, config: Any) -> dict[str, tuple[Any, st
         token = tokenizer.convert_ids_to_tokens(want)
         changed[name] = (getattr(tokenizer, f"{name}_token", None), token)
         setattr(tokenizer, f"{name}_token", token)
+    return changed
+
+
+def gguf_add_flags(gguf: Path) -> dict[str, bool]:
+    """`add_bos_token` / `add_eos_token` as the GGUF's metadata states them (absent: not stated)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf)).fields
+    flags: dict[str, bool] = {}
+    for name in ("add_bos_token", "add_eos_token"):
+        field = fields.get(f"tokenizer.ggml.{name}")
+        if field is not None and field.data:
+            flags[name] = bool(field.parts[field.data[0]][0])
+    return flags
+
+
+def apply_gguf_add_flags(tokenizer: Any, flags: dict[str, bool]) -> dict[str, bool]:
+    """Make the tokenizer add BOS / EOS when the GGUF says so, in place; returns what changed.
+    transformers 5.2 adds BOS to every GGUF tokenizer's input, SmolLM2's included, whose GGUF says
+    not to (`<|im_start|>` before every prompt); 5.17 and 5.24 follow the GGUF."""
+    changed = {}
+    for name, value in flags.items():
+        if getattr(tokenizer, name, None) is not None and getattr(tokenizer, name) != value:
+            setattr(tokenizer, name, value)
+            changed[name] = value
     return changed
 
 
