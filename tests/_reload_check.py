@@ -55,7 +55,37 @@ def main() -> int:
         for seed in range(3):
             case(b, g, seed)
     print("reload kernel == reference: ok")
+    first_use_check()
+    print("first-use check: ok")
     return 0
+
+
+def first_use_check() -> None:
+    """`kernel_check`, the once-per-device check a CUDA device runs before the kernel's first
+    step, passes the kernel as it is, and names the fault of one that is wrong or raises."""
+    import warnings
+
+    import omnikv.offload.reload as reload
+
+    assert reload.kernel_check("cpu") is None
+    real = reload.reload_rows_triton
+
+    def off_by_one(src, dst, slots, tokens, changed, moved):  # reads the next token's row
+        real(src, dst, slots, (tokens + 1) % src.shape[0], changed, moved)
+
+    def raises(*args):
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+    for fake, needle in ((off_by_one, "differs from its torch reference"), (raises, "no kernel image")):
+        reload.reload_rows_triton = fake
+        reload.kernel_check.cache_clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            reason = reload.kernel_check("cpu")
+        assert reason is not None and needle in reason, reason
+        assert any("falls back to the full gather" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    reload.reload_rows_triton = real
+    reload.kernel_check.cache_clear()
 
 
 if __name__ == "__main__":

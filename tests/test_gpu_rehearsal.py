@@ -34,9 +34,19 @@ def rehearsal_env(out: Path, scenario: str = "on") -> dict[str, str]:
                 OMNIKV_FAKE_CUDA=scenario, OMNIKV_BLOCK_MODULES=BLOCKED, CUDA_VISIBLE_DEVICES="")
 
 
-def test_the_gpu_run_rehearsed_end_to_end(tmp_path):
+@pytest.mark.parametrize("kernel", [False, True], ids=["full-gather", "reload-kernel"])
+def test_the_gpu_run_rehearsed_end_to_end(tmp_path, kernel):
+    """`kernel`: with Triton on the path and its interpreter on, the partial reload runs the Triton
+    kernel (eager and as the custom op inside the compiled step) through every stage, as it
+    will on the GPU; without, the run falls back to the full gather and says why."""
+    env = rehearsal_env(tmp_path)
+    if kernel:
+        triton_site = Path(os.environ.get("OMNIKV_TRITON_SITE", Path.home() / ".cache/omnikv-triton/site"))
+        if not (triton_site / "triton").is_dir():
+            pytest.skip(f"Triton is not installed in {triton_site} (bash scripts/setup_triton.sh; scripts/test.sh does it)")
+        env.update(PYTHONPATH=env["PYTHONPATH"] + os.pathsep + str(triton_site), TRITON_INTERPRET="1")
     proc = subprocess.run(["bash", str(ROOT / "benchmarks/gpu/run.sh"), "--tiny", "--device", "cpu", "--compile-backend", "eager"],
-                          cwd=ROOT, env=rehearsal_env(tmp_path), capture_output=True, text=True, timeout=400)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     output = proc.stdout[-6000:] + proc.stderr[-6000:]
     assert proc.returncode == 0, output
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -51,6 +61,10 @@ def test_the_gpu_run_rehearsed_end_to_end(tmp_path):
     on = corr["offload_on_equals_off"]
     assert on["transfer"] == "cuda/device_gather" and on["host_memory"] == "registered" and on["bank_pinned"]
     assert "child process" in on["gather_reason"]
+    partial = corr["partial_reload_equals_off"]
+    assert partial["passed"], partial
+    # the kernel, or the full gather with the reason it could not run
+    assert partial["reload"] == "triton kernel" if kernel else partial["reload"].startswith("full gather ("), partial
     assert summary["bandwidths"]["mapped_memory"]["usable"] is True
     labels = summary["labels"]
     # every row timed, captured ones included; each record names the strategy that ran
@@ -61,6 +75,8 @@ def test_the_gpu_run_rehearsed_end_to_end(tmp_path):
     assert all(r["ms_per_token"] for r in rows), [r["note"] for r in rows if not r["ms_per_token"]]
     assert all(r["compile_seconds"] > 0 for r in rows if r["group"] == "captured" and r["method"] != "full")
     transfers = {r["method"]: r["transfer"] for r in rows}
+    if kernel:  # the offload rows refreshed only the changed rows, eager and captured
+        assert {r["reload"] for r in rows if r["method"] in (labels["on"], labels["on_captured"])} == {"triton kernel"}
     assert transfers[labels["on"]] == transfers[labels["on_captured"]] == "cuda/device_gather"
     assert transfers[labels["host"]] == "cuda/host_gather"
     assert all(e["batch"] >= 1 and e["tokens_per_second"] for e in summary["throughput"]["methods"].values())
@@ -71,6 +87,7 @@ def test_the_gpu_run_rehearsed_end_to_end(tmp_path):
     # the table: printed last, "simulated" in place of numbers; matplotlib missing is a note, not a crash
     table = (tmp_path / "table.txt").read_text()
     assert "SUMMARY" in table and "REHEARSAL" in table and table.strip() in proc.stdout
+    assert "correctness partial_reload_equals_off: PASS" in table and "reload of changed rows:" in table
     timing_rows = [line for line in table.splitlines() if line.strip().startswith("256 ")]
     assert timing_rows and all("simulated" in line for line in timing_rows)
     assert any("bench.png not written" in n for n in summary["notes"]) and not (tmp_path / "bench.png").exists()

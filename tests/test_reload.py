@@ -91,7 +91,8 @@ def run_with_triton(script: str, interpret: bool = True, tmp: Path | None = None
 
 
 def test_triton_kernel_equals_the_reference_under_the_interpreter():
-    assert "reload kernel == reference: ok" in run_with_triton("_reload_check.py")
+    out = run_with_triton("_reload_check.py")
+    assert "reload kernel == reference: ok" in out and "first-use check: ok" in out
 
 
 def test_the_kernel_builds_for_the_gpus_it_is_meant_for(tmp_path):

@@ -10,7 +10,8 @@ skipped. Stages, in the order they run (L = largest context, 128K; S = smallest,
   stage                 est. s  what
   bandwidths                10  HBM read, host->device copy from registered memory, a gather kernel
                                 over mapped host memory (after the child-process mapped-memory probe)
-  correctness               15  small fp32 model: OmniKV full budget == full; offload on == off (CUDA transfer)
+  correctness               15  small fp32 model: OmniKV full budget == full; offload on == off (CUDA
+                                transfer); the partial reload (the Triton kernel) == off
   timing L eager            30  random Llama-3-8B (bf16) built; offload on, host gather, stock full,
                                 full_prealloc, interleaved (32 steps)
   timing L captured        120  static steps compiled with CUDA graphs (inductor, reduce-overhead):

@@ -161,7 +161,11 @@ def render(summary: dict[str, Any]) -> str:
         extra = res.get("max_abs_logit_diff")
         lines.append(f"correctness {name}: {'PASS' if res.get('passed') else 'FAIL'}"
                      + (f" (max |dlogit| {_num(extra, '.2e', sim)}; transfer {res.get('transfer')}, bank "
-                        f"{res.get('host_memory')}; {res.get('gather_reason')})" if extra is not None and "transfer" in res else ""))
+                        f"{res.get('host_memory')}; {res.get('gather_reason')})" if extra is not None and "host_memory" in res else "")
+                     + (f" (max |dlogit| {_num(extra, '.2e', sim)}; reload {res.get('reload')}, H2D "
+                        f"{_num((res.get('h2d_bytes_per_step') or 0) / 2**20, '.2f', sim)} MB/step vs "
+                        f"{_num((res.get('full_gather_h2d_bytes_per_step') or 0) / 2**20, '.2f', sim)} with every row)"
+                        if extra is not None and "reload" in res else ""))
     bw = summary.get("bandwidths") or {}
     if bw:
         mm = bw.get("mapped_memory") or {}
@@ -186,6 +190,10 @@ def render(summary: dict[str, Any]) -> str:
                      f"{_num(gib('resident_device_bytes'), '.3f', sim):>9} {_num(gib('fill_peak_device_bytes'), '.2f', sim):>11} "
                      f"{_num((r.get('h2d_bytes_per_step') or 0) / 2**20, '.1f', sim):>9} {_num(b.get('bound_ms'), '.2f', sim):>9} "
                      f"{_num(b.get('over_bound_x'), '.2f', sim):>9}")
+    reloads = {f"{SHORT.get(names.get(r['method']), r['method'])} @ {r['context']}": r["reload"]
+               for r in summary.get("timing") or [] if r.get("reload") not in (None, "off", "inline")}
+    if reloads:  # which rows crossed the link: the changed ones (the kernel) or every selected one
+        lines.append("reload of changed rows: " + "; ".join(f"{k}: {v}" for k, v in reloads.items()))
     tr = summary.get("trace") or {}
     if tr.get("h2d_copies") or tr.get("side_stream_kernels"):
         lines.append(f"trace ({SHORT.get(names.get(tr['method']), tr['method'])} @ {tr['context']}): "

@@ -278,6 +278,7 @@ def _record(model, run: _Run, context: int, spec: BenchSpec, weights: int) -> di
     ms = [1e3 * t for t in run.times]
     stats = run.cache.stats() if hasattr(run.cache, "stats") else {}
     rec["transfer"] = stats.get("transfer")  # the strategy that ran, e.g. "cuda/device_gather"
+    rec["reload"] = stats.get("reload")  # how changed rows were refreshed, e.g. "triton kernel"
     attended = stats.get("attended_tokens_per_layer") or []
     kv_read = sum(attended) * _kv_token_bytes(model, 1) * spec.batch if attended else None
     med = statistics.median(ms)

@@ -20,6 +20,7 @@ import torch
 
 from omnikv.offload.bank import PackedBank, StaticWork, WorkBuffer
 from omnikv.offload.gathers import GATHERS, Gather, GatherContext, StaticGather, choose_gather
+from omnikv.offload.reload import triton_unusable_reason
 from omnikv.offload.prompt import PromptWriter
 from omnikv.offload.transfer import Transfer
 
@@ -191,6 +192,22 @@ class Segment:
         return torch.cat([k_p, k_g], dim=-2), torch.cat([v_p, v_g], dim=-2)
 
     # -- accounting ---------------------------------------------------------------------------------
+    def reload_path(self) -> str:
+        """How a decode step refreshes the selected rows when the selection changes: "off"
+        (partial_reload=False: every row), "inline" (no link: bank and buffer share a memory),
+        "host gather" (the changed rows, gathered on the host), "triton kernel" (the changed rows,
+        read by the reload kernel), or "full gather (why)" where the kernel cannot run."""
+        if not self.partial_reload:
+            return "off"
+        if not self.link:
+            return "inline"
+        if self.transfer.gather == "host_gather":
+            return "host gather"
+        if self.device is None:
+            return "not started"
+        reason = triton_unusable_reason(self.device)
+        return "triton kernel" if reason is None else f"full gather ({reason})"
+
     def host_bytes(self) -> int:
         if self.bank is None or not self.offload:
             return 0
