@@ -10,7 +10,7 @@ skipped. Stages, in the order they run (L = largest context, 128K; S = smallest,
   stage                 est. s  what
   bandwidths                10  HBM read, host->device copy from registered memory, a gather kernel
                                 over mapped host memory (after the child-process mapped-memory probe)
-  correctness               15  small fp32 model: OmniKV full budget == full; offload on == off (CUDA
+  correctness               20  small fp32 model: OmniKV full budget == full; offload on == off (CUDA
                                 transfer); the partial reload (the Triton kernel) == off
   timing L eager            30  random Llama-3-8B (bf16) built; offload on, host gather, stock full,
                                 full_prealloc, interleaved (32 steps)
@@ -67,7 +67,7 @@ TINY = dict(hidden_size=64, num_hidden_layers=6, num_attention_heads=4, num_key_
 STAGES = ("bandwidths", "correctness", "timing", "trace", "throughput", "prefill", "limits")
 # (stage, context: "L" | "S" | None, timing group, estimated seconds on an H100 / H200)
 PLAN = (
-    ("bandwidths", None, None, 10), ("correctness", None, None, 15),
+    ("bandwidths", None, None, 10), ("correctness", None, None, 20),
     ("timing", "L", "eager", 30), ("timing", "L", "captured", 120), ("trace", "S", None, 10),
     ("throughput", "L", None, 35), ("timing", "S", "eager", 15), ("timing", "L", "offload_off", 15),
     ("prefill", "S", None, 10), ("limits", None, None, 0), ("timing", "S", "captured", 90),
