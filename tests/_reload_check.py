@@ -68,6 +68,7 @@ def first_use_check() -> None:
     import omnikv.offload.reload as reload
 
     assert reload.kernel_check("cpu") is None
+    assert reload.kernel_check("cpu", torch.float16) is None and reload.kernel_check("cpu", torch.bfloat16) is None
     real = reload.reload_rows_triton
 
     def off_by_one(src, dst, slots, tokens, changed, moved):  # reads the next token's row

@@ -67,7 +67,7 @@ class GatherContext:
         """The sync-free partial reload can run: across a link, asked for, and the Triton kernel
         runs here (a GPU, or the interpreter in tests) over a contiguous bank. Without Triton the
         kernel's torch twin would move every row anyway: the full gather is the same traffic."""
-        return (self.moved is not None and self.partial_reload and triton_usable(self.device)
+        return (self.moved is not None and self.partial_reload and triton_usable(self.device, bank.data.dtype)
                 and bank.data.is_contiguous())
 
 

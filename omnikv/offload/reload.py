@@ -52,55 +52,39 @@ def triton_module() -> Any:
     return triton, tl
 
 
-def triton_usable(device: torch.device) -> bool:
-    """The kernel can run here: Triton installed, and a CUDA device where it passed its first-use
-    check (`kernel_check`), or the interpreter, on CPU."""
-    return triton_unusable_reason(device) is None
+def triton_usable(device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
+    """The kernel can run here on `dtype` rows: Triton installed, and a CUDA device where it passed
+    its first-use check (`kernel_check`), or the interpreter, on CPU."""
+    return triton_unusable_reason(device, dtype) is None
 
 
-def triton_unusable_reason(device: torch.device) -> str | None:
-    """Why the kernel cannot run on `device` (None: it can)."""
+def triton_unusable_reason(device: torch.device, dtype: torch.dtype = torch.float32) -> str | None:
+    """Why the kernel cannot run on `device` with `dtype` rows (None: it can)."""
     device = torch.device(device)
     if triton_module() is None:
         return "Triton is not installed"
     if device.type == "cuda":
-        return kernel_check(str(device))
+        return kernel_check(str(device), dtype)
     if os.environ.get("TRITON_INTERPRET") == "1":
         return None
     return f"the kernel runs on a CUDA device (or under TRITON_INTERPRET=1), not on {device.type}"
 
 
 @functools.lru_cache(maxsize=None)
-def kernel_check(device: str) -> str | None:
-    """Once per CUDA device, before the first step that would use it: the kernel on a small
-    problem in device memory against `reload_rows_reference`. None when it matches; otherwise the
-    reason (a compile or launch error, a wrong result), warned once, and the partial reload falls
-    back to the full gather instead of failing every step of a run (a first GPU session must not
-    lose its OmniKV rows to a kernel that has never met that GPU)."""
+def kernel_check(device: str, dtype: torch.dtype = torch.float32) -> str | None:
+    """Once per CUDA device and row dtype, before the first step that would use the kernel: its
+    two variants (one selection for every head, one per KV head) on a small problem in device
+    memory against `reload_rows_reference`. None when they match; otherwise the reason (a compile
+    or launch error, a wrong result or byte count), warned once, and the partial reload falls back
+    to the full gather instead of failing every step of a run (a first GPU session must not lose
+    its OmniKV rows to a kernel that has never met that GPU)."""
     import warnings
 
     try:
-        gen = torch.Generator().manual_seed(0)
-        t, b, lsz, h, d, k, cap = 16, 2, 2, 2, 8, 6, 9
-        src = torch.randn(t, b, lsz, 2, h, d, generator=gen).to(device)
-        dst = torch.randn(lsz, 2, b, h, cap, d, generator=gen).to(device)
-        slots = torch.stack([torch.randperm(k, generator=gen) for _ in range(b)])[:, None].to(device)
-        tokens = torch.stack([torch.randperm(t, generator=gen)[:k] for _ in range(b)])[:, None].to(device)
-        changed = (torch.rand(b, 1, k, generator=gen) < 0.5).to(device)
-        # The reference writes every column; the kernel only the changed ones (in a real step an
-        # unchanged column's slot already holds its row): expected = the reference's rows in the
-        # slots of changed columns, the buffer as it was elsewhere.
-        every, out = dst.clone(), dst.clone()
-        reload_rows_reference(src, every, slots, tokens, changed, torch.zeros(1, dtype=torch.int64, device=device))
-        expected = torch.where(_slot_mask(changed, slots, cap, dst.shape), every, dst)
-        moved = torch.zeros(1, dtype=torch.int64, device=device)
-        reload_rows_triton(src, out, slots, tokens, changed, moved)
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize(device)  # a launch error surfaces here, inside the try
-        if not torch.equal(out, expected):
-            reason = "the reload kernel's result differs from its torch reference on this device"
-        elif int(moved) != int(changed.sum()) * lsz * 2 * h * d * src.element_size():
-            reason = "the reload kernel counted other bytes than it moved on this device"
+        for groups in (1, 2):
+            reason = _check_once(device, dtype, groups)
+            if reason is not None:
+                break
         else:
             return None
     except Exception as exc:  # noqa: BLE001 - any failure means: do not use the kernel here
@@ -109,13 +93,41 @@ def kernel_check(device: str) -> str | None:
     return reason
 
 
+def _check_once(device: str, dtype: torch.dtype, groups: int) -> str | None:
+    """One variant of `kernel_check`: the reason it fails, or None. `groups` 1 (shared selection)
+    or the KV heads (2 here: a selection per head)."""
+    gen = torch.Generator().manual_seed(groups)
+    t, b, lsz, h, d, k, cap = 16, 2, 2, 2, 8, 6, 9
+    src = torch.randn(t, b, lsz, 2, h, d, generator=gen).to(device=device, dtype=dtype)
+    dst = torch.randn(lsz, 2, b, h, cap, d, generator=gen).to(device=device, dtype=dtype)
+    slots = torch.stack([torch.stack([torch.randperm(k, generator=gen) for _ in range(groups)]) for _ in range(b)]).to(device)
+    tokens = torch.stack([torch.stack([torch.randperm(t, generator=gen)[:k] for _ in range(groups)]) for _ in range(b)]).to(device)
+    changed = (torch.rand(b, groups, k, generator=gen) < 0.5).to(device)
+    # The reference writes every column; the kernel only the changed ones (in a real step an
+    # unchanged column's slot already holds its row): expected = the reference's rows in the slots
+    # of changed columns (per head, with a selection per head), the buffer as it was elsewhere.
+    every, out = dst.clone(), dst.clone()
+    reload_rows_reference(src, every, slots, tokens, changed, torch.zeros(1, dtype=torch.int64, device=device))
+    expected = torch.where(_slot_mask(changed, slots, cap, dst.shape), every, dst)
+    moved = torch.zeros(1, dtype=torch.int64, device=device)
+    reload_rows_triton(src, out, slots, tokens, changed, moved)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)  # a launch error surfaces here, inside kernel_check's try
+    row = lsz * 2 * (h if groups == 1 else 1) * d * src.element_size()
+    if not torch.equal(out, expected):
+        return f"the reload kernel's result differs from its torch reference on {device} ({dtype}, groups={groups})"
+    if int(moved) != int(changed.sum()) * row:
+        return f"the reload kernel counted other bytes than it moved on {device} ({dtype}, groups={groups})"
+    return None
+
+
 def _slot_mask(changed: torch.Tensor, slots: torch.Tensor, cap: int, shape: torch.Size) -> torch.Tensor:
     """(L, 2, B, H, cap, D) bool: the working-buffer slots a changed column writes. changed /
-    slots (B, 1, k)."""
-    b = changed.shape[0]
-    hit = torch.zeros(b, cap, dtype=torch.bool, device=changed.device)
-    hit.scatter_(1, slots[:, 0], changed[:, 0])
-    return hit[None, None, :, None, :, None].expand(shape)
+    slots (B, G, k); G = 1 writes the slot for every head, G = H only for head g."""
+    b, g, _ = changed.shape
+    hit = torch.zeros(b, g, cap, dtype=torch.bool, device=changed.device)
+    hit.scatter_(2, slots, changed)
+    return hit[None, None, :, :, :, None].expand(shape)
 
 
 @functools.lru_cache(maxsize=1)
@@ -215,7 +227,7 @@ def reload_rows(src: torch.Tensor, dst: torch.Tensor, slots: torch.Tensor, token
                 changed: torch.Tensor, moved: torch.Tensor) -> str:
     """The partial reload by the kernel where it can run, else the torch reference; returns which
     ran ("triton" / "torch")."""
-    if triton_usable(dst.device) and src.is_contiguous() and dst.is_contiguous():
+    if triton_usable(dst.device, src.dtype) and src.is_contiguous() and dst.is_contiguous():
         reload_rows_triton(src, dst, slots, tokens, changed, moved)
         return "triton"
     reload_rows_reference(src, dst, slots, tokens, changed, moved)

@@ -205,7 +205,7 @@ class Segment:
             return "host gather"
         if self.device is None:
             return "not started"
-        reason = triton_unusable_reason(self.device)
+        reason = triton_unusable_reason(self.device, self.bank.data.dtype if self.bank is not None and self.bank.data is not None else torch.float32)
         return "triton kernel" if reason is None else f"full gather ({reason})"
 
     def host_bytes(self) -> int:
