@@ -98,3 +98,26 @@ def test_plan_longest_context_on_80gib_omnikv_offload_fits_3x_full():
     text = run_cli("plan", "--model", "llama-3-8b", "--context", "128k", "--device-memory", "80GiB", "--host-memory",
                    "1TiB").stdout
     assert "max context" in text and f"{omni['max_context']:,}" in text
+
+
+def test_plan_longest_context_counts_the_host_memory_for_the_bank():
+    """With offload the Context Bank grows in host memory: the longest context is the shorter of
+    what the device and what the host hold (the same host figure `fits` uses); full attention,
+    with nothing on the host, is unchanged."""
+    def rows(host: str) -> dict:
+        r = run_cli("plan", "--model", "llama-3-8b", "--context", "128k", "--device-memory", "80GiB",
+                    "--host-memory", host, "--methods", "full,omnikv", "--json")
+        assert r.returncode == 0, r.stderr
+        return {(d["method"], d["offload"]): d for d in json.loads(r.stdout)}
+
+    big, small = rows("1TiB"), rows("64GiB")
+    assert small["full", False]["max_context"] == big["full", False]["max_context"]
+    longest = small["omnikv", True]["max_context"]
+    assert 0 < longest < big["omnikv", True]["max_context"]
+    from omnikv.cli.cmd_plan import load_config
+    from omnikv.methods.memory import plan_memory
+
+    config, method = load_config("llama-3-8b"), get_method("omnikv", offload=True)
+    cli = dict(device="cuda", dtype_bytes=2, max_new_tokens=256, prefill_chunk_size=4096)  # the CLI's defaults
+    assert plan_memory(config, longest, method, **cli).host_total_bytes <= 64 * 2**30
+    assert plan_memory(config, longest + 256, method, **cli).host_total_bytes > 64 * 2**30

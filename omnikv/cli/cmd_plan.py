@@ -110,9 +110,11 @@ def plan_rows(config, context: int, names: list[str], args: argparse.Namespace) 
             row = plan.to_dict()
             row["max_context"] = None
             if plan.device.startswith("cuda") and plan.device_available_bytes is not None:
+                # the host memory `fits` counts (--host-memory, else this machine's free memory)
                 row["max_context"] = max_context(config, method, plan.device_available_bytes,
                                                  dtype_bytes=args.dtype_bytes, max_new_tokens=args.max_new_tokens,
-                                                 prefill_chunk_size=args.prefill_chunk_size)
+                                                 prefill_chunk_size=args.prefill_chunk_size,
+                                                 host_bytes=plan.host_available_bytes)
             row["fits_label"] = _fits_label(plan)
             rows.append(row)
     return rows
@@ -148,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     print("decode / prefill peak: device bytes (weights + KV + activations) in the steady decode state and at "
           "the prefill's peak; host: the Context Bank / offloaded KV. GiB = 2^30 bytes; KV exact for our "
           "layouts, activations a rule of thumb. max context: the longest prompt that fits the device memory "
-          "at its peak.")
+          "at its peak and the host memory (as for fits).")
     if args.host_memory is None:
         print("fits also counts this machine's free host memory for the host bytes (--host-memory to plan another)")
     if any(r["fits_label"] == "?" for r in rows):
