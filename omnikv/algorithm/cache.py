@@ -200,8 +200,8 @@ class OmniKVCache(ManagedCache):
         s["d2h_bytes_prefill"] = figures["prefill"]["d2h_bytes"]
         s["pinned_host_bytes"] = self.transfer.counters.pinned_bytes
         s["transfer"] = f"{self.transfer.kind}/{self.transfer.gather}"
-        linked = [seg for seg in self.all_segments() if seg.link and seg.device is not None]
-        s["reload"] = linked[0].reload_path() if linked else ("off" if not self.config.partial_reload else "inline")
+        segments = [seg for seg in self.all_segments() if seg.device is not None] or self.all_segments()
+        s["reload"] = segments[0].reload_path() if segments else "off"
         s["prompt_tokens"] = self.state.prompt_len
         s["selected_tokens"] = self.state.k
         s["layer_roles"] = [r.value for r in self.plan.roles]

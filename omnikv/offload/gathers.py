@@ -26,7 +26,7 @@ from omnikv.hf.static import mark_static
 from omnikv.offload.bank import PackedBank, StaticWork, WorkBuffer
 from omnikv.offload.delta import selection_delta, selection_delta_padded
 from omnikv.offload.layouts import gather_into, gather_packed, scatter_rows, to_work_layout
-from omnikv.offload.reload import reload_op, reload_rows, triton_usable
+from omnikv.offload.reload import reload_op, reload_rows, triton_unusable_reason
 from omnikv.offload.transfer import Transfer
 
 
@@ -67,8 +67,15 @@ class GatherContext:
         """The sync-free partial reload can run: across a link, asked for, and the Triton kernel
         runs here (a GPU, or the interpreter in tests) over a contiguous bank. Without Triton the
         kernel's torch twin would move every row anyway: the full gather is the same traffic."""
-        return (self.moved is not None and self.partial_reload and triton_usable(self.device, bank.data.dtype)
-                and bank.data.is_contiguous())
+        return self.reload_kernel_unavailable(bank) is None
+
+    def reload_kernel_unavailable(self, bank: PackedBank) -> str | None:
+        """Why `reload_kernel` is False (None: the kernel runs)."""
+        if self.moved is None or not self.partial_reload:
+            return "no partial reload across a link"
+        if not bank.data.is_contiguous():
+            return "the bank is not contiguous"
+        return triton_unusable_reason(self.device, bank.data.dtype)
 
 
 class InlineGather:

@@ -20,7 +20,6 @@ import torch
 
 from omnikv.offload.bank import PackedBank, StaticWork, WorkBuffer
 from omnikv.offload.gathers import GATHERS, Gather, GatherContext, StaticGather, choose_gather
-from omnikv.offload.reload import triton_unusable_reason
 from omnikv.offload.prompt import PromptWriter
 from omnikv.offload.transfer import Transfer
 
@@ -203,9 +202,9 @@ class Segment:
             return "inline"
         if self.transfer.gather == "host_gather":
             return "host gather"
-        if self.device is None:
+        if self._context is None or self.bank is None or self.bank.data is None:
             return "not started"
-        reason = triton_unusable_reason(self.device, self.bank.data.dtype if self.bank is not None and self.bank.data is not None else torch.float32)
+        reason = self._context.reload_kernel_unavailable(self.bank)
         return "triton kernel" if reason is None else f"full gather ({reason})"
 
     def host_bytes(self) -> int:
