@@ -203,11 +203,10 @@ def run(args: argparse.Namespace) -> int:
     )
     metrics = run_eval(config)
     if launched is not None:
-        shard_output = output
         metrics = finish_shard(Path(args.output), launched[0], launched[1])
         if metrics is None:
             print(f"shard {launched[0]}/{launched[1]} done in {output}; the last shard to finish merges into {args.output}")
-            return _report_failures(shard_output, f"shard {launched[0]}/{launched[1]}")
+            return _report_failures(output, f"shard {launched[0]}/{launched[1]}")
         output = Path(args.output)
     print((output / "summary.md").read_text(), end="")
     n = sum(r["n"] for r in metrics["rows"])

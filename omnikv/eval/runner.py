@@ -607,12 +607,12 @@ def write_reports(out_dir: Path, records: list[dict[str, Any]], title: str = "om
     return metrics
 
 
-def merged_failures(dirs: list[Path], runs: dict[Path, dict[str, Any]]) -> dict[str, str]:
-    """The methods that failed in any of the merged directories' runs: method -> "DIR: reason"
-    (reasons of several directories joined by "; ")."""
+def merged_failures(runs: list[tuple[Path, dict[str, Any]]]) -> dict[str, str]:
+    """The methods that failed in any of the merged directories' runs ((directory, run.json)
+    pairs): method -> "DIR: reason" (reasons of several directories joined by "; ")."""
     failed: dict[str, list[str]] = {}
-    for d in dirs:
-        for name, why in (runs.get(Path(d), {}).get("failed_methods") or {}).items():
+    for d, run in runs:
+        for name, why in (run.get("failed_methods") or {}).items():
             failed.setdefault(name, []).append(f"{d}: {why}")
     return {name: "; ".join(whys) for name, whys in failed.items()}
 
@@ -624,8 +624,7 @@ def merge_outputs(dirs: list[Path], output: Path) -> dict[str, Any]:
         raise ConfigError("merge needs at least one shard output directory")
     output = Path(output)
     merged: dict[tuple, dict[str, Any]] = {}
-    runs: list[dict[str, Any]] = []
-    runs_by_dir: dict[Path, dict[str, Any]] = {}
+    runs: list[tuple[Path, dict[str, Any]]] = []  # (directory, its run.json)
     for d in map(Path, dirs):
         pred = d / PREDICTIONS
         if not pred.is_file():
@@ -633,16 +632,16 @@ def merge_outputs(dirs: list[Path], output: Path) -> dict[str, Any]:
         for rec in read_predictions(pred):
             merged.setdefault(record_key(rec), rec)
         if (d / RUN).is_file():
-            runs.append(json.loads((d / RUN).read_text()))
-            runs_by_dir[d] = runs[-1]
+            runs.append((d, json.loads((d / RUN).read_text())))
     output.mkdir(parents=True, exist_ok=True)
     records = list(merged.values())
     _rewrite(output / PREDICTIONS, records)
     meta = run_metadata()
-    meta.update(merged_from=[str(d) for d in dirs], shards=runs)
+    meta.update(merged_from=[str(d) for d in dirs], shards=[run for _, run in runs])
     if runs:  # the model and the arguments the shards ran with (they differ only in --shard)
-        meta.update(model=runs[0].get("model"), args=runs[0].get("args"), budgets=runs[0].get("budgets"))
-    failed = merged_failures(dirs, runs_by_dir)
+        first = runs[0][1]
+        meta.update(model=first.get("model"), args=first.get("args"), budgets=first.get("budgets"))
+    failed = merged_failures(runs)
     if failed:  # a shard's failed method has no records past its error there: the merge says so
         meta["failed_methods"] = failed
     (output / RUN).write_text(json.dumps(meta, indent=2, default=str))
