@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# Triton (the GPU machines' 3.6) in its own directory (scripts/setup_triton.sh), or the directory
+# OMNIKV_TRITON_SITE names (the GPU-image venv's own site-packages)
+TRITON_SITE = Path(os.environ.get("OMNIKV_TRITON_SITE", Path.home() / ".cache/omnikv-triton/site"))
 
 
 def side_venv_python(setup: Path, python: Path, opt_in: str, what: str) -> Path:

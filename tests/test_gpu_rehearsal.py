@@ -41,10 +41,11 @@ def test_the_gpu_run_rehearsed_end_to_end(tmp_path, kernel):
     will on the GPU; without, the run falls back to the full gather and says why."""
     env = rehearsal_env(tmp_path)
     if kernel:
-        triton_site = Path(os.environ.get("OMNIKV_TRITON_SITE", Path.home() / ".cache/omnikv-triton/site"))
-        if not (triton_site / "triton").is_dir():
-            pytest.skip(f"Triton is not installed in {triton_site} (bash scripts/setup_triton.sh; scripts/test.sh does it)")
-        env.update(PYTHONPATH=env["PYTHONPATH"] + os.pathsep + str(triton_site), TRITON_INTERPRET="1")
+        from _side_venv import TRITON_SITE
+
+        if not (TRITON_SITE / "triton").is_dir():
+            pytest.skip(f"Triton is not installed in {TRITON_SITE} (bash scripts/setup_triton.sh; scripts/test.sh does it)")
+        env.update(PYTHONPATH=env["PYTHONPATH"] + os.pathsep + str(TRITON_SITE), TRITON_INTERPRET="1")
     proc = subprocess.run(["bash", str(ROOT / "benchmarks/gpu/run.sh"), "--tiny", "--device", "cpu", "--compile-backend", "eager"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     output = proc.stdout[-6000:] + proc.stderr[-6000:]

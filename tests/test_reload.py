@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from _side_venv import TRITON_SITE
 
 from omnikv.offload.delta import selection_delta, selection_delta_padded
 from omnikv.offload.layouts import gather_packed, to_work_layout
 from omnikv.offload.reload import reload_rows_reference
 
 ROOT = Path(__file__).resolve().parents[1]
-TRITON_SITE = Path(os.environ.get("OMNIKV_TRITON_SITE", Path.home() / ".cache/omnikv-triton/site"))
 
 
 def selections(b: int, g: int, k: int, t: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
