@@ -266,19 +266,31 @@ def block_positions(blocks: torch.Tensor, block: int, prompt_len: int) -> torch.
     return pos[..., : n * block - past]
 
 
+def select_topk_block_ids(scores: torch.Tensor, rows: int, block: int, *, sink: int = 0, recent: int = 0) -> torch.Tensor:
+    """The blocks `select_topk_blocks` keeps, as block ids (what a paged cache's block table takes).
+
+    Args:
+        scores: (B, G, T) token scores of a T-token prompt; rows: the selection's size in prompt
+            rows, `OmniKVConfig.resolve_budget(T)` (or any token budget: it rounds up to blocks,
+            `omnikv.budget.block_selection`).
+    Returns:
+        (B, G, n) int64 block ids ascending, the forced ones (`omnikv.budget.forced_blocks`) among them.
+    """
+    t = scores.shape[-1]
+    n, _ = block_selection(t, rows, block, sink, recent)
+    return select_blocks(block_scores(scores, block), n, forced_blocks(t, block, sink, recent))
+
+
 def select_topk_blocks(scores: torch.Tensor, rows: int, block: int, *, sink: int = 0, recent: int = 0) -> torch.Tensor:
     """`select_topk` at block granularity (OmniKVConfig.selection_block > 1), no padding.
 
     Args:
-        scores: (B, G, T) token scores of a T-token prompt; rows: the selection's size in prompt
-            rows, `OmniKVConfig.resolve_budget(T)` (or any token budget: it rounds up to blocks).
+        scores: (B, G, T) token scores of a T-token prompt; rows: as for `select_topk_block_ids`.
     Returns:
         (B, G, rows') int64 positions ascending: every prompt position of the chosen blocks.
     """
-    t = scores.shape[-1]
-    n, _ = block_selection(t, rows, block, sink, recent)
-    blocks = select_blocks(block_scores(scores, block), n, forced_blocks(t, block, sink, recent))
-    return block_positions(blocks, block, t)
+    blocks = select_topk_block_ids(scores, rows, block, sink=sink, recent=recent)
+    return block_positions(blocks, block, scores.shape[-1])
 
 
 def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

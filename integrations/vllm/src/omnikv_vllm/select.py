@@ -4,8 +4,8 @@ Per decode row, a filter layer scores the row's prompt tokens with the row's que
 blocks read in the kernel's layout (`TileLayout.block_logits`: a chunk of blocks at a time, one GEMM
 per KV head and chunk),
 turns the logits into the library's token scores (`omnikv.algorithm.selection.scores_from_logits`),
-and keeps whole blocks with the library's block rules (`block_scores`, `select_blocks`,
-`omnikv.budget.forced_blocks` / `block_selection`): the same blocks as the HF path with
+and keeps whole blocks with the library's block rules (`select_topk_block_ids`: the forced blocks and
+the budget rounded up to blocks, `omnikv.budget`): the same blocks as the HF path with
 `selection_block` = the cache's block size.
 
 Tensor parallelism: each worker holds Hk / W of the KV heads, so its head-reduced scores are a
@@ -24,8 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from omnikv.algorithm.selection import block_scores, scores_from_logits, select_blocks
-from omnikv.budget import block_selection, forced_blocks
+from omnikv.algorithm.selection import scores_from_logits, select_topk_block_ids
 from omnikv.config import OmniKVConfig
 
 # (1, G, S) local scores -> (W, G, S) every worker's, in rank order.
@@ -54,9 +53,8 @@ def reduce_across_workers(scores: list[torch.Tensor], head_reduce: str, gather: 
 def select_row_blocks(scores: torch.Tensor, prompt_len: int, block_size: int, config: OmniKVConfig) -> torch.Tensor:
     """(G, P) token scores -> (n,) int64 selected logical blocks, ascending (the library's rule)."""
     rows = config.resolve_budget(prompt_len)
-    n, _ = block_selection(prompt_len, rows, block_size, config.sink_tokens, config.recent_tokens)
-    forced = forced_blocks(prompt_len, block_size, config.sink_tokens, config.recent_tokens)
-    return select_blocks(block_scores(scores[None], block_size), n, forced)[0, 0]
+    return select_topk_block_ids(scores[None], rows, block_size, sink=config.sink_tokens,
+                                 recent=config.recent_tokens)[0, 0]
 
 
 def pad_rows(selected: list[torch.Tensor]) -> torch.Tensor:
