@@ -7,16 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-quiet=0
-[[ "${1:-}" == "--quiet" ]] && quiet=1
-start=$SECONDS
-tag=setup
-venv=.venv
-py="$venv/bin/python"
-stamp="$venv/.omnikv-setup-stamp"
-log="$venv/setup.log"
 # shellcheck source=lib/setup_steps.sh
 source scripts/lib/setup_steps.sh
+begin_setup "" .venv "" "$@"
 
 # The stamp is keyed on everything that decides what gets installed.
 key=$(cat pyproject.toml scripts/setup.sh scripts/lib/setup_steps.sh | sha256sum | cut -d' ' -f1)

@@ -13,17 +13,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-quiet=0
-[[ "${1:-}" == "--quiet" ]] && quiet=1
-start=$SECONDS
-tag="setup(floor)"
-venv=.venv-floor
-py="$venv/bin/python"
-stamp="$venv/.omnikv-floor-setup-stamp"
-log="$venv/setup.log"
-wheels="${OMNIKV_FLOOR_PIP_CACHE:-$HOME/.cache/omnikv-floor-pip}/wheels"
 # shellcheck source=lib/setup_steps.sh
 source scripts/lib/setup_steps.sh
+begin_setup floor .venv-floor "${OMNIKV_FLOOR_PIP_CACHE:-$HOME/.cache/omnikv-floor-pip}" "$@"
 
 # The floor of pyproject's transformers range: the one version this venv pins.
 floor=$(sed -n 's/.*"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml)

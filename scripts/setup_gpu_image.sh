@@ -17,17 +17,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-quiet=0
-[[ "${1:-}" == "--quiet" ]] && quiet=1
-start=$SECONDS
-tag="setup(gpu-image)"
-venv=.venv-gpu-image
-py="$venv/bin/python"
-stamp="$venv/.omnikv-gpu-image-setup-stamp"
-log="$venv/setup.log"
-wheels="${OMNIKV_GPU_IMAGE_PIP_CACHE:-$HOME/.cache/omnikv-gpu-image-pip}/wheels"
 # shellcheck source=lib/setup_steps.sh
 source scripts/lib/setup_steps.sh
+begin_setup gpu-image .venv-gpu-image "${OMNIKV_GPU_IMAGE_PIP_CACHE:-$HOME/.cache/omnikv-gpu-image-pip}" "$@"
 
 # What the GPU image has (the versions issue #24 lists); one place.
 image=("torch==2.11.0" "transformers==5.17.0" "triton==3.6.0" "tokenizers==0.23.*" accelerate safetensors numpy tqdm)

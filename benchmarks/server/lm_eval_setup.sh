@@ -12,21 +12,14 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 
-quiet=0
-[[ "${1:-}" == "--quiet" ]] && quiet=1
-start=$SECONDS
-tag="setup(lm-eval)"
 LMEVAL_VERSION=0.4.13
-venv="${LMEVAL_VENV:-$here/.venv}"
-py="$venv/bin/python"
-stamp="$venv/.omnikv-lmeval-setup-stamp"
 # shellcheck source=../../scripts/lib/setup_steps.sh
 source "$repo/scripts/lib/setup_steps.sh"
+begin_setup lm-eval "${LMEVAL_VENV:-$here/.venv}" "" "$@"
 
 key=$(cat "$here/lm_eval_setup.sh" "$repo/scripts/lib/setup_steps.sh" | sha256sum | cut -d' ' -f1)
 has_core='import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ("lm_eval", "aiohttp", "requests")))'
 
-log="$venv/setup.log"
 exit_if_current
 make_venv
 run "$py" -m pip install --disable-pip-version-check "lm-eval[api]==$LMEVAL_VERSION"

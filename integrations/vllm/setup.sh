@@ -16,18 +16,10 @@ here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 cd "$here"
 
-quiet=0
-[[ "${1:-}" == "--quiet" ]] && quiet=1
-start=$SECONDS
-tag="setup(vllm)"
 VLLM_VERSION=0.32.0
-venv="$here/.venv"
-py="$venv/bin/python"
-stamp="$venv/.omnikv-vllm-setup-stamp"
-log="$venv/setup.log"
-wheels="${OMNIKV_VLLM_PIP_CACHE:-$HOME/.cache/omnikv-vllm-pip}/wheels"
 # shellcheck source=../../scripts/lib/setup_steps.sh
 source "$repo/scripts/lib/setup_steps.sh"
+begin_setup vllm "$here/.venv" "${OMNIKV_VLLM_PIP_CACHE:-$HOME/.cache/omnikv-vllm-pip}" "$@"
 
 # The stamp is keyed on everything that decides what gets installed.
 key=$(cat "$here/setup.sh" "$here/pyproject.toml" "$repo/pyproject.toml" "$repo/scripts/lib/setup_steps.sh" | sha256sum | cut -d' ' -f1)

@@ -1,11 +1,25 @@
-# Steps shared by scripts/setup*.sh and integrations/vllm/setup.sh (sourced, not run). The caller
-# sets: tag (message prefix), quiet (0/1), start ($SECONDS at its start), py, stamp, log, key (a
-# hash of everything that decides what gets installed), has_core (a Python check that the
-# packages are there) and, for a side venv installed from a wheelhouse, wheels (its folder).
+# Steps shared by the setup scripts (scripts/setup*.sh, integrations/vllm/setup.sh,
+# benchmarks/server/lm_eval_setup.sh; sourced, not run). The script calls begin_setup first, then
+# sets key (a hash of everything that decides what gets installed) and has_core (a Python check that
+# the packages are there).
+
+begin_setup() {  # begin_setup NAME VENV WHEELHOUSE [--quiet]: the variables the steps below read
+    # NAME "" is the main venv; WHEELHOUSE "" installs from the index (no wheelhouse).
+    start=$SECONDS
+    tag="setup${1:+($1)}"
+    venv=$2
+    py="$venv/bin/python"
+    stamp="$venv/.omnikv${1:+-$1}-setup-stamp"
+    log="$venv/setup.log"
+    wheels="${3:+$3/wheels}"
+    quiet=0
+    [[ "${4:-}" == "--quiet" ]] && quiet=1
+    return 0
+}
 
 exit_if_current() {  # nothing to do when the stamp matches the key and the packages are there
     if [[ -f "$stamp" && "$(cat "$stamp")" == "$key" ]] && "$py" -c "$has_core" 2>/dev/null; then
-        echo "$tag: .venv is up to date, nothing installed ($((SECONDS - start)) s)"
+        echo "$tag: $venv is up to date, nothing installed ($((SECONDS - start)) s)"
         exit 0
     fi
 }
