@@ -271,20 +271,30 @@ def test_real_gguf_conversion_round_trips_a_tiny_llama(tmp_path, tmp_cache, caps
     assert again.source == lm.source and "converting" not in capsys.readouterr().err
 
 
-def test_a_gguf_tokenizers_special_tokens_follow_the_models_config(tmp_path, tmp_cache):
+def test_a_gguf_tokenizers_special_tokens_follow_the_models_config(tmp_path, tmp_cache, capsys):
     """transformers before 5.24 reads a GGUF tokenizer's eos apart from the model's (SmolLM2:
-    `<|im_start|>` instead of `<|im_end|>`): the conversion writes the config's, and loading an
-    entry converted by such a version puts them right."""
+    `<|im_start|>` instead of `<|im_end|>`): the conversion writes the config's, and an entry
+    converted before it did (an older conversion format) is converted again when loaded."""
     gguf = make_tiny_gguf(tmp_path / "tiny-llama.gguf")
     lm = load_model(gguf)
     eos = lm.model.config.eos_token_id
     assert lm.tokenizer.eos_token_id == eos and lm.tokenizer.eos_token == "<|im_end|>"
-    saved = json.loads((Path(lm.source) / "tokenizer_config.json").read_text())
+    entry = Path(lm.source)
+    saved = json.loads((entry / "tokenizer_config.json").read_text())
     assert saved["eos_token"] == "<|im_end|>"  # the entry itself is right, for plain transformers too
-    # an entry written by a transformers that misread them (what 5.17 writes for SmolLM2)
+    marker = json.loads((entry / model_cache.MARKER).read_text())
+    assert marker["format"] == model_cache.CONVERSION_FORMAT and model_cache.is_current(entry)
+    # An entry of format 1 (no field) written by a transformers that misread them (what 5.17 wrote
+    # for SmolLM2): not loaded as it is, but converted again.
     saved["eos_token"] = "<|im_start|>"
-    (Path(lm.source) / "tokenizer_config.json").write_text(json.dumps(saved))
+    (entry / "tokenizer_config.json").write_text(json.dumps(saved))
+    del marker["format"]
+    (entry / model_cache.MARKER).write_text(json.dumps(marker))
+    assert model_cache.entry_format(entry) == 1 and not model_cache.is_current(entry)
+    capsys.readouterr()
     again = load_model(gguf)
+    assert "older conversion format, 1" in capsys.readouterr().err
+    assert again.source == lm.source and model_cache.is_current(entry)
     assert again.tokenizer.eos_token_id == eos and again.tokenizer.eos_token == "<|im_end|>"
     # the helper, on its own: only what differs changes, and it says what
     tok = again.tokenizer

@@ -1,7 +1,8 @@
 """The conversion cache: turn a GGUF into a float32 safetensors checkpoint once, atomically.
 
 A cache entry is a Hugging Face checkpoint directory that contains `omnikv-cache.json` (written
-last, it records where the entry came from). Conversion happens in a temporary sibling directory
+last, it records where the entry came from and the conversion's format, `CONVERSION_FORMAT`; an
+entry of another format is converted again). Conversion happens in a temporary sibling directory
 that is renamed into place at the end, under an inter-process lock, so a crash or Ctrl-C never
 leaves a half-written entry and two processes never convert the same model twice.
 """
@@ -24,6 +25,12 @@ import torch
 from omnikv.errors import ModelLoadError
 
 MARKER = "omnikv-cache.json"
+# What a conversion writes, versioned: raised whenever it changes, so that entries written before
+# are converted again instead of being loaded as they are. 2: the tokenizer follows the GGUF's
+# add_bos_token / add_eos_token (`apply_gguf_add_flags`; transformers 5.2 made SmolLM2's tokenizer
+# put <|im_start|> before every prompt) and its special tokens are the model config's
+# (`align_special_tokens`). Entries without the field are format 1.
+CONVERSION_FORMAT = 2
 # Texts whose token ids must survive a save/reload of a converted tokenizer (measured: Gemma's
 # GGUF tokenizer only round-trips when saved by a recent transformers).
 _TOKENIZER_PROBES = (
@@ -36,8 +43,9 @@ _TOKENIZER_PROBES = (
 def convert_once(
     entry: Path, convert: Callable[[Path, Path], None], label: str, origin: dict[str, Any]
 ) -> Path:
-    """Materialize `entry` with `convert(out_dir, scratch_dir)`, atomically and only once."""
-    if (entry / MARKER).is_file():
+    """Materialize `entry` with `convert(out_dir, scratch_dir)`, atomically and only once (again
+    when the entry there is of another `CONVERSION_FORMAT`)."""
+    if is_current(entry):
         return entry
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
@@ -48,12 +56,18 @@ def convert_once(
             f"cannot write the model cache {entry.parent} ({exc.strerror or exc}); set OMNIKV_CACHE "
             "to a writable directory") from exc
     with _file_lock(entry.parent / f".{entry.name}.lock"):
-        if (entry / MARKER).is_file():  # another process converted it while we waited
+        if is_current(entry):  # another process converted it while we waited
             return entry
-        if entry.exists():  # no marker: not written by us (or by an old layout); replace it
-            shutil.rmtree(entry)
+        why = ""
+        if entry.exists():  # not written by us, by an old layout or by an older conversion: replace it
+            if (entry / MARKER).is_file():
+                why = f" (the cached one is of an older conversion format, {entry_format(entry)})"
+            # Moved aside first (atomic), so a process reading the entry sees it whole or not at all.
+            old = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-{os.getpid()}-old-", dir=entry.parent))
+            os.rename(entry, old / "entry")
+            shutil.rmtree(old)
         _remove_stale_temps(entry)
-        print(f"omnikv: converting {label} to a safetensors checkpoint once (up to a minute); "
+        print(f"omnikv: converting {label} to a safetensors checkpoint once (up to a minute){why}; "
               f"cache: {entry}", file=sys.stderr)
         tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-{os.getpid()}-", dir=entry.parent))
         try:
@@ -62,7 +76,7 @@ def convert_once(
             scratch.mkdir()
             start = time.perf_counter()
             convert(out, scratch)
-            meta = dict(origin, converted_seconds=round(time.perf_counter() - start, 1),
+            meta = dict(origin, format=CONVERSION_FORMAT, converted_seconds=round(time.perf_counter() - start, 1),
                         transformers=transformers_version())
             (out / MARKER).write_text(json.dumps(meta, indent=2))
             os.rename(out, entry)  # atomic on one filesystem: the entry appears complete or not at all
@@ -73,6 +87,21 @@ def convert_once(
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return entry
+
+
+def entry_format(entry: Path) -> int | None:
+    """The conversion format an entry's marker records (1 when it records none), None without a
+    readable marker (no entry, or not a complete one)."""
+    try:
+        meta = json.loads((entry / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return int(meta.get("format", 1)) if isinstance(meta, dict) else None
+
+
+def is_current(entry: Path) -> bool:
+    """`entry` is complete and of this version's `CONVERSION_FORMAT`: it can be loaded as it is."""
+    return entry_format(entry) == CONVERSION_FORMAT
 
 
 def convert_gguf(gguf: Path, out: Path) -> None:

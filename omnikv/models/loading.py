@@ -213,7 +213,7 @@ def embedded_status() -> list[dict[str, Any]]:
     rows = []
     for emb in EMBEDDED_MODELS.values():
         entry = emb.cache_entry()
-        converted = (entry / model_cache.MARKER).is_file()
+        converted = model_cache.is_current(entry)
         size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file()) if converted else 0
         rows.append({
             "name": emb.name,
@@ -280,8 +280,6 @@ def _load_dir(path: Path, name: str, dtype: torch.dtype, device: torch.device,
                                                       local_files_only=True)
         except Exception as exc:
             raise ModelLoadError(f"cannot load the tokenizer in {path}: {exc}; {hint}") from exc
-    if cache_entry:  # converted from a GGUF, maybe by a transformers that misread its special tokens
-        model_cache.align_special_tokens(tokenizer, model.config)
     model = model.to(device).eval()
     from omnikv.hf.compat import text_config
 
