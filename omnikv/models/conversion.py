@@ -61,7 +61,8 @@ def convert_once(
         why = ""
         if entry.exists():  # not written by us, by an old layout or by an older conversion: replace it
             if (entry / MARKER).is_file():
-                why = f" (the cached one is of an older conversion format, {entry_format(entry)})"
+                why = (f" (the cached one is of conversion format {entry_format(entry)}, this omnikv "
+                       f"writes {CONVERSION_FORMAT})")
             # Moved aside first (atomic), so a process reading the entry sees it whole or not at all.
             old = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-{os.getpid()}-old-", dir=entry.parent))
             os.rename(entry, old / "entry")
