@@ -89,6 +89,33 @@ def test_resume_after_a_crash_redoes_only_missing(full_run, ckpt, tmp_path):
     assert _keys(tmp_path) == _keys(full_run)
 
 
+def test_a_predictions_file_replaced_mid_run_keeps_every_record(full_run, ckpt, tmp_path, monkeypatch):
+    """git stash / checkout / pull rewrite a tracked file as a new file (a new inode): a run that held
+    predictions.jsonl open would go on writing into the unlinked old one and lose every later
+    record. Replaced after the first record, the file still ends with all of them."""
+    import os
+
+    import omnikv.decoding.generation as generation
+
+    real, calls = generation.generate, {"n": 0}
+    pred = tmp_path / "predictions.jsonl"
+
+    def replacing_after_the_first(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first record is written: replace the file as git does
+            copy = tmp_path / "predictions.jsonl.new"
+            copy.write_bytes(pred.read_bytes())
+            inode = pred.stat().st_ino
+            os.replace(copy, pred)
+            assert pred.stat().st_ino != inode
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate", replacing_after_the_first)
+    assert main(["eval", "--model", ckpt, "--output", str(tmp_path), "--fidelity", *ARGS]) == 0
+    assert calls["n"] >= 4 and _keys(tmp_path) == _keys(full_run)
+    assert json.loads((tmp_path / "metrics.json").read_text())["rows"][0]["n"] == 2
+
+
 def test_shards_merge_to_the_unsharded_run(full_run, ckpt, tmp_path):
     for i in (0, 1):
         assert main(["eval", "--model", ckpt, "--output", str(tmp_path / f"s{i}"), "--shard", f"{i}/2",

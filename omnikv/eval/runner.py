@@ -2,8 +2,9 @@
 
 Output directory layout:
 
-- `predictions.jsonl`: one line per (method, task, length, sample), appended and flushed as
-  produced (prediction, references, score, speed, the method's budget report, fidelity, ...);
+- `predictions.jsonl`: one line per (method, task, length, sample), appended as produced, the
+  file opened anew for each (prediction, references, score, speed, the method's budget report,
+  fidelity, ...);
 - `metrics.json`: aggregated scores per (method, task, length) and the per-length average;
 - `run.json`: run metadata (arguments, git commit, package versions, hardware, method configs);
 - `summary.md`: task x length rows, method columns; fidelity / perplexity tables when measured;
@@ -179,6 +180,17 @@ def read_predictions(path: Path) -> list[dict[str, Any]]:
             if lineno < len(lines) - 1:  # only the last (unterminated) line may be torn
                 raise InputError(f"{path}:{lineno} is not valid JSON; the file is damaged") from None
     return records
+
+
+def append_record(path: Path, rec: dict[str, Any]) -> None:
+    """One record appended to predictions.jsonl, written through when this returns.
+
+    The file is opened for each record rather than held open for the run: a run lasts hours, and
+    when the file is replaced meanwhile (git stash / checkout / pull write a tracked file anew) a
+    held handle goes on writing into the unlinked old file, and every later record is lost
+    without a word (it happened to a run of ours)."""
+    with path.open("a", encoding="utf-8") as out:
+        out.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
 def _rewrite(path: Path, records: list[dict[str, Any]]) -> None:
@@ -456,12 +468,10 @@ def run_eval(config: EvalConfig, *, loaded: Any = None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=todo, desc="eval", unit="gen", disable=not config.progress)
-    with pred_path.open("a", encoding="utf-8") as out:
-        for task, length, s in units:
-            for rec in _run_unit(work, task, length, s, bar):
-                out.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                out.flush()
-                bar.update(1)
+    for task, length, s in units:
+        for rec in _run_unit(work, task, length, s, bar):
+            append_record(pred_path, rec)
+            bar.update(1)
     bar.close()
     if work.failed:
         meta["failed_methods"] = work.failed
