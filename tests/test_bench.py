@@ -249,3 +249,29 @@ def test_one_budget_for_every_budgeted_method():
     # Without a plan's budget (benchmarks/gpu/stages.py builds one cache this way) the spec's own counts.
     assert build_method(parse_method("h2o:budget=64"), None).budget == 64
     assert build_method(parse_method("h2o:budget=64"), 0.2).budget == 0.2
+
+
+
+def test_a_result_file_is_replaced_whole_never_rewritten_in_place(tmp_path, monkeypatch):
+    """The GPU run rewrites summary.json after every stage and may be killed at any moment (run.sh's
+    timeout). Writing in place truncates first, so a kill leaves the file empty or torn and every
+    stage before is lost. The new version must appear only by a rename of a complete file: at that
+    moment the old version is still there, whole, and the new one is complete beside it."""
+    import os
+
+    from omnikv.bench import report
+
+    path = tmp_path / "summary.json"
+    report.write_json_atomic(path, {"version": 1, "rows": list(range(1000))})
+    seen = []
+    real_replace = os.replace
+
+    def watching_replace(src, dst):
+        # The last moment a kill could come before the new version is in place.
+        seen.append((json.loads(Path(dst).read_text())["version"], json.loads(Path(src).read_text())["version"]))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(report.os, "replace", watching_replace)
+    report.write_json_atomic(path, {"version": 2, "rows": list(range(1000))})
+    assert seen == [(1, 2)]
+    assert json.loads(path.read_text())["version"] == 2 and [p.name for p in tmp_path.iterdir()] == ["summary.json"]

@@ -45,7 +45,6 @@ _START = time.perf_counter()  # the budget counts the imports too
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
-import json  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import traceback  # noqa: E402
@@ -91,7 +90,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from omnikv.bench.report import finish_metadata, run_metadata
+    from omnikv.bench.report import finish_metadata, run_metadata, write_json_atomic
     from omnikv.bench.run import parse_contexts
 
     if not torch.cuda.is_available():
@@ -129,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save() -> None:  # after every stage: a run cut short still leaves what it measured
         summary["elapsed_seconds"] = round(clock.elapsed(), 1)
-        (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n", encoding="utf-8")
+        write_json_atomic(out / "summary.json", summary)  # a kill mid-write leaves the previous one
 
     save()
     runner = _Runner(rig, args, labels, contexts, summary, save)

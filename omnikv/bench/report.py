@@ -219,8 +219,19 @@ def plot(records: list[dict[str, Any]], path: Path, meta: dict[str, Any] | None 
     return path
 
 
+def write_json_atomic(path: Path, obj: Any) -> Path:
+    """`obj` as JSON at `path`, whole or not at all: written beside it, then renamed over it.
+
+    A result file rewritten as a run goes on (the GPU run's summary.json after every stage) must
+    survive the run being killed at any moment (run.sh's timeout): writing in place truncates the
+    file first, and a kill then leaves it empty or torn, losing every stage measured before."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
 def write_results(records: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> Path:
     """JSON file {"metadata": ..., "records": [...]}."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"metadata": meta, "records": records}, indent=1) + "\n", encoding="utf-8")
-    return path
+    return write_json_atomic(path, {"metadata": meta, "records": records})
