@@ -209,6 +209,24 @@ def test_interrupted_conversion_leaves_no_entry_and_next_load_converts(fake_embe
     assert row["converted"] and row["size_bytes"] > 0 and row["cache_path"] == str(entry)
 
 
+def test_an_entry_of_an_older_conversion_format_is_listed_as_such_and_converted_again(fake_embedded, tmp_cache, capsys):
+    from omnikv.cli import main
+
+    entry = ensure_converted(EMBEDDED_MODELS["fake"])
+    marker = json.loads((entry / model_cache.MARKER).read_text())
+    del marker["format"]  # what every omnikv before the field wrote: format 1
+    (entry / model_cache.MARKER).write_text(json.dumps(marker))
+    row = next(r for r in embedded_status() if r["name"] == "fake")
+    assert row["stale"] and not row["converted"] and row["size_bytes"] > 0
+    assert main(["models"]) == 0
+    assert "older format (again at next load)" in capsys.readouterr().out
+    load_model("fake")
+    assert fake_embedded.calls == 2 and "of conversion format 1" in capsys.readouterr().err
+    row = next(r for r in embedded_status() if r["name"] == "fake")
+    assert row["converted"] and not row["stale"]
+    assert [p.name for p in entry.parent.iterdir() if ".tmp-" in p.name] == []  # the old one is gone
+
+
 def test_leftovers_of_a_killed_conversion_are_cleaned(fake_embedded, tmp_cache):
     entry = EMBEDDED_MODELS["fake"].cache_entry()
     entry.parent.mkdir(parents=True)

@@ -73,8 +73,9 @@ def run(args: argparse.Namespace) -> int:
     lines += ["", "Embedded models (shipped in PyPI packages; converted once into a local cache):", ""]
     lines += _table(
         ["name", "installed", "converted", "size", "path"],
-        [[e["name"], "yes" if e["installed"] else f"no ({e['install']})", "yes" if e["converted"] else "no",
-          common.human_bytes(e["size_bytes"]) if e["converted"] else "-", e["cache_path"]] for e in embedded])
+        [[e["name"], "yes" if e["installed"] else f"no ({e['install']})",
+          "yes" if e["converted"] else "older format (again at next load)" if e["stale"] else "no",
+          common.human_bytes(e["size_bytes"]) if e["size_bytes"] else "-", e["cache_path"]] for e in embedded])
     lines.append("")
     lines += [f"  {e['name']}: {e['description']}" for e in embedded]
     lines += ["", f"KV methods (--method): {', '.join(methods)}"]

