@@ -56,13 +56,13 @@ def convert_once(
             f"cannot write the model cache {entry.parent} ({exc.strerror or exc}); set OMNIKV_CACHE "
             "to a writable directory") from exc
     with _file_lock(entry.parent / f".{entry.name}.lock"):
-        if is_current(entry):  # another process converted it while we waited
+        fmt = entry_format(entry)
+        if fmt == CONVERSION_FORMAT:  # another process converted it while we waited
             return entry
         why = ""
         if entry.exists():  # not written by us, by an old layout or by an older conversion: replace it
-            if (entry / MARKER).is_file():
-                why = (f" (the cached one is of conversion format {entry_format(entry)}, this omnikv "
-                       f"writes {CONVERSION_FORMAT})")
+            if fmt is not None:
+                why = f" (the cached one is of conversion format {fmt}, this omnikv writes {CONVERSION_FORMAT})"
             # Moved aside first (atomic), so a process reading the entry sees it whole or not at all.
             old = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-{os.getpid()}-old-", dir=entry.parent))
             os.rename(entry, old / "entry")
