@@ -251,7 +251,6 @@ def test_one_budget_for_every_budgeted_method():
     assert build_method(parse_method("h2o:budget=64"), 0.2).budget == 0.2
 
 
-
 def test_a_result_file_is_replaced_whole_never_rewritten_in_place(tmp_path, monkeypatch):
     """The GPU run rewrites summary.json after every stage and may be killed at any moment (run.sh's
     timeout). Writing in place truncates first, so a kill leaves the file empty or torn and every
